@@ -1,0 +1,1 @@
+"""The Attamba framework's model-agnostic core: configs, data, training, evaluation, generation."""

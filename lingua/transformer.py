@@ -1,0 +1,250 @@
+"""Shared transformer blocks: RMSNorm, rotary embeddings, SwiGLU, and causal self-attention.
+
+Attention supports document masking (``doc_ids``: tokens attend only within their document) and
+an optional sliding window, with two backends: ``sdpa`` (PyTorch's scaled_dot_product_attention,
+a materialized boolean mask when one is needed) and ``flex`` (FlexAttention with a block mask).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lingua import masks
+
+
+@dataclass
+class BaseTransformerArgs:
+    """Sizes shared by every transformer-like model of the framework."""
+
+    dim: int = 512
+    """Model (residual stream) width E."""
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means n_heads."""
+    attn_dim: Optional[int] = None
+    """Total width F of the attention (queries, keys, values); None means dim. iso-KV and
+    iso-FLOP baselines set it below dim."""
+    ffn_dim_multiplier: float = 1.0
+    multiple_of: int = 256
+    """The SwiGLU hidden width is rounded up to a multiple of this."""
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    vocab_size: int = 256
+    max_seqlen: int = 1024
+    init_std: float = 0.02
+    attn_impl: str = "sdpa"
+    """'sdpa' or 'flex'."""
+    sliding_window: Optional[int] = None
+    """Attend only the last `sliding_window` tokens (the query included); None is full causal."""
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seqlen"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_dim % self.n_heads:
+            raise ValueError(f"attention width {self.attention_dim} must be divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.kv_heads}")
+        if self.attn_impl not in ("sdpa", "flex"):
+            raise ValueError(f"model.attn_impl must be 'sdpa' or 'flex', got '{self.attn_impl}'")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
+
+    @property
+    def attention_dim(self) -> int:
+        return self.attn_dim or self.dim
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention_dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        hidden = int(self.ffn_dim_multiplier * int(8 * self.dim / 3))
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16 sums of squares lose too much.
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding; ``forward(positions)`` gives (cos, sin) to rotate q and k."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head dim, got {head_dim}")
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [n] or [B, n] integer positions -> cos, sin of shape [..., n, head_dim/2]."""
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32) / self.head_dim)
+        )
+        angles = positions.float().unsqueeze(-1) * inv_freq
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, n, d] by angles cos/sin of shape [n, d/2] or [B, n, d/2]."""
+    if cos.dim() == 3:  # per-row positions: broadcast over heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x32 = x.float().unflatten(-1, (-1, 2))
+    real, imag = x32[..., 0], x32[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        nn.init.trunc_normal_(self.w1.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        nn.init.trunc_normal_(self.w3.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        nn.init.trunc_normal_(self.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: Optional[torch.Tensor],
+    sliding_window: Optional[int],
+    impl: str,
+) -> torch.Tensor:
+    """Causal attention of q [B, H, n, d] over k, v [B, Hkv, n, d] within documents."""
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    if impl == "flex":
+        block_mask = masks.causal_block_mask(doc_ids, q.shape[0], q.shape[2], sliding_window, q.device)
+        return masks.flex_attention(q, k, v, block_mask=block_mask)
+    if doc_ids is None and sliding_window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = masks.causal_dense_mask(doc_ids, q.shape[2], sliding_window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: BaseTransformerArgs):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.impl, self.sliding_window = args.attn_impl, args.sliding_window
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, n, E] -> rotated q [B, H, n, d], rotated k and v [B, Hkv, n, d]."""
+        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.wk(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.wv(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, doc_ids=None):
+        q, k, v = self.project(x, cos, sin)
+        out = attend(q, k, v, doc_ids, self.sliding_window, self.impl)
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(linear.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
+
+    def __init__(self, args: BaseTransformerArgs, attention: nn.Module):
+        super().__init__()
+        self.attention = attention
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = SwiGLU(args.dim, args.ffn_hidden_dim)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, doc_ids=None, **attention_kwargs):
+        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, **attention_kwargs)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        self.attention.reset_parameters(init_std, out_std)
+        self.feed_forward.reset_parameters(init_std, out_std)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+
+
+class TransformerLMBase(nn.Module):
+    """Embedding, a stack of blocks, final norm and output head. Subclasses make the blocks."""
+
+    def __init__(self, args: BaseTransformerArgs, layers: list[nn.Module]):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta)
+
+    def rotary(self, n: int, device: torch.device, offset: int = 0):
+        return self.rope(torch.arange(offset, offset + n, device=device))
+
+    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.tok_embeddings(tokens)
+        cos, sin = self.rotary(tokens.shape[1], tokens.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, doc_ids)
+        return self.output(self.norm(x))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+        nn.init.trunc_normal_(self.tok_embeddings.weight, std=std, a=-3 * std, b=3 * std)
+        for layer in self.layers:
+            layer.reset_parameters(std, out_std)
+        self.norm.reset_parameters()
+        if not self.args.tie_embeddings:
+            out = self.args.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=out, a=-3 * out, b=3 * out)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+        return total
