@@ -15,11 +15,11 @@ from typing import Optional, Union
 import torch
 
 
-def _starts_with_position_zero(segment_start: torch.Tensor) -> torch.Tensor:
-    """segment_start [b, n] with column 0 forced True (the sequence start resets everything)."""
-    starts = segment_start.to(torch.bool).clone()
-    starts[:, 0] = True
-    return starts
+def with_first_start(segment_start: torch.Tensor) -> torch.Tensor:
+    """segment_start [b, n] as bool with position 0 always a start (the sequence start resets)."""
+    first = torch.zeros_like(segment_start, dtype=torch.bool)
+    first[:, 0] = True
+    return segment_start.to(torch.bool) | first
 
 
 def ssd_reference(
@@ -52,7 +52,7 @@ def ssd_reference(
     # Expand groups to heads once: [b, n, h, s].
     B64 = B.double().repeat_interleave(heads_per_group, dim=2)
     C64 = C.double().repeat_interleave(heads_per_group, dim=2)
-    starts = _starts_with_position_zero(segment_start)
+    starts = with_first_start(segment_start)
 
     state = u64.new_zeros(b, h, p, B.shape[-1])
     outputs = []
@@ -84,7 +84,7 @@ def causal_conv_reference(
     b, n, c = x.shape
     k = weight.shape[1]
     x64, w64 = x.double(), weight.double()
-    starts = _starts_with_position_zero(segment_start)
+    starts = with_first_start(segment_start)
     out = x64.new_zeros(b, n, c)
     for row in range(b):
         segment_begin = 0

@@ -22,6 +22,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from apps.attamba.ssd_reference import with_first_start
+
 DEFAULT_BLOCK_LEN = 64
 
 
@@ -42,13 +44,6 @@ def _range_sums(log_decay: torch.Tensor) -> torch.Tensor:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _with_first_start(segment_start: torch.Tensor) -> torch.Tensor:
-    """segment_start [b, n] as bool with position 0 always a start."""
-    first = torch.zeros_like(segment_start, dtype=torch.bool)
-    first[:, 0] = True
-    return segment_start.to(torch.bool) | first
 
 
 def ssd_segmented(
@@ -80,7 +75,7 @@ def ssd_segmented(
     pad = (-n) % Q
     nc = (n + pad) // Q
 
-    starts = _with_first_start(segment_start)
+    starts = with_first_start(segment_start)
     # Padding at the end is inert: dt = 0 means decay 1 and no write, so outputs and the final
     # state of the real tokens are untouched.
     u_, dt_ = u.to(dtype), dt.to(dtype)
@@ -133,7 +128,7 @@ def positions_in_segment(segment_start: torch.Tensor) -> torch.Tensor:
     """segment_start [b, n] bool -> [b, n] long: index of each token within its segment."""
     n = segment_start.shape[1]
     positions = torch.arange(n, device=segment_start.device).expand_as(segment_start)
-    starts = _with_first_start(segment_start)
+    starts = with_first_start(segment_start)
     segment_begin = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
     return positions - segment_begin
 
