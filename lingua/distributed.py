@@ -1,0 +1,157 @@
+"""Process groups and model parallelisation, applied from outside the model.
+
+One process without ``torchrun`` works as is. Under ``torchrun`` the backend is NCCL on CUDA and
+gloo on CPU. ``parallelize_model`` applies, per block of ``model.layers``: activation
+checkpointing, ``torch.compile``, then FSDP2 (``fully_shard``) with bf16 mixed precision, or DDP.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PARALLELISMS = ("auto", "none", "ddp", "fsdp")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class DistributedArgs:
+    parallelism: str = "auto"
+    """'auto' (FSDP2 under torchrun, none otherwise), 'none', 'ddp' or 'fsdp' (FSDP2 full shard)."""
+    model_dtype: str = "fp32"
+    """Compute dtype: 'fp32' or 'bf16' (mixed precision: parameters and optimizer stay fp32)."""
+    compile: bool = False
+    """torch.compile each block (CUDA)."""
+    activation_checkpointing: str = "none"
+    """'none', 'full' (recompute each block) or 'selective' (every other block)."""
+    allow_tf32: bool = True
+    backend: str = "auto"
+    """Process-group backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+
+    def __post_init__(self) -> None:
+        if self.parallelism not in PARALLELISMS:
+            raise ValueError(f"distributed.parallelism must be one of {PARALLELISMS}, got '{self.parallelism}'")
+        if self.model_dtype not in DTYPES:
+            raise ValueError(f"distributed.model_dtype must be one of {tuple(DTYPES)}, got '{self.model_dtype}'")
+        if self.activation_checkpointing not in ("none", "full", "selective"):
+            raise ValueError(
+                "distributed.activation_checkpointing must be 'none', 'full' or 'selective', "
+                f"got '{self.activation_checkpointing}'"
+            )
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(args: DistributedArgs, device: str = "auto") -> DistEnv:
+    """Join the torchrun process group if there is one; pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_device = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    if world_size > 1 and not dist.is_initialized():
+        backend = args.backend
+        if backend == "auto":
+            backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=torch_device if backend == "nccl" else None)
+    return DistEnv(rank, local_rank, world_size, torch_device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Same seed on every rank for model init; call again with the rank for per-rank streams."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def all_reduce_mean(value: float, env: DistEnv) -> float:
+    if not env.is_distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    return tensor.item() / env.world_size
+
+
+def resolve_parallelism(args: DistributedArgs, env: DistEnv) -> str:
+    if args.parallelism == "auto":
+        return "fsdp" if env.is_distributed else "none"
+    return args.parallelism
+
+
+def _apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for index, block in enumerate(model.layers):
+        if mode == "full" or (mode == "selective" and index % 2 == 0):
+            model.layers[index] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> nn.Module:
+    """Checkpointing, compile and sharding per block of ``model.layers``; returns the model to train."""
+    if args.activation_checkpointing != "none":
+        _apply_activation_checkpointing(model, args.activation_checkpointing)
+    if args.compile:
+        for index, block in enumerate(model.layers):
+            model.layers[index] = torch.compile(block)
+    parallelism = resolve_parallelism(args, env)
+    if parallelism == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[args.model_dtype], reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    if parallelism == "ddp":
+        if not env.is_distributed:
+            raise ValueError("distributed.parallelism=ddp needs torchrun with more than one process")
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+def autocast_context(args: DistributedArgs, env: DistEnv, parallelism: str):
+    """bf16 autocast where FSDP's mixed precision does not already cast."""
+    if args.model_dtype == "bf16" and parallelism != "fsdp":
+        return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,278 @@
+"""The one training loop, used by every app: ``python -m apps.<app>.train config=run.yaml key=value``.
+
+It builds the model named by ``model_type`` from the registry, then trains it with gradient
+accumulation, clipping, a NaN/inf guard, periodic validation/evaluation and checkpoints, and
+saves-and-exits on SIGTERM or SIGUSR1 (preemption). Resuming from the newest checkpoint in
+``dump_dir`` reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import signal
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from lingua import distributed
+from lingua.args import ConfigError, build_config, read_raw, save_config, to_dict
+from lingua.checkpoint import CheckpointArgs, CheckpointManager, export_consolidated, load_model_weights
+from lingua.data import DataArgs, build_data_stream
+from lingua.distributed import DistributedArgs
+from lingua.metrics import LoggingArgs, MetricLogger, Throughput, format_line, memory_stats, peak_flops, setup_logging
+from lingua.optim import OptimArgs, build_optimizer
+from lingua.profiling import ProfilerArgs, StepProfiler
+from lingua.registry import get_model_spec
+from lingua.tokenizer import build_tokenizer, check_vocab
+
+logger = logging.getLogger("lingua")
+
+
+@dataclass
+class TrainArgs:
+    name: str = "run"
+    dump_dir: str = "runs/run"
+    """Run directory: config.yaml, metrics.jsonl, metrics.eval.jsonl, checkpoints/."""
+    model_type: str = "attamba"
+    """Registry name of the model family ('attamba', 'transformer', ...)."""
+    model: Any = None
+    """The model family's args dataclass; its fields come from the registry."""
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    grad_acc_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seed: int = 42
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cuda' or 'cpu'."""
+    max_nan_steps: int = 10
+    """Skip steps whose loss or gradient is NaN/inf; stop (with a checkpoint) after this many."""
+    gc_every: int = 1000
+    """Run Python's garbage collector every this many steps (automatic collection is off)."""
+    eval_every: int = 0
+    """Evaluate (lm-eval tasks and validation perplexity, see `eval`) every this many steps; 0 = off."""
+    eval_at_end: bool = True
+    export_at_end: bool = True
+    """Write a consolidated safetensors export to <dump_dir>/export at the end."""
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    distributed: DistributedArgs = field(default_factory=DistributedArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    profiling: ProfilerArgs = field(default_factory=ProfilerArgs)
+    eval: Any = None
+    """lingua.eval.EvalArgs: what periodic and final evaluation runs."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.grad_acc_steps < 1:
+            raise ValueError(f"steps and grad_acc_steps must be >= 1, got {self.steps} and {self.grad_acc_steps}")
+
+
+def train_args_schema(model_type: str) -> DictConfig:
+    """TrainArgs with its `model` and `eval` sections typed, for key and type checking."""
+    from lingua.eval import EvalArgs
+
+    spec = get_model_spec(model_type)
+    schema = OmegaConf.structured(TrainArgs)
+    schema.model = OmegaConf.structured(spec.args_cls)
+    schema.eval = OmegaConf.structured(EvalArgs)
+    schema.model_type = model_type
+    return schema
+
+
+def load_train_args(argv: Sequence[str], default_model_type: str) -> TrainArgs:
+    raw = read_raw(argv)
+    model_type = raw.get("model_type", default_model_type)
+    try:
+        schema = train_args_schema(model_type)
+    except KeyError as error:
+        raise ConfigError(f"bad value for config key 'model_type': {error.args[0]}") from None
+    return build_config(schema, raw)
+
+
+class _Preemption:
+    """Turns SIGTERM/SIGUSR1 into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        logger.warning("received signal %d: will save a checkpoint and exit after this step", signum)
+        self.requested = True
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=-100)
+
+
+def train(args: TrainArgs) -> dict:
+    """Train; returns a summary (final step, last loss, skipped steps) for scripts and tests."""
+    env = distributed.init_distributed(args.distributed, args.device)
+    setup_logging(env.rank)
+    run_dir = Path(args.dump_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(args, run_dir / "config.yaml")
+    distributed.barrier()
+
+    tokenizer = build_tokenizer(args.data.tokenizer)
+    check_vocab(tokenizer, args.model.vocab_size)
+    distributed.seed_everything(args.seed)  # identical initial weights on every rank
+    spec = get_model_spec(args.model_type)
+    with torch.device(env.device):
+        model = spec.build(args.model)
+        model.init_weights()
+    if args.checkpoint.init_from:
+        load_model_weights(model, args.checkpoint.init_from)
+    raw_model = model
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    flops_per_token = raw_model.flops_per_token(args.data.seq_len)
+    logger.info("model %s: %.2fM parameters, %.3g training FLOPs/token", args.model_type, n_params / 1e6, flops_per_token)
+
+    parallelism = distributed.resolve_parallelism(args.distributed, env)
+    model = distributed.parallelize_model(model, args.distributed, env)
+    autocast = distributed.autocast_context(args.distributed, env, parallelism)
+    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
+    distributed.seed_everything(args.seed, env.rank)  # per-rank streams from here on
+    data = build_data_stream(args.data, env.rank, env.world_size)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", args.checkpoint, env)
+
+    step, nan_steps = 0, 0
+    latest = checkpoints.latest() if args.checkpoint.resume else None
+    if latest is not None:
+        state = checkpoints.load(latest, model, optimizer, scheduler)
+        step, nan_steps = state["step"], state["nan_steps"]
+        data.load_state_dict(state["data"])
+        logger.info("resumed from %s at step %d", latest, step)
+
+    def save(is_eval: bool = False) -> None:
+        state = {"step": step, "nan_steps": nan_steps, "data": data.state_dict()}
+        path = checkpoints.save(step, model, optimizer, scheduler, state, args, is_eval=is_eval)
+        logger.info("checkpoint saved to %s", path)
+
+    metrics = MetricLogger(run_dir, args.logging, env.is_main, config=to_dict(args))
+    throughput = Throughput(flops_per_token, peak_flops(env.device, args.logging.peak_flops), env.world_size)
+    profiler = StepProfiler(args.profiling, run_dir, env.rank)
+    preemption = _Preemption()
+    evaluator = _Evaluator(args, tokenizer, run_dir, env)
+    gc.disable()
+    gc.collect()
+    model.train()
+    last_loss = float("nan")
+    try:
+        while step < args.steps:
+            loss_sum = torch.zeros((), device=env.device)
+            for micro in range(args.grad_acc_steps):
+                batch = next(data)
+                tokens = batch.tokens.to(env.device, non_blocking=True)
+                labels = batch.labels.to(env.device, non_blocking=True)
+                doc_ids = batch.doc_ids.to(env.device, non_blocking=True)
+                last_micro = micro == args.grad_acc_steps - 1
+                sync = nullcontext() if last_micro or parallelism != "ddp" else model.no_sync()
+                with sync, autocast:
+                    loss = cross_entropy(model(tokens, doc_ids), labels) / args.grad_acc_steps
+                loss.backward()
+                loss_sum += loss.detach()
+                throughput.add(tokens.numel())
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), args.optim.clip if args.optim.clip > 0 else float("inf")
+            )
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
+            loss_value = distributed.all_reduce_mean(loss_sum.item(), env)
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+                nan_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                logger.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step, nan_steps)
+                if nan_steps >= args.max_nan_steps:
+                    save()
+                    raise RuntimeError(f"stopping: {nan_steps} non-finite steps (train.max_nan_steps)")
+                continue
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = loss_value
+            profiler.step(step)
+            if step % args.gc_every == 0:
+                gc.collect()
+
+            if step % args.logging.freq == 0 or step == args.steps:
+                record = {
+                    "global_step": step,
+                    "loss/out": loss_value,
+                    "optim/lr": scheduler.get_last_lr()[0],
+                    "optim/grad_norm": grad_norm.item(),
+                    "optim/nan_steps": nan_steps,
+                    "data/skipped_lines": data.skipped_lines,
+                    **throughput.read(),
+                    **memory_stats(env.device),
+                }
+                metrics.log(record)
+                logger.info(format_line(record))
+                throughput.reset()
+
+            evaluated = args.eval_every > 0 and step % args.eval_every == 0 and step < args.steps
+            if evaluated:
+                evaluator.run(distributed.unwrap(model), step)
+                throughput.reset()  # keep evaluation time out of tokens/s
+            if (args.checkpoint.every and step % args.checkpoint.every == 0 and step < args.steps) or preemption.requested:
+                save()
+            if evaluated and args.checkpoint.keep_eval != 0:
+                save(is_eval=True)
+            if preemption.requested:
+                logger.warning("preempted: checkpoint saved at step %d, exiting", step)
+                return {"step": step, "loss": last_loss, "nan_steps": nan_steps, "preempted": True}
+        save()
+        if args.eval_at_end:
+            evaluator.run(distributed.unwrap(model), step)
+        if args.export_at_end:
+            export_consolidated(model, args, run_dir / "export")
+        return {"step": step, "loss": last_loss, "nan_steps": nan_steps, "preempted": False}
+    finally:
+        gc.enable()
+        profiler.close()
+        metrics.close()
+        data.close()
+
+
+class _Evaluator:
+    """Periodic evaluation on rank 0, with the model in eval mode (eval-time chunking applies)."""
+
+    def __init__(self, args: TrainArgs, tokenizer, run_dir: Path, env: distributed.DistEnv):
+        self.args, self.tokenizer, self.run_dir, self.env = args, tokenizer, run_dir, env
+
+    def run(self, model: torch.nn.Module, step: int) -> Optional[dict]:
+        from lingua.eval import run_evaluation
+
+        results = None
+        if self.env.is_main and not self.env.is_distributed:
+            model.eval()
+            with torch.no_grad():
+                results = run_evaluation(model, self.tokenizer, self.args.eval, step, str(self.run_dir))
+            model.train()
+        elif self.env.is_main:
+            logger.warning("evaluation inside a multi-process run is skipped: run apps.<app>.eval on the checkpoint")
+        distributed.barrier()
+        return results
+
+
+def main(argv: Optional[Sequence[str]] = None, default_model_type: str = "attamba") -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = load_train_args(argv, default_model_type)
+    except ConfigError as error:
+        sys.exit(f"config error: {error}")
+    try:
+        train(args)
+    finally:
+        distributed.destroy_distributed()

@@ -1,0 +1,98 @@
+"""The training loop: exact resume, preemption, crash-safe checkpoints, NaN guard, export."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lingua import train as train_module
+from lingua.checkpoint import CheckpointManager, load_for_inference
+from tests.lingua.train_helpers import read_losses, tiny_args, write_corpus
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "data")
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, monkeypatch):
+    straight = tmp_path / "straight"
+    train_module.train(tiny_args(straight, corpus, "steps=8", "checkpoint.every=0"))
+
+    # Preempt the second run at step 4 with a real SIGUSR1, then resume it to the end.
+    resumed = tmp_path / "resumed"
+    original_step = train_module.StepProfiler.step
+
+    def preempt_at_4(self, global_step):
+        original_step(self, global_step)
+        if global_step == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(train_module.StepProfiler, "step", preempt_at_4)
+    summary = train_module.train(tiny_args(resumed, corpus, "steps=8", "checkpoint.every=0"))
+    assert summary["preempted"] and summary["step"] == 4
+    monkeypatch.setattr(train_module.StepProfiler, "step", original_step)
+    summary = train_module.train(tiny_args(resumed, corpus, "steps=8", "checkpoint.every=0"))
+    assert summary["step"] == 8 and not summary["preempted"]
+
+    expected, got = read_losses(straight), read_losses(resumed)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
+
+
+def test_kill_during_checkpoint_write_leaves_previous_usable(tmp_path, corpus):
+    run = tmp_path / "run"
+    # A child trains with checkpoints every 2 steps and is SIGKILLed while writing the second.
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        import lingua.checkpoint as checkpoint
+        from tests.lingua.train_helpers import tiny_args
+        from lingua.train import train
+        real_save = checkpoint.dcp.save
+        calls = []
+        def dying_save(state, checkpoint_id):
+            calls.append(checkpoint_id)
+            real_save(state, checkpoint_id=checkpoint_id)
+            if len(calls) == 2:  # shards written, but the checkpoint is not committed yet
+                os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.dcp.save = dying_save
+        train(tiny_args({str(run)!r}, {str(corpus)!r}, "steps=6", "checkpoint.every=2"))
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / ".tmp-0000000004").is_dir(), "the interrupted write should be left as .tmp"
+    manager = CheckpointManager(checkpoints, tiny_args(run, corpus).checkpoint, None)
+    assert manager.latest().name == "0000000002"
+
+    summary = train_module.train(tiny_args(run, corpus, "steps=6", "checkpoint.every=2"))
+    assert summary["step"] == 6
+    assert not list(checkpoints.glob(".tmp-*")), "stale partial writes are cleaned up"
+    assert [p.name for p in CheckpointManager.complete_checkpoints(checkpoints)] == ["0000000004", "0000000006"]
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(train_module, "cross_entropy", lambda logits, labels: logits.sum() * float("nan"))
+    with pytest.raises(RuntimeError, match="3 non-finite steps"):
+        train_module.train(tiny_args(tmp_path / "nan", corpus, "steps=5", "max_nan_steps=3"))
+    assert CheckpointManager.complete_checkpoints(tmp_path / "nan" / "checkpoints"), "a checkpoint is saved on stop"
+
+
+def test_export_loads_for_inference_and_matches(tmp_path, corpus):
+    run = tmp_path / "run"
+    train_module.train(tiny_args(run, corpus, "steps=2", "export_at_end=true", "grad_acc_steps=2"))
+    tokens = torch.randint(0, 258, (1, 16))
+    from_export, _ = load_for_inference(run / "export")
+    from_checkpoint, args = load_for_inference(run)
+    assert args.model.dim == 32
+    with torch.no_grad():
+        torch.testing.assert_close(from_export(tokens), from_checkpoint(tokens), rtol=0, atol=0)
