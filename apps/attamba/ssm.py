@@ -1,0 +1,306 @@
+"""The KV-SSM: a Mamba2 mixer whose state and conv taps reset at segment starts.
+
+Attamba feeds keys and values through two of these (DESIGN.md, "KV-SSM"):
+
+    [z, u, B, C, dt] = in_proj(x)
+    (u, B, C) = SiLU(depthwise causal conv(u, B, C))      # never reaches across a segment start
+    dt = softplus(dt + dt_bias);  A = -exp(A_log)
+    S_t = exp(dt_t A) S_{t-1} [t does not start a segment] + dt_t u_t ⊗ B_t;  y_t = S_t C_t + D u_t
+    out = out_proj(RMSNorm(y * SiLU(z)))
+
+Three entry points share the parameters: :meth:`KVSSM.forward` (training, whole sequences),
+:meth:`KVSSM.forward_with_state` (prefill: also returns the state after the last token) and
+:meth:`KVSSM.step` (decode: one token from an :class:`SSMState`). The sequence operations come
+from a backend chosen by ``SSMArgs.impl``; every backend has the signatures of
+:mod:`apps.attamba.ssd_reference`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apps.attamba.ssd_torch import positions_in_segment
+from lingua.transformer import RMSNorm
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "torch", "triton", "mamba_ssm", "reference")
+
+
+@dataclass
+class SSMArgs:
+    """Sizes, initialisation and backend of one KV-SSM."""
+
+    state_dim: int = 128
+    """State size D_S per head (the length of B and C)."""
+    ssm_heads: int = 8
+    """Heads, each with its own scalar decay A and step dt."""
+    ssm_hidden_dim: Optional[int] = None
+    """Width of u, z and y (split across heads); None means the module's output width."""
+    n_groups: int = 1
+    """Groups of B/C shared by ssm_heads / n_groups heads each (1: shared by all heads)."""
+    conv_size: int = 4
+    """Width of the depthwise causal conv over (u, B, C); 1 disables mixing across tokens."""
+    dt_bias: bool = True
+    """Learn a per-head bias added to dt before the softplus."""
+    A_init_min: float = 1.0
+    """-A is initialised uniformly in [A_init_min, A_init_max]."""
+    A_init_max: float = 16.0
+    dt_min: float = 1e-3
+    """dt (after the softplus) is initialised log-uniformly in [dt_min, dt_max] ..."""
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    """... and clamped from below at dt_init_floor."""
+    impl: str = "auto"
+    """Backend of the sequence operations: 'auto' (Triton kernels on CUDA when importable, else
+    'torch'), 'torch' (chunked PyTorch), 'triton', 'mamba_ssm' (the mamba-ssm and causal-conv1d
+    CUDA kernels), or 'reference' (float64 token loop; tests only)."""
+
+    def __post_init__(self) -> None:
+        for name in ("state_dim", "ssm_heads", "n_groups", "conv_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ssm.{name} must be >= 1, got {getattr(self, name)}")
+        if self.ssm_heads % self.n_groups:
+            raise ValueError(
+                f"ssm.ssm_heads={self.ssm_heads} must be a multiple of ssm.n_groups={self.n_groups} "
+                "(each B/C group serves the same number of heads)"
+            )
+        if self.ssm_hidden_dim is not None:
+            check_hidden_dim(self.ssm_hidden_dim, self.ssm_heads)
+        if not 0 < self.A_init_min <= self.A_init_max:
+            raise ValueError(
+                f"ssm.A_init_min and ssm.A_init_max must satisfy 0 < min <= max, got "
+                f"{self.A_init_min} and {self.A_init_max}"
+            )
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(
+                f"ssm.dt_min and ssm.dt_max must satisfy 0 < min <= max, got {self.dt_min} and {self.dt_max}"
+            )
+        if self.dt_init_floor <= 0:
+            raise ValueError(f"ssm.dt_init_floor must be > 0, got {self.dt_init_floor}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"ssm.impl must be one of {', '.join(IMPLS)}; got '{self.impl}'")
+
+
+def check_hidden_dim(hidden_dim: int, heads: int) -> None:
+    if hidden_dim < 1 or hidden_dim % heads:
+        raise ValueError(
+            f"the SSM hidden width ({hidden_dim}; ssm.ssm_hidden_dim, or the output width when it is "
+            f"null) must be a positive multiple of ssm.ssm_heads={heads}"
+        )
+
+
+@dataclass
+class SSMState:
+    """Decode state of one KV-SSM for a batch of rows; index rows like a tensor.
+
+    ``conv``: [B, conv_channels, conv_size - 1], the last conv inputs of the current segment
+    (oldest first, zero before the segment start). ``ssm``: [B, heads, head_dim, state_dim].
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.ssm.shape[0]
+
+    def __getitem__(self, rows) -> "SSMState":
+        return SSMState(self.conv[rows], self.ssm[rows])
+
+    def __setitem__(self, rows, other: "SSMState") -> None:
+        """Copy ``other``'s rows into ``rows`` of this state, in place."""
+        self.conv[rows] = other.conv
+        self.ssm[rows] = other.ssm
+
+    def reset(self, rows: torch.Tensor) -> "SSMState":
+        """A copy with the rows where ``rows`` [B] (bool) is True zeroed."""
+        keep = ~rows.to(torch.bool)
+        return SSMState(self.conv * keep[:, None, None], self.ssm * keep[:, None, None, None])
+
+    def to(self, *args, **kwargs) -> "SSMState":
+        return SSMState(self.conv.to(*args, **kwargs), self.ssm.to(*args, **kwargs))
+
+
+SSDFunction = Callable[..., torch.Tensor]
+ConvFunction = Callable[..., torch.Tensor]
+
+
+def load_backend(impl: str, device: torch.device) -> tuple[SSDFunction, ConvFunction]:
+    """The (segmented SSD scan, segmented causal conv) functions of ``impl`` for ``device``."""
+    if impl == "auto":
+        if device.type == "cuda":
+            try:
+                return load_backend("triton", device)
+            except ImportError as error:
+                logger.warning("ssm impl 'auto': Triton kernels unavailable (%s); using 'torch'", error)
+        return load_backend("torch", device)
+    if impl == "torch":
+        from apps.attamba.ssd_torch import causal_conv_segmented, ssd_segmented
+
+        return ssd_segmented, causal_conv_segmented
+    if impl == "reference":
+        from apps.attamba.ssd_reference import causal_conv_reference, ssd_reference
+
+        return ssd_reference, causal_conv_reference
+    if impl == "mamba_ssm":
+        from apps.attamba.ssd_mamba import causal_conv_segmented_mamba, ssd_segmented_mamba
+
+        return ssd_segmented_mamba, causal_conv_segmented_mamba
+    if impl == "triton":
+        try:
+            module = importlib.import_module("apps.attamba.ssd_triton")
+        except ImportError as error:
+            raise ImportError(
+                f"ssm impl 'triton' needs apps.attamba.ssd_triton and the triton package ({error}); "
+                "set ssm impl to 'torch' to run without them"
+            ) from error
+        return module.ssd_segmented_triton, module.causal_conv_segmented_triton
+    raise ValueError(f"ssm impl must be one of {', '.join(IMPLS)}; got '{impl}'")
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """SSM states accumulate in fp32 (fp64 when the model runs in fp64, for tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class KVSSM(nn.Module):
+    """Mamba2 mixer with segment resets, mapping [B, n, dim_in] to [B, n, dim_out]."""
+
+    def __init__(self, dim_in: int, dim_out: int, args: SSMArgs):
+        super().__init__()
+        self.args = args
+        self.impl = args.impl
+        """Backend name; may be changed after construction (e.g. to compare backends)."""
+        self.hidden_dim = args.ssm_hidden_dim or dim_out
+        check_hidden_dim(self.hidden_dim, args.ssm_heads)
+        self.heads = args.ssm_heads
+        self.head_dim = self.hidden_dim // args.ssm_heads
+        self.bc_dim = args.n_groups * args.state_dim
+        self.conv_channels = self.hidden_dim + 2 * self.bc_dim  # (u, B, C)
+
+        self.in_proj = nn.Linear(dim_in, 2 * self.hidden_dim + 2 * self.bc_dim + self.heads, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_channels, args.conv_size))
+        self.conv_bias = nn.Parameter(torch.empty(self.conv_channels))
+        self.dt_bias = nn.Parameter(torch.empty(self.heads)) if args.dt_bias else None
+        self.A_log = nn.Parameter(torch.empty(self.heads))
+        self.D = nn.Parameter(torch.empty(self.heads))
+        self.norm = RMSNorm(self.hidden_dim)
+        self.out_proj = nn.Linear(self.hidden_dim, dim_out, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba2-style initialisation (A, dt and D) with truncated-normal projections."""
+        args = self.args
+        for linear in (self.in_proj, self.out_proj):
+            std = linear.in_features**-0.5
+            nn.init.trunc_normal_(linear.weight, std=std, a=-3 * std, b=3 * std)
+        # Depthwise conv: fan-in is the kernel width, as in nn.Conv1d's default.
+        bound = args.conv_size**-0.5
+        nn.init.uniform_(self.conv_weight, -bound, bound)
+        nn.init.uniform_(self.conv_bias, -bound, bound)
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(args.A_init_min, args.A_init_max).log())
+        if self.dt_bias is not None:
+            log_dt = torch.empty_like(self.dt_bias).uniform_(math.log(args.dt_min), math.log(args.dt_max))
+            dt = log_dt.exp().clamp(min=args.dt_init_floor)
+            # Inverse softplus, so that softplus(dt_bias) starts at the sampled dt.
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        nn.init.ones_(self.D)
+        self.norm.reset_parameters()
+
+    def _split_projection(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """in_proj output [..., width] -> z [..., hidden], conv inputs [..., conv_channels], dt [..., heads]."""
+        return projected.split([self.hidden_dim, self.conv_channels, self.heads], dim=-1)
+
+    def _split_conv_output(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[..., conv_channels] -> u [..., heads, head_dim], B and C [..., groups, state_dim]."""
+        u, B, C = conv_out.split([self.hidden_dim, self.bc_dim, self.bc_dim], dim=-1)
+        groups = (self.args.n_groups, self.args.state_dim)
+        return u.unflatten(-1, (self.heads, self.head_dim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
+
+    def _dt(self, dt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Raw dt [..., heads] -> softplus(dt + dt_bias) in ``dtype``."""
+        dt = dt.to(dtype)
+        if self.dt_bias is not None:
+            dt = dt + self.dt_bias.to(dtype)
+        return F.softplus(dt)
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z [..., hidden] -> out_proj(RMSNorm(y * SiLU(z))) [..., dim_out]."""
+        return self.out_proj(self.norm(y * F.silu(z)))
+
+    def _mix(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], return_final_state: bool):
+        """Shared body of forward and forward_with_state."""
+        batch, n, _ = x.shape
+        if segment_start is None:
+            segment_start = torch.zeros(batch, n, dtype=torch.bool, device=x.device)
+        ssd, conv = load_backend(self.impl, x.device)
+        z, conv_in, dt = self._split_projection(self.in_proj(x))
+        u, B, C = self._split_conv_output(F.silu(conv(conv_in, self.conv_weight, self.conv_bias, segment_start)))
+        state_dtype = _state_dtype(x.dtype)
+        A = -torch.exp(self.A_log.to(state_dtype))
+        result = ssd(u, self._dt(dt, state_dtype), A, B, C, self.D.to(state_dtype), segment_start, return_final_state=return_final_state)
+        y, final_ssm = result if return_final_state else (result, None)
+        out = self._output(y.flatten(-2), z)
+        if not return_final_state:
+            return out
+        return out, SSMState(self._conv_tail(conv_in, segment_start), final_ssm.to(state_dtype))
+
+    def forward(self, x: torch.Tensor, segment_start: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [B, n, dim_in], segment_start [B, n] bool (None: one segment per row) -> [B, n, dim_out]."""
+        return self._mix(x, segment_start, return_final_state=False)
+
+    def forward_with_state(self, x: torch.Tensor, segment_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, SSMState]:
+        """:meth:`forward`, plus the decode state after the last token (for prefill)."""
+        return self._mix(x, segment_start, return_final_state=True)
+
+    def _conv_tail(self, conv_in: torch.Tensor, segment_start: Optional[torch.Tensor]) -> torch.Tensor:
+        """The last conv_size - 1 conv inputs of each row's last segment, [B, conv_channels, k-1]."""
+        batch, n, _ = conv_in.shape
+        tail_len = self.args.conv_size - 1
+        padded = F.pad(conv_in, (0, 0, tail_len, 0))  # [B, tail_len + n, c]; the zeros stand for t < 0
+        tail = padded[:, n:]  # [B, tail_len, c], positions n - tail_len .. n - 1
+        last_start = n - 1 - positions_in_segment(segment_start)[:, -1]  # [B]
+        positions = torch.arange(n - tail_len, n, device=conv_in.device)
+        tail = tail * (positions[None, :] >= last_start[:, None])[..., None]
+        return tail.transpose(1, 2).contiguous()
+
+    def init_state(self, batch: int, device, dtype) -> SSMState:
+        """Zero decode state for ``batch`` rows; the SSM part in fp32 (fp64 for fp64)."""
+        conv = torch.zeros(batch, self.conv_channels, self.args.conv_size - 1, device=device, dtype=dtype)
+        ssm = torch.zeros(batch, self.heads, self.head_dim, self.args.state_dim, device=device, dtype=_state_dtype(dtype))
+        return SSMState(conv, ssm)
+
+    def step(self, x: torch.Tensor, state: SSMState, segment_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, SSMState]:
+        """One token: x [B, dim_in] -> (y [B, dim_out], new state).
+
+        Rows with ``segment_start`` [B] True start a new segment: their state is zeroed before
+        the token is read, so the token sees no earlier conv inputs and no earlier SSM state.
+        """
+        if segment_start is not None:
+            state = state.reset(segment_start)
+        z, conv_in, dt = self._split_projection(self.in_proj(x))
+        window = torch.cat([state.conv, conv_in.to(state.conv.dtype)[..., None]], dim=-1)  # [B, c, conv_size]
+        conv_out = (window * self.conv_weight).sum(-1) + self.conv_bias
+        u, B, C = self._split_conv_output(F.silu(conv_out).to(x.dtype))
+
+        ssm_dtype = state.ssm.dtype
+        heads_per_group = self.heads // self.args.n_groups
+        B = B.to(ssm_dtype).repeat_interleave(heads_per_group, dim=1)  # [B, heads, state_dim]
+        C = C.to(ssm_dtype).repeat_interleave(heads_per_group, dim=1)
+        u = u.to(ssm_dtype)  # [B, heads, head_dim]
+        dt = self._dt(dt, ssm_dtype)  # [B, heads]
+        decay = torch.exp(dt * -torch.exp(self.A_log.to(ssm_dtype)))
+        ssm = decay[..., None, None] * state.ssm + (dt[..., None] * u)[..., None] * B[:, :, None, :]
+        y = torch.einsum("bhps,bhs->bhp", ssm, C) + self.D.to(ssm_dtype)[:, None] * u
+        out = self._output(y.flatten(-2).to(x.dtype), z)
+        return out, SSMState(window[..., 1:], ssm)
