@@ -1,0 +1,171 @@
+"""Triton kernels (forward and backward) for the KV-SSM's segment-aware depthwise causal conv.
+
+Same signature and semantics as ``ssd_reference.causal_conv_reference``:
+out_t = bias + Σ_{i<k} weight[:, k-1-i] · x_{t-i}, where a tap reaching before the start of t's
+segment reads zero. Each token's distance to its segment start is computed once (a cummax over
+start positions) and shared by both kernels; a tap i is live at t iff i <= that distance.
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64
+BLOCK_C = 64
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, dist_ptr, out_ptr,
+    n, c, stride_x_b, stride_x_n,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    bi = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_seq = t < n
+    in_ch = ch < c
+    dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)  # [N] tokens since segment start
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for i in tl.static_range(K):
+        tap = tl.load(w_ptr + ch * K + (K - 1 - i), mask=in_ch, other=0.0).to(tl.float32)
+        live = in_seq & (dist >= i)
+        x = tl.load(
+            x_ptr + bi * stride_x_b + (t - i).to(tl.int64)[:, None] * stride_x_n + ch[None, :],
+            mask=live[:, None] & in_ch[None, :],
+            other=0.0,
+        )
+        acc += x.to(tl.float32) * tap[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + ch, mask=in_ch, other=0.0).to(tl.float32)[None, :]
+    out_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, dist_ptr, dout_ptr, dx_ptr, dw_part_ptr,
+    n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    bi = tl.program_id(0).to(tl.int64)
+    block_n = tl.program_id(1)
+    t = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_seq = t < n
+    in_ch = ch < c
+    dout = tl.load(
+        dout_ptr + bi * stride_d_b + t.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
+        mask=in_seq[:, None] & in_ch[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [N, C]
+    dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)
+    dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    # The partial weight gradients of this (row, token block) go to their own slot, summed later.
+    part_row = (bi * tl.num_programs(1) + block_n) * K
+    for i in tl.static_range(K):
+        tap = tl.load(w_ptr + ch * K + (K - 1 - i), mask=in_ch, other=0.0).to(tl.float32)
+        # Weight: token t's tap i read x_{t-i}.
+        live = in_seq & (dist >= i)
+        x = tl.load(
+            x_ptr + bi * stride_x_b + (t - i).to(tl.int64)[:, None] * stride_x_n + ch[None, :],
+            mask=live[:, None] & in_ch[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        dw = tl.sum(dout * x, axis=0)  # [C]
+        tl.store(dw_part_ptr + (part_row + (K - 1 - i)) * c + ch, dw, mask=in_ch)
+        # Input: x_t was read by token t+i's tap i when that token is i or more into its segment.
+        later = t + i
+        later_live = (later < n) & (tl.load(dist_ptr + bi * n + later, mask=later < n, other=0) >= i)
+        dout_later = tl.load(
+            dout_ptr + bi * stride_d_b + later.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
+            mask=later_live[:, None] & in_ch[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        dx += dout_later * tap[None, :]
+    dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
+
+
+def _distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
+    """[b, n] int32: t minus the position of the segment start at or before t."""
+    n = segment_start.shape[1]
+    position = torch.arange(n, device=segment_start.device)
+    starts = segment_start.to(torch.bool).clone()
+    starts[:, 0] = True
+    start_position = torch.where(starts, position, torch.zeros_like(position))
+    return (position - start_position.cummax(dim=1).values).to(torch.int32).contiguous()
+
+
+class _SegmentedCausalConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, segment_start):
+        if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+            raise ValueError(
+                f"expected x [b, n, c] and weight [c, k]; got {tuple(x.shape)}, {tuple(weight.shape)}"
+            )
+        if bias is not None and bias.shape != (x.shape[2],):
+            raise ValueError(f"bias must be [{x.shape[2]}], got {tuple(bias.shape)}")
+        if segment_start.shape != x.shape[:2]:
+            raise ValueError(f"segment_start must be {list(x.shape[:2])}, got {tuple(segment_start.shape)}")
+        if x.device.type != "cuda" and not _INTERPRETED:
+            raise RuntimeError(
+                "causal_conv_segmented_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)"
+            )
+        b, n, c = x.shape
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        weight = weight.contiguous()
+        dist = _distance_to_segment_start(segment_start)
+        out = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
+        grid = (b, triton.cdiv(n, BLOCK_N), triton.cdiv(c, BLOCK_C))
+        _conv_fwd_kernel[grid](
+            x, weight, bias if bias is not None else weight, dist, out,
+            n, c, x.stride(0), x.stride(1),
+            K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
+        )
+        ctx.save_for_backward(x, weight, dist)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, dist = ctx.saved_tensors
+        b, n, c = x.shape
+        k = weight.shape[1]
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
+        token_blocks = triton.cdiv(n, BLOCK_N)
+        dw_part = torch.empty((b * token_blocks, k, c), device=x.device, dtype=torch.float32)
+        _conv_bwd_kernel[(b, token_blocks, triton.cdiv(c, BLOCK_C))](
+            x, weight, dist, dout, dx, dw_part,
+            n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
+            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
+        )
+        dweight = dw_part.sum(0).t().to(weight.dtype)  # [c, k]
+        dbias = None
+        if ctx.bias_dtype is not None:
+            dbias = dout.sum((0, 1), dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, dweight, dbias, None
+
+
+def causal_conv_segmented_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    segment_start: torch.Tensor,
+) -> torch.Tensor:
+    """Depthwise causal conv that never reaches back across a segment start (Triton).
+
+    x [b, n, c]; weight [c, k], tap k-1 multiplying the current token; bias [c] or None;
+    segment_start [b, n] bool (position 0 always starts a segment). Returns x.dtype; no activation.
+    """
+    return _SegmentedCausalConv.apply(x, weight, bias, segment_start)
