@@ -1,0 +1,247 @@
+"""Attamba's compressed attention: queries over chunk-boundary keys plus a window of recent keys.
+
+The mask (DESIGN.md): query t attends key j iff j <= t, j is in t's document, and either j is in
+t's window (t-L < j, or the current partial chunk with ``leading_tokens='chunk'``) or j ends a
+chunk. ``causal=True`` (pseudo-chunking) attends every j <= t.
+
+Backends, all with the same result:
+
+- ``reference``: that mask materialized [n, n], naive softmax. Obviously correct; for tests.
+- ``sdpa_dense``: the same mask through ``F.scaled_dot_product_attention`` (the seed's way).
+- ``flex``: the gathered layout. The boundary keys and values K_c = K[B_l] are gathered (with
+  their RoPE at true positions) and queries attend [K_c ; K] under a FlexAttention block mask:
+  compressed key at p iff p is before the window, full key j iff it is in the window. Work per
+  head is ~n·|B|/2 + n·L instead of n²/2. Periodic boundaries without documents get one cached
+  block mask per (P, offset, n, L). Forward only on CPU (FlexAttention has no CPU backward).
+- ``sdpa_gathered``: the gathered layout with the same mask predicate evaluated densely, through
+  SDPA: how CPU trains.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from apps.attamba.chunking import LayerBoundaries, LeadingTokens, window_starts
+from lingua import masks
+from lingua.transformer import attend as causal_attention
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """'auto' is FlexAttention on CUDA and the gathered SDPA path elsewhere."""
+    if impl == "auto":
+        return "flex" if device.type == "cuda" else "sdpa_gathered"
+    return impl
+
+
+def reference_mask(
+    boundaries: LayerBoundaries,
+    leading_tokens: LeadingTokens,
+    doc_ids: Optional[torch.Tensor],
+    n: int,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Bool [B or 1, 1, n, n]: True where query t (dim 2) attends key j (dim 3)."""
+    device = boundaries.is_boundary.device
+    position = torch.arange(n, device=device)
+    allowed = (position[None, :] <= position[:, None])[None]  # [1, n, n]
+    if not causal:
+        in_window = position[None, None, :] >= window_starts(boundaries, leading_tokens, n)[:, :, None]
+        allowed = allowed & (in_window | boundaries.is_boundary[:, None, :])  # [B or 1, n, n]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    return allowed[:, None]
+
+
+def _naive_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1).to(v.dtype)) @ v
+
+
+@dataclass
+class GatheredLayout:
+    """Where the compressed keys come from and what each query may see of [K_c ; K]."""
+
+    n: int
+    compressed_count: int
+    """nc: slots of compressed keys in front of the n full keys (padding included)."""
+    mask_mod: MaskMod
+    """FlexAttention-style predicate (b, h, q_idx, kv_idx) -> allowed, over nc + n keys."""
+    positions: Optional[torch.Tensor] = None
+    """Long [B or 1, nc]: source position of each compressed slot (n for padding); None for
+    periodic boundaries, whose slots are first, first+P, ..."""
+    first_position: int = 0
+    chunk_size: int = 1
+    mask_rows: int = 1
+    """Batch rows the mask depends on (1 when every row shares it)."""
+    cache_key: Optional[tuple] = None
+    """Set when the block mask may be cached (it depends on nothing but this key)."""
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, H, n, d] -> [K_c ; K] of shape [B, H, nc + n, d]."""
+        if self.positions is None:
+            compressed = x[:, :, self.first_position :: self.chunk_size]
+        elif self.positions.shape[0] == 1:
+            compressed = x.index_select(2, self.positions[0].clamp(max=self.n - 1))
+        else:
+            index = self.positions.clamp(max=self.n - 1)[:, None, :, None]  # [B, 1, nc, 1]
+            compressed = x.gather(2, index.expand(-1, x.shape[1], -1, x.shape[3]))
+        return torch.cat([compressed, x], dim=2)
+
+    def key_positions(self, device: torch.device) -> torch.Tensor:
+        """True position of each key of [K_c ; K]: Long [B or 1, nc + n] (n marks padding)."""
+        full = torch.arange(self.n, device=device)[None]
+        if self.positions is None:
+            compressed = torch.arange(self.compressed_count, device=device)[None] * self.chunk_size + self.first_position
+        else:
+            compressed = self.positions
+        return torch.cat([compressed, full.expand(compressed.shape[0], -1)], dim=1)
+
+    def dense_mask(self, device: torch.device) -> torch.Tensor:
+        """The predicate evaluated on every (query, key): Bool [mask_rows, 1, n, nc + n]."""
+        b = torch.arange(self.mask_rows, device=device)[:, None, None]
+        q_idx = torch.arange(self.n, device=device)[None, :, None]
+        kv_idx = torch.arange(self.compressed_count + self.n, device=device)[None, None, :]
+        allowed = self.mask_mod(b, torch.zeros((), dtype=torch.long, device=device), q_idx, kv_idx)
+        return allowed.expand(self.mask_rows, self.n, -1)[:, None]
+
+
+def gathered_layout(
+    boundaries: LayerBoundaries, leading_tokens: LeadingTokens, doc_ids: Optional[torch.Tensor], n: int
+) -> GatheredLayout:
+    """The gathered layout of one layer: compressed slots, and the mask over [K_c ; K].
+
+    Periodic boundaries give an arithmetic predicate (cheap inside the kernel, and cacheable);
+    any others look positions and window starts up in tensors, one row per batch row.
+    """
+    device = boundaries.is_boundary.device
+    if boundaries.period is not None:
+        chunk_size, offset = boundaries.period
+        first = chunk_size - 1 - offset
+        count = max(0, (n - 1 - first) // chunk_size + 1)
+
+        def compressed_position(b, slot):
+            return first + slot * chunk_size
+
+        if leading_tokens == "chunk":
+
+            def window_start(b, q_idx):
+                return q_idx - (q_idx + offset) % chunk_size
+
+        else:
+
+            def window_start(b, q_idx):
+                return q_idx - int(leading_tokens) + 1
+
+        positions, rows = None, 1
+        cache_key = (chunk_size, offset, n, leading_tokens) if doc_ids is None else None
+    else:
+        is_boundary = boundaries.is_boundary
+        rows = is_boundary.shape[0]
+        count = max(1, int(is_boundary.sum(dim=1).max()))  # at least one (padding) slot
+        # Each row's boundary positions, ascending, padded with n: sort puts True first, stably.
+        slot_source = torch.where(is_boundary, torch.arange(n, device=device), n)
+        positions = slot_source.sort(dim=1).values[:, :count]  # [rows, nc]
+        starts = window_starts(boundaries, leading_tokens, n)  # [1 or rows, n]
+        pick = (lambda b: b) if rows > 1 else (lambda b: 0)
+        start_pick = (lambda b: b) if starts.shape[0] > 1 else (lambda b: 0)
+
+        def compressed_position(b, slot):
+            return positions[pick(b), slot.clamp(max=count - 1)]
+
+        def window_start(b, q_idx):
+            return starts[start_pick(b), q_idx]
+
+        first, chunk_size, cache_key = 0, 1, None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        compressed = kv_idx < count
+        key_position = torch.where(compressed, compressed_position(b, kv_idx), kv_idx - count)
+        start = window_start(b, q_idx)
+        # A compressed key only before the window, so no key is counted twice.
+        allowed = torch.where(compressed, key_position < start, (key_position >= start) & (key_position <= q_idx))
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[b, q_idx] == doc_ids[b, key_position.clamp(0, n - 1)])
+        return allowed
+
+    mask_rows = doc_ids.shape[0] if doc_ids is not None else rows
+    return GatheredLayout(n, count, mask_mod, positions, first, chunk_size, mask_rows, cache_key)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_block_mask(chunk_size: int, offset: int, n: int, leading_tokens: LeadingTokens, device: str) -> BlockMask:
+    layout = gathered_layout(
+        LayerBoundaries(torch.empty(1, 0, dtype=torch.bool, device=device), period=(chunk_size, offset)),
+        leading_tokens,
+        None,
+        n,
+    )
+    return _block_mask(layout, device)
+
+
+def _block_mask(layout: GatheredLayout, device) -> BlockMask:
+    batch = layout.mask_rows if layout.mask_rows > 1 else None
+    kv_len = layout.compressed_count + layout.n
+    return create_block_mask(layout.mask_mod, B=batch, H=None, Q_LEN=layout.n, KV_LEN=kv_len, device=device)
+
+
+def block_mask_for(layout: GatheredLayout, device: torch.device) -> BlockMask:
+    """The FlexAttention block mask of ``layout``, from the cache when it is static."""
+    if layout.cache_key is not None:
+        return _cached_block_mask(*layout.cache_key, str(device))
+    return _block_mask(layout, device)
+
+
+def attamba_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    boundaries: LayerBoundaries,
+    leading_tokens: LeadingTokens,
+    doc_ids: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+    causal: bool = False,
+) -> torch.Tensor:
+    """Attamba attention of q [B, H, n, d] over SSM keys/values k, v [B, H, n, d] -> [B, H, n, d].
+
+    ``boundaries`` are this layer's chunk ends; ``causal`` (pseudo-chunking) attends all j <= t.
+    """
+    n = q.shape[2]
+    impl = resolve_impl(impl, q.device)
+    if impl in ("reference", "sdpa_dense"):
+        mask = reference_mask(boundaries, leading_tokens, doc_ids, n, causal)
+        if impl == "reference":
+            return _naive_attention(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if impl not in ("flex", "sdpa_gathered"):
+        raise ValueError(f"unknown Attamba attention impl '{impl}'")
+    if causal:
+        return causal_attention(q, k, v, doc_ids, None, "flex" if impl == "flex" else "sdpa")
+    layout = gathered_layout(boundaries, leading_tokens, doc_ids, n)
+    keys, values = layout.gather(k), layout.gather(v)  # [B, H, nc + n, d]
+    if impl == "flex":
+        return masks.flex_attention(q, keys, values, block_mask=block_mask_for(layout, q.device))
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.dense_mask(q.device))
+
+
+@torch.no_grad()
+def attention_key_mass(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention each key position receives, averaged over heads and queries: [B, n].
+
+    mask: Bool [B or 1, 1, n, n]. Heads go one at a time to bound memory at [B, n, n].
+    """
+    batch, heads, n, head_dim = q.shape
+    mass = torch.zeros(batch, n, device=q.device, dtype=torch.float32)
+    for head in range(heads):
+        scores = (q[:, head] @ k[:, head].transpose(-1, -2)).float() * head_dim**-0.5  # [B, n, n]
+        scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+        mass += scores.softmax(dim=-1).sum(dim=1)
+    return mass / (heads * n)
