@@ -22,6 +22,7 @@ Triton interpreter (``TRITON_INTERPRET=1`` set before import), which the CPU tes
 from __future__ import annotations
 
 import os
+from typing import Union
 
 import torch
 import triton
@@ -42,7 +43,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _dot_precision(dtype: torch.dtype) -> str:
     if _INTERPRETED:
         return "ieee"  # the interpreter multiplies in numpy; no tensor-core modes
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    return "tf32" if dtype in (torch.bfloat16, torch.float16) else "tf32x3"
 
 
 def _padded(size: int) -> int:
@@ -78,13 +79,13 @@ def _block_scan_terms(dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, strid
 
 @triton.jit
 def _ssd_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, y_ptr, states_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, y_ptr, states_ptr, final_ptr,
     n, h, p, s, heads_per_group, num_blocks,
     stride_u_b, stride_u_n, stride_u_h,
     stride_dt_b, stride_dt_n,
     stride_bc_b, stride_bc_n, stride_bc_g,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    STORE_STATES: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_STATES: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bi = (pid // h).to(tl.int64)
@@ -118,6 +119,9 @@ def _ssd_fwd_kernel(
             st_offs = ((pid.to(tl.int64) * num_blocks + blk) * BLOCK_P + offs_p[:, None]) * BLOCK_S
             tl.store(states_ptr + st_offs + offs_s[None, :], state)
         state = f * state + tl.dot(tl.trans(x * w[:, None]), Bq, input_precision=PRECISION)
+    if STORE_FINAL:
+        final_offs = (pid.to(tl.int64) * BLOCK_P + offs_p[:, None]) * BLOCK_S + offs_s[None, :]
+        tl.store(final_ptr + final_offs, state)
 
 
 @triton.jit
@@ -244,7 +248,7 @@ def _as_bytes(segment_start: torch.Tensor) -> torch.Tensor:
 
 class _SegmentedSSD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, segment_start, block_q, num_warps):
+    def forward(ctx, u, dt, A, B, C, D, segment_start, return_final_state, block_q, num_warps):
         _check_inputs(u, dt, A, B, C, D, segment_start)
         b, n, h, p = u.shape
         g, s = B.shape[2], B.shape[3]
@@ -259,24 +263,34 @@ class _SegmentedSSD(torch.autograd.Function):
             device=u.device,
             dtype=torch.float32,
         )
+        final = torch.empty(
+            (b * h, block_p, block_s) if return_final_state else (1,),
+            device=u.device,
+            dtype=torch.float32,
+        )
         y = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
         _ssd_fwd_kernel[(b * h,)](
-            u, dt, A, B, C, D, starts, y, states,
+            u, dt, A, B, C, D, starts, y, states, final,
             n, h, p, s, h // g, num_blocks,
             u.stride(0), u.stride(1), u.stride(2),
             dt.stride(0), dt.stride(1),
             B.stride(0), B.stride(1), B.stride(2),
             BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_S=block_s,
-            STORE_STATES=store_states, PRECISION=_dot_precision(u.dtype),
+            STORE_STATES=store_states, STORE_FINAL=return_final_state,
+            PRECISION=_dot_precision(u.dtype),
             num_warps=num_warps,
         )
         if store_states:
             ctx.save_for_backward(u, dt, A, B, C, D, starts, states)
             ctx.block_q, ctx.num_warps = block_q, num_warps
-        return y
+        if not return_final_state:
+            return y
+        final = final[:, :p, :s].reshape(b, h, p, s)
+        ctx.mark_non_differentiable(final)
+        return y, final
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, *unused_final_state_grad):
         u, dt, A, B, C, D, starts, states = ctx.saved_tensors
         b, n, h, p = u.shape
         g, s = B.shape[2], B.shape[3]
@@ -304,7 +318,7 @@ class _SegmentedSSD(torch.autograd.Function):
         )
         dA = dA_part.sum(0).to(A.dtype)
         dD = dD_part.sum(0).to(D.dtype)
-        return du, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, None, None, None
+        return du, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, None, None, None, None
 
 
 def ssd_segmented_triton(
@@ -315,13 +329,16 @@ def ssd_segmented_triton(
     C: torch.Tensor,
     D: torch.Tensor,
     segment_start: torch.Tensor,
-) -> torch.Tensor:
+    return_final_state: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Segmented SSD scan, fused in Triton (forward and backward).
 
     u [b, n, h, p]; dt [b, n, h] (already softplus'd, > 0); A [h] (< 0); B, C [b, n, g, s] with
     head i reading group i // (h // g); D [h]; segment_start [b, n] bool, True where the state
     resets (position 0 always does). Returns y [b, n, h, p] in u's dtype; accumulates in fp32.
+    With ``return_final_state`` also the state after the last token, [b, h, p, s] fp32 (for
+    prefill; no gradient flows through it).
     """
     return _SegmentedSSD.apply(
-        u, dt, A, B, C, D, segment_start, DEFAULT_BLOCK_Q, DEFAULT_NUM_WARPS
+        u, dt, A, B, C, D, segment_start, return_final_state, DEFAULT_BLOCK_Q, DEFAULT_NUM_WARPS
     )

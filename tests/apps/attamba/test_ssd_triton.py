@@ -1,0 +1,288 @@
+"""The Triton SSD scan and causal conv against the float64 references, forward and backward.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors at tiny sizes; with
+CUDA the same tests run compiled, and the ``gpu`` tests add model-sized shapes and bf16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Read when the kernels are decorated, so before apps.attamba.ssd_triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+from apps.attamba import ssd_triton  # noqa: E402
+from apps.attamba.ssd_reference import causal_conv_reference, ssd_reference  # noqa: E402
+from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
+from apps.attamba.ssd_triton import causal_conv_segmented_triton, ssd_segmented_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="compiled Triton kernels need CUDA"
+)
+
+if DEVICE == "cpu" and not ssd_triton._INTERPRETED:
+    pytest.skip(
+        "apps.attamba.ssd_triton was imported before TRITON_INTERPRET=1 was set; run this file "
+        "on its own (or with TRITON_INTERPRET=1) to test the kernels on CPU",
+        allow_module_level=True,
+    )
+
+
+def _allow_one_element_index_in_interpreter() -> None:
+    """Triton 3.6's interpreter turns loop bounds into Python ints with ``int(array)``, which
+    numpy >= 2.4 refuses for the one-element arrays it holds; read the element instead."""
+    import triton.runtime.interpreter as interpreter
+
+    if getattr(interpreter._patch_lang_tensor, "_reads_element", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._reads_element = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if ssd_triton._INTERPRETED:
+    _allow_one_element_index_in_interpreter()
+
+
+# Chunkings, as segment_start [b, n] bool.
+def uniform_starts(b: int, n: int, chunk: int, offset: int = 0) -> torch.Tensor:
+    """A segment starts after every token t with (t + 1 + offset) % chunk == 0 (DESIGN.md)."""
+    t = torch.arange(n)
+    ends = (t + 1 + offset) % chunk == 0
+    starts = torch.zeros(n, dtype=torch.bool)
+    starts[1:] = ends[:-1]
+    return starts.expand(b, n).clone()
+
+
+def random_length_starts(b: int, n: int, mean_length: int, seed: int) -> torch.Tensor:
+    """Segment lengths drawn from {1..2·mean_length-1}, fresh per row."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.zeros(b, n, dtype=torch.bool)
+    for row in range(b):
+        t = 0
+        while t < n:
+            starts[row, t] = True
+            t += int(torch.randint(1, 2 * mean_length, (1,), generator=generator))
+    return starts
+
+
+def document_starts(b: int, n: int, seed: int) -> torch.Tensor:
+    """A few long segments per row (documents packed into one sequence)."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.rand(b, n, generator=generator) < 3.0 / n
+    return starts
+
+
+CHUNKINGS = {
+    "uniform": lambda b, n: uniform_starts(b, n, 4),
+    "cyclic_offset": lambda b, n: uniform_starts(b, n, 8, offset=3),
+    "random_lengths": lambda b, n: random_length_starts(b, n, 5, seed=1),
+    "documents": lambda b, n: document_starts(b, n, seed=2),
+    "one_segment": lambda b, n: torch.zeros(b, n, dtype=torch.bool),
+    "every_token": lambda b, n: torch.ones(b, n, dtype=torch.bool),
+}
+
+
+def ssd_inputs(b, n, h, p, g, s, dtype=torch.float32, device=DEVICE, seed=0):
+    """Random (u, dt, A, B, C, D): dt in the softplus range, A < 0; u, B, C in ``dtype``."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    u = randn(b, n, h, p).to(dtype)
+    dt = torch.nn.functional.softplus(randn(b, n, h) - 1.0)
+    A = -torch.exp(randn(h) * 0.5)
+    B = randn(b, n, g, s).to(dtype)
+    C = randn(b, n, g, s).to(dtype)
+    D = randn(h)
+    return [tensor.to(device) for tensor in (u, dt, A, B, C, D)]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def forward_and_grads(fn, inputs, segment_start, grad_out, as_double):
+    """fn's output and the gradients of <output, grad_out> w.r.t. every float input."""
+    leaves = [
+        None if tensor is None else (tensor.double() if as_double else tensor).detach().requires_grad_()
+        for tensor in inputs
+    ]
+    out = fn(*leaves, segment_start)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [None if leaf is None else leaf.grad for leaf in leaves]
+
+
+def assert_ssd_matches(oracle, inputs, segment_start, tolerance, record=None):
+    u = inputs[0]
+    grad_out = torch.randn(u.shape, generator=torch.Generator().manual_seed(7)).to(u.device)
+    y, grads = forward_and_grads(ssd_segmented_triton, inputs, segment_start, grad_out, False)
+    y_ref, grads_ref = forward_and_grads(oracle, inputs, segment_start, grad_out, True)
+    errors = {"y": relative_error(y, y_ref)}
+    for name, tensor, grad, grad_ref in zip(("u", "dt", "A", "B", "C", "D"), inputs, grads, grads_ref):
+        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape
+        errors[f"d{name}"] = relative_error(grad, grad_ref)
+    if record is not None:
+        for name, error in errors.items():
+            record(name, error)
+    failing = {name: error for name, error in errors.items() if not error < tolerance}
+    assert not failing, f"relative errors above {tolerance}: {failing}"
+    assert y.dtype == u.dtype and y.shape == u.shape
+
+
+# Small shapes: the interpreter on CPU, compiled on CUDA.
+
+
+@pytest.mark.parametrize("chunking", sorted(CHUNKINGS))
+def test_ssd_matches_reference(chunking):
+    # n = 37 leaves a partial last block; g = 1 < h exercises the shared-B/C gradient sum.
+    b, n, h, p, g, s = 2, 37, 2, 16, 1, 16
+    inputs = ssd_inputs(b, n, h, p, g, s)
+    starts = CHUNKINGS[chunking](b, n).to(DEVICE)
+    assert_ssd_matches(ssd_reference, inputs, starts, 1e-5)
+
+
+@pytest.mark.parametrize("block_q", [16, 32])
+def test_ssd_per_head_groups_padded_dims_and_block_sizes(monkeypatch, block_q):
+    # g = h (each head its own B/C), p and s not powers of two, segments crossing blocks.
+    monkeypatch.setattr(ssd_triton, "DEFAULT_BLOCK_Q", block_q)
+    b, n, h, p, g, s = 1, 50, 2, 6, 2, 10
+    inputs = ssd_inputs(b, n, h, p, g, s, seed=3)
+    starts = random_length_starts(b, n, 12, seed=4).to(DEVICE)
+    assert_ssd_matches(ssd_reference, inputs, starts, 1e-5)
+
+
+def test_ssd_reads_strided_inputs():
+    # u, B and C as slices of one projection, the way the KV-SSM splits its conv output.
+    b, n, h, p, g, s = 1, 20, 2, 16, 1, 16
+    u, dt, A, _, _, D = ssd_inputs(b, n, h, p, g, s)
+    packed = torch.randn(b, n, h * p + 2 * g * s, device=DEVICE)
+    u = packed[..., : h * p].unflatten(-1, (h, p))
+    B = packed[..., h * p : h * p + g * s].unflatten(-1, (g, s))
+    C = packed[..., h * p + g * s :].unflatten(-1, (g, s))
+    assert not u.is_contiguous() and not B.is_contiguous()
+    starts = uniform_starts(b, n, 6).to(DEVICE)
+    assert_ssd_matches(ssd_reference, [u, dt, A, B, C, D], starts, 1e-5)
+
+
+def test_ssd_final_state_matches_reference():
+    b, n, h, p, g, s = 2, 40, 2, 16, 2, 16
+    inputs = ssd_inputs(b, n, h, p, g, s, seed=5)
+    starts = random_length_starts(b, n, 9, seed=6).to(DEVICE)
+    y, state = ssd_segmented_triton(*inputs, starts, return_final_state=True)
+    y_ref, state_ref = ssd_reference(*inputs, starts, return_final_state=True)
+    assert state.shape == (b, h, p, s) and state.dtype == torch.float32
+    assert relative_error(state, state_ref) < 1e-5
+    assert relative_error(y, y_ref) < 1e-5
+
+
+def test_ssd_rejects_mismatched_shapes():
+    u, dt, A, B, C, D = ssd_inputs(1, 8, 3, 16, 1, 16)
+    starts = torch.zeros(1, 8, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of the B/C groups"):
+        ssd_segmented_triton(u, dt, A, B.expand(1, 8, 2, 16), C.expand(1, 8, 2, 16), D, starts)
+    with pytest.raises(ValueError, match="segment_start"):
+        ssd_segmented_triton(u, dt, A, B, C, D, starts[:, :4])
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("width", [4, 2])
+def test_conv_matches_reference(with_bias, width):
+    b, n, c = 2, 70, 20  # two token blocks, a partial channel block
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(b, n, 2 * c, generator=generator)[..., :c].to(DEVICE)  # strided, like a split
+    weight = torch.randn(c, width, generator=generator).to(DEVICE)
+    bias = torch.randn(c, generator=generator).to(DEVICE) if with_bias else None
+    starts = random_length_starts(b, n, 3, seed=9).to(DEVICE)
+    grad_out = torch.randn(b, n, c, generator=generator).to(DEVICE)
+    inputs = [x, weight, bias]
+    out, grads = forward_and_grads(causal_conv_segmented_triton, inputs, starts, grad_out, False)
+    out_ref, grads_ref = forward_and_grads(causal_conv_reference, inputs, starts, grad_out, True)
+    assert relative_error(out, out_ref) < 1e-6
+    for grad, grad_ref in zip(grads, grads_ref):
+        if grad_ref is None:
+            assert grad is None
+        else:
+            assert relative_error(grad, grad_ref) < 1e-6
+
+
+def test_conv_never_reads_across_a_segment_start():
+    # A spike just before a start must not reach the new segment.
+    x = torch.zeros(1, 12, 1, device=DEVICE)
+    x[0, 5] = 1.0
+    starts = torch.zeros(1, 12, dtype=torch.bool, device=DEVICE)
+    starts[0, 6] = True
+    out = causal_conv_segmented_triton(x, torch.ones(1, 4, device=DEVICE), None, starts)
+    assert out[0, 5, 0] == 1.0
+    assert torch.all(out[0, 6:, 0] == 0.0)
+
+
+# Model-sized shapes and bf16, CUDA only.
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("chunking", ["uniform", "cyclic_offset", "random_lengths", "documents"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 256, 4, 32, 1, 64), (2, 300, 4, 64, 4, 32)],
+    ids=["shared_bc", "per_head_bc"],
+)
+def test_ssd_matches_reference_on_gpu(chunking, dtype, shape, record_property):
+    b, n, h, p, g, s = shape
+    inputs = ssd_inputs(b, n, h, p, g, s, dtype=dtype)
+    starts = CHUNKINGS[chunking](b, n).to(DEVICE)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_ssd_matches(ssd_reference, inputs, starts, tolerance, record_property)
+
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("chunking", ["uniform", "documents"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ssd_matches_chunked_torch_at_benchmark_size(chunking, dtype, record_property):
+    # 16 x 1024 tokens, 8 heads of 32, state 128: ssd_torch in float64 stands in for the loop
+    # reference, which it is itself tested against.
+    b, n, h, p, g, s = 16, 1024, 8, 32, 1, 128
+    chunkings = {"uniform": uniform_starts(b, n, 8), "documents": document_starts(b, n, seed=3)}
+    inputs = ssd_inputs(b, n, h, p, g, s, dtype=dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_ssd_matches(ssd_segmented, inputs, chunkings[chunking].to(DEVICE), tolerance, record_property)
+
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_matches_reference_on_gpu(dtype, record_property):
+    b, n, c, width = 2, 300, 320, 4
+    generator = torch.Generator().manual_seed(10)
+    x = torch.randn(b, n, c, generator=generator).to(DEVICE, dtype)
+    weight = torch.randn(c, width, generator=generator).to(DEVICE, dtype)
+    bias = torch.randn(c, generator=generator).to(DEVICE, dtype)
+    starts = random_length_starts(b, n, 6, seed=11).to(DEVICE)
+    grad_out = torch.randn(b, n, c, generator=generator).to(DEVICE)
+    inputs = [x, weight, bias]
+    out, grads = forward_and_grads(causal_conv_segmented_triton, inputs, starts, grad_out, False)
+    out_ref, grads_ref = forward_and_grads(causal_conv_reference, inputs, starts, grad_out, True)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    errors = [relative_error(out, out_ref)] + [relative_error(a, r) for a, r in zip(grads, grads_ref)]
+    for name, error in zip(("out", "dx", "dweight", "dbias"), errors):
+        record_property(name, error)
+    assert max(errors) < tolerance, errors
