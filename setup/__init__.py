@@ -19,7 +19,8 @@ def _format(amount: float) -> str:
 
 
 class Progress:
-    """A progress line rewritten in place on stderr (at most every ``interval`` seconds).
+    """A progress line rewritten in place on stderr (at most every ``interval`` seconds; when
+    stderr is not a terminal, a plain line every ``log_interval`` seconds).
 
     ``update(done)`` sets the amount done; ``close()`` prints the final line. With a ``total``
     the line shows a bar and a percentage.
@@ -31,21 +32,26 @@ class Progress:
         total: Optional[float] = None,
         unit: str = "",
         interval: float = 0.2,
+        log_interval: float = 30.0,
         stream: Optional[TextIO] = None,
     ):
-        self.label, self.total, self.unit, self.interval = label, total, unit, interval
+        self.label, self.total, self.unit = label, total, unit
+        self.interval, self.log_interval = interval, log_interval
         self.stream = stream if stream is not None else sys.stderr
         self.done: float = 0
         self.note = ""
+        self._interactive = getattr(self.stream, "isatty", lambda: False)()
         self._started = time.monotonic()
         self._last_shown = float("-inf")
 
     def update(self, done: float, note: str = "") -> None:
         self.done, self.note = done, note
         now = time.monotonic()
-        if now - self._last_shown >= self.interval:
+        # Redrawing only works on a terminal; a log file gets a new line now and then.
+        period = self.interval if self._interactive else self.log_interval
+        if now - self._last_shown >= period:
             self._last_shown = now
-            self._show(end="")
+            self._show(end="" if self._interactive else "\n")
 
     def _show(self, end: str) -> None:
         elapsed = time.monotonic() - self._started
@@ -57,7 +63,9 @@ class Progress:
         else:
             line = f"{self.label} {amount}"
         note = f" {self.note}" if self.note else ""
-        self.stream.write(f"\r{line}{note} ({elapsed:.1f}s)\033[K{end}")
+        redraw = "\r" if self._interactive else ""
+        clear_rest = "\033[K" if self._interactive else ""
+        self.stream.write(f"{redraw}{line}{note} ({elapsed:.1f}s){clear_rest}{end}")
         self.stream.flush()
 
     def close(self) -> None:

@@ -35,10 +35,10 @@ def split_document(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[s
         if current and size + line_bytes > max_bytes:
             yield "".join(current)
             current, size = [], 0
-        while line_bytes > max_bytes:  # a very long line: cut it by characters
-            cut = max_bytes // 4  # a UTF-8 character is at most 4 bytes
-            yield line[:cut]
-            line = line[cut:]
+        while line_bytes > max_bytes:  # a very long line: cut it, never inside a character
+            head = line.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+            yield head
+            line = line[len(head) :]
             line_bytes = len(line.encode("utf-8"))
         current.append(line)
         size += line_bytes
@@ -94,6 +94,7 @@ def train_sentencepiece(
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
         split_digits=True,
+        add_dummy_prefix=False,
         user_defined_symbols=["\n", "\t"],
         max_sentence_length=MAX_SENTENCE_BYTES,
         input_sentence_size=max_sentences,
