@@ -1,0 +1,235 @@
+"""The Attamba language model: a Llama-style transformer whose keys and values come from SSMs.
+
+Per layer: queries q = x·W_q; keys k = u_k + SSM_K(u_k) and values v = u_v + SSM_V(u_v), where
+the SSM input u is x (or x·W_k, x·W_v with ``kv_proj``) and the residual is dropped with
+``residual_ssm: false``. The SSMs reset after every chunk boundary and at document starts, so
+the key at a boundary summarises its chunk; queries attend those boundary keys plus the L most
+recent keys (see :mod:`apps.attamba.attention`). RoPE rotates q and k at their true positions.
+
+The forward pass decides each layer's boundaries once, before the layers run, so activation
+checkpointing recomputes a layer with the same (possibly random) chunks. The pieces a decoder
+needs (q projection, SSM inputs and residual, boundary decisions) are methods of their own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from apps.attamba import accounting
+from apps.attamba.args import AttambaArgs
+from apps.attamba.attention import attamba_attention, attention_key_mass, reference_mask
+from apps.attamba.chunking import (
+    STATIC_STRATEGIES,
+    WHOLE_SEQUENCE_STRATEGIES,
+    Chunking,
+    LayerBoundaries,
+    LeadingTokens,
+    is_periodic_boundary,
+    layer_offset,
+    periodic_boundaries,
+    random_boundaries,
+    seeded_random_boundaries,
+    segment_starts,
+    split_top_chunks,
+    top_key_boundaries,
+)
+from apps.attamba.ssm import KVSSM
+from lingua.transformer import TransformerBlock, TransformerLMBase, apply_rotary
+
+
+@dataclass
+class LayerPlan:
+    """What one layer needs to know about its chunks for one batch."""
+
+    boundaries: LayerBoundaries
+    segment_start: torch.Tensor
+    """Bool [B, n]: where the K and V SSMs reset."""
+    leading_tokens: LeadingTokens
+    causal: bool = False
+    """Attend every earlier key (pseudo-chunking, and fattn's layer 0)."""
+
+
+class AttambaAttention(nn.Module):
+    """Queries x·W_q over KV-SSM keys and values, then W_o."""
+
+    def __init__(self, args: AttambaArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.head_dim = args.n_heads, args.head_dim
+        self.impl = args.attn_impl
+        self.residual_ssm = args.residual_ssm
+        self.wq = nn.Linear(args.dim, args.dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.dim, bias=False) if args.kv_proj else None
+        self.wv = nn.Linear(args.dim, args.dim, bias=False) if args.kv_proj else None
+        ssm_args = args.ssm_args()
+        self.ssm_k = KVSSM(args.dim, args.dim, ssm_args)
+        self.ssm_v = KVSSM(args.dim, args.dim, ssm_args)
+        self.wo = nn.Linear(args.dim, args.dim, bias=False)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n, E] -> [B, H, n, d]."""
+        return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, n, E] -> rotated queries [B, H, n, d]."""
+        return apply_rotary(self.split_heads(self.wq(x)), cos, sin)
+
+    def ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the K and V SSMs read: x, or x·W_k and x·W_v with kv_proj. Any leading shape."""
+        if self.wk is None:
+            return x, x
+        return self.wk(x), self.wv(x)
+
+    def combine(self, ssm_input: torch.Tensor, ssm_output: torch.Tensor) -> torch.Tensor:
+        """A key or value from its SSM's input and output (the residual around the SSM)."""
+        return ssm_input + ssm_output if self.residual_ssm else ssm_output
+
+    def keys_values(self, x: torch.Tensor, segment_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, n, E] -> unrotated keys and values [B, n, E]."""
+        k_in, v_in = self.ssm_inputs(x)
+        return self.combine(k_in, self.ssm_k(k_in, segment_start)), self.combine(v_in, self.ssm_v(v_in, segment_start))
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, H, n, d] -> [B, n, E]."""
+        return self.wo(attended.transpose(1, 2).flatten(2))
+
+    def forward(self, x, cos, sin, doc_ids, plan: LayerPlan, need_key_mass: bool = False):
+        """-> (output [B, n, E], key mass [B, n] from layer-wide attention, or None)."""
+        q = self.queries(x, cos, sin)
+        k, v = self.keys_values(x, plan.segment_start)
+        k, v = apply_rotary(self.split_heads(k), cos, sin), self.split_heads(v)
+        attended = attamba_attention(q, k, v, plan.boundaries, plan.leading_tokens, doc_ids, self.impl, plan.causal)
+        key_mass = None
+        if need_key_mass:
+            mask = reference_mask(plan.boundaries, plan.leading_tokens, doc_ids, x.shape[1], plan.causal)
+            key_mass = attention_key_mass(q, k, mask)
+        return self.output(attended), key_mass
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            if linear is not None:
+                nn.init.trunc_normal_(linear.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+        self.ssm_k.reset_parameters()
+        self.ssm_v.reset_parameters()
+
+
+class AttambaBlock(TransformerBlock):
+    """Pre-norm block with Attamba attention; layer 0 of fattn/fssm also reports its key mass."""
+
+    def forward(self, x, cos, sin, doc_ids, plan: LayerPlan, need_key_mass: bool = False):
+        attended, key_mass = self.attention(self.attention_norm(x), cos, sin, doc_ids, plan, need_key_mass)
+        x = x + attended
+        x = x + self.feed_forward(self.ffn_norm(x))
+        return (x, key_mass) if need_key_mass else x
+
+
+class AttambaLM(TransformerLMBase):
+    """Attamba language model; the registry's contract (see lingua.registry)."""
+
+    def __init__(self, args: AttambaArgs):
+        layers = [AttambaBlock(args, AttambaAttention(args, layer_id)) for layer_id in range(args.n_layers)]
+        super().__init__(args, layers)
+        # Training's random chunks: fresh each batch, but a run is reproducible from random_seed.
+        self.chunk_generator = torch.Generator().manual_seed(args.random_seed)
+
+    @property
+    def chunking(self) -> Chunking:
+        """The chunking in force: the training setting in train mode, the eval setting otherwise."""
+        return self.args.chunking(self.training)
+
+    # -- chunk boundaries -------------------------------------------------------------------------
+
+    def check_decodable(self) -> None:
+        """Raise if the current chunking cannot run token by token (fattn/fssm look ahead)."""
+        strategy = self.chunking.strategy
+        if strategy in WHOLE_SEQUENCE_STRATEGIES:
+            raise ValueError(
+                f"chunk strategy '{strategy}' chooses boundaries from attention over the whole sequence, "
+                "so it cannot decode token by token; set model.eval_chunk_strategy to uniform, cyclic or random"
+            )
+
+    def layer_boundary_offsets(self, n: int) -> list[int]:
+        """Per-layer offsets o_l of a static (uniform/cyclic) chunking for sequences of n tokens."""
+        chunking = self.chunking
+        if chunking.strategy not in STATIC_STRATEGIES:
+            raise ValueError(f"chunk strategy '{chunking.strategy}' has no fixed offsets; expected one of {STATIC_STRATEGIES}")
+        size = chunking.chunk_size(n)
+        return [layer_offset(chunking.strategy, layer, self.args.n_layers, size) for layer in range(self.args.n_layers)]
+
+    def layer_boundaries(self, layer: int, n: int, batch: int = 1, device=None) -> LayerBoundaries:
+        """Boundaries of ``layer`` for n tokens under a causal strategy (uniform, cyclic, random).
+
+        ``n`` also sets P with chunk_count (P = ceil(n / C)): a decoder should pass the full
+        length it will reach. Training's random boundaries advance the model's generator.
+        """
+        self.check_decodable()
+        chunking = self.chunking
+        size = chunking.chunk_size(n)
+        if chunking.strategy in STATIC_STRATEGIES:
+            return periodic_boundaries(n, size, layer_offset(chunking.strategy, layer, self.args.n_layers, size), device)
+        if self.training:
+            return random_boundaries(batch, n, size, self.chunk_generator, device)
+        return seeded_random_boundaries(n, size, self.args.random_seed, layer, device)
+
+    def is_boundary_position(self, t: int, layer: int, n: int) -> bool:
+        """Whether absolute position t ends a chunk in ``layer`` (sequence length n sets P with
+        chunk_count). Random chunks are evaluation's seeded ones, which do not depend on n otherwise."""
+        chunking = self.chunking
+        if chunking.strategy in STATIC_STRATEGIES:
+            size = chunking.chunk_size(n)
+            return bool(is_periodic_boundary(t, size, layer_offset(chunking.strategy, layer, self.args.n_layers, size)))
+        self.check_decodable()
+        # Decoding uses evaluation's seeded random chunks (training draws fresh ones per batch).
+        size = chunking.chunk_size(n)
+        return bool(seeded_random_boundaries(max(n, t + 1), size, self.args.random_seed, layer).is_boundary[0, t])
+
+    def _plan(self, boundaries: LayerBoundaries, doc_ids, batch: int, causal: bool = False) -> LayerPlan:
+        starts = segment_starts(boundaries.is_boundary, doc_ids).expand(batch, -1)
+        chunking = self.chunking
+        return LayerPlan(boundaries, starts, chunking.leading_tokens, causal or self.args.pseudo_chunk)
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, n] (doc_ids [B, n] numbers packed documents) -> logits [B, n, V]."""
+        batch, n = tokens.shape
+        x = self.tok_embeddings(tokens)
+        cos, sin = self.rotary(n, tokens.device)
+        if self.chunking.strategy in WHOLE_SEQUENCE_STRATEGIES:
+            x = self._forward_attention_chosen(x, cos, sin, doc_ids)
+        else:
+            for layer_id, layer in enumerate(self.layers):
+                boundaries = self.layer_boundaries(layer_id, n, batch, tokens.device)
+                x = layer(x, cos, sin, doc_ids, self._plan(boundaries, doc_ids, batch))
+        return self.output(self.norm(x))
+
+    def _forward_attention_chosen(self, x, cos, sin, doc_ids) -> torch.Tensor:
+        """fattn / fssm: layer 0 picks the boundaries of every later layer from its attention."""
+        batch, n, _ = x.shape
+        chunking = self.chunking
+        size = chunking.chunk_size(n)
+        uniform = periodic_boundaries(n, size, 0, x.device)
+        fattn = chunking.strategy == "fattn"
+        # fattn's layer 0 attends in full; fssm's attends like any Attamba layer with uniform chunks.
+        x, key_mass = self.layers[0](x, cos, sin, doc_ids, self._plan(uniform, doc_ids, batch, causal=fattn), need_key_mass=True)
+        if fattn:
+            chosen = top_key_boundaries(key_mass, math.ceil(n / size))
+        else:
+            split_count = self.args.fssm_split_count or max(1, (n // size) // 2)
+            chosen = split_top_chunks(uniform, key_mass, split_count)
+        plan = self._plan(chosen, doc_ids, batch)
+        for layer in self.layers[1:]:
+            x = layer(x, cos, sin, doc_ids, plan)
+        return x
+
+    # -- accounting -------------------------------------------------------------------------------
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): weights, compressed attention, SSM scans."""
+        return accounting.flops_per_token(self.args, self.num_params(exclude_embeddings=True), seq_len)
