@@ -75,15 +75,18 @@ class Batch:
     tokens: torch.Tensor
     """Input ids (int64)."""
     labels: torch.Tensor
-    """Next-token targets: the row shifted left by one."""
+    """Next-token targets: the row shifted left by one (a document's last token has the next
+    document's first token as its label, as in any packed stream)."""
     doc_ids: torch.Tensor
     """Document number of each token within its row: 0, 1, 2, ... (increases at each start)."""
     skipped_lines: int = 0
     """Malformed lines skipped so far by this rank (cumulative)."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(move(self.tokens), move(self.labels), move(self.doc_ids), self.skipped_lines)
+        tokens, labels, doc_ids = (
+            tensor.to(device, non_blocking=non_blocking) for tensor in (self.tokens, self.labels, self.doc_ids)
+        )
+        return Batch(tokens, labels, doc_ids, self.skipped_lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -227,3 +227,15 @@ def test_eval_batches_are_deterministic(tmp_path, write_jsonl):
     assert first[-1].skipped_lines == 1
     limited = list(iter_eval_batches(str(source), tokenizer, seq_len=16, batch_size=4, max_batches=2))
     assert_same_batches(limited, first[:2])
+
+
+def test_tiny_corpus_split_between_two_ranks(tiny_corpus):
+    args = DataArgs(sources={str(tiny_corpus / "train"): 1.0}, batch_size=2, seq_len=32, prefetch=1)
+    documents = []
+    for rank in range(2):
+        with build_data_stream(args, rank, 2) as stream:
+            batch = next(stream).to("cpu")
+            assert batch.tokens.shape == (2, 32)
+            documents.append({text for b in [batch, *take(stream, 20)] for text in decoded_documents(b)})
+    # Two shards, two ranks: each rank reads its own shard, so no document is seen by both.
+    assert documents[0] and documents[1] and not documents[0] & documents[1]
