@@ -1,0 +1,207 @@
+"""Speed of one KV-SSM's sequence operations: the segmented SSD scan and the causal conv.
+
+Times forward and forward+backward (median ms, ``triton.testing.do_bench``) of each backend on
+the 60M Attamba model's shape: b=16, n=1024, 8 SSM heads of 32, state 128, one B/C group, uniform
+chunks of P=8, conv width 4 over the 512 conv channels. Backends: ``torch`` (apps.attamba.ssd_torch
+under torch.compile), ``triton`` (apps.attamba.ssd_triton at its defaults, plus a sweep of its
+block size and warps), and ``mamba_ssm`` when that package is installed. Inputs follow the model:
+u, B, C and the conv input in the run dtype; dt, A and D in fp32.
+
+    python benchmarks/bench_ssm.py [--out results.json] [--no-sweep]
+
+Needs CUDA. Prints a table last; ``--out`` also writes every measurement as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from apps.attamba import ssd_triton  # noqa: E402
+from apps.attamba.ssd_torch import causal_conv_segmented, ssd_segmented  # noqa: E402
+
+
+@dataclass
+class Shape:
+    """The benchmarked SSM; defaults are one KV-SSM of the paper's 60M model."""
+
+    batch: int = 16
+    seq_len: int = 1024
+    heads: int = 8  # SSM heads
+    head_dim: int = 32  # p
+    groups: int = 1  # B/C groups (g)
+    state_dim: int = 128  # s
+    chunk: int = 8  # uniform segment length P
+    conv_width: int = 4
+
+
+@dataclass
+class Measurement:
+    """One row of the results table."""
+
+    op: str  # "ssd" or "conv"
+    backend: str
+    dtype: str
+    forward_ms: Optional[float]
+    forward_backward_ms: Optional[float]
+    note: str = ""
+
+
+def uniform_segment_starts(shape: Shape, device: torch.device) -> torch.Tensor:
+    """[b, n] bool: a segment starts every P tokens."""
+    positions = torch.arange(shape.seq_len, device=device)
+    return (positions % shape.chunk == 0).expand(shape.batch, -1).contiguous()
+
+
+def ssd_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    b, n, h, p, g, s = (shape.batch, shape.seq_len, shape.heads, shape.head_dim, shape.groups, shape.state_dim)
+    u = torch.randn(b, n, h, p, device=device, dtype=dtype)
+    dt = torch.nn.functional.softplus(torch.randn(b, n, h, device=device) - 1.0)
+    A = -torch.exp(torch.randn(h, device=device) * 0.5)
+    B = torch.randn(b, n, g, s, device=device, dtype=dtype)
+    C = torch.randn(b, n, g, s, device=device, dtype=dtype)
+    D = torch.randn(h, device=device)
+    return [tensor.requires_grad_() for tensor in (u, dt, A, B, C, D)]
+
+
+def conv_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    channels = shape.heads * shape.head_dim + 2 * shape.groups * shape.state_dim
+    x = torch.randn(shape.batch, shape.seq_len, channels, device=device, dtype=dtype)
+    weight = torch.randn(channels, shape.conv_width, device=device, dtype=dtype)
+    bias = torch.randn(channels, device=device, dtype=dtype)
+    return [tensor.requires_grad_() for tensor in (x, weight, bias)]
+
+
+def time_forward_and_backward(
+    fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], segment_start: torch.Tensor
+) -> tuple[float, float]:
+    """Median ms of a training forward (inputs require grad) and of forward + backward."""
+    from triton.testing import do_bench
+
+    grad_out = torch.randn_like(fn(*inputs, segment_start))
+
+    def forward_backward():
+        fn(*inputs, segment_start).backward(grad_out)
+
+    forward_ms = do_bench(lambda: fn(*inputs, segment_start), return_mode="median")
+    both_ms = do_bench(forward_backward, grad_to_none=inputs, return_mode="median")
+    return forward_ms, both_ms
+
+
+def ssd_backends() -> dict[str, Callable[..., torch.Tensor]]:
+    backends = {
+        "torch (compiled)": torch.compile(ssd_segmented, dynamic=False),
+        "triton": ssd_triton.ssd_segmented_triton,
+    }
+    try:
+        import mamba_ssm  # noqa: F401
+
+        from apps.attamba.ssd_mamba import ssd_segmented_mamba
+
+        backends["mamba_ssm"] = ssd_segmented_mamba
+    except ImportError:
+        pass
+    return backends
+
+
+def conv_backends() -> dict[str, Callable[..., torch.Tensor]]:
+    return {
+        "torch (compiled)": torch.compile(causal_conv_segmented, dynamic=False),
+        "triton": ssd_triton.causal_conv_segmented_triton,
+    }
+
+
+def measure(op, backend, dtype, fn, inputs, segment_start) -> Measurement:
+    """Time one backend; a failure becomes a row with its error, not an abort."""
+    dtype_name = str(dtype).replace("torch.", "")
+    try:
+        forward_ms, both_ms = time_forward_and_backward(fn, inputs, segment_start)
+        row = Measurement(op, backend, dtype_name, forward_ms, both_ms)
+    except Exception as error:  # one failing backend should not hide the others' numbers
+        row = Measurement(op, backend, dtype_name, None, None, f"failed: {error!r:.200}")
+    # Rows as they come, so a run cut short still shows what it measured.
+    print(format_table([row]).splitlines()[1], flush=True)
+    return row
+
+
+def sweep_triton_ssd(shape, dtype, device, segment_start) -> list[Measurement]:
+    """The Triton scan at other (block size, warps) settings than its defaults."""
+    defaults = (ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS)
+    rows = []
+    try:
+        for block_q, num_warps in [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8)]:
+            if (block_q, num_warps) == defaults:
+                continue
+            ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS = block_q, num_warps
+            inputs = ssd_inputs(shape, dtype, device)
+            rows.append(
+                measure("ssd", f"triton Q={block_q} warps={num_warps}", dtype,
+                        ssd_triton.ssd_segmented_triton, inputs, segment_start)
+            )
+    finally:
+        ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS = defaults
+    return rows
+
+
+def format_table(rows: list[Measurement]) -> str:
+    def ms(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = [f"{'op':<5} {'backend':<24} {'dtype':<9} {'fwd ms':>8} {'fwd+bwd ms':>11}  note"]
+    for row in rows:
+        lines.append(
+            f"{row.op:<5} {row.backend:<24} {row.dtype:<9} {ms(row.forward_ms):>8} "
+            f"{ms(row.forward_backward_ms):>11}  {row.note}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="write all measurements here (JSON)")
+    parser.add_argument("--no-sweep", action="store_true", help="time the Triton defaults only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_ssm.py needs a CUDA device")
+    # Two dtypes and a compiled backward each: more graphs than dynamo's default limit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    device = torch.device("cuda")
+    shape = Shape()
+    segment_start = uniform_segment_starts(shape, device)
+    rows: list[Measurement] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for backend, fn in ssd_backends().items():
+            rows.append(measure("ssd", backend, dtype, fn, ssd_inputs(shape, dtype, device), segment_start))
+        if not args.no_sweep:
+            rows.extend(sweep_triton_ssd(shape, dtype, device, segment_start))
+        for backend, fn in conv_backends().items():
+            rows.append(measure("conv", backend, dtype, fn, conv_inputs(shape, dtype, device), segment_start))
+    table = format_table(rows)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "device": torch.cuda.get_device_name(),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+            "python": platform.python_version(),
+            "shape": asdict(shape),
+            "defaults": {"block_q": ssd_triton.DEFAULT_BLOCK_Q, "num_warps": ssd_triton.DEFAULT_NUM_WARPS},
+            "rows": [asdict(row) for row in rows],
+        }, indent=2))
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, shape {asdict(shape)}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
