@@ -1,0 +1,421 @@
+"""Evaluation: any registered model through stock lm-eval (0.4.x), plus held-out perplexity.
+
+Three pieces, used by the training loop and by ``python -m apps.<app>.eval``:
+
+- :class:`LinguaLM`, an lm-eval ``LM`` registered as ``"attamba-lm"``: ``loglikelihood``,
+  ``loglikelihood_rolling`` (sliding windows of the model's context with a stride; every token
+  scored once, the document's first token conditioned on BOS) and ``generate_until``.
+- :func:`run_evaluation`: the configured lm-eval tasks, held-out validation perplexity per source
+  and (optionally) MQAR recall accuracy, appended as one line to ``metrics.eval.jsonl``.
+- :func:`main`: load a checkpoint, apply eval-time model overrides, evaluate.
+
+The shipped task ``wikitext_local`` (``lingua/lm_eval_tasks/``) reads WikiText-2 from a local
+file; lm-eval's own ``wikitext`` task also works (``eval.tasks=[wikitext]``) when the HF dataset
+``EleutherAI/wikitext_document_level`` is in the local HF cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lingua.args import ConfigError, load_config
+from lingua.recall import RecallArgs, evaluate_recall
+
+logger = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+WIKITEXT_ENV = "ATTAMBA_WIKITEXT_PATH"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EvalArgs:
+    """What to evaluate, and how."""
+
+    tasks: list[str] = field(default_factory=lambda: ["wikitext_local"])
+    """lm-eval task names; the shipped ones (``wikitext_local``) and lm-eval's built-ins."""
+    limit: Optional[float] = None
+    """Documents per task (an int) or a fraction of them (< 1); None evaluates every document."""
+    batch_size: int = 8
+    """Windows (or requests) per forward pass."""
+    max_context: Optional[int] = None
+    """Tokens the model reads at once; None means the model's ``max_seqlen``."""
+    rolling_stride: Optional[int] = None
+    """New tokens scored per window after the first in rolling log-likelihood; smaller strides
+    give every token more left context at more cost. None means ``max_context``."""
+    wikitext_path: Optional[str] = None
+    """WikiText-2 file (``wiki.test.tokens`` or ``.raw``) or directory for ``wikitext_local``;
+    None reads the environment variable ATTAMBA_WIKITEXT_PATH."""
+    val_sources: dict[str, str] = field(default_factory=dict)
+    """Held-out perplexity sources: name -> jsonl path (read by lingua.data.iter_eval_batches)."""
+    val_max_batches: Optional[int] = 50
+    """Batches per validation source; None reads the whole file."""
+    val_seq_len: Optional[int] = None
+    """Sequence length of validation batches; None means ``max_context``."""
+    recall: Optional[RecallArgs] = None
+    """When set, also report MQAR accuracy on ``recall.test`` (see lingua.recall)."""
+    max_gen_tokens: int = 256
+    """Generation length for generate_until tasks that do not set ``max_gen_toks``."""
+    temperature: float = 0.0
+    """Sampling temperature for generate_until tasks that do not set one; 0 is greedy."""
+    bootstrap_iters: int = 0
+    """lm-eval's bootstrap iterations for standard errors; 0 skips them (they are slow)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError(f"eval.max_context must be >= 2 or null, got {self.max_context}")
+        if self.rolling_stride is not None and self.rolling_stride < 1:
+            raise ValueError(f"eval.rolling_stride must be >= 1 or null, got {self.rolling_stride}")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"eval.limit must be > 0 or null, got {self.limit}")
+        if self.max_gen_tokens < 1:
+            raise ValueError(f"eval.max_gen_tokens must be >= 1, got {self.max_gen_tokens}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring windows: the one place where the model runs for log-likelihoods.
+
+
+@dataclass(frozen=True)
+class Window:
+    """One forward pass: the model reads ``inputs``; its last ``len(targets)`` predictions are
+    scored against ``targets`` (the tokens that follow those positions)."""
+
+    inputs: list[int]
+    targets: list[int]
+
+
+def rolling_windows(token_ids: Sequence[int], prefix_id: int, max_context: int, stride: int) -> list[Window]:
+    """Cover ``token_ids`` by windows of at most ``max_context`` inputs, scoring each token once.
+
+    The model reads ``[prefix_id] + token_ids`` shifted by one, so the first token is predicted
+    from the prefix (BOS). The first window scores up to ``max_context`` tokens; each later one
+    scores the next ``stride`` tokens (fewer at the end) and fills the rest of its inputs with
+    as much preceding text as fits, so every token sees at least ``max_context - stride + 1``
+    tokens of left context once the document is longer than the window.
+    """
+    if not 1 <= stride <= max_context:
+        raise ValueError(f"rolling stride must be in [1, max_context={max_context}], got {stride}")
+    stream = [prefix_id, *token_ids]  # stream[i] predicts token_ids[i]
+    windows, scored = [], 0
+    while scored < len(token_ids):
+        end = min(scored + (max_context if scored == 0 else stride), len(token_ids))
+        start = max(0, end - max_context)
+        windows.append(Window(stream[start:end], list(token_ids[scored:end])))
+        scored = end
+    return windows
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int, pad_id: int = 0) -> list[tuple[float, bool]]:
+    """Summed log-probability of each window's targets, and whether greedy decoding picks them all.
+
+    Windows are sorted by length so padding is small; rows are right-padded, which a causal model
+    never sees from the scored positions.
+    """
+    device = model_device(model)
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].inputs))
+    results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
+    for first in range(0, len(order), batch_size):
+        batch = [windows[i] for i in order[first : first + batch_size]]
+        width = max(len(w.inputs) for w in batch)
+        tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        for row, window in enumerate(batch):
+            tokens[row, : len(window.inputs)] = torch.tensor(window.inputs)
+        logits = model(tokens.to(device))  # [B, width, V]
+        for row, window in enumerate(batch):
+            n, k = len(window.inputs), len(window.targets)
+            log_probs = F.log_softmax(logits[row, n - k : n].float(), dim=-1)  # [k, V]
+            targets = torch.tensor(window.targets, device=device)
+            total = log_probs.gather(-1, targets[:, None]).sum().item()
+            greedy = bool((log_probs.argmax(-1) == targets).all())
+            results[order[first + row]] = (total, greedy)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The lm-eval adapter.
+
+try:
+    from lm_eval.api.model import LM as _LMBase
+    from lm_eval.api.registry import register_model as _register_lm
+except ImportError:  # lm-eval is optional: held-out perplexity and recall work without it
+    _LMBase = object
+
+    def _register_lm(*names):
+        return lambda cls: cls
+
+
+def _bos_id(tokenizer: Any) -> int:
+    for name in ("bos_id", "eos_id"):
+        token = getattr(tokenizer, name, None)
+        if token is not None and token >= 0:
+            return token
+    raise ValueError("the tokenizer has neither bos_id nor eos_id; rolling log-likelihood needs one as the prefix")
+
+
+@_register_lm("attamba-lm", "lingua")
+class LinguaLM(_LMBase):
+    """lm-eval's view of a framework model: text in, log-likelihoods and generations out.
+
+    ``model(tokens [B, n]) -> logits [B, n, V]`` is all it needs; generation goes through
+    ``lingua.generate`` when that module is present.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        batch_size: int = 8,
+        max_context: Optional[int] = None,
+        rolling_stride: Optional[int] = None,
+        max_gen_tokens: int = 256,
+        temperature: float = 0.0,
+    ):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = int(batch_size)
+        model_args = getattr(model, "args", None)
+        self.max_context = int(max_context or getattr(model_args, "max_seqlen", 0))
+        if self.max_context < 2:
+            raise ValueError("max_context must be given for a model without args.max_seqlen")
+        self.rolling_stride = int(rolling_stride or self.max_context)
+        if not 1 <= self.rolling_stride <= self.max_context:
+            raise ValueError(f"rolling_stride must be in [1, {self.max_context}], got {self.rolling_stride}")
+        self.max_gen_tokens, self.temperature = max_gen_tokens, temperature
+        self.prefix_id = _bos_id(tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_bos=False, add_eos=False))
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        per_request = [
+            rolling_windows(self.encode(request.args[0]), self.prefix_id, self.max_context, self.rolling_stride)
+            for request in requests
+        ]
+        flat = [window for windows in per_request for window in windows]
+        scores = iter(score_windows(self.model, flat, self.batch_size))
+        totals = [sum(next(scores)[0] for _ in windows) for windows in per_request]
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def _context_continuation(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # Word-separating spaces belong to the continuation; encoding the joined text and cutting
+        # it keeps subword merges across the boundary as the model saw them in training.
+        stripped = context.rstrip()
+        continuation = context[len(stripped) :] + continuation
+        whole = self.encode(stripped + continuation)
+        context_ids = self.encode(stripped)
+        return whole[: len(context_ids)], whole[len(context_ids) :]
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        windows = []
+        for request in requests:
+            context, continuation = request.args[0], request.args[1]
+            context_ids, continuation_ids = self._context_continuation(context, continuation)
+            if not continuation_ids:
+                raise ValueError(f"empty continuation after tokenization for context {context[-50:]!r}")
+            stream = [self.prefix_id, *context_ids, *continuation_ids]
+            inputs = stream[:-1][-self.max_context :]
+            windows.append(Window(inputs, continuation_ids[-len(inputs) :]))
+        results = score_windows(self.model, windows, self.batch_size)
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        outputs = []
+        for request in requests:
+            context, gen_kwargs = request.args[0], dict(request.args[1] or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_tokens = int(gen_kwargs.get("max_gen_toks", self.max_gen_tokens))
+            temperature = float(gen_kwargs.get("temperature", self.temperature)) if gen_kwargs.get("do_sample", True) else 0.0
+            text = self._generate(context, until, max_tokens, temperature)
+            self.cache_hook.add_partial("generate_until", request.args, text)
+            outputs.append(text)
+        return outputs
+
+    def _generate(self, context: str, until: list[str], max_tokens: int, temperature: float) -> str:
+        from lingua import generate  # imported late: generation is optional for perplexity runs
+
+        args = generate.GenerateArgs(max_gen_len=max_tokens, temperature=temperature, stop=until)
+        (text,) = generate.generate_text(self.model, self.tokenizer, [context], args)
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Running an evaluation.
+
+
+def shipped_tasks() -> list[str]:
+    """Tasks defined in ``lingua/lm_eval_tasks`` (one folder per task, named after it)."""
+    return sorted(path.name for path in TASKS_DIR.iterdir() if (path / f"{path.name}.yaml").is_file())
+
+
+def task_manager(wikitext_path: Optional[str] = None, include_defaults: bool = True):
+    """An lm-eval TaskManager that also knows the tasks shipped in ``lingua/lm_eval_tasks``.
+
+    ``wikitext_path`` reaches the ``wikitext_local`` loader through the task metadata.
+    ``include_defaults=False`` skips indexing lm-eval's thousands of built-in tasks (~30 s).
+    """
+    from lm_eval.tasks import TaskManager
+
+    metadata = {"wikitext_path": wikitext_path} if wikitext_path else None
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults, metadata=metadata)
+
+
+def run_lm_eval(model: nn.Module, tokenizer: Any, args: EvalArgs) -> dict[str, dict[str, float]]:
+    """Run ``args.tasks`` through lm-eval's own evaluator; per task, its numeric metrics."""
+    import lm_eval
+
+    lm = LinguaLM(model, tokenizer, args.batch_size, args.max_context, args.rolling_stride, args.max_gen_tokens, args.temperature)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(args.tasks),
+        limit=limit,
+        task_manager=task_manager(args.wikitext_path, include_defaults=not set(args.tasks) <= set(shipped_tasks())),
+        bootstrap_iters=args.bootstrap_iters,
+        log_samples=False,
+    )
+    return {
+        task: {key: float(value) for key, value in metrics.items() if "," in key and isinstance(value, (int, float))}
+        for task, metrics in results["results"].items()
+    }
+
+
+@torch.no_grad()
+def validation_perplexity(model: nn.Module, tokenizer: Any, path: str, seq_len: int, batch_size: int, max_batches: Optional[int]) -> float:
+    """exp(mean next-token loss) over the labelled tokens of a held-out jsonl file."""
+    from lingua.data import iter_eval_batches
+
+    device = model_device(model)
+    total_loss, total_tokens = 0.0, 0
+    for batch in iter_eval_batches(path, tokenizer, seq_len, batch_size, max_batches):
+        doc_ids = None if batch.doc_ids is None else batch.doc_ids.to(device)
+        logits = model(batch.tokens.to(device), doc_ids)  # [B, n, V]
+        labels = batch.labels.to(device)
+        total_loss += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        total_tokens += int((labels != IGNORE_INDEX).sum())
+    if total_tokens == 0:
+        raise ValueError(f"validation source {path} gave no labelled tokens")
+    return math.exp(total_loss / total_tokens)
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def run_evaluation(model: nn.Module, tokenizer: Any, args: EvalArgs, step: int, dump_dir: Optional[str]) -> dict:
+    """Evaluate ``model`` as configured and append one line to ``dump_dir/metrics.eval.jsonl``.
+
+    Under data parallelism every rank must call this (the forward passes are collective under
+    FSDP); every rank computes the same numbers and only rank 0 writes. The model's training mode
+    is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        record: dict[str, Any] = {"global_step": step, "created_at": datetime.now(timezone.utc).isoformat()}
+        if args.tasks:
+            record.update(run_lm_eval(model, tokenizer, args))
+        context = args.max_context or model.args.max_seqlen
+        for name, path in args.val_sources.items():
+            seq_len = args.val_seq_len or context
+            record[f"val/{name}/ppl"] = validation_perplexity(model, tokenizer, path, seq_len, args.batch_size, args.val_max_batches)
+        if args.recall is not None:
+            record.update(evaluate_recall(model, args.recall, args.batch_size))
+    finally:
+        model.train(was_training)
+    if dump_dir is not None and _is_main_process():
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(dump_dir) / "metrics.eval.jsonl", "a") as out:
+            out.write(json.dumps(record) + "\n")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+@dataclass
+class EvalRunArgs:
+    """``python -m apps.<app>.eval ckpt=... eval.tasks=[wikitext_local] model.eval_token_chunk=16``"""
+
+    ckpt: str = "???"
+    """Checkpoint directory written by the training loop."""
+    dump_dir: Optional[str] = None
+    """Where metrics.eval.jsonl goes; None only logs the results."""
+    step: int = -1
+    """global_step written with the results; -1 takes it from the checkpoint's folder name
+    (0 for an export)."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: str = "float32"
+    """'float32' or 'bfloat16' weights for evaluation."""
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    model: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the checkpoint's model args, e.g. Attamba's eval-time chunking
+    (``model.eval_token_chunk=16``, ``model.eval_chunk_strategy=random``)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got '{self.dtype}'")
+
+
+def load_model(run_args: EvalRunArgs) -> tuple[nn.Module, Any, Any]:
+    """(model in eval mode with the overrides applied, tokenizer, train args) from ``run_args.ckpt``."""
+    from lingua.checkpoint import load_for_inference
+    from lingua.tokenizer import build_tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if run_args.device == "auto" else run_args.device
+    model, train_args = load_for_inference(run_args.ckpt, device, model_overrides=run_args.model or None)
+    if run_args.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    return model.eval(), build_tokenizer(train_args.data.tokenizer), train_args
+
+
+def checkpoint_step(path: str) -> int:
+    """The training step of a checkpoint (its folder is named by the step), else 0 (exports)."""
+    from lingua.checkpoint import resolve_checkpoint
+
+    name = resolve_checkpoint(path).name
+    return int(name) if name.isdigit() else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_args = load_config(EvalRunArgs, sys.argv[1:] if argv is None else argv)
+        model, tokenizer, train_args = load_model(run_args)  # model overrides are validated here
+    except ConfigError as error:
+        sys.exit(f"config error: {error}")
+    step = run_args.step if run_args.step >= 0 else checkpoint_step(run_args.ckpt)
+    record = run_evaluation(model, tokenizer, run_args.eval, step, run_args.dump_dir)
+    logger.info("evaluation results: %s", json.dumps(record, indent=2))
+    return record
+

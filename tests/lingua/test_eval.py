@@ -1,0 +1,196 @@
+"""Evaluation: the lm-eval adapter's log-likelihoods against direct computation, the local
+WikiText task's metrics against their definitions, run_evaluation's log line and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer  # noqa: E402
+
+from lingua.eval import EvalArgs, LinguaLM, main, rolling_windows, run_evaluation, task_manager  # noqa: E402
+from lingua.lm_eval_tasks.wikitext_local import utils as wikitext_utils  # noqa: E402
+from lingua.registry import get_model_spec  # noqa: E402
+from lingua.tokenizer import ByteTokenizer  # noqa: E402
+
+ARTICLES = [
+    " = Alpha = \n \n Alpha is a letter . It comes first , before the others . \n \n"
+    " = = History = = \n \n It was used in Greek @-@ speaking lands in 800 BC . \n",
+    " = Beta Test = \n \n Beta is the second letter ; it is \" old \" . \n",
+    " = Gamma = \n \n Gamma has 3 @,@ 000 uses , in ( physics ) too . \n",
+]
+
+
+def tiny_model(sliding_window=None, max_seqlen=512, seed=0):
+    spec = get_model_spec("transformer")
+    args = spec.args_cls(
+        dim=32, n_layers=2, n_heads=2, vocab_size=258, max_seqlen=max_seqlen, multiple_of=16, sliding_window=sliding_window
+    )
+    torch.manual_seed(seed)
+    model = spec.build(args)
+    model.init_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def direct_logprobs(model, token_ids, prefix_id=256):
+    """log p(token_i | prefix, tokens before i) from ONE forward pass over the whole text."""
+    inputs = torch.tensor([[prefix_id, *token_ids[:-1]]])
+    log_probs = F.log_softmax(model(inputs)[0].float(), dim=-1)
+    return log_probs.gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
+
+
+def rolling_request(text):
+    return Instance("loglikelihood_rolling", {}, (text,), 0)
+
+
+def write_wikitext(path: Path, articles=ARTICLES) -> Path:
+    path.write_text(" \n" + "".join(articles), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("length,max_context,stride", [(5, 8, 8), (8, 8, 8), (9, 8, 8), (40, 8, 3), (41, 8, 1), (33, 16, 5)])
+def test_rolling_windows_score_every_token_once_with_left_context(length, max_context, stride):
+    tokens = list(range(100, 100 + length))
+    windows = rolling_windows(tokens, prefix_id=7, max_context=max_context, stride=stride)
+    assert [t for w in windows for t in w.targets] == tokens
+    stream = [7, *tokens]
+    for window in windows:
+        k, start = len(window.targets), tokens.index(window.targets[0])
+        assert len(window.inputs) <= max_context
+        # The inputs end right before the last target: the model predicts the targets in order.
+        assert window.inputs == stream[start + k - len(window.inputs) : start + k]
+        if length > max_context:
+            assert len(window.inputs) == max_context  # full windows once the text is long enough
+            assert len(window.inputs) - k + 1 >= min(start + 1, max_context - stride + 1)
+
+
+def test_rolling_loglikelihood_of_a_short_document_is_the_direct_sum():
+    model, tokenizer = tiny_model(), ByteTokenizer()
+    text = "Hello world, a short document."
+    lm = LinguaLM(model, tokenizer, batch_size=2, max_context=64)
+    (got,) = lm.loglikelihood_rolling([rolling_request(text)])
+    expected = direct_logprobs(model, tokenizer.encode(text, add_bos=False, add_eos=False)).sum().item()
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_rolling_loglikelihood_of_long_documents_with_stride_is_the_direct_sum():
+    # Two layers of a 3-token sliding window see 5 tokens back; every window of 8 with stride 3
+    # gives each token at least 6, so the windowed sum equals one pass over the whole text.
+    model, tokenizer = tiny_model(sliding_window=3), ByteTokenizer()
+    texts = ["A longer document that spans several windows of the model.", "Short one.", "x" * 23]
+    lm = LinguaLM(model, tokenizer, batch_size=3, max_context=8, rolling_stride=3)
+    got = lm.loglikelihood_rolling([rolling_request(t) for t in texts])
+    for text, value in zip(texts, got):
+        expected = direct_logprobs(model, tokenizer.encode(text, add_bos=False, add_eos=False)).sum().item()
+        assert value == pytest.approx(expected, abs=1e-4)
+    # Full attention does see the missing context: windows then differ from one long pass.
+    full = tiny_model()
+    (windowed,) = LinguaLM(full, tokenizer, max_context=8, rolling_stride=3).loglikelihood_rolling([rolling_request(texts[0])])
+    assert windowed != pytest.approx(direct_logprobs(full, list(texts[0].encode())).sum().item(), abs=1e-3)
+
+
+def test_loglikelihood_scores_the_continuation_and_flags_greedy():
+    model, tokenizer = tiny_model(), ByteTokenizer()
+    requests = [Instance("loglikelihood", {}, ("The cat", " sat"), 0), Instance("loglikelihood", {}, ("", "abc"), 1)]
+    results = LinguaLM(model, tokenizer, batch_size=1, max_context=64).loglikelihood(requests)
+    for (context, continuation), (logprob, greedy) in zip([r.args for r in requests], results):
+        full = list((context + continuation).encode())
+        per_token = direct_logprobs(model, full)[len(context.encode()) :]
+        assert logprob == pytest.approx(per_token.sum().item(), abs=1e-4)
+        with torch.no_grad():
+            logits = model(torch.tensor([[256, *full[:-1]]]))[0, len(context.encode()) :]
+        assert greedy == bool((logits.argmax(-1) == torch.tensor(full[len(context.encode()) :])).all())
+
+
+def test_split_articles_at_titles_not_sections():
+    articles = wikitext_utils.split_articles(" \n" + "".join(ARTICLES))
+    assert len(articles) == 3
+    assert articles[0].startswith(" = Alpha = ") and " = = History = = " in articles[0]
+    assert articles[1].startswith(" = Beta Test = ")
+
+
+def test_missing_wikitext_path_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATTAMBA_WIKITEXT_PATH", raising=False)
+    with pytest.raises(FileNotFoundError, match="ATTAMBA_WIKITEXT_PATH"):
+        wikitext_utils.load_wikitext()
+    missing = tmp_path / "nope" / "wiki.test.tokens"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        wikitext_utils.load_wikitext(str(missing))
+    monkeypatch.setenv("ATTAMBA_WIKITEXT_PATH", str(missing))
+    with pytest.raises(FileNotFoundError, match=r"ATTAMBA_WIKITEXT_PATH"):
+        wikitext_utils.load_wikitext()
+
+
+def test_wikitext_local_through_lm_eval_matches_metric_definitions(tmp_path):
+    model, tokenizer = tiny_model(), ByteTokenizer()
+    path = write_wikitext(tmp_path / "wiki.test.tokens")
+    lm = LinguaLM(model, tokenizer, batch_size=2, max_context=512)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["wikitext_local"],
+        limit=2,
+        task_manager=task_manager(str(path), include_defaults=False),
+        bootstrap_iters=0,
+        log_samples=False,
+    )
+    metrics = results["results"]["wikitext_local"]
+
+    # limit=2: the first two articles, each without the newline that ends its last line.
+    pages = [article[:-1] for article in ARTICLES[:2]]
+    assert pages == wikitext_utils.split_articles(path.read_text())[:2]
+    total_ll = sum(direct_logprobs(model, list(wikitext_detokenizer({"page": p}).encode())).sum().item() for p in pages)
+    words = sum(len(re.split(r"\s+", p)) for p in pages)
+    n_bytes = sum(len(p.encode("utf-8")) for p in pages)
+    assert metrics["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / words), rel=1e-4)
+    assert metrics["byte_perplexity,none"] == pytest.approx(math.exp(-total_ll / n_bytes), rel=1e-4)
+    assert metrics["bits_per_byte,none"] == pytest.approx(-total_ll / n_bytes / math.log(2), rel=1e-4)
+    assert metrics["word_perplexity,none"] != pytest.approx(metrics["byte_perplexity,none"], rel=1e-2)
+
+
+def test_run_evaluation_appends_one_line_in_the_log_layout(tmp_path, write_jsonl):
+    model, tokenizer = tiny_model(max_seqlen=64), ByteTokenizer()
+    path = write_wikitext(tmp_path / "wiki.test.tokens")
+    val = write_jsonl(tmp_path / "val.jsonl", ["some held-out text for validation " * 3] * 4)
+    args = EvalArgs(tasks=["wikitext_local"], limit=1, batch_size=4, wikitext_path=str(path), val_sources={"tiny": str(val)})
+    model.train()
+    for step in (10, 20):
+        record = run_evaluation(model, tokenizer, args, step=step, dump_dir=str(tmp_path / "run"))
+    assert model.training, "run_evaluation must restore the training mode"
+    lines = (tmp_path / "run" / "metrics.eval.jsonl").read_text().splitlines()
+    assert [json.loads(line)["global_step"] for line in lines] == [10, 20]
+    logged = json.loads(lines[-1])
+    assert set(logged) == {"global_step", "created_at", "wikitext_local", "val/tiny/ppl"}
+    assert set(logged["wikitext_local"]) == {"word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"}
+    # An untrained byte model is close to uniform over 258 ids.
+    assert 100 < logged["val/tiny/ppl"] < 1000
+    assert logged == json.loads(json.dumps(record))
+
+
+def test_cli_applies_model_overrides_and_logs(tmp_path):
+    from lingua.checkpoint import export_consolidated
+    from lingua.train import train_args_schema
+    from lingua.args import build_config
+
+    model = tiny_model(max_seqlen=64)
+    train_args = build_config(train_args_schema("transformer"), {"model": {
+        "dim": 32, "n_layers": 2, "n_heads": 2, "vocab_size": 258, "max_seqlen": 64, "multiple_of": 16}})
+    export = export_consolidated(model, train_args, tmp_path / "export")
+    wiki = write_wikitext(tmp_path / "wiki.test.tokens")
+    common = [f"ckpt={export}", "eval.tasks=[wikitext_local]", f"eval.wikitext_path={wiki}", "eval.limit=1", "device=cpu"]
+    plain = main([*common, f"dump_dir={tmp_path / 'plain'}", "step=5"])
+    windowed = main([*common, f"dump_dir={tmp_path / 'windowed'}", "model.sliding_window=2"])
+    assert plain["global_step"] == 5
+    # The override reached the model: a 2-token window scores the article differently.
+    assert plain["wikitext_local"]["bits_per_byte,none"] != pytest.approx(windowed["wikitext_local"]["bits_per_byte,none"])
+    assert (tmp_path / "windowed" / "metrics.eval.jsonl").exists()
+    with pytest.raises(SystemExit, match="no_such_field"):
+        main([*common, "model.no_such_field=3"])
