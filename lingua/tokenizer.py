@@ -59,7 +59,7 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         # Special ids carry no text; a cut multi-byte character decodes as U+FFFD, not an error.
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return bytes(i for i in map(int, ids) if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
 class SentencePieceTokenizer:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,23 @@ def test_progress_line():
     lines = log.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in log.getvalue()  # the first update and the final line
     assert lines[-1].startswith("reading 99 docs")
+
+
+def test_cli_hf_with_a_stand_in_datasets_module(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def load_dataset(name, subset, split, streaming):
+        calls.append((name, subset, split, streaming))
+        return [{"text": f"row {i}"} for i in range(30)]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    main(["hf", "--dataset", "org/corpus", "--subset", "en", "--out", str(tmp_path / "hf"), "--chunks", "2", "--max-docs", "20"])
+    assert calls == [("org/corpus", "en", "train", True)]
+    assert json.loads(capsys.readouterr().out)["documents"] == 20
+    assert len(list(iter_texts(tmp_path / "hf"))) == 20
+
+
+def test_hf_without_datasets_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="pip install datasets"):
+        main(["hf", "--dataset", "x", "--out", "unused"])
