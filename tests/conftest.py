@@ -10,7 +10,8 @@ from typing import Callable, Iterable, Union
 
 import pytest
 
-# `pytest` (unlike `python -m pytest`) does not put the repository root on sys.path.
+# Plain `pytest` puts the repository root on sys.path only through tests/__init__.py in its
+# default import mode; make `import lingua` and `import setup` work in every mode.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
