@@ -177,7 +177,7 @@ class LinguaLM(_LMBase):
     """lm-eval's view of a framework model: text in, log-likelihoods and generations out.
 
     ``model(tokens [B, n]) -> logits [B, n, V]`` is all it needs; generation goes through
-    ``lingua.generate`` when that module is present.
+    ``lingua.generate`` (the model's cache when it has one, else full recomputation).
     """
 
     def __init__(
@@ -247,24 +247,28 @@ class LinguaLM(_LMBase):
         return results
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        outputs = []
-        for request in requests:
-            context, gen_kwargs = request.args[0], dict(request.args[1] or {})
+        from lingua.generate import GenerateArgs, generate_text  # only generation tasks need it
+
+        # Requests with the same settings are generated together, batch_size prompts at a time.
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            gen_kwargs = dict(request.args[1] or {})
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            max_tokens = int(gen_kwargs.get("max_gen_toks", self.max_gen_tokens))
-            temperature = float(gen_kwargs.get("temperature", self.temperature)) if gen_kwargs.get("do_sample", True) else 0.0
-            text = self._generate(context, until, max_tokens, temperature)
-            self.cache_hook.add_partial("generate_until", request.args, text)
-            outputs.append(text)
+            sampling = gen_kwargs.get("do_sample", self.temperature > 0)
+            temperature = float(gen_kwargs.get("temperature", self.temperature)) if sampling else 0.0
+            key = (tuple(until), int(gen_kwargs.get("max_gen_toks", self.max_gen_tokens)), temperature)
+            groups.setdefault(key, []).append(index)
+        outputs: list[str] = [""] * len(requests)
+        for (until, max_tokens, temperature), indices in groups.items():
+            args = GenerateArgs(max_new_tokens=max_tokens, temperature=temperature, stop=list(until))
+            for first in range(0, len(indices), self.batch_size):
+                chunk = indices[first : first + self.batch_size]
+                texts = generate_text(self.model, self.tokenizer, [requests[i].args[0] for i in chunk], args)
+                for index, text in zip(chunk, texts):
+                    outputs[index] = text
+                    self.cache_hook.add_partial("generate_until", requests[index].args, text)
         return outputs
-
-    def _generate(self, context: str, until: list[str], max_tokens: int, temperature: float) -> str:
-        from lingua import generate  # imported late: generation is optional for perplexity runs
-
-        args = generate.GenerateArgs(max_gen_len=max_tokens, temperature=temperature, stop=until)
-        (text,) = generate.generate_text(self.model, self.tokenizer, [context], args)
-        return text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,3 +194,23 @@ def test_cli_applies_model_overrides_and_logs(tmp_path):
     assert (tmp_path / "windowed" / "metrics.eval.jsonl").exists()
     with pytest.raises(SystemExit, match="no_such_field"):
         main([*common, "model.no_such_field=3"])
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string():
+    model, tokenizer = tiny_model(max_seqlen=64), ByteTokenizer()
+    context = "Once upon"
+    ids = [tokenizer.bos_id, *context.encode()]
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    new_ids = ids[len(ids) - 6 :]
+    assert tokenizer.eos_id not in new_ids[:3], "this seed's greedy text must run for 3 tokens"
+    stop = bytes([new_ids[2]]).decode("utf-8", errors="replace")
+    requests = [
+        Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 6}), 0),
+        Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 6}), 1),
+    ]
+    full, cut = LinguaLM(model, tokenizer, batch_size=2).generate_until(requests)
+    expected = tokenizer.decode(new_ids[: new_ids.index(tokenizer.eos_id)] if tokenizer.eos_id in new_ids else new_ids)
+    assert full == expected
+    assert cut == expected[: expected.index(stop)]
