@@ -36,7 +36,8 @@ class BaseTransformerArgs:
     """The SwiGLU hidden width is rounded up to a multiple of this."""
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    vocab_size: int = 256
+    vocab_size: int = 258
+    """Output classes; the default fits the bytes tokenizer (256 bytes + BOS + EOS)."""
     max_seqlen: int = 1024
     init_std: float = 0.02
     attn_impl: str = "sdpa"

@@ -1,0 +1,56 @@
+"""Two processes on gloo (DDP and FSDP2) match one process on the same global batch, and the
+full training loop runs, checkpoints and resumes under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "lingua" / "dist_worker.py"
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    single = tmp_path / "single.json"
+    subprocess.run([sys.executable, str(WORKER), str(single), "none"], cwd=ROOT, env=_env(), check=True, timeout=120)
+    expected = json.loads(single.read_text())
+    for parallelism in ("ddp", "fsdp"):
+        out = tmp_path / f"{parallelism}.json"
+        _torchrun(str(WORKER), str(out), parallelism)
+        got = json.loads(out.read_text())
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), parallelism
+    assert expected[-1] < expected[0], "the steps train"
+
+
+@pytest.mark.slow
+def test_training_loop_under_torchrun_with_fsdp_checkpoints_and_resumes(tmp_path):
+    from tests.lingua.train_helpers import write_corpus
+
+    corpus = write_corpus(tmp_path / "data")
+    run = tmp_path / "run"
+    common = [
+        "-m", "apps.main.train", f"dump_dir={run}", "model.dim=32", "model.n_layers=2", "model.n_heads=2",
+        "model.vocab_size=258", "model.max_seqlen=32", f"data.sources={{{corpus}: 1.0}}", "data.seq_len=32", "data.batch_size=2",
+        "logging.freq=1", "eval_at_end=false", "device=cpu", "distributed.parallelism=fsdp",
+    ]
+    _torchrun(*common, "steps=2")
+    assert (run / "checkpoints" / "0000000002" / "train_state_1.pt").exists()
+    assert (run / "export" / "model.safetensors").exists()
+    _torchrun(*common, "steps=4", "export_at_end=false")
+    steps = [json.loads(line)["global_step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], "the second launch resumed at step 2"
