@@ -115,6 +115,33 @@ def cache_support(model: nn.Module) -> Optional[CacheSupport]:
     return None
 
 
+@torch.no_grad()
+def prefill_decode_logits(model: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Logits [B, n, V] of ``tokens`` computed the way generation computes them, to check a cache.
+
+    Row b's first ``lengths[b]`` tokens go through one prefill, the rest one decode step at a
+    time (all rows step together, each at its own position). The result must equal
+    ``model(tokens)``: the defining test of a model family's cache.
+    """
+    support = cache_support(model)
+    if support is None:
+        raise ValueError(f"{type(model).__name__} has no cache support (new_cache / forward_cached)")
+    batch, n = tokens.shape
+    width, steps = int(lengths.max()), n - int(lengths.min())
+    cache = support.new_cache(model, batch, width + steps, tokens.device, next(model.parameters()).dtype)
+    prefill = support.forward_cached(model, tokens[:, :width], cache, lengths)
+    logits = torch.zeros(batch, n, prefill.shape[-1], dtype=prefill.dtype, device=prefill.device)
+    for row in range(batch):
+        logits[row, : lengths[row]] = prefill[row, : lengths[row]]
+    rows, position = torch.arange(batch, device=tokens.device), lengths.clone()
+    for _ in range(steps):
+        step = support.forward_cached(model, tokens[rows, position.clamp(max=n - 1)][:, None], cache, None)
+        inside = position < n  # rows past their end keep stepping on junk, which is never read
+        logits[rows[inside], position[inside]] = step[inside, 0]
+        position += 1
+    return logits
+
+
 def sample_next(logits: torch.Tensor, args: GenerateArgs, generator: Optional[torch.Generator]) -> torch.Tensor:
     """Next token ids [B] from last-position logits [B, V]: greedy, or tempered top-k/top-p sampling."""
     logits = logits.float()

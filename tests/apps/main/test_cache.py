@@ -7,7 +7,7 @@ import torch
 
 from apps.main.cache import KVSlots, forward_cached, new_cache
 from apps.main.model import TransformerArgs, TransformerLM
-from lingua.generate import cache_support
+from lingua.generate import cache_support, prefill_decode_logits
 
 VOCAB = 40
 
@@ -23,30 +23,6 @@ def tiny_transformer(sliding_window=None, n_kv_heads=None, seed=0) -> Transforme
     return model.eval()
 
 
-def decode_logits(model, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Prefill row b's first lengths[b] tokens, then feed the rest one token per step.
-
-    Returns logits [B, n, V] where row b's position t came from the prefill (t < lengths[b]) or
-    from a decode step. Rows share decode steps, so each runs at its own position.
-    """
-    batch, n = tokens.shape
-    width = int(lengths.max())
-    cache = new_cache(model, batch, width + n - int(lengths.min()), tokens.device, torch.float32)
-    logits = torch.zeros(batch, n, VOCAB)
-    prefill = forward_cached(model, tokens[:, :width], cache, lengths)
-    for row in range(batch):
-        logits[row, : lengths[row]] = prefill[row, : lengths[row]]
-    position = lengths.clone()
-    rows = torch.arange(batch)
-    for _ in range(n - int(lengths.min())):
-        step_tokens = tokens[rows, position.clamp(max=n - 1)]
-        step = forward_cached(model, step_tokens[:, None], cache)[:, 0]
-        inside = position < n
-        logits[rows[inside], position[inside]] = step[inside]
-        position += 1
-    return logits
-
-
 @pytest.mark.parametrize("sliding_window", [None, 3, 20])
 @pytest.mark.parametrize("prefix", [1, 5, 12])
 def test_prefill_then_decode_equals_full_forward(sliding_window, prefix):
@@ -54,7 +30,7 @@ def test_prefill_then_decode_equals_full_forward(sliding_window, prefix):
     tokens = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
         full = model(tokens)
-        cached = decode_logits(model, tokens, torch.tensor([prefix, prefix]))
+        cached = prefill_decode_logits(model, tokens, torch.tensor([prefix, prefix]))
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
 
 
@@ -65,7 +41,7 @@ def test_batch_of_prompts_of_different_lengths(sliding_window):
     lengths = torch.tensor([2, 9, 6])
     with torch.no_grad():
         full = model(tokens)
-        cached = decode_logits(model, tokens, lengths)
+        cached = prefill_decode_logits(model, tokens, lengths)
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
 
 

@@ -1,0 +1,311 @@
+"""Attamba's inference cache: compressed boundary keys, a window of recent keys, and SSM states.
+
+Per layer (DESIGN.md, "Inference cache"):
+
+- the compressed (k, v) of chunk boundaries that have left the window, at their true positions'
+  RoPE;
+- a ring of the most recent (k, v): the last L positions, or with ``leading_tokens: chunk`` the
+  current partial chunk (the ring holds the longest chunk; older entries are masked);
+- the K- and V-SSM states (conv tail and state per head), which reset after every boundary.
+
+A decode step at position t computes k_t, v_t by one SSM step, moves the position e leaving the
+window (t - L, or t - 1 when t starts a new chunk) from the ring to the compressed list iff e is
+a boundary, writes t into the ring and attends q_t over [compressed ; window]. The compressed
+list and the ring share one buffer ``[compressed C | trash 1 | ring S]`` per layer, so attention
+needs no concatenation and every shape is fixed: a step can be captured in a CUDA graph. (A step
+with nothing to move writes into the trash slot, which is always masked.)
+
+Boundaries are absolute positions shared by every row (uniform, cyclic, and evaluation's seeded
+random chunks, whose prefix does not depend on the sequence length), tabulated once for
+``max_len`` positions. With ``chunk_count`` (Attamba-Linear) P = ceil(max_len / C): decoding
+matches a full forward pass over max_len tokens. fattn/fssm look ahead and cannot decode.
+
+Prompts are RIGHT-padded with ``lengths`` as for the transformer. Prefill runs one forward pass
+(the model's own attention over the prompt); the SSMs see each row shifted to end at the last
+column, with a segment start at its first token, so their final states are every row's own.
+A prefill that continues a filled cache runs token by token (``KVSSM.forward_with_state`` takes
+no initial state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from apps.attamba.attention import attamba_attention
+from apps.attamba.chunking import LayerBoundaries, segment_starts, window_starts
+from apps.attamba.model import AttambaLM
+from apps.attamba.ssm import KVSSM, SSMState
+from apps.main.cache import EMPTY, KVSlots, attend_slots, check_prefill
+from lingua.generate import register_cache_support
+from lingua.transformer import apply_rotary
+
+
+@dataclass
+class LayerTables:
+    """One layer's chunk structure over positions 0..max_len-1 (shared by every row)."""
+
+    boundaries: LayerBoundaries
+    """is_boundary [1, max_len] (and the period of static strategies)."""
+    is_boundary: torch.Tensor
+    """Bool [max_len]."""
+    boundary_positions: torch.Tensor
+    """Long [C]: the layer's boundaries in order; compressed slot i holds boundary i."""
+    compressed_slot: torch.Tensor
+    """Long [max_len]: the compressed slot of each boundary position; C (the trash slot) elsewhere."""
+    window_start: torch.Tensor
+    """Long [max_len]: first position of query t's window (t - L + 1, the chunk start, or 0)."""
+    ring_slots: int
+
+
+def layer_tables(model: AttambaLM, layer: int, max_len: int, device) -> LayerTables:
+    boundaries = model.layer_boundaries(layer, max_len, 1, device)
+    is_boundary = boundaries.is_boundary[0]
+    positions = torch.arange(max_len, device=device)
+    # Pseudo-chunking attends every key in full: boundaries only reset the SSMs, none is compressed.
+    boundary_positions = positions[is_boundary & (not model.args.pseudo_chunk)]
+    count = boundary_positions.numel()
+    compressed_slot = torch.full((max_len,), count, dtype=torch.long, device=device)
+    compressed_slot[boundary_positions] = torch.arange(count, device=device)
+    if model.args.pseudo_chunk:
+        window_start = torch.zeros(max_len, dtype=torch.long, device=device)
+    else:
+        window_start = window_starts(boundaries, model.chunking.leading_tokens, max_len)[0]
+    # The ring must hold the longest window: L, the longest chunk, or everything (pseudo-chunking).
+    ring_slots = int((positions - window_start).max()) + 1
+    return LayerTables(boundaries, is_boundary, boundary_positions, compressed_slot, window_start, ring_slots)
+
+
+class AttambaLayerCache:
+    """Buffers of one layer: [compressed | trash | ring] keys and values, and the SSM states."""
+
+    def __init__(self, tables: LayerTables, attention, batch: int, device, dtype):
+        self.tables = tables
+        self.compressed_slots = tables.boundary_positions.numel()
+        self.trash = self.compressed_slots
+        heads, head_dim = attention.n_heads, attention.head_dim
+        total = self.compressed_slots + 1 + tables.ring_slots
+        self.k = torch.zeros(batch, heads, total, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.full((batch, total), EMPTY, dtype=torch.long, device=device)
+        ring = slice(self.compressed_slots + 1, total)
+        self.ring = KVSlots(self.k[:, :, ring], self.v[:, :, ring], self.positions[:, ring])
+        self.is_ring_slot = torch.arange(total, device=device) > self.compressed_slots  # [total]
+        self.ssm_k = attention.ssm_k.init_state(batch, device, dtype)
+        self.ssm_v = attention.ssm_v.init_state(batch, device, dtype)
+
+    def allowed(self, query_positions: torch.Tensor) -> torch.Tensor:
+        """[B, m, total] bool: compressed entries, plus ring entries inside the query's window."""
+        window_start = self.tables.window_start[query_positions]  # [B, m]
+        filled = self.positions[:, None, :] >= 0
+        in_window = self.positions[:, None, :] >= window_start[:, :, None]
+        return filled & (~self.is_ring_slot | in_window)
+
+    def move_to_compressed(self, leaving: torch.Tensor) -> None:
+        """Copy position ``leaving`` [B] from the ring to its compressed slot where it is a boundary."""
+        safe = leaving.clamp(min=0)
+        moves = (leaving >= 0) & self.tables.is_boundary[safe]  # [B]
+        destination = torch.where(moves, self.tables.compressed_slot[safe], self.trash)  # [B]
+        source = (safe % self.ring.slots).view(-1, 1, 1, 1).expand(-1, self.k.shape[1], 1, self.k.shape[3])
+        index = destination.view(-1, 1, 1, 1).expand_as(source)
+        self.k.scatter_(2, index, self.ring.k.gather(2, source))
+        self.v.scatter_(2, index, self.ring.v.gather(2, source))
+        self.positions.scatter_(1, destination[:, None], torch.where(moves, leaving, EMPTY)[:, None])
+
+    def fill_from_prompt(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Build the cache from a prompt's rotated k, v [B, H, m, d] (rows start at position 0)."""
+        m = k.shape[2]
+        zero = torch.zeros_like(lengths)
+        self.ring.write_many(k, v, zero, lengths)
+        # Compressed: the boundaries before the window of each row's last token.
+        last_window_start = torch.where(lengths > 0, self.tables.window_start[(lengths - 1).clamp(min=0)], 0)
+        boundary = self.tables.boundary_positions  # [C]
+        compressed = boundary[None, :] < last_window_start[:, None]  # [B, C]
+        index = boundary.clamp(max=m - 1)[None, None, :, None].expand(k.shape[0], k.shape[1], -1, k.shape[3])
+        self.k[:, :, : self.compressed_slots] = k.gather(2, index)
+        self.v[:, :, : self.compressed_slots] = v.gather(2, index)
+        self.positions[:, : self.compressed_slots] = torch.where(compressed, boundary[None, :], EMPTY)
+
+    def live_entries(self, next_positions: torch.Tensor) -> torch.Tensor:
+        """[B]: entries the cache holds after ``next_positions`` tokens (what the last query saw)."""
+        last = (next_positions - 1).clamp(min=0)
+        allowed = self.allowed(last[:, None])[:, 0]  # [B, total]
+        return torch.where(next_positions > 0, allowed.sum(-1), 0)
+
+    def nbytes(self) -> int:
+        states = (self.ssm_k, self.ssm_v)
+        return self.k.nbytes + self.v.nbytes + sum(s.conv.nbytes + s.ssm.nbytes for s in states)
+
+
+class AttambaCache:
+    """Every layer's :class:`AttambaLayerCache` plus each row's next position."""
+
+    def __init__(self, model: AttambaLM, batch: int, max_len: int, device, dtype):
+        check_decodable(model)
+        self.max_len = max_len
+        self.leading_tokens = model.chunking.leading_tokens
+        self.pseudo_chunk = model.args.pseudo_chunk
+        self.layers = [
+            AttambaLayerCache(layer_tables(model, index, max_len, device), layer.attention, batch, device, dtype)
+            for index, layer in enumerate(model.layers)
+        ]
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # next position per row
+        self.horizon = 0
+        self.static_shapes = False  # every step is static already; set by the generator anyway
+
+    def leaving_position(self, t: torch.Tensor) -> torch.Tensor:
+        """[B]: the position that leaves the window when t arrives (negative: none)."""
+        if self.pseudo_chunk:
+            return torch.full_like(t, -1)
+        if self.leading_tokens == "chunk":
+            return t - 1  # moves only if it ends a chunk, i.e. when t starts a new one
+        return t - int(self.leading_tokens)
+
+    def nbytes(self) -> int:
+        """Bytes of the allocated buffers: keys and values (compressed, trash, ring) and SSM states."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def live_nbytes(self) -> int:
+        """Bytes of the live entries (DESIGN's count: n/P + L per layer) plus the SSM states."""
+        total = 0
+        for layer, entries in zip(self.layers, self.entries_per_layer()):
+            per_entry = 2 * layer.k.shape[1] * layer.k.shape[3] * layer.k.element_size()
+            states = sum(s.conv.nbytes + s.ssm.nbytes for s in (layer.ssm_k, layer.ssm_v))
+            total += int(entries.sum()) * per_entry + states
+        return total
+
+    def entries_per_layer(self) -> torch.Tensor:
+        """[n_layers, B]: compressed boundaries before the last token's window, plus that window."""
+        return torch.stack([layer.live_entries(self.positions) for layer in self.layers])
+
+    def advance_horizon(self, new_horizon: int) -> None:
+        if new_horizon > self.max_len:
+            raise ValueError(
+                f"cache of max_len={self.max_len} is full: {self.horizon} positions used, "
+                f"{new_horizon - self.horizon} more requested"
+            )
+        self.horizon = new_horizon
+
+
+def check_decodable(model: AttambaLM) -> None:
+    model.check_decodable()
+    if model.training and model.chunking.strategy == "random":
+        raise ValueError(
+            "random chunks in training mode are drawn fresh per batch, so a cache cannot follow them; "
+            "call model.eval() (evaluation's random chunks are seeded and causal)"
+        )
+
+
+def new_cache(model: AttambaLM, batch_size: int, max_len: int, device, dtype) -> AttambaCache:
+    return AttambaCache(model, batch_size, max_len, device, dtype)
+
+
+def _ssm_prefill(
+    ssm: KVSSM, x: torch.Tensor, segment_start: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, SSMState]:
+    """SSM outputs [B, m, E] and each row's state after its last real token.
+
+    Rows are rotated to end at the last column, so forward_with_state's final state is that of
+    each row's own last token. The padding moved in front cannot leak into the row: position 0
+    always starts a segment, which clears the state and the conv taps.
+    """
+    batch, m, _ = x.shape
+    if bool((lengths == m).all()):
+        return ssm.forward_with_state(x, segment_start.expand(batch, -1))
+    shift = (m - lengths)[:, None]  # [B, 1]: padding moved in front of each row
+    column = torch.arange(m, device=x.device)[None, :]  # [1, m]
+    source = (column - shift) % m  # [B, m]: rotated column c holds original column c - shift
+    starts = segment_start.expand(batch, -1).gather(1, source)
+    rotated = x.gather(1, source[..., None].expand(-1, -1, x.shape[2]))
+    y, state = ssm.forward_with_state(rotated, starts)
+    back = ((column + shift) % m)[..., None].expand(-1, -1, y.shape[2])  # [B, m, E]
+    return y.gather(1, back), state
+
+
+def _copy_state(destination: SSMState, source: SSMState) -> None:
+    destination.conv.copy_(source.conv)
+    destination.ssm.copy_(source.ssm)
+
+
+def _prefill(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache, lengths: torch.Tensor) -> torch.Tensor:
+    """One forward pass over prompts that start at position 0; fills every layer's cache."""
+    m = tokens.shape[1]
+    x = model.tok_embeddings(tokens)
+    cos, sin = model.rotary(m, tokens.device)
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        attention, tables = layer.attention, layer_cache.tables
+        boundaries = LayerBoundaries(tables.is_boundary[None, :m], tables.boundaries.period)
+        starts = segment_starts(boundaries.is_boundary)  # [1, m]
+        h = layer.attention_norm(x)
+        q = attention.queries(h, cos, sin)
+        k_in, v_in = attention.ssm_inputs(h)
+        k_out, k_state = _ssm_prefill(attention.ssm_k, k_in, starts, lengths)
+        v_out, v_state = _ssm_prefill(attention.ssm_v, v_in, starts, lengths)
+        k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)), cos, sin)
+        v = attention.split_heads(attention.combine(v_in, v_out))
+        attended = attamba_attention(
+            q, k, v, boundaries, cache.leading_tokens, None, attention.impl, causal=cache.pseudo_chunk
+        )
+        x = x + attention.output(attended)
+        x = x + layer.feed_forward(layer.ffn_norm(x))
+        layer_cache.fill_from_prompt(k, v, lengths)
+        _copy_state(layer_cache.ssm_k, k_state)
+        _copy_state(layer_cache.ssm_v, v_state)
+    cache.positions.add_(lengths)
+    return model.output(model.norm(x))
+
+
+def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torch.Tensor:
+    """One token per row (tokens [B, 1]) at each row's own position."""
+    t = cache.positions  # [B]
+    cos, sin = model.rope(t[:, None])
+    leaving = cache.leaving_position(t)
+    x = model.tok_embeddings(tokens)  # [B, 1, E]
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        attention, tables = layer.attention, layer_cache.tables
+        segment_start = (t == 0) | tables.is_boundary[(t - 1).clamp(min=0)]  # [B]
+        h = layer.attention_norm(x)
+        q = attention.queries(h, cos, sin)
+        k_in, v_in = attention.ssm_inputs(h[:, 0])  # [B, E]
+        k_out, k_state = attention.ssm_k.step(k_in, layer_cache.ssm_k, segment_start)
+        v_out, v_state = attention.ssm_v.step(v_in, layer_cache.ssm_v, segment_start)
+        _copy_state(layer_cache.ssm_k, k_state)
+        _copy_state(layer_cache.ssm_v, v_state)
+        k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)[:, None]), cos, sin)
+        v = attention.split_heads(attention.combine(v_in, v_out)[:, None])
+        if layer_cache.compressed_slots:
+            layer_cache.move_to_compressed(leaving)
+        layer_cache.ring.write_one(k, v, t)
+        attended = attend_slots(q, layer_cache.k, layer_cache.v, layer_cache.allowed(t[:, None]))
+        x = x + attention.output(attended)
+        x = x + layer.feed_forward(layer.ffn_norm(x))
+    cache.positions.add_(1)
+    return model.output(model.norm(x))
+
+
+def forward_cached(
+    model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache, lengths: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Logits [B, m, V] for ``tokens`` [B, m] continuing each row of ``cache``; updates the cache.
+
+    m == 1 without ``lengths`` is a decode step. Otherwise a prefill: one forward pass when the
+    cache is empty (right-padded rows of ``lengths`` tokens), else token by token.
+    """
+    if tokens.shape[1] == 1 and lengths is None:
+        cache.advance_horizon(cache.horizon + 1)
+        return _decode(model, tokens, cache)
+    lengths = check_prefill(tokens, lengths)
+    if cache.horizon == 0:
+        cache.advance_horizon(int(lengths.max()))
+        return _prefill(model, tokens, cache, lengths)
+    if bool((lengths != tokens.shape[1]).any()):
+        raise ValueError(
+            "a prefill continuing a filled Attamba cache runs token by token and needs rows of equal "
+            f"length (lengths=None); got lengths {lengths.tolist()}"
+        )
+    return torch.cat([forward_cached(model, tokens[:, i : i + 1], cache) for i in range(tokens.shape[1])], dim=1)
+
+
+register_cache_support(AttambaLM, new_cache, forward_cached)

@@ -1,0 +1,163 @@
+"""Attamba's cache: prefill + step-by-step decode equals the full forward pass, and holds exactly
+the compressed boundaries plus the window (DESIGN.md, "Inference cache")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apps.attamba.args import AttambaArgs
+from apps.attamba.cache import forward_cached, new_cache
+from apps.attamba.model import AttambaLM
+from apps.main.cache import new_cache as new_transformer_cache
+from apps.main.model import TransformerArgs, TransformerLM
+from lingua.generate import GenerateArgs, cache_support, generate_tokens, prefill_decode_logits
+
+VOCAB = 40
+SIZES = dict(dim=32, n_heads=4, vocab_size=VOCAB, multiple_of=16, max_seqlen=64)
+
+
+def tiny_attamba(seed: int = 0, **overrides) -> AttambaLM:
+    torch.manual_seed(seed)
+    settings = dict(n_layers=3, state_dim=8, ssm_heads=2, ssm_impl="torch", **SIZES)
+    settings.update(overrides)
+    model = AttambaLM(AttambaArgs(**settings))
+    model.init_weights()
+    return model.eval()
+
+
+def assert_decode_matches_forward(model, n: int, lengths: list[int]) -> None:
+    tokens = torch.randint(0, VOCAB, (len(lengths), n))
+    with torch.no_grad():
+        full = model(tokens)
+    cached = prefill_decode_logits(model, tokens, torch.tensor(lengths))
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
+
+
+# Prompts of 1, 6 and 19 tokens: shorter and longer than every P, and than L except L=16 for 6.
+MIXED_LENGTHS = [1, 6, 19]
+
+
+@pytest.mark.parametrize(
+    "strategy,chunk,leading",
+    [
+        ("uniform", 4, 3),
+        ("uniform", 8, "chunk"),
+        ("cyclic", 1, 1),
+        ("cyclic", 4, 3),
+        ("cyclic", 4, 16),
+        ("cyclic", 8, 16),
+        ("cyclic", 8, "chunk"),
+        ("random", 1, 3),
+        ("random", 4, 1),
+        ("random", 4, "chunk"),
+        ("random", 8, 16),
+    ],
+)
+def test_prefill_then_decode_equals_full_forward(strategy, chunk, leading):
+    model = tiny_attamba(chunk_strategy=strategy, token_chunk=chunk, leading_tokens=leading)
+    assert_decode_matches_forward(model, n=22, lengths=MIXED_LENGTHS)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(pseudo_chunk=True, token_chunk=4, leading_tokens=3),
+        dict(kv_proj=True, residual_ssm=False, token_chunk=4, leading_tokens=3),
+        dict(chunk_count=3, leading_tokens=2),  # Attamba-Linear: P = ceil(max_len / 3)
+        dict(token_chunk=8, eval_token_chunk=4, eval_leading_tokens="chunk", eval_chunk_strategy="random"),
+        dict(token_chunk=4, leading_tokens=3, n_layers=2, ssm_n_groups=2, conv_size=2),
+    ],
+    ids=["pseudo_chunk", "kv_proj_no_residual", "chunk_count", "eval_chunking", "groups_conv2"],
+)
+def test_variants_decode_like_the_full_forward(overrides):
+    model = tiny_attamba(**overrides)
+    if overrides.get("chunk_count"):
+        # P depends on the length: decoding matches a forward pass over the cache's max_len
+        # tokens, which is n only when every row's prompt has the same length.
+        assert_decode_matches_forward(model, n=18, lengths=[9, 9])
+    else:
+        assert_decode_matches_forward(model, n=18, lengths=MIXED_LENGTHS[:2] + [12])
+
+
+def test_equal_length_prompts_and_a_prefill_that_continues_the_cache():
+    model = tiny_attamba(token_chunk=4, leading_tokens=3)
+    tokens = torch.randint(0, VOCAB, (2, 15))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = new_cache(model, 2, 15, "cpu", torch.float32)
+        parts = [forward_cached(model, tokens[:, :7], cache), forward_cached(model, tokens[:, 7:], cache)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=0)
+
+
+def design_count(model: AttambaLM, layer: int, n: int) -> int:
+    """DESIGN's cache size after n tokens, from the chunking rule written out independently."""
+    args, t = model.args, n - 1
+    chunk = args.token_chunk
+    offset = (layer * chunk // args.n_layers) % chunk if args.chunk_strategy == "cyclic" else 0
+    boundaries = [p for p in range(n) if (p + 1 + offset) % chunk == 0]
+    if args.leading_tokens == "chunk":
+        chunk_start = max([p + 1 for p in boundaries if p < t], default=0)
+        return sum(p < chunk_start for p in boundaries) + (t - chunk_start + 1)
+    window = args.leading_tokens
+    return sum(p <= t - window for p in boundaries) + min(window, n)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "cyclic"])
+@pytest.mark.parametrize("leading", [3, "chunk"])
+def test_cache_holds_exactly_the_design_count(strategy, leading):
+    model = tiny_attamba(chunk_strategy=strategy, token_chunk=4, leading_tokens=leading)
+    lengths = torch.tensor([2, 7])
+    tokens = torch.randint(0, VOCAB, (2, 30))
+    cache = new_cache(model, 2, 30, "cpu", torch.float32)
+    with torch.no_grad():
+        forward_cached(model, tokens[:, :7], cache, lengths)
+        for step in range(22):
+            seen = (lengths + step).tolist()
+            expected = [[design_count(model, layer, n) for n in seen] for layer in range(3)]
+            assert cache.entries_per_layer().tolist() == expected
+            forward_cached(model, tokens[:, step : step + 1], cache)
+
+
+def test_pseudo_chunk_caches_every_token():
+    model = tiny_attamba(pseudo_chunk=True, token_chunk=4, leading_tokens=3)
+    cache = new_cache(model, 1, 12, "cpu", torch.float32)
+    with torch.no_grad():
+        forward_cached(model, torch.zeros(1, 9, dtype=torch.long), cache)
+    assert cache.entries_per_layer().tolist() == [[9]] * 3
+
+
+def test_cache_is_smaller_than_the_transformers():
+    """At 256 tokens, P=8 and L=16 keep 32 + 16 entries per layer against the transformer's 256."""
+    model = tiny_attamba(token_chunk=8, leading_tokens=16, chunk_strategy="uniform", max_seqlen=256)
+    cache = new_cache(model, 1, 256, "cpu", torch.float32)
+    transformer = TransformerLM(TransformerArgs(n_layers=3, **SIZES))
+    baseline = new_transformer_cache(transformer, 1, 256, "cpu", torch.float32)
+    entry_bytes = 2 * 32 * 4  # k and v of width 32 in fp32
+    states = sum(s.conv.nbytes + s.ssm.nbytes for layer in cache.layers for s in (layer.ssm_k, layer.ssm_v))
+    # Allocated: 32 compressed slots, 1 trash slot and a ring of 16 per layer.
+    assert cache.nbytes() == 3 * (32 + 1 + 16) * entry_bytes + states
+    assert baseline.nbytes() == 3 * 256 * entry_bytes
+    assert cache.nbytes() < baseline.nbytes() / 3
+
+
+def test_whole_sequence_strategies_cannot_decode():
+    for strategy in ("fattn", "fssm"):
+        with pytest.raises(ValueError, match="cannot decode token by token"):
+            new_cache(tiny_attamba(chunk_strategy=strategy), 1, 8, "cpu", torch.float32)
+
+
+def test_training_mode_random_chunks_are_refused():
+    model = tiny_attamba(chunk_strategy="random").train()
+    with pytest.raises(ValueError, match="call model.eval"):
+        new_cache(model, 1, 8, "cpu", torch.float32)
+
+
+def test_greedy_generation_equals_recomputation():
+    model = tiny_attamba(token_chunk=4, leading_tokens=3)
+    assert cache_support(model).forward_cached is forward_cached
+    prompts = [[1, 2, 3, 4, 5, 6], [7]]
+    args = GenerateArgs(max_new_tokens=8)
+    cached = generate_tokens(model, prompts, args)
+    recomputed = generate_tokens(model, prompts, GenerateArgs(max_new_tokens=8, use_cache=False))
+    assert cached == recomputed and all(len(row) == 8 for row in cached)
