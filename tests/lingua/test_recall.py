@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -76,3 +78,25 @@ def test_stream_batches_are_padded_seeded_and_resumable():
     assert not torch.equal(next(other_rank).tokens, batches[0].tokens)
     with pytest.raises(ValueError, match="shorter than the longest"):
         RecallStream(args, batch_size=2, seq_len=48)
+
+
+def test_recall_configs_load_and_have_matched_sizes():
+    from omegaconf import OmegaConf
+
+    from lingua.args import build_config
+    from lingua.data import DataArgs
+    from lingua.registry import get_model_spec
+    from lingua.train import train_args_schema
+
+    sizes = {}
+    for name in ("apps/attamba/configs/recall_attamba_p8.yaml", "apps/main/configs/recall_transformer.yaml"):
+        path = Path(__file__).resolve().parents[2] / name
+        raw = OmegaConf.load(path)
+        if "recall" not in {f for f in DataArgs.__dataclass_fields__}:
+            raw.data.pop("recall")  # the data.recall switch is not in DataArgs yet
+        args = build_config(train_args_schema(raw.model_type), raw)
+        assert isinstance(args.eval.recall, RecallArgs) and args.eval.recall.vocab_size <= args.model.vocab_size
+        assert args.data.seq_len >= max(s.seq_len for s in args.eval.recall.train)
+        assert args.model.max_seqlen >= max(s.seq_len for s in args.eval.recall.test)
+        sizes[raw.model_type] = get_model_spec(raw.model_type).build(args.model).num_params(exclude_embeddings=True)
+    assert sizes["attamba"] == pytest.approx(sizes["transformer"], rel=0.02)
