@@ -7,7 +7,15 @@ import torch
 from torch import nn
 
 from apps.main.model import TransformerArgs, TransformerLM
-from lingua.generate import GenerateArgs, cache_support, cut_at_stop, generate_text, generate_tokens, sample_next
+from lingua.generate import (
+    GenerateArgs,
+    cache_support,
+    cut_at_stop,
+    generate_text,
+    generate_tokens,
+    main,
+    sample_next,
+)
 from lingua.tokenizer import ByteTokenizer
 
 VOCAB = 258  # the bytes tokenizer's
@@ -119,3 +127,24 @@ def test_bad_arguments_are_rejected():
         GenerateArgs(top_p=1.5)
     with pytest.raises(ValueError, match="at least one token"):
         generate_tokens(tiny_transformer(), [[1], []], GenerateArgs(max_new_tokens=2))
+
+
+def test_command_line_generates_from_an_export(tmp_path, capsys):
+    from apps.attamba.args import AttambaArgs
+    from apps.attamba.model import AttambaLM
+    from lingua.checkpoint import export_consolidated
+    from lingua.train import TrainArgs
+
+    torch.manual_seed(0)
+    model_args = AttambaArgs(dim=32, n_layers=2, n_heads=4, multiple_of=16, state_dim=8, ssm_heads=2, token_chunk=4, leading_tokens=3)
+    model = AttambaLM(model_args)
+    model.init_weights()
+    export_consolidated(model, TrainArgs(model_type="attamba", model=model_args), tmp_path / "export")
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("second prompt\n\nthird\n")
+    main([f"ckpt={tmp_path / 'export'}", "prompt=first", f"prompts_file={prompts_file}", "max_new_tokens=5", "device=cpu"])
+    printed = capsys.readouterr().out
+    texts = generate_text(model.eval(), ByteTokenizer(), ["first", "second prompt", "third"], GenerateArgs(max_new_tokens=5))
+    for prompt, text in zip(["first", "second prompt", "third"], texts):
+        assert f"=== {prompt!r}\n{prompt}{text}\n" in printed
+    assert "tokens/s" in printed and "cache" in printed
