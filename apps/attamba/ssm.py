@@ -178,8 +178,8 @@ class KVSSM(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, args: SSMArgs):
         super().__init__()
         self.args = args
+        # A plain attribute so that tests and benchmarks can switch backends on one module.
         self.impl = args.impl
-        """Backend name; may be changed after construction (e.g. to compare backends)."""
         self.hidden_dim = args.ssm_hidden_dim or dim_out
         check_hidden_dim(self.hidden_dim, args.ssm_heads)
         self.heads = args.ssm_heads
