@@ -192,7 +192,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _DecodeStep:
+class DecodeStep:
     """One decode step ``tokens [B] -> last logits [B, V]``: eager, a replayed CUDA graph, or compiled."""
 
     def __init__(self, support: CacheSupport, model: nn.Module, cache: Any, batch: int, device, mode: str):
@@ -242,7 +242,7 @@ def _generate_cached(model, support, prompt_ids, args, stop_row, stats: Generati
     last = logits[torch.arange(batch, device=device), lengths - 1]  # [B, V]
     _synchronize(device)
     stats.prefill_seconds = time.perf_counter() - start
-    step = _DecodeStep(support, model, cache, batch, device, args.fast_decode)
+    step = DecodeStep(support, model, cache, batch, device, args.fast_decode)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     outputs: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch

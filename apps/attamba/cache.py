@@ -128,6 +128,20 @@ class AttambaLayerCache:
         self.v[:, :, : self.compressed_slots] = v.gather(2, index)
         self.positions[:, : self.compressed_slots] = torch.where(compressed, boundary[None, :], EMPTY)
 
+    def pretend_filled(self, n: int) -> None:
+        """Hold n tokens of random keys, values and SSM states per row (see AttambaCache.pretend_filled)."""
+        self.k.normal_()
+        self.v.normal_()
+        batch = self.k.shape[0]
+        self.ring.pretend_filled(torch.full((batch,), n, dtype=torch.long, device=self.k.device))
+        boundary = self.tables.boundary_positions
+        compressed = boundary < self.tables.window_start[n - 1] if n > 0 else torch.zeros_like(boundary, dtype=torch.bool)
+        self.positions[:, : self.compressed_slots] = torch.where(compressed, boundary, EMPTY)
+        self.positions[:, self.trash] = EMPTY
+        for state in (self.ssm_k, self.ssm_v):
+            state.conv.normal_()
+            state.ssm.normal_()
+
     def live_entries(self, next_positions: torch.Tensor) -> torch.Tensor:
         """[B]: entries the cache holds after ``next_positions`` tokens (what the last query saw)."""
         last = (next_positions - 1).clamp(min=0)
@@ -179,6 +193,14 @@ class AttambaCache:
     def entries_per_layer(self) -> torch.Tensor:
         """[n_layers, B]: compressed boundaries before the last token's window, plus that window."""
         return torch.stack([layer.live_entries(self.positions) for layer in self.layers])
+
+    def pretend_filled(self, n: int) -> None:
+        """Every row holds n tokens of random keys, values and SSM states, laid out as a prefill
+        of n tokens would leave them: a benchmark's stand-in for the prefill."""
+        self.advance_horizon(n)
+        self.positions.fill_(n)
+        for layer in self.layers:
+            layer.pretend_filled(n)
 
     def advance_horizon(self, new_horizon: int) -> None:
         if new_horizon > self.max_len:

@@ -62,9 +62,7 @@ class KVSlots:
         one is new) rather than a scatter, because with m > slots several positions share a slot.
         """
         m = k.shape[2]
-        end = (start + lengths)[:, None]  # [B, 1], one past the last new position
-        slot = torch.arange(self.slots, device=k.device)
-        newest = end - 1 - (end - 1 - slot) % self.slots  # [B, slots]: newest position < end in the slot
+        newest = self.newest_positions(start + lengths)  # [B, slots]
         fresh = newest >= start[:, None]  # [B, slots]
         index = (newest - start[:, None]).clamp(0, m - 1)
         index = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, Hkv, slots, d]
@@ -72,6 +70,18 @@ class KVSlots:
         self.k.copy_(torch.where(keep_old, self.k, k.gather(2, index)))
         self.v.copy_(torch.where(keep_old, self.v, v.gather(2, index)))
         self.positions.copy_(torch.where(fresh, newest, self.positions))
+
+    def newest_positions(self, end: torch.Tensor) -> torch.Tensor:
+        """[B, slots]: the newest position below ``end`` [B] that maps to each slot (< 0: none)."""
+        slot = torch.arange(self.slots, device=end.device)
+        return end[:, None] - 1 - (end[:, None] - 1 - slot) % self.slots
+
+    def pretend_filled(self, end: torch.Tensor) -> None:
+        """Hold positions 0..end[b]-1 with random keys and values (benchmarks skip the prefill)."""
+        self.k.normal_()
+        self.v.normal_()
+        newest = self.newest_positions(end)
+        self.positions.copy_(torch.where(newest >= 0, newest, EMPTY))
 
     def live(self, lowest: torch.Tensor) -> torch.Tensor:
         """[B, slots] bool: filled slots holding a position >= ``lowest`` [B]."""
@@ -135,10 +145,23 @@ class TransformerCache:
         """Bytes of the allocated key and value buffers (positions bookkeeping excluded)."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    def live_nbytes(self) -> int:
+        """Bytes of the (k, v) entries a next query can see (equals nbytes() once full)."""
+        layer = self.layers[0]
+        per_entry = 2 * layer.k.shape[1] * layer.k.shape[3] * layer.k.element_size()
+        return int(self.entries_per_layer().sum()) * per_entry
+
     def entries_per_layer(self) -> torch.Tensor:
         """[n_layers, B]: cached (k, v) pairs a next query can see: min(n, window) after n tokens."""
         lowest = self.positions - (self.window if self.window is not None else self.max_len)
         return torch.stack([layer.live(lowest).sum(-1) for layer in self.layers])
+
+    def pretend_filled(self, n: int) -> None:
+        """Every row holds n tokens of random keys and values: a benchmark's stand-in for a prefill."""
+        self.advance_horizon(n)
+        self.positions.fill_(n)
+        for layer in self.layers:
+            layer.pretend_filled(self.positions)
 
     def advance_horizon(self, new_horizon: int) -> None:
         if new_horizon > self.max_len:

@@ -148,3 +148,22 @@ def test_command_line_generates_from_an_export(tmp_path, capsys):
     for prompt, text in zip(["first", "second prompt", "third"], texts):
         assert f"=== {prompt!r}\n{prompt}{text}\n" in printed
     assert "tokens/s" in printed and "cache" in printed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["transformer", "attamba"])
+@pytest.mark.parametrize("mode", ["cuda_graph", "compile"])
+def test_static_shape_decode_on_cuda_matches_eager(family, mode):
+    if family == "attamba":
+        from apps.attamba.args import AttambaArgs
+        from apps.attamba.model import AttambaLM
+
+        torch.manual_seed(0)
+        model = AttambaLM(AttambaArgs(dim=32, n_layers=2, n_heads=4, multiple_of=16, state_dim=8, ssm_heads=2, token_chunk=4, leading_tokens=3))
+        model.init_weights()
+    else:
+        model = tiny_transformer()
+    model = model.cuda().eval()
+    eager = generate_tokens(model, PROMPTS, GenerateArgs(max_new_tokens=12, fast_decode="eager"))
+    assert generate_tokens(model, PROMPTS, GenerateArgs(max_new_tokens=12, fast_decode=mode)) == eager

@@ -161,3 +161,15 @@ def test_greedy_generation_equals_recomputation():
     cached = generate_tokens(model, prompts, args)
     recomputed = generate_tokens(model, prompts, GenerateArgs(max_new_tokens=8, use_cache=False))
     assert cached == recomputed and all(len(row) == 8 for row in cached)
+
+
+@pytest.mark.parametrize("leading", [3, "chunk"])
+def test_pretend_filled_lays_out_the_cache_like_a_prefill(leading):
+    model = tiny_attamba(token_chunk=4, leading_tokens=leading)
+    prefilled, pretended = (new_cache(model, 2, 24, "cpu", torch.float32) for _ in range(2))
+    with torch.no_grad():
+        forward_cached(model, torch.randint(0, VOCAB, (2, 13)), prefilled)
+    pretended.pretend_filled(13)
+    for real, fake in zip(prefilled.layers, pretended.layers):
+        assert torch.equal(real.positions, fake.positions)
+    assert torch.equal(prefilled.positions, pretended.positions)

@@ -104,3 +104,15 @@ def test_bad_lengths_are_rejected():
 def test_transformer_registers_its_cache():
     support = cache_support(tiny_transformer())
     assert support is not None and support.forward_cached is forward_cached
+
+
+@pytest.mark.parametrize("sliding_window", [None, 3])
+def test_pretend_filled_lays_out_the_cache_like_a_prefill(sliding_window):
+    model = tiny_transformer(sliding_window)
+    prefilled, pretended = (new_cache(model, 2, 12, "cpu", torch.float32) for _ in range(2))
+    with torch.no_grad():
+        forward_cached(model, torch.randint(0, VOCAB, (2, 7)), prefilled)
+    pretended.pretend_filled(7)
+    for real, fake in zip(prefilled.layers, pretended.layers):
+        assert torch.equal(real.positions, fake.positions)
+    assert pretended.entries_per_layer().tolist() == prefilled.entries_per_layer().tolist()

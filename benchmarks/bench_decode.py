@@ -1,0 +1,147 @@
+"""Decode speed and cache size: the 60M Attamba (P=8, L=16) against the 60M transformer.
+
+For each model, context length n and batch size B, the cache is filled with n tokens of RANDOM
+keys, values (and SSM states) laid out exactly as a prefill of n tokens would leave them: a real
+prefill of 128k tokens would take longer than the measurement and changes nothing in a decode
+step's work. Then ``--steps`` decode steps (one token per row each) are timed through
+``lingua.generate.DecodeStep``: a replayed CUDA graph by default (static shapes), or eager.
+
+Reports decode tokens/s (B tokens per step), ms per step, the cache's allocated bytes and its
+live bytes (the DESIGN count: n/P + L entries per layer plus SSM states for Attamba, n for the
+transformer), and peak GPU memory. A configuration that runs out of memory is reported as OOM.
+
+    python benchmarks/bench_decode.py [--contexts 4096 32768 131072] [--batches 1 16]
+        [--steps 64] [--dtype bfloat16] [--mode cuda_graph] [--out results.json]
+
+Needs CUDA; on CPU it says so and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from apps.attamba.args import AttambaArgs  # noqa: E402
+from apps.attamba.model import AttambaLM  # noqa: E402
+from apps.main.model import TransformerArgs, TransformerLM  # noqa: E402
+from lingua.generate import DTYPES, DecodeStep, cache_support  # noqa: E402
+
+# The paper's 60M models (apps/attamba/configs/attamba_60m.yaml, apps/main/configs/transformer_60m.yaml).
+SHARED = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000)
+
+
+def build_model(name: str, max_len: int) -> torch.nn.Module:
+    if name == "attamba":
+        args = AttambaArgs(
+            **SHARED, max_seqlen=max_len, token_chunk=8, leading_tokens=16, chunk_strategy="cyclic",
+            state_dim=128, ssm_heads=8, conv_size=4,
+        )
+        return AttambaLM(args)
+    return TransformerLM(TransformerArgs(**SHARED, max_seqlen=max_len))
+
+
+@dataclass
+class Measurement:
+    model: str
+    context: int
+    batch: int
+    mode: str
+    tokens_per_second: Optional[float]
+    ms_per_step: Optional[float]
+    cache_bytes: Optional[int]
+    live_cache_bytes: Optional[int]
+    peak_memory_bytes: Optional[int]
+    note: str = ""
+
+
+@torch.inference_mode()
+def measure(name: str, context: int, batch: int, steps: int, dtype: torch.dtype, mode: str) -> Measurement:
+    device = torch.device("cuda")
+    warmup = 3
+    max_len = context + warmup + steps + 1
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = build_model(name, max_len).to(device=device, dtype=dtype).eval()
+    support = cache_support(model)
+    cache = support.new_cache(model, batch, max_len, device, dtype)
+    cache.pretend_filled(context)
+    step = DecodeStep(support, model, cache, batch, device, mode)
+    tokens = torch.randint(0, SHARED["vocab_size"], (batch,), device=device)
+    for _ in range(warmup):  # the first call also captures the graph
+        step(tokens)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = step(tokens)
+        tokens = logits.argmax(-1)  # feeds back like generation, without a host sync
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return Measurement(
+        name, context, batch, mode,
+        tokens_per_second=batch * steps / seconds,
+        ms_per_step=1000 * seconds / steps,
+        cache_bytes=cache.nbytes(),
+        live_cache_bytes=cache.live_nbytes(),
+        peak_memory_bytes=torch.cuda.max_memory_allocated(),
+    )
+
+
+def run_one(name: str, context: int, batch: int, steps: int, dtype: torch.dtype, mode: str) -> Measurement:
+    try:
+        return measure(name, context, batch, steps, dtype, mode)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return Measurement(name, context, batch, mode, None, None, None, None, None, note="OOM")
+
+
+def gib(value: Optional[int]) -> str:
+    return f"{value / 2**30:9.3f}" if value is not None else f"{'-':>9}"
+
+
+def print_table(rows: list[Measurement]) -> None:
+    print(f"{'model':<12}{'context':>9}{'batch':>6}{'mode':>12}{'tok/s':>12}{'ms/step':>9}"
+          f"{'cache GiB':>10}{'live GiB':>10}{'peak GiB':>10}  note")
+    for r in rows:
+        speed = f"{r.tokens_per_second:12.1f}{r.ms_per_step:9.3f}" if r.tokens_per_second else f"{'-':>12}{'-':>9}"
+        print(f"{r.model:<12}{r.context:>9}{r.batch:>6}{r.mode:>12}{speed}"
+              f"{gib(r.cache_bytes)} {gib(r.live_cache_bytes)} {gib(r.peak_memory_bytes)}  {r.note}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--models", nargs="+", default=["attamba", "transformer"], choices=["attamba", "transformer"])
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--mode", default="cuda_graph", choices=["cuda_graph", "compile", "eager"])
+    parser.add_argument("--out", type=Path, help="also write the measurements as JSON")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode: needs CUDA (decode speed on CPU is not what this measures); skipping.")
+        return 0
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}, mode {args.mode}")
+    print("caches are filled with random entries laid out as an n-token prefill would leave them (no prefill run)")
+    rows = []
+    for context in args.contexts:
+        for batch in args.batches:
+            for name in args.models:
+                rows.append(run_one(name, context, batch, args.steps, DTYPES[args.dtype], args.mode))
+                print(f"  done: {name} n={context} B={batch} {rows[-1].note}", flush=True)
+    print_table(rows)
+    if args.out:
+        args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
