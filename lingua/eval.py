@@ -124,19 +124,32 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _progress(iterable, total: int, description: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are a nicety, not a dependency
+        return iterable
+    return tqdm(iterable, total=total, desc=description, disable=not enabled)
+
+
 @torch.no_grad()
-def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int, pad_id: int = 0) -> list[tuple[float, bool]]:
+def score_windows(
+    model: nn.Module, windows: Sequence[Window], batch_size: int, pad_id: int = 0, pad_multiple: int = 64, progress: bool = True
+) -> list[tuple[float, bool]]:
     """Summed log-probability of each window's targets, and whether greedy decoding picks them all.
 
-    Windows are sorted by length so padding is small; rows are right-padded, which a causal model
-    never sees from the scored positions.
+    Windows are sorted by length so padding is small; rows are right-padded (a causal model never
+    sees the padding from the scored positions) to a multiple of ``pad_multiple`` tokens, or to
+    the longest window, so that a compiled model or cached block masks meet few shapes.
     """
     device = model_device(model)
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].inputs))
+    longest = max((len(w.inputs) for w in windows), default=0)
     results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
-    for first in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for first in _progress(starts, len(starts), "scoring windows", progress):
         batch = [windows[i] for i in order[first : first + batch_size]]
-        width = max(len(w.inputs) for w in batch)
+        width = min(longest, -(-max(len(w.inputs) for w in batch) // pad_multiple) * pad_multiple)
         tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
         for row, window in enumerate(batch):
             tokens[row, : len(window.inputs)] = torch.tensor(window.inputs)
@@ -216,7 +229,7 @@ class LinguaLM(_LMBase):
             for request in requests
         ]
         flat = [window for windows in per_request for window in windows]
-        scores = iter(score_windows(self.model, flat, self.batch_size))
+        scores = iter(score_windows(self.model, flat, self.batch_size, progress=not disable_tqdm))
         totals = [sum(next(scores)[0] for _ in windows) for windows in per_request]
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -241,7 +254,7 @@ class LinguaLM(_LMBase):
             stream = [self.prefix_id, *context_ids, *continuation_ids]
             inputs = stream[:-1][-self.max_context :]
             windows.append(Window(inputs, continuation_ids[-len(inputs) :]))
-        results = score_windows(self.model, windows, self.batch_size)
+        results = score_windows(self.model, windows, self.batch_size, progress=not disable_tqdm)
         for request, result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", request.args, result)
         return results
