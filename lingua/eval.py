@@ -16,28 +16,28 @@ file; lm-eval's own ``wikitext`` task also works (``eval.tasks=[wikitext]``) whe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import os
+import random
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lingua.args import ConfigError, load_config
-from lingua.recall import RecallArgs, evaluate_recall
+from lingua.recall import IGNORE_INDEX, RecallArgs, evaluate_recall
 
 logger = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
-WIKITEXT_ENV = "ATTAMBA_WIKITEXT_PATH"
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -347,6 +347,21 @@ def _is_main_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore Python's, NumPy's and torch's random states on exit: lm-eval reseeds all three,
+    and evaluation must not change what training draws next."""
+    from lingua.checkpoint import capture_rng, restore_rng
+
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), capture_rng()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        restore_rng(torch_state)
+
+
 def run_evaluation(model: nn.Module, tokenizer: Any, args: EvalArgs, step: int, dump_dir: Optional[str]) -> dict:
     """Evaluate ``model`` as configured and append one line to ``dump_dir/metrics.eval.jsonl``.
 
@@ -357,15 +372,16 @@ def run_evaluation(model: nn.Module, tokenizer: Any, args: EvalArgs, step: int, 
     was_training = model.training
     model.eval()
     try:
-        record: dict[str, Any] = {"global_step": step, "created_at": datetime.now(timezone.utc).isoformat()}
-        if args.tasks:
-            record.update(run_lm_eval(model, tokenizer, args))
-        context = args.max_context or model.args.max_seqlen
-        for name, path in args.val_sources.items():
-            seq_len = args.val_seq_len or context
-            record[f"val/{name}/ppl"] = validation_perplexity(model, tokenizer, path, seq_len, args.batch_size, args.val_max_batches)
-        if args.recall is not None:
-            record.update(evaluate_recall(model, args.recall, args.batch_size))
+        with preserved_rng():
+            record: dict[str, Any] = {"global_step": step, "created_at": datetime.now(timezone.utc).isoformat()}
+            if args.tasks:
+                record.update(run_lm_eval(model, tokenizer, args))
+            context = args.max_context or model.args.max_seqlen
+            for name, path in args.val_sources.items():
+                seq_len = args.val_seq_len or context
+                record[f"val/{name}/ppl"] = validation_perplexity(model, tokenizer, path, seq_len, args.batch_size, args.val_max_batches)
+            if args.recall is not None:
+                record.update(evaluate_recall(model, args.recall, args.batch_size))
     finally:
         model.train(was_training)
     if dump_dir is not None and _is_main_process():

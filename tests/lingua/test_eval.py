@@ -162,9 +162,13 @@ def test_run_evaluation_appends_one_line_in_the_log_layout(tmp_path, write_jsonl
     val = write_jsonl(tmp_path / "val.jsonl", ["some held-out text for validation " * 3] * 4)
     args = EvalArgs(tasks=["wikitext_local"], limit=1, batch_size=4, wikitext_path=str(path), val_sources={"tiny": str(val)})
     model.train()
+    torch.manual_seed(7)
     for step in (10, 20):
         record = run_evaluation(model, tokenizer, args, step=step, dump_dir=str(tmp_path / "run"))
     assert model.training, "run_evaluation must restore the training mode"
+    after_eval = torch.rand(4)
+    torch.manual_seed(7)
+    assert torch.equal(after_eval, torch.rand(4)), "lm-eval's reseeding must not leak into training"
     lines = (tmp_path / "run" / "metrics.eval.jsonl").read_text().splitlines()
     assert [json.loads(line)["global_step"] for line in lines] == [10, 20]
     logged = json.loads(lines[-1])
