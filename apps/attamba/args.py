@@ -7,10 +7,12 @@ the model switches between the two with ``model.train()`` / ``model.eval()``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from apps.attamba.chunking import STRATEGIES, Chunking, LeadingTokens
+from apps.attamba.ssm import SSMArgs
 from lingua.transformer import BaseTransformerArgs
 
 ATTN_IMPLS = ("auto", "flex", "sdpa_gathered", "sdpa_dense", "reference")
@@ -159,21 +161,8 @@ class AttambaArgs(BaseTransformerArgs):
             leading_tokens=self.eval_leading_tokens if self.eval_leading_tokens is not None else train.leading_tokens,
         )
 
-    def ssm_args(self):
-        """The KV-SSMs' settings as an ``apps.attamba.ssm.SSMArgs``."""
-        from apps.attamba.ssm import SSMArgs
-
-        return SSMArgs(
-            state_dim=self.state_dim,
-            ssm_heads=self.ssm_heads,
-            ssm_hidden_dim=self.ssm_hidden_dim,
-            n_groups=self.ssm_n_groups,
-            conv_size=self.conv_size,
-            dt_bias=self.dt_bias,
-            A_init_min=self.A_init_min,
-            A_init_max=self.A_init_max,
-            dt_min=self.dt_min,
-            dt_max=self.dt_max,
-            dt_init_floor=self.dt_init_floor,
-            impl=self.ssm_impl,
-        )
+    def ssm_args(self) -> SSMArgs:
+        """The KV-SSMs' settings as an ``apps.attamba.ssm.SSMArgs`` (every SSMArgs field has a
+        flat twin here, prefixed with ``ssm_`` where the bare name would be ambiguous)."""
+        renamed = {"n_groups": "ssm_n_groups", "impl": "ssm_impl"}
+        return SSMArgs(**{field.name: getattr(self, renamed.get(field.name, field.name)) for field in dataclasses.fields(SSMArgs)})
