@@ -135,7 +135,8 @@ def measure(op, backend, dtype, fn, inputs, segment_start) -> Measurement:
 
 
 def sweep_triton_ssd(shape, dtype, device, segment_start) -> list[Measurement]:
-    """The Triton scan at other (block size, warps) settings than its defaults."""
+    """The Triton scan at other (block size, warps) settings than its defaults, and (fp32) with
+    single-TF32 dots."""
     defaults = (ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS)
     rows = []
     try:
@@ -148,9 +149,36 @@ def sweep_triton_ssd(shape, dtype, device, segment_start) -> list[Measurement]:
                 measure("ssd", f"triton Q={block_q} warps={num_warps}", dtype,
                         ssd_triton.ssd_segmented_triton, inputs, segment_start)
             )
+        if dtype == torch.float32:
+            ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS = defaults
+            ssd_triton.FP32_DOT_PRECISION = "tf32"
+            rows.append(
+                measure("ssd", "triton tf32 dots", dtype, ssd_triton.ssd_segmented_triton,
+                        ssd_inputs(shape, dtype, device), segment_start)
+            )
     finally:
         ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS = defaults
+        ssd_triton.FP32_DOT_PRECISION = "tf32x3"
     return rows
+
+
+def kernel_breakdown(fn, inputs, segment_start, repeats: int = 10) -> list[tuple[str, float]]:
+    """Mean GPU µs per forward+backward of each kernel fn launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    grad_out = torch.randn_like(fn(*inputs, segment_start))
+    fn(*inputs, segment_start).backward(grad_out)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(repeats):
+            fn(*inputs, segment_start).backward(grad_out)
+        torch.cuda.synchronize()
+    totals = [
+        (event.key, event.device_time_total / repeats)
+        for event in profiler.key_averages()
+        if event.device_time_total > 0
+    ]
+    return sorted(totals, key=lambda item: -item[1])
 
 
 def format_table(rows: list[Measurement]) -> str:
@@ -186,6 +214,14 @@ def main() -> None:
             rows.extend(sweep_triton_ssd(shape, dtype, device, segment_start))
         for backend, fn in conv_backends().items():
             rows.append(measure("conv", backend, dtype, fn, conv_inputs(shape, dtype, device), segment_start))
+    breakdown = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            breakdown[str(dtype)] = kernel_breakdown(
+                ssd_triton.ssd_segmented_triton, ssd_inputs(shape, dtype, device), segment_start
+            )
+        except Exception as error:  # the timings above matter more than this detail
+            breakdown[str(dtype)] = [(f"profiler failed: {error!r:.200}", 0.0)]
     table = format_table(rows)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,8 +234,12 @@ def main() -> None:
             "shape": asdict(shape),
             "defaults": {"block_q": ssd_triton.DEFAULT_BLOCK_Q, "num_warps": ssd_triton.DEFAULT_NUM_WARPS},
             "rows": [asdict(row) for row in rows],
+            "triton_ssd_kernels_us_per_fwd_bwd": breakdown,
         }, indent=2))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, shape {asdict(shape)}")
+    for dtype_name, kernels in breakdown.items():
+        print(f"triton ssd fwd+bwd kernels, {dtype_name}: "
+              + ", ".join(f"{name[:40]} {us:.1f}us" for name, us in kernels[:8]))
     print(table)
 
 

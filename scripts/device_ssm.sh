@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
   > "$OUT/environment.txt" 2>&1
 
 # Every test runs (no -x) so that one failure does not hide the others' errors.
-timeout $((budget / 2)) python -m pytest tests/apps/attamba/test_ssd_triton.py -q -rfE -p no:cacheprovider \
+timeout $((budget / 2)) python -m pytest tests/apps/attamba/test_ssd_triton.py -q -rfE -p no:cacheprovider -o junit_family=xunit1 \
   --junitxml="$OUT/junit_ssd_triton.xml" > "$OUT/pytest.txt" 2>&1
 echo "pytest exit code $?" >> "$OUT/pytest.txt"
 
@@ -30,7 +30,7 @@ python - "$OUT/junit_ssd_triton.xml" <<'PY'
 import sys, xml.etree.ElementTree as ET
 worst = {}
 for case in ET.parse(sys.argv[1]).iter("testcase"):
-    kind = "bf16" if "bfloat16" in case.get("name", "") else "fp32"
+    kind = "bf16" if "bf16" in case.get("name", "") else "fp32"
     for prop in case.iter("property"):
         key = (kind, prop.get("name"))
         worst[key] = max(worst.get(key, 0.0), float(prop.get("value")))

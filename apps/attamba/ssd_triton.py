@@ -1,19 +1,24 @@
-"""Fused Triton kernels (forward and backward) for the KV-SSM's segmented SSD scan.
+"""Triton kernels (forward and backward) for the KV-SSM's segmented SSD scan.
 
 Same signature and semantics as ``ssd_reference.ssd_reference`` (see DESIGN.md, "KV-SSM"):
 
     S_t = exp(dt_t * A_h) * S_{t-1} * [t does not start a segment] + dt_t * u_t ⊗ B_t
     y_t = S_t C_t + D_h * u_t
 
-Algorithm: one program per (batch row, head) walks the sequence in blocks of Q tokens and keeps
-the state S [p, s] in registers. Inside a block the output is the masked quadratic form
-(L ∘ C Bᵀ)(dt·u), where L[t, j] = exp(cs_t - cs_j) when j <= t lie in the same segment (cs is the
-block-local cumsum of dt·A); the carried state reaches only the tokens before the block's first
-segment start. The backward kernel walks the blocks in reverse, carrying dS, and re-reads the
-block-entry states that the forward pass stored (fp32, [b·h, n/Q, p, s]).
+Algorithm (chunked SSD over fixed blocks of Q tokens, with segment masks):
+
+- inside a block the output is the masked quadratic form (L ∘ C Bᵀ)(dt·u), where
+  L[t, j] = exp(cs_t - cs_j) when j <= t lie in the same segment (cs: the block-local cumsum of
+  dt·A); the state entering the block reaches only the tokens before its first segment start;
+- forward: (1) every block, in parallel, computes the state its own tokens leave at its end;
+  (2) a sequential pass over blocks, elementwise over [p, s], turns those into the state entering
+  each block (carried state times the block's decay, zero once a segment starts in it);
+  (3) every block, in parallel, computes its outputs;
+- backward mirrors it: per-block gradients reaching the entering state, a reverse elementwise
+  pass, then one parallel kernel for all input gradients (it re-reads the entering states).
 
 Every matmul accumulates in fp32. fp32 inputs use 3xTF32 dots (near-fp32 accuracy on tensor
-cores); bf16/fp16 inputs use plain TF32, finer than their own mantissa.
+cores; see FP32_DOT_PRECISION); bf16/fp16 inputs use plain TF32, finer than their own mantissa.
 
 Importing this module needs ``triton``; it runs on CUDA tensors, or on CPU tensors under the
 Triton interpreter (``TRITON_INTERPRET=1`` set before import), which the CPU tests use.
@@ -32,18 +37,24 @@ from apps.attamba.ssd_triton_conv import causal_conv_segmented_triton
 
 __all__ = ["ssd_segmented_triton", "causal_conv_segmented_triton"]
 
-# Tokens per block of the chunked scan. 32 keeps the backward's [Q, s] tiles in registers at
-# s = 128; the benchmark (benchmarks/bench_ssm.py) sweeps it.
-DEFAULT_BLOCK_Q = 32
+# Tokens per block and warps of the per-block kernels; benchmarks/bench_ssm.py sweeps both.
+DEFAULT_BLOCK_Q = 64
 DEFAULT_NUM_WARPS = 4
+# Elements of [p, s] per program of the sequential state pass.
+STATE_PASS_BLOCK = 256
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Dot precision for fp32 inputs: "tf32x3" keeps fp32-level accuracy (rel. error ~1e-6);
+# "tf32" is faster and about 1e-3.
+FP32_DOT_PRECISION = "tf32x3"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     if _INTERPRETED:
         return "ieee"  # the interpreter multiplies in numpy; no tensor-core modes
-    return "tf32" if dtype in (torch.bfloat16, torch.float16) else "tf32x3"
+    return "tf32" if dtype in (torch.bfloat16, torch.float16) else FP32_DOT_PRECISION
 
 
 def _padded(size: int) -> int:
@@ -69,8 +80,8 @@ def _block_scan_terms(dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, strid
     same = (seg[:, None] == seg[None, :]) & (offs_q[:, None] >= offs_q[None, :])
     # L[t, j]: decay from j to t inside one segment, else 0.
     L = tl.exp(tl.where(same, cs[:, None] - cs[None, :], float("-inf")))  # [Q, Q]
-    # e_t: how much of the carried-in state reaches t; w_j: how much of token j reaches the
-    # block's exit state; f: how much of the carried-in state reaches the exit.
+    # e_t: how much of the entering state reaches t; w_j: how much of token j reaches the
+    # block's exit state; f: how much of the entering state reaches the exit.
     e = tl.where(seg == 0, tl.exp(cs), 0.0)
     w = tl.where(seg == seg_last, tl.exp(cs_last - cs), 0.0)
     f = tl.where(seg_last == 0, tl.exp(cs_last), 0.0)
@@ -78,140 +89,208 @@ def _block_scan_terms(dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, strid
 
 
 @triton.jit
-def _ssd_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, y_ptr, states_ptr, final_ptr,
-    n, h, p, s, heads_per_group, num_blocks,
-    stride_u_b, stride_u_n, stride_u_h,
-    stride_dt_b, stride_dt_n,
-    stride_bc_b, stride_bc_n, stride_bc_g,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    STORE_STATES: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    bi = (pid // h).to(tl.int64)
-    hi = pid % h
-    gi = hi // heads_per_group
-    A_h = tl.load(A_ptr + hi).to(tl.float32)
-    D_h = tl.load(D_ptr + hi).to(tl.float32)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_s = tl.arange(0, BLOCK_S)
-    state = tl.zeros((BLOCK_P, BLOCK_S), dtype=tl.float32)
-    for blk in range(0, num_blocks):
-        t, in_seq, dt, L, e, w, f = _block_scan_terms(
-            dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
-        )
-        t64 = t.to(tl.int64)
-        u_mask = in_seq[:, None] & (offs_p[None, :] < p)
-        u_offs = bi * stride_u_b + t64[:, None] * stride_u_n + hi * stride_u_h + offs_p[None, :]
-        u = tl.load(u_ptr + u_offs, mask=u_mask, other=0.0).to(tl.float32)  # [Q, P]
-        bc_mask = in_seq[:, None] & (offs_s[None, :] < s)
-        bc_offs = bi * stride_bc_b + t64[:, None] * stride_bc_n + gi * stride_bc_g + offs_s[None, :]
-        Bq = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)  # [Q, S]
-        Cq = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)  # [Q, S]
-        x = u * dt[:, None]
-        G = tl.dot(Cq, tl.trans(Bq), input_precision=PRECISION)  # [Q, Q]
-        y = tl.dot(G * L, x, input_precision=PRECISION)  # [Q, P]
-        y += e[:, None] * tl.dot(Cq, tl.trans(state), input_precision=PRECISION)
-        y += D_h * u
-        y_offs = (bi * n + t64[:, None]) * h * p + hi * p + offs_p[None, :]
-        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=u_mask)
-        if STORE_STATES:
-            st_offs = ((pid.to(tl.int64) * num_blocks + blk) * BLOCK_P + offs_p[:, None]) * BLOCK_S
-            tl.store(states_ptr + st_offs + offs_s[None, :], state)
-        state = f * state + tl.dot(tl.trans(x * w[:, None]), Bq, input_precision=PRECISION)
-    if STORE_FINAL:
-        final_offs = (pid.to(tl.int64) * BLOCK_P + offs_p[:, None]) * BLOCK_S + offs_s[None, :]
-        tl.store(final_ptr + final_offs, state)
+def _load_rows(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr):
+    """[Q, W] fp32 tile: tokens t of batch row bi, columns col0 .. col0 + width - 1."""
+    offs_w = tl.arange(0, BLOCK_W)
+    offs = bi * stride_b + t.to(tl.int64)[:, None] * stride_n + col0 + offs_w[None, :]
+    mask = in_seq[:, None] & (offs_w[None, :] < width)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _ssd_bwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, dy_ptr, states_ptr,
-    du_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr,
-    n, h, p, s, heads_per_group, num_blocks,
-    stride_u_b, stride_u_n, stride_u_h,
-    stride_dt_b, stride_dt_n,
-    stride_bc_b, stride_bc_n, stride_bc_g,
-    stride_dy_b, stride_dy_n, stride_dy_h,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    bi = (pid // h).to(tl.int64)
-    hi = pid % h
-    gi = hi // heads_per_group
-    g = h // heads_per_group
-    A_h = tl.load(A_ptr + hi).to(tl.float32)
-    D_h = tl.load(D_ptr + hi).to(tl.float32)
-    offs_q = tl.arange(0, BLOCK_Q)
+def _state_tile_offsets(bh, blk, num_blocks, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets of block blk's [P, S] tile in a [b·h, num_blocks, P, S] buffer."""
     offs_p = tl.arange(0, BLOCK_P)
     offs_s = tl.arange(0, BLOCK_S)
-    d_state = tl.zeros((BLOCK_P, BLOCK_S), dtype=tl.float32)  # dLoss/d(state leaving the block)
-    dA_acc = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    base = (bh.to(tl.int64) * num_blocks + blk) * BLOCK_P * BLOCK_S
+    return base + offs_p[:, None] * BLOCK_S + offs_s[None, :]
+
+
+@triton.jit
+def _block_exit_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, start_ptr, states_ptr, decay_ptr,
+    n, h, p, s, heads_per_group, num_blocks,
+    stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per block: the state its own tokens leave at its end, Σ_j w_j x_j ⊗ B_j, and its decay f."""
+    hi = tl.program_id(0)
+    blk = tl.program_id(1)
+    bi = tl.program_id(2).to(tl.int64)
+    bh = bi * h + hi
+    A_h = tl.load(A_ptr + hi).to(tl.float32)
+    t, in_seq, dt, L, e, w, f = _block_scan_terms(
+        dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
+    )
+    u = _load_rows(u_ptr, bi, t, hi * stride_u_h, stride_u_b, stride_u_n, in_seq, p, BLOCK_P)
+    Bq = _load_rows(B_ptr, bi, t, (hi // heads_per_group) * stride_bc_g, stride_bc_b, stride_bc_n,
+                    in_seq, s, BLOCK_S)
+    x = u * (dt * w)[:, None]  # [Q, P]
+    local = tl.dot(tl.trans(x), Bq, input_precision=PRECISION)  # [P, S]
+    tl.store(states_ptr + _state_tile_offsets(bh, blk, num_blocks, BLOCK_P, BLOCK_S), local)
+    tl.store(decay_ptr + bh * num_blocks + blk, f)
+
+
+@triton.jit
+def _state_pass_kernel(
+    states_ptr, decay_ptr, final_ptr, num_blocks, state_size,
+    REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """In place, per (b·h, slice of [p, s]): block-local states -> carried ones.
+
+    Forward: entering_k = f_{k-1} entering_{k-1} + local_{k-1}. Reverse (gradients):
+    d_exit_k = f_{k+1} d_exit_{k+1} + local_{k+1}, where local is what block k+1's outputs
+    send back into its entering state.
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    carried = tl.zeros((BLOCK,), dtype=tl.float32)
+    first = num_blocks - 1 if REVERSE else 0
+    local = tl.load(states_ptr + (bh * num_blocks + first) * state_size + offs)
     for step in range(0, num_blocks):
-        blk = num_blocks - 1 - step
-        t, in_seq, dt, L, e, w, f = _block_scan_terms(
-            dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
+        blk = num_blocks - 1 - step if REVERSE else step
+        following = blk - 1 if REVERSE else blk + 1
+        # Fetch the next block's tile before this one's arithmetic: the loop is latency-bound.
+        has_next = (following >= 0) & (following < num_blocks)
+        upcoming = tl.load(
+            states_ptr + (bh * num_blocks + following) * state_size + offs,
+            mask=(offs >= 0) & has_next,
+            other=0.0,
         )
-        t64 = t.to(tl.int64)
-        u_mask = in_seq[:, None] & (offs_p[None, :] < p)
-        u_offs = bi * stride_u_b + t64[:, None] * stride_u_n + hi * stride_u_h + offs_p[None, :]
-        u = tl.load(u_ptr + u_offs, mask=u_mask, other=0.0).to(tl.float32)  # [Q, P]
-        dy_offs = bi * stride_dy_b + t64[:, None] * stride_dy_n + hi * stride_dy_h + offs_p[None, :]
-        dy = tl.load(dy_ptr + dy_offs, mask=u_mask, other=0.0).to(tl.float32)  # [Q, P]
-        bc_mask = in_seq[:, None] & (offs_s[None, :] < s)
-        bc_offs = bi * stride_bc_b + t64[:, None] * stride_bc_n + gi * stride_bc_g + offs_s[None, :]
-        Bq = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)  # [Q, S]
-        Cq = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)  # [Q, S]
-        st_offs = ((pid.to(tl.int64) * num_blocks + blk) * BLOCK_P + offs_p[:, None]) * BLOCK_S
-        state_in = tl.load(states_ptr + st_offs + offs_s[None, :])  # [P, S]
-        x = u * dt[:, None]
-        G = tl.dot(Cq, tl.trans(Bq), input_precision=PRECISION)  # [Q, Q]
+        tl.store(states_ptr + (bh * num_blocks + blk) * state_size + offs, carried)
+        carried = tl.load(decay_ptr + bh * num_blocks + blk) * carried + local
+        local = upcoming
+    if STORE_FINAL:
+        tl.store(final_ptr + bh * state_size + offs, carried)
 
-        # Intra-block quadratic form y = (G ∘ L) x.
-        B_dstate = tl.dot(Bq, tl.trans(d_state), input_precision=PRECISION)  # [Q, P]
-        dx = tl.dot(tl.trans(G * L), dy, input_precision=PRECISION) + w[:, None] * B_dstate
-        dM = tl.dot(dy, tl.trans(x), input_precision=PRECISION)  # [Q, Q]
-        dG = dM * L
-        dC = tl.dot(dG, Bq, input_precision=PRECISION)  # [Q, S]
-        dB = tl.dot(tl.trans(dG), Cq, input_precision=PRECISION)  # [Q, S]
-        dL_L = dG * G  # dLoss/dL ∘ L, the gradient reaching (cs_t - cs_j)
-        d_cs = tl.sum(dL_L, axis=1) - tl.sum(dL_L, axis=0)
 
-        # Carried-in state read by the tokens before the first segment start: e_t (S_in C_t).
-        C_state = tl.dot(Cq, tl.trans(state_in), input_precision=PRECISION)  # [Q, P]
-        dC += e[:, None] * tl.dot(dy, state_in, input_precision=PRECISION)
-        d_cs += tl.sum(dy * C_state, axis=1) * e
+@triton.jit
+def _block_output_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, states_ptr, y_ptr,
+    n, h, p, s, heads_per_group, num_blocks,
+    stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per block: y = (C Bᵀ ∘ L)(dt·u) + e ∘ (C S_inᵀ) + D u."""
+    hi = tl.program_id(0)
+    blk = tl.program_id(1)
+    bi = tl.program_id(2).to(tl.int64)
+    bh = bi * h + hi
+    A_h = tl.load(A_ptr + hi).to(tl.float32)
+    D_h = tl.load(D_ptr + hi).to(tl.float32)
+    t, in_seq, dt, L, e, w, f = _block_scan_terms(
+        dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
+    )
+    u = _load_rows(u_ptr, bi, t, hi * stride_u_h, stride_u_b, stride_u_n, in_seq, p, BLOCK_P)
+    bc_col = (hi // heads_per_group) * stride_bc_g
+    Bq = _load_rows(B_ptr, bi, t, bc_col, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
+    Cq = _load_rows(C_ptr, bi, t, bc_col, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
+    entering = tl.load(states_ptr + _state_tile_offsets(bh, blk, num_blocks, BLOCK_P, BLOCK_S))
+    G = tl.dot(Cq, tl.trans(Bq), input_precision=PRECISION)  # [Q, Q]
+    y = tl.dot(G * L, u * dt[:, None], input_precision=PRECISION)  # [Q, P]
+    y += e[:, None] * tl.dot(Cq, tl.trans(entering), input_precision=PRECISION)
+    y += D_h * u
+    offs_p = tl.arange(0, BLOCK_P)
+    y_offs = (bi * n + t.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
+    tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=in_seq[:, None] & (offs_p[None, :] < p))
 
-        # Exit state f S_in + Σ_j w_j x_j ⊗ B_j.
-        dB += w[:, None] * tl.dot(x, d_state, input_precision=PRECISION)
-        dw_w = tl.sum(x * B_dstate, axis=1) * w
-        d_cs -= dw_w
-        d_cs_last = tl.sum(dw_w, axis=0) + f * tl.sum(tl.sum(d_state * state_in, axis=1), axis=0)
-        d_cs += tl.where(offs_q == BLOCK_Q - 1, d_cs_last, 0.0)
 
-        # cs is the cumsum of a = dt·A, so da_i = Σ_{t >= i} d_cs_t.
-        d_a = tl.cumsum(d_cs, axis=0, reverse=True)
-        ddt = tl.sum(dx * u, axis=1) + d_a * A_h
-        du = dx * dt[:, None] + D_h * dy
-        dA_acc += d_a * dt
-        dD_acc += tl.sum(dy * u, axis=1)
+@triton.jit
+def _block_entry_grad_kernel(
+    dt_ptr, A_ptr, C_ptr, start_ptr, dy_ptr, dstates_ptr, n, h, p, s, heads_per_group, num_blocks,
+    stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g, stride_dy_b, stride_dy_n, stride_dy_h,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per block: what its outputs send back into its entering state, (e ∘ dy)ᵀ C."""
+    hi = tl.program_id(0)
+    blk = tl.program_id(1)
+    bi = tl.program_id(2).to(tl.int64)
+    A_h = tl.load(A_ptr + hi).to(tl.float32)
+    t, in_seq, dt, L, e, w, f = _block_scan_terms(
+        dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
+    )
+    dy = _load_rows(dy_ptr, bi, t, hi * stride_dy_h, stride_dy_b, stride_dy_n, in_seq, p, BLOCK_P)
+    Cq = _load_rows(C_ptr, bi, t, (hi // heads_per_group) * stride_bc_g, stride_bc_b, stride_bc_n,
+                    in_seq, s, BLOCK_S)
+    local = tl.dot(tl.trans(dy * e[:, None]), Cq, input_precision=PRECISION)  # [P, S]
+    tl.store(dstates_ptr + _state_tile_offsets(bi * h + hi, blk, num_blocks, BLOCK_P, BLOCK_S), local)
 
-        du_offs = (bi * n + t64[:, None]) * h * p + hi * p + offs_p[None, :]
-        tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=u_mask)
-        tl.store(ddt_ptr + (bi * n + t64) * h + hi, ddt.to(ddt_ptr.dtype.element_ty), mask=in_seq)
-        # Heads of one group share B and C: their gradients meet in one fp32 buffer.
-        dbc_offs = ((bi * n + t64[:, None]) * g + gi) * s + offs_s[None, :]
-        if heads_per_group == 1:
-            tl.store(dB_ptr + dbc_offs, dB, mask=bc_mask)
-            tl.store(dC_ptr + dbc_offs, dC, mask=bc_mask)
-        else:
-            tl.atomic_add(dB_ptr + dbc_offs, dB, mask=bc_mask)
-            tl.atomic_add(dC_ptr + dbc_offs, dC, mask=bc_mask)
-        d_state = f * d_state + tl.dot(tl.trans(e[:, None] * dy), Cq, input_precision=PRECISION)
-    tl.store(dA_part_ptr + pid, tl.sum(dA_acc, axis=0))
-    tl.store(dD_part_ptr + pid, tl.sum(dD_acc, axis=0))
+
+@triton.jit
+def _block_grad_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, dy_ptr, states_ptr, dstates_ptr,
+    du_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr,
+    n, h, p, s, heads_per_group, num_blocks,
+    stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
+    stride_dy_b, stride_dy_n, stride_dy_h,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per block, given its entering state and the gradient of its exit state: every input grad."""
+    hi = tl.program_id(0)
+    blk = tl.program_id(1)
+    bi = tl.program_id(2).to(tl.int64)
+    bh = bi * h + hi
+    gi = hi // heads_per_group
+    A_h = tl.load(A_ptr + hi).to(tl.float32)
+    D_h = tl.load(D_ptr + hi).to(tl.float32)
+    t, in_seq, dt, L, e, w, f = _block_scan_terms(
+        dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
+    )
+    u = _load_rows(u_ptr, bi, t, hi * stride_u_h, stride_u_b, stride_u_n, in_seq, p, BLOCK_P)
+    dy = _load_rows(dy_ptr, bi, t, hi * stride_dy_h, stride_dy_b, stride_dy_n, in_seq, p, BLOCK_P)
+    Bq = _load_rows(B_ptr, bi, t, gi * stride_bc_g, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
+    Cq = _load_rows(C_ptr, bi, t, gi * stride_bc_g, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
+    tile = _state_tile_offsets(bh, blk, num_blocks, BLOCK_P, BLOCK_S)
+    entering = tl.load(states_ptr + tile)  # [P, S]
+    d_exit = tl.load(dstates_ptr + tile)  # [P, S] dLoss/d(state leaving the block)
+    x = u * dt[:, None]
+    G = tl.dot(Cq, tl.trans(Bq), input_precision=PRECISION)  # [Q, Q]
+
+    # Intra-block quadratic form y = (G ∘ L) x.
+    B_dexit = tl.dot(Bq, tl.trans(d_exit), input_precision=PRECISION)  # [Q, P]
+    dx = tl.dot(tl.trans(G * L), dy, input_precision=PRECISION) + w[:, None] * B_dexit
+    dM = tl.dot(dy, tl.trans(x), input_precision=PRECISION)  # [Q, Q]
+    dG = dM * L
+    dC = tl.dot(dG, Bq, input_precision=PRECISION)  # [Q, S]
+    dB = tl.dot(tl.trans(dG), Cq, input_precision=PRECISION)  # [Q, S]
+    dL_L = dG * G  # dLoss/dL ∘ L, the gradient reaching (cs_t - cs_j)
+    d_cs = tl.sum(dL_L, axis=1) - tl.sum(dL_L, axis=0)
+
+    # Entering state read by the tokens before the first segment start: e_t (S_in C_t).
+    C_entering = tl.dot(Cq, tl.trans(entering), input_precision=PRECISION)  # [Q, P]
+    dC += e[:, None] * tl.dot(dy, entering, input_precision=PRECISION)
+    d_cs += tl.sum(dy * C_entering, axis=1) * e
+
+    # Exit state f S_in + Σ_j w_j x_j ⊗ B_j.
+    dB += w[:, None] * tl.dot(x, d_exit, input_precision=PRECISION)
+    dw_w = tl.sum(x * B_dexit, axis=1) * w
+    d_cs -= dw_w
+    d_cs_last = tl.sum(dw_w, axis=0) + f * tl.sum(tl.sum(d_exit * entering, axis=1), axis=0)
+    d_cs += tl.where(tl.arange(0, BLOCK_Q) == BLOCK_Q - 1, d_cs_last, 0.0)
+
+    # cs is the cumsum of a = dt·A, so da_i = Σ_{t >= i} d_cs_t.
+    d_a = tl.cumsum(d_cs, axis=0, reverse=True)
+    ddt = tl.sum(dx * u, axis=1) + d_a * A_h
+    du = dx * dt[:, None] + D_h * dy
+
+    t64 = t.to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_s = tl.arange(0, BLOCK_S)
+    du_offs = (bi * n + t64[:, None]) * h * p + hi * p + offs_p[None, :]
+    tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=in_seq[:, None] & (offs_p[None, :] < p))
+    tl.store(ddt_ptr + (bi * n + t64) * h + hi, ddt.to(ddt_ptr.dtype.element_ty), mask=in_seq)
+    # Heads of one group share B and C: their gradients meet in one fp32 buffer.
+    g = h // heads_per_group
+    dbc_offs = ((bi * n + t64[:, None]) * g + gi) * s + offs_s[None, :]
+    bc_mask = in_seq[:, None] & (offs_s[None, :] < s)
+    if heads_per_group == 1:
+        tl.store(dB_ptr + dbc_offs, dB, mask=bc_mask)
+        tl.store(dC_ptr + dbc_offs, dC, mask=bc_mask)
+    else:
+        tl.atomic_add(dB_ptr + dbc_offs, dB, mask=bc_mask)
+        tl.atomic_add(dC_ptr + dbc_offs, dC, mask=bc_mask)
+    tl.store(dA_part_ptr + bh * num_blocks + blk, tl.sum(d_a * dt, axis=0))
+    tl.store(dD_part_ptr + bh * num_blocks + blk, tl.sum(tl.sum(dy * u, axis=1), axis=0))
 
 
 def _check_inputs(u, dt, A, B, C, D, segment_start) -> None:
@@ -246,6 +325,17 @@ def _as_bytes(segment_start: torch.Tensor) -> torch.Tensor:
     return segment_start.to(torch.uint8).contiguous()  # [b, n]
 
 
+def _carry_states(states: torch.Tensor, decay: torch.Tensor, final, reverse: bool) -> None:
+    """Run the sequential pass over blocks on states [b·h, blocks, P, S] in place."""
+    bh, num_blocks, block_p, block_s = states.shape
+    state_size = block_p * block_s
+    block = min(STATE_PASS_BLOCK, state_size)
+    _state_pass_kernel[(bh, state_size // block)](
+        states, decay, final if final is not None else states, num_blocks, state_size,
+        REVERSE=reverse, STORE_FINAL=final is not None, BLOCK=block,
+    )
+
+
 class _SegmentedSSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, dt, A, B, C, D, segment_start, return_final_state, block_q, num_warps):
@@ -253,35 +343,31 @@ class _SegmentedSSD(torch.autograd.Function):
         b, n, h, p = u.shape
         g, s = B.shape[2], B.shape[3]
         u, B, C = (_last_dim_contiguous(t) for t in (u, B, C))
+        if B.stride() != C.stride():  # the kernels address B and C with one set of strides
+            B, C = B.contiguous(), C.contiguous()
         dt = dt.contiguous()
         starts = _as_bytes(segment_start)
         num_blocks = triton.cdiv(n, block_q)
         block_p, block_s = _padded(p), _padded(s)
-        store_states = any(ctx.needs_input_grad[:6])
-        states = torch.empty(
-            (b * h, num_blocks, block_p, block_s) if store_states else (1,),
-            device=u.device,
-            dtype=torch.float32,
-        )
-        final = torch.empty(
-            (b * h, block_p, block_s) if return_final_state else (1,),
-            device=u.device,
-            dtype=torch.float32,
-        )
+        precision = _dot_precision(u.dtype)
+        common = (n, h, p, s, h // g, num_blocks,
+                  u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1),
+                  B.stride(0), B.stride(1), B.stride(2))
+        meta = dict(BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_S=block_s, PRECISION=precision,
+                    num_warps=num_warps)
+        grid = (h, num_blocks, b)
+        # states: each block's local exit state, then (after the pass) its entering state.
+        states = torch.empty((b * h, num_blocks, block_p, block_s), device=u.device, dtype=torch.float32)
+        decay = torch.empty((b * h, num_blocks), device=u.device, dtype=torch.float32)
+        _block_exit_kernel[grid](u, dt, A, B, starts, states, decay, *common, **meta)
+        final = None
+        if return_final_state:
+            final = torch.empty((b * h, block_p, block_s), device=u.device, dtype=torch.float32)
+        _carry_states(states, decay, final, reverse=False)
         y = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
-        _ssd_fwd_kernel[(b * h,)](
-            u, dt, A, B, C, D, starts, y, states, final,
-            n, h, p, s, h // g, num_blocks,
-            u.stride(0), u.stride(1), u.stride(2),
-            dt.stride(0), dt.stride(1),
-            B.stride(0), B.stride(1), B.stride(2),
-            BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_S=block_s,
-            STORE_STATES=store_states, STORE_FINAL=return_final_state,
-            PRECISION=_dot_precision(u.dtype),
-            num_warps=num_warps,
-        )
-        if store_states:
-            ctx.save_for_backward(u, dt, A, B, C, D, starts, states)
+        _block_output_kernel[grid](u, dt, A, B, C, D, starts, states, y, *common, **meta)
+        if any(ctx.needs_input_grad[:6]):
+            ctx.save_for_backward(u, dt, A, B, C, D, starts, states, decay)
             ctx.block_q, ctx.num_warps = block_q, num_warps
         if not return_final_state:
             return y
@@ -291,33 +377,40 @@ class _SegmentedSSD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *unused_final_state_grad):
-        u, dt, A, B, C, D, starts, states = ctx.saved_tensors
+        u, dt, A, B, C, D, starts, states, decay = ctx.saved_tensors
         b, n, h, p = u.shape
         g, s = B.shape[2], B.shape[3]
         dy = _last_dim_contiguous(dy)
-        num_blocks = states.shape[1]
+        _, num_blocks, block_p, block_s = states.shape
+        heads_per_group = h // g
+        precision = _dot_precision(u.dtype)
+        meta = dict(BLOCK_Q=ctx.block_q, BLOCK_P=block_p, BLOCK_S=block_s, PRECISION=precision,
+                    num_warps=ctx.num_warps)
+        grid = (h, num_blocks, b)
+        dstates = torch.empty_like(states)
+        _block_entry_grad_kernel[grid](
+            dt, A, C, starts, dy, dstates, n, h, p, s, heads_per_group, num_blocks,
+            dt.stride(0), dt.stride(1), C.stride(0), C.stride(1), C.stride(2),
+            dy.stride(0), dy.stride(1), dy.stride(2), **meta,
+        )
+        _carry_states(dstates, decay, None, reverse=True)
         du = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
         ddt = torch.empty((b, n, h), device=u.device, dtype=dt.dtype)
-        heads_per_group = h // g
         make_bc_grad = torch.zeros if heads_per_group > 1 else torch.empty
         dB = make_bc_grad((b, n, g, s), device=u.device, dtype=torch.float32)
         dC = make_bc_grad((b, n, g, s), device=u.device, dtype=torch.float32)
-        dA_part = torch.empty((b, h), device=u.device, dtype=torch.float32)
-        dD_part = torch.empty((b, h), device=u.device, dtype=torch.float32)
-        _ssd_bwd_kernel[(b * h,)](
-            u, dt, A, B, C, D, starts, dy, states,
+        dA_part = torch.empty((b, h, num_blocks), device=u.device, dtype=torch.float32)
+        dD_part = torch.empty((b, h, num_blocks), device=u.device, dtype=torch.float32)
+        _block_grad_kernel[grid](
+            u, dt, A, B, C, D, starts, dy, states, dstates,
             du, ddt, dB, dC, dA_part, dD_part,
             n, h, p, s, heads_per_group, num_blocks,
-            u.stride(0), u.stride(1), u.stride(2),
-            dt.stride(0), dt.stride(1),
-            B.stride(0), B.stride(1), B.stride(2),
-            dy.stride(0), dy.stride(1), dy.stride(2),
-            BLOCK_Q=ctx.block_q, BLOCK_P=states.shape[2], BLOCK_S=states.shape[3],
-            PRECISION=_dot_precision(u.dtype),
-            num_warps=ctx.num_warps,
+            u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1),
+            B.stride(0), B.stride(1), B.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
+            **meta,
         )
-        dA = dA_part.sum(0).to(A.dtype)
-        dD = dD_part.sum(0).to(D.dtype)
+        dA = dA_part.sum((0, 2)).to(A.dtype)
+        dD = dD_part.sum((0, 2)).to(D.dtype)
         return du, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, None, None, None, None
 
 

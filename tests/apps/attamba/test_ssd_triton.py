@@ -166,8 +166,10 @@ def test_ssd_per_head_groups_padded_dims_and_block_sizes(monkeypatch, block_q):
     assert_ssd_matches(ssd_reference, inputs, starts, 1e-5)
 
 
-def test_ssd_reads_strided_inputs():
-    # u, B and C as slices of one projection, the way the KV-SSM splits its conv output.
+@pytest.mark.parametrize("contiguous_C", [False, True])
+def test_ssd_reads_strided_inputs(contiguous_C):
+    # u, B and C as slices of one projection, the way the KV-SSM splits its conv output; or C
+    # alone contiguous, so that B and C differ in strides.
     b, n, h, p, g, s = 1, 20, 2, 16, 1, 16
     u, dt, A, _, _, D = ssd_inputs(b, n, h, p, g, s)
     packed = torch.randn(b, n, h * p + 2 * g * s, device=DEVICE)
@@ -175,6 +177,8 @@ def test_ssd_reads_strided_inputs():
     B = packed[..., h * p : h * p + g * s].unflatten(-1, (g, s))
     C = packed[..., h * p + g * s :].unflatten(-1, (g, s))
     assert not u.is_contiguous() and not B.is_contiguous()
+    if contiguous_C:
+        C = C.contiguous()
     starts = uniform_starts(b, n, 6).to(DEVICE)
     assert_ssd_matches(ssd_reference, [u, dt, A, B, C, D], starts, 1e-5)
 
@@ -237,7 +241,7 @@ def test_conv_never_reads_across_a_segment_start():
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("chunking", ["uniform", "cyclic_offset", "random_lengths", "documents"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "shape",
     [(2, 256, 4, 32, 1, 64), (2, 300, 4, 64, 4, 32)],
@@ -255,7 +259,7 @@ def test_ssd_matches_reference_on_gpu(chunking, dtype, shape, record_property):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("chunking", ["uniform", "documents"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_ssd_matches_chunked_torch_at_benchmark_size(chunking, dtype, record_property):
     # 16 x 1024 tokens, 8 heads of 32, state 128: ssd_torch in float64 stands in for the loop
     # reference, which it is itself tested against.
@@ -269,7 +273,7 @@ def test_ssd_matches_chunked_torch_at_benchmark_size(chunking, dtype, record_pro
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_conv_matches_reference_on_gpu(dtype, record_property):
     b, n, c, width = 2, 300, 320, 4
     generator = torch.Generator().manual_seed(10)
