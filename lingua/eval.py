@@ -343,6 +343,23 @@ def validation_perplexity(model: nn.Module, tokenizer: Any, path: str, seq_len: 
     return math.exp(total_loss / total_tokens)
 
 
+def check_ready(args: EvalArgs) -> None:
+    """Fail before training starts, not at the first evaluation, when evaluation could not run:
+    lm-eval missing, WikiText-2 not found, a validation source missing."""
+    if args.tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError as error:
+            raise ImportError(f"eval.tasks={list(args.tasks)} needs lm-eval: pip install -e '.[eval]'") from error
+    if "wikitext_local" in args.tasks:
+        from lingua.lm_eval_tasks.wikitext_local.utils import find_wikitext, resolve_split_files
+
+        resolve_split_files(find_wikitext(args.wikitext_path))
+    for name, path in args.val_sources.items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"eval.val_sources.{name}: {path} does not exist")
+
+
 def _is_main_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 

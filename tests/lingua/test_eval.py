@@ -16,7 +16,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer  # noqa: E402
 
-from lingua.eval import EvalArgs, LinguaLM, main, rolling_windows, run_evaluation, task_manager  # noqa: E402
+from lingua.eval import EvalArgs, check_ready, LinguaLM, main, rolling_windows, run_evaluation, task_manager  # noqa: E402
 from lingua.lm_eval_tasks.wikitext_local import utils as wikitext_utils  # noqa: E402
 from lingua.registry import get_model_spec  # noqa: E402
 from lingua.tokenizer import ByteTokenizer  # noqa: E402
@@ -128,6 +128,16 @@ def test_missing_wikitext_path_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTAMBA_WIKITEXT_PATH", str(missing))
     with pytest.raises(FileNotFoundError, match=r"ATTAMBA_WIKITEXT_PATH"):
         wikitext_utils.load_wikitext()
+
+
+def test_check_ready_fails_fast_on_missing_inputs(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATTAMBA_WIKITEXT_PATH", raising=False)
+    with pytest.raises(FileNotFoundError, match="ATTAMBA_WIKITEXT_PATH"):
+        check_ready(EvalArgs(tasks=["wikitext_local"]))
+    wiki = write_wikitext(tmp_path / "wiki.test.tokens")
+    check_ready(EvalArgs(tasks=["wikitext_local"], wikitext_path=str(tmp_path)))  # a folder works too
+    with pytest.raises(FileNotFoundError, match="eval.val_sources.held_out"):
+        check_ready(EvalArgs(tasks=[], wikitext_path=str(wiki), val_sources={"held_out": str(tmp_path / "none.jsonl")}))
 
 
 def test_wikitext_local_through_lm_eval_matches_metric_definitions(tmp_path):
