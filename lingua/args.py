@@ -55,8 +55,14 @@ def read_raw(argv: Sequence[str]) -> DictConfig:
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
         parts.append(OmegaConf.load(path))
-    parts.append(OmegaConf.from_dotlist(overrides))
-    return OmegaConf.merge(*parts)
+    merged = OmegaConf.merge(*parts) if parts else OmegaConf.create()
+    # An override sets its key outright: `data.sources={a: 1}` replaces the YAML's sources
+    # rather than adding to them.
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        value = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
+        OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    return merged
 
 
 def build_config(schema: Any, raw: DictConfig | dict) -> Any:

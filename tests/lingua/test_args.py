@@ -31,6 +31,13 @@ def test_config_errors_name_the_key(argv, expected):
         load_train_args(argv, "transformer")
 
 
+def test_dict_override_replaces_the_yaml_dict(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  sources: {a.jsonl: 1.0}\n")
+    args = load_train_args([f"config={path}", "data.sources={b.jsonl: 2.0}"], "transformer")
+    assert args.data.sources == {"b.jsonl": 2.0}
+
+
 def test_missing_required_value_is_named():
     from dataclasses import dataclass
 
