@@ -216,6 +216,28 @@ class LinguaLM(_LMBase):
         self.max_gen_tokens, self.temperature = max_gen_tokens, temperature
         self.prefix_id = _bos_id(tokenizer)
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "LinguaLM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "LinguaLM":
+        """lm-eval's own API: ``simple_evaluate(model="attamba-lm", model_args="ckpt=RUN_DIR,...")``.
+
+        ``ckpt`` and ``device`` load the model; ``model.<field>=value`` overrides its args (e.g.
+        ``model.eval_token_chunk=16``); the other keys are this class's keyword arguments.
+        """
+        options = {**arg_dict, **{k: v for k, v in (additional_config or {}).items() if v is not None}}
+        options.pop("max_batch_size", None)  # lm-eval's automatic batch sizing is not supported
+        if "ckpt" not in options:
+            raise ValueError(f"model_args for attamba-lm need ckpt=PATH, got {sorted(options)}")
+        overrides = {key.split(".", 1)[1]: options.pop(key) for key in list(options) if key.startswith("model.")}
+        run_args = EvalRunArgs(ckpt=str(options.pop("ckpt")), device=str(options.pop("device", "auto")), model=overrides)
+        model, tokenizer, _ = load_model(run_args)
+        return cls(model, tokenizer, **options)
+
     @property
     def device(self) -> torch.device:
         return model_device(self.model)

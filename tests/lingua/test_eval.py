@@ -209,6 +209,19 @@ def test_cli_applies_model_overrides_and_logs(tmp_path):
     with pytest.raises(SystemExit, match="no_such_field"):
         main([*common, "model.no_such_field=3"])
 
+    # lm-eval's own API builds the adapter from the registry name and a model_args string.
+    results = lm_eval.simple_evaluate(
+        model="attamba-lm",
+        model_args=f"ckpt={export},device=cpu,model.sliding_window=2",
+        tasks=["wikitext_local"],
+        limit=1,
+        task_manager=task_manager(str(wiki), include_defaults=False),
+        bootstrap_iters=0,
+    )
+    assert results["results"]["wikitext_local"]["bits_per_byte,none"] == pytest.approx(
+        windowed["wikitext_local"]["bits_per_byte,none"], rel=1e-6
+    )
+
 
 def test_generate_until_is_greedy_decoding_cut_at_the_stop_string():
     model, tokenizer = tiny_model(max_seqlen=64), ByteTokenizer()
