@@ -15,7 +15,7 @@ accounting. A model without cache support is generated from by re-running the fu
 over the whole sequence at every step (slow, but correct for any model).
 
 On CUDA the decode step has static shapes (preallocated buffers, ``cache.static_shapes = True``)
-and is replayed from a CUDA graph, or compiled with ``torch.compile(mode="reduce-overhead")``.
+and is replayed from a CUDA graph, optionally of the step compiled by ``torch.compile``.
 
     python -m apps.attamba.generate ckpt=RUN_DIR prompt="Once upon a time" max_new_tokens=64 temperature=0
 """
@@ -60,8 +60,8 @@ class GenerateArgs:
     device: str = "cuda"
     """Device the command line loads the model on; falls back to cpu without CUDA."""
     fast_decode: str = "cuda_graph"
-    """Static-shape decode path on CUDA: 'cuda_graph' (capture one step, replay it),
-    'compile' (torch.compile mode reduce-overhead) or 'eager'. CPU always runs eager."""
+    """Static-shape decode path on CUDA: 'cuda_graph' (capture one step, replay it), 'compile'
+    (capture one step compiled by torch.compile) or 'eager'. CPU always runs eager."""
     use_cache: bool = True
     """False re-runs the full forward pass every step even for models with a cache (for checks)."""
 
@@ -162,6 +162,8 @@ def sample_next(logits: torch.Tensor, args: GenerateArgs, generator: Optional[to
 
 @dataclass
 class GenerationStats:
+    """What one generate call did: token counts, timings, and the cache's allocated bytes."""
+
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_seconds: float = 0.0
@@ -193,17 +195,24 @@ def _synchronize(device: torch.device) -> None:
 
 
 class DecodeStep:
-    """One decode step ``tokens [B] -> last logits [B, V]``: eager, a replayed CUDA graph, or compiled."""
+    """One decode step ``tokens [B] -> last logits [B, V]``: eager, or replayed from a CUDA graph.
+
+    ``cuda_graph`` captures one eager step; ``compile`` captures one step of the step compiled by
+    torch.compile (fused kernels, then the graph removes the launch cost). Both need a cache with
+    ``static_shapes``, ``horizon`` and ``advance_horizon`` (see apps/main/cache.py): the captured
+    step cannot run Python, so the cache's host-side position bound is advanced here instead.
+    """
 
     def __init__(self, support: CacheSupport, model: nn.Module, cache: Any, batch: int, device, mode: str):
         self.support, self.model, self.cache = support, model, cache
-        self.mode = mode if device.type == "cuda" else "eager"
+        static = device.type == "cuda" and hasattr(cache, "static_shapes")
+        self.mode = mode if static else "eager"
         self.static_tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_logits: Optional[torch.Tensor] = None
         if self.mode != "eager":
             cache.static_shapes = True
-        self._compiled = torch.compile(self._eager, mode="reduce-overhead", dynamic=False) if self.mode == "compile" else None
+        self._step = torch.compile(self._eager, dynamic=False) if self.mode == "compile" else self._eager
 
     def _eager(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.support.forward_cached(self.model, tokens, self.cache, None)[:, -1]
@@ -211,21 +220,19 @@ class DecodeStep:
     def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:
         if self.mode == "eager":
             return self._eager(next_tokens[:, None])
-        if self.mode == "compile":
-            self.static_tokens.copy_(next_tokens[:, None])
-            return self._compiled(self.static_tokens).clone()
+        self.cache.advance_horizon(self.cache.horizon + 1)
         self.static_tokens.copy_(next_tokens[:, None])
         if self.graph is None:
-            # The first step runs eagerly on a side stream (the warm-up CUDA graphs need), then
-            # one step is captured; capture records kernels without running them.
+            # The first step runs on a side stream (the warm-up CUDA graphs need; it also compiles),
+            # then one step is captured: capture records kernels without running them.
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                logits = self._eager(self.static_tokens)
+                logits = self._step(self.static_tokens)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.static_logits = self._eager(self.static_tokens)
+                self.static_logits = self._step(self.static_tokens)
             return logits
         self.graph.replay()
         return self.static_logits.clone()

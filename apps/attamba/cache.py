@@ -38,7 +38,7 @@ from apps.attamba.attention import attamba_attention
 from apps.attamba.chunking import LayerBoundaries, segment_starts, window_starts
 from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, SSMState
-from apps.main.cache import EMPTY, KVSlots, attend_slots, check_prefill
+from apps.main.cache import EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill
 from lingua.generate import register_cache_support
 from lingua.transformer import apply_rotary
 
@@ -153,21 +153,18 @@ class AttambaLayerCache:
         return self.k.nbytes + self.v.nbytes + sum(s.conv.nbytes + s.ssm.nbytes for s in states)
 
 
-class AttambaCache:
+class AttambaCache(PositionedCache):
     """Every layer's :class:`AttambaLayerCache` plus each row's next position."""
 
     def __init__(self, model: AttambaLM, batch: int, max_len: int, device, dtype):
         check_decodable(model)
-        self.max_len = max_len
+        super().__init__(batch, max_len, device)
         self.leading_tokens = model.chunking.leading_tokens
         self.pseudo_chunk = model.args.pseudo_chunk
         self.layers = [
             AttambaLayerCache(layer_tables(model, index, max_len, device), layer.attention, batch, device, dtype)
             for index, layer in enumerate(model.layers)
         ]
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # next position per row
-        self.horizon = 0
-        self.static_shapes = False  # every step is static already; set by the generator anyway
 
     def leaving_position(self, t: torch.Tensor) -> torch.Tensor:
         """[B]: the position that leaves the window when t arrives (negative: none)."""
@@ -176,10 +173,6 @@ class AttambaCache:
         if self.leading_tokens == "chunk":
             return t - 1  # moves only if it ends a chunk, i.e. when t starts a new one
         return t - int(self.leading_tokens)
-
-    def nbytes(self) -> int:
-        """Bytes of the allocated buffers: keys and values (compressed, trash, ring) and SSM states."""
-        return sum(layer.nbytes() for layer in self.layers)
 
     def live_nbytes(self) -> int:
         """Bytes of the live entries (DESIGN's count: n/P + L per layer) plus the SSM states."""
@@ -201,14 +194,6 @@ class AttambaCache:
         self.positions.fill_(n)
         for layer in self.layers:
             layer.pretend_filled(n)
-
-    def advance_horizon(self, new_horizon: int) -> None:
-        if new_horizon > self.max_len:
-            raise ValueError(
-                f"cache of max_len={self.max_len} is full: {self.horizon} positions used, "
-                f"{new_horizon - self.horizon} more requested"
-            )
-        self.horizon = new_horizon
 
 
 def check_decodable(model: AttambaLM) -> None:
@@ -316,7 +301,8 @@ def forward_cached(
     cache is empty (right-padded rows of ``lengths`` tokens), else token by token.
     """
     if tokens.shape[1] == 1 and lengths is None:
-        cache.advance_horizon(cache.horizon + 1)
+        if not cache.static_shapes:  # a captured step cannot run Python: DecodeStep advances it
+            cache.advance_horizon(cache.horizon + 1)
         return _decode(model, tokens, cache)
     lengths = check_prefill(tokens, lengths)
     if cache.horizon == 0:

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from apps.main.model import TransformerLM
 from lingua.generate import register_cache_support
@@ -91,11 +92,17 @@ class KVSlots:
         return self.k.nbytes + self.v.nbytes
 
 
+# cuDNN attention builds a plan per new shape (~7 ms of CPU each on an H100), and eager decoding
+# changes the key length every step; the memory-efficient kernel takes masks without that cost.
+_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def attend_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Attention of q [B, H, m, d] over cached k, v [B, Hkv, S, d] where ``allowed`` [B, m, S]."""
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=allowed[:, None], enable_gqa=q.shape[1] != k.shape[1]
-    )
+    with sdpa_kernel(_MASKED_BACKENDS):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed[:, None], enable_gqa=q.shape[1] != k.shape[1]
+        )
 
 
 def causal_allowed(
@@ -121,29 +128,46 @@ def check_prefill(tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> torc
     return lengths.to(device=tokens.device, dtype=torch.long)
 
 
-class TransformerCache:
-    """Per-layer KV slots plus each row's next position.
+class PositionedCache:
+    """What every cache of this framework shares: each row's next position and a host-side bound.
 
-    ``horizon`` is a host-side bound on the positions written so far, so eager decoding can
-    attend only over the filled part of a full cache and detect overflow without a device sync.
-    With ``static_shapes`` (set before capturing a CUDA graph) every step attends over all slots.
+    ``horizon`` bounds the positions written so far without a device sync, so a cache detects
+    overflow, and eager decoding of a full KV-cache attends only over its filled part. With
+    ``static_shapes`` (set by lingua.generate.DecodeStep before capturing a CUDA graph) every step
+    has the same shapes and DecodeStep advances ``horizon``. Subclasses fill ``layers``.
     """
 
+    def __init__(self, batch: int, max_len: int, device):
+        self.max_len = max_len
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # next position per row
+        self.horizon = 0
+        self.static_shapes = False
+        self.layers: list = []
+
+    def nbytes(self) -> int:
+        """Bytes of the allocated buffers of every layer."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def advance_horizon(self, new_horizon: int) -> None:
+        if new_horizon > self.max_len:
+            raise ValueError(
+                f"cache of max_len={self.max_len} is full: {self.horizon} positions used, "
+                f"{new_horizon - self.horizon} more requested"
+            )
+        self.horizon = new_horizon
+
+
+class TransformerCache(PositionedCache):
+    """Per-layer KV slots (key and value buffers; positions bookkeeping is not counted in nbytes)."""
+
     def __init__(self, model: TransformerLM, batch: int, max_len: int, device, dtype):
+        super().__init__(batch, max_len, device)
         args = model.args
         self.window: Optional[int] = args.sliding_window
-        self.max_len = max_len
         slots = min(max_len, self.window) if self.window is not None else max_len
         self.layers = [
             KVSlots.empty(batch, args.kv_heads, slots, args.head_dim, device, dtype) for _ in range(args.n_layers)
         ]
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # next position per row
-        self.horizon = 0
-        self.static_shapes = False
-
-    def nbytes(self) -> int:
-        """Bytes of the allocated key and value buffers (positions bookkeeping excluded)."""
-        return sum(layer.nbytes() for layer in self.layers)
 
     def live_nbytes(self) -> int:
         """Bytes of the (k, v) entries a next query can see (equals nbytes() once full)."""
@@ -163,14 +187,6 @@ class TransformerCache:
         for layer in self.layers:
             layer.pretend_filled(self.positions)
 
-    def advance_horizon(self, new_horizon: int) -> None:
-        if new_horizon > self.max_len:
-            raise ValueError(
-                f"cache of max_len={self.max_len} is full: {self.horizon} positions used, "
-                f"{new_horizon - self.horizon} more requested"
-            )
-        self.horizon = new_horizon
-
 
 def new_cache(model: TransformerLM, batch_size: int, max_len: int, device, dtype) -> TransformerCache:
     return TransformerCache(model, batch_size, max_len, device, dtype)
@@ -186,7 +202,8 @@ def forward_cached(
     """
     decode = tokens.shape[1] == 1 and lengths is None
     if decode:
-        cache.advance_horizon(cache.horizon + 1)
+        if not cache.static_shapes:  # a captured step cannot run Python: DecodeStep advances it
+            cache.advance_horizon(cache.horizon + 1)
     else:
         lengths = check_prefill(tokens, lengths)
         cache.advance_horizon(int((cache.positions + lengths).max()))

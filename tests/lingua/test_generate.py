@@ -160,7 +160,8 @@ def test_static_shape_decode_on_cuda_matches_eager(family, mode):
         from apps.attamba.model import AttambaLM
 
         torch.manual_seed(0)
-        model = AttambaLM(AttambaArgs(dim=32, n_layers=2, n_heads=4, multiple_of=16, state_dim=8, ssm_heads=2, token_chunk=4, leading_tokens=3))
+        # Head dim 16: compiled FlexAttention (the prefill's attention on CUDA) needs at least 16.
+        model = AttambaLM(AttambaArgs(dim=64, n_layers=2, n_heads=4, multiple_of=16, state_dim=8, ssm_heads=2, token_chunk=4, leading_tokens=3))
         model.init_weights()
     else:
         model = tiny_transformer()
