@@ -135,8 +135,8 @@ def measure(op, backend, dtype, fn, inputs, segment_start) -> Measurement:
 
 
 def sweep_triton_ssd(shape, dtype, device, segment_start) -> list[Measurement]:
-    """The Triton scan at other (block size, warps) settings than its defaults, and (fp32) with
-    single-TF32 dots."""
+    """The Triton scan at other (block size, warps) settings than its defaults, with one head per
+    program, and (fp32) with single-TF32 dots."""
     defaults = (ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS)
     rows = []
     try:
@@ -149,8 +149,14 @@ def sweep_triton_ssd(shape, dtype, device, segment_start) -> list[Measurement]:
                 measure("ssd", f"triton Q={block_q} warps={num_warps}", dtype,
                         ssd_triton.ssd_segmented_triton, inputs, segment_start)
             )
+        ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS = defaults
+        ssd_triton.SHARE_GROUP_IN_PROGRAM = False
+        rows.append(
+            measure("ssd", "triton head/program", dtype, ssd_triton.ssd_segmented_triton,
+                    ssd_inputs(shape, dtype, device), segment_start)
+        )
+        ssd_triton.SHARE_GROUP_IN_PROGRAM = True
         if dtype == torch.float32:
-            ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS = defaults
             ssd_triton.FP32_DOT_PRECISION = "tf32"
             rows.append(
                 measure("ssd", "triton tf32 dots", dtype, ssd_triton.ssd_segmented_triton,
@@ -159,6 +165,7 @@ def sweep_triton_ssd(shape, dtype, device, segment_start) -> list[Measurement]:
     finally:
         ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS = defaults
         ssd_triton.FP32_DOT_PRECISION = "tf32x3"
+        ssd_triton.SHARE_GROUP_IN_PROGRAM = True
     return rows
 
 

@@ -40,6 +40,9 @@ __all__ = ["ssd_segmented_triton", "causal_conv_segmented_triton"]
 # Tokens per block and warps of the per-block kernels; benchmarks/bench_ssm.py sweeps both.
 DEFAULT_BLOCK_Q = 64
 DEFAULT_NUM_WARPS = 4
+# Whether one program of the output and gradient kernels handles all heads of a B/C group
+# (B, C and C Bᵀ read and computed once, no atomics) or one head (more parallel programs).
+SHARE_GROUP_IN_PROGRAM = True
 # Elements of [p, s] per program of the sequential state pass.
 STATE_PASS_BLOCK = 256
 
@@ -170,29 +173,35 @@ def _block_output_kernel(
     n, h, p, s, heads_per_group, num_blocks,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """Per block: y = (C Bᵀ ∘ L)(dt·u) + e ∘ (C S_inᵀ) + D u."""
-    hi = tl.program_id(0)
+    """Per block and heads of one group: y = (C Bᵀ ∘ L)(dt·u) + e ∘ (C S_inᵀ) + D u."""
+    first_head = tl.program_id(0) * HEADS_PER_PROGRAM
     blk = tl.program_id(1)
     bi = tl.program_id(2).to(tl.int64)
-    bh = bi * h + hi
-    A_h = tl.load(A_ptr + hi).to(tl.float32)
-    D_h = tl.load(D_ptr + hi).to(tl.float32)
-    t, in_seq, dt, L, e, w, f = _block_scan_terms(
-        dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
-    )
-    u = _load_rows(u_ptr, bi, t, hi * stride_u_h, stride_u_b, stride_u_n, in_seq, p, BLOCK_P)
-    bc_col = (hi // heads_per_group) * stride_bc_g
+    t = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    in_seq = t < n
+    bc_col = (first_head // heads_per_group) * stride_bc_g
     Bq = _load_rows(B_ptr, bi, t, bc_col, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
     Cq = _load_rows(C_ptr, bi, t, bc_col, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
-    entering = tl.load(states_ptr + _state_tile_offsets(bh, blk, num_blocks, BLOCK_P, BLOCK_S))
-    G = tl.dot(Cq, tl.trans(Bq), input_precision=PRECISION)  # [Q, Q]
-    y = tl.dot(G * L, u * dt[:, None], input_precision=PRECISION)  # [Q, P]
-    y += e[:, None] * tl.dot(Cq, tl.trans(entering), input_precision=PRECISION)
-    y += D_h * u
+    G = tl.dot(Cq, tl.trans(Bq), input_precision=PRECISION)  # [Q, Q], shared by the group's heads
     offs_p = tl.arange(0, BLOCK_P)
-    y_offs = (bi * n + t.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
-    tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=in_seq[:, None] & (offs_p[None, :] < p))
+    for head in range(0, HEADS_PER_PROGRAM):
+        hi = first_head + head
+        A_h = tl.load(A_ptr + hi).to(tl.float32)
+        D_h = tl.load(D_ptr + hi).to(tl.float32)
+        t, in_seq, dt, L, e, w, f = _block_scan_terms(
+            dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
+        )
+        u = _load_rows(u_ptr, bi, t, hi * stride_u_h, stride_u_b, stride_u_n, in_seq, p, BLOCK_P)
+        tile = _state_tile_offsets(bi * h + hi, blk, num_blocks, BLOCK_P, BLOCK_S)
+        entering = tl.load(states_ptr + tile)
+        y = tl.dot(G * L, u * dt[:, None], input_precision=PRECISION)  # [Q, P]
+        y += e[:, None] * tl.dot(Cq, tl.trans(entering), input_precision=PRECISION)
+        y += D_h * u
+        y_offs = (bi * n + t.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
+        y_mask = in_seq[:, None] & (offs_p[None, :] < p)
+        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -224,13 +233,55 @@ def _block_grad_kernel(
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     stride_dy_b, stride_dy_n, stride_dy_h,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """Per block, given its entering state and the gradient of its exit state: every input grad."""
-    hi = tl.program_id(0)
+    """Per block and heads of one group, given each head's entering state and the gradient of
+    its exit state: every input gradient."""
+    first_head = tl.program_id(0) * HEADS_PER_PROGRAM
     blk = tl.program_id(1)
     bi = tl.program_id(2).to(tl.int64)
-    bh = bi * h + hi
-    gi = hi // heads_per_group
+    gi = first_head // heads_per_group
+    offs_q = tl.arange(0, BLOCK_Q)
+    t = blk * BLOCK_Q + offs_q
+    in_seq = t < n
+    Bq = _load_rows(B_ptr, bi, t, gi * stride_bc_g, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
+    Cq = _load_rows(C_ptr, bi, t, gi * stride_bc_g, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
+    G = tl.dot(Cq, tl.trans(Bq), input_precision=PRECISION)  # [Q, Q], shared by the group's heads
+    dB = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
+    dC = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
+    for head in range(0, HEADS_PER_PROGRAM):
+        hi = first_head + head
+        bh = bi * h + hi
+        dB, dC = _head_block_grads(
+            u_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, dy_ptr, states_ptr, dstates_ptr,
+            du_ptr, ddt_ptr, dA_part_ptr, dD_part_ptr, Bq, Cq, G, dB, dC, bi, hi, bh, blk,
+            n, h, p, num_blocks, stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n,
+            stride_dy_b, stride_dy_n, stride_dy_h, BLOCK_Q, BLOCK_P, BLOCK_S, PRECISION,
+        )
+    # Heads of one group share B and C: unless one program held them all, their gradients
+    # meet in one fp32 buffer.
+    g = h // heads_per_group
+    offs_s = tl.arange(0, BLOCK_S)
+    dbc_offs = ((bi * n + t.to(tl.int64)[:, None]) * g + gi) * s + offs_s[None, :]
+    bc_mask = in_seq[:, None] & (offs_s[None, :] < s)
+    if HEADS_PER_PROGRAM == heads_per_group:
+        tl.store(dB_ptr + dbc_offs, dB, mask=bc_mask)
+        tl.store(dC_ptr + dbc_offs, dC, mask=bc_mask)
+    else:
+        tl.atomic_add(dB_ptr + dbc_offs, dB, mask=bc_mask)
+        tl.atomic_add(dC_ptr + dbc_offs, dC, mask=bc_mask)
+
+
+@triton.jit
+def _head_block_grads(
+    u_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, dy_ptr, states_ptr, dstates_ptr,
+    du_ptr, ddt_ptr, dA_part_ptr, dD_part_ptr, Bq, Cq, G, dB, dC, bi, hi, bh, blk,
+    n, h, p, num_blocks, stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n,
+    stride_dy_b, stride_dy_n, stride_dy_h,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One head's share of _block_grad_kernel: stores du, ddt and the dA, dD partial sums, and
+    returns dB, dC with this head's gradients added."""
     A_h = tl.load(A_ptr + hi).to(tl.float32)
     D_h = tl.load(D_ptr + hi).to(tl.float32)
     t, in_seq, dt, L, e, w, f = _block_scan_terms(
@@ -238,21 +289,18 @@ def _block_grad_kernel(
     )
     u = _load_rows(u_ptr, bi, t, hi * stride_u_h, stride_u_b, stride_u_n, in_seq, p, BLOCK_P)
     dy = _load_rows(dy_ptr, bi, t, hi * stride_dy_h, stride_dy_b, stride_dy_n, in_seq, p, BLOCK_P)
-    Bq = _load_rows(B_ptr, bi, t, gi * stride_bc_g, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
-    Cq = _load_rows(C_ptr, bi, t, gi * stride_bc_g, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
     tile = _state_tile_offsets(bh, blk, num_blocks, BLOCK_P, BLOCK_S)
     entering = tl.load(states_ptr + tile)  # [P, S]
     d_exit = tl.load(dstates_ptr + tile)  # [P, S] dLoss/d(state leaving the block)
     x = u * dt[:, None]
-    G = tl.dot(Cq, tl.trans(Bq), input_precision=PRECISION)  # [Q, Q]
 
     # Intra-block quadratic form y = (G ∘ L) x.
     B_dexit = tl.dot(Bq, tl.trans(d_exit), input_precision=PRECISION)  # [Q, P]
     dx = tl.dot(tl.trans(G * L), dy, input_precision=PRECISION) + w[:, None] * B_dexit
     dM = tl.dot(dy, tl.trans(x), input_precision=PRECISION)  # [Q, Q]
     dG = dM * L
-    dC = tl.dot(dG, Bq, input_precision=PRECISION)  # [Q, S]
-    dB = tl.dot(tl.trans(dG), Cq, input_precision=PRECISION)  # [Q, S]
+    dC += tl.dot(dG, Bq, input_precision=PRECISION)  # [Q, S]
+    dB += tl.dot(tl.trans(dG), Cq, input_precision=PRECISION)  # [Q, S]
     dL_L = dG * G  # dLoss/dL ∘ L, the gradient reaching (cs_t - cs_j)
     d_cs = tl.sum(dL_L, axis=1) - tl.sum(dL_L, axis=0)
 
@@ -275,22 +323,12 @@ def _block_grad_kernel(
 
     t64 = t.to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
-    offs_s = tl.arange(0, BLOCK_S)
     du_offs = (bi * n + t64[:, None]) * h * p + hi * p + offs_p[None, :]
     tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=in_seq[:, None] & (offs_p[None, :] < p))
     tl.store(ddt_ptr + (bi * n + t64) * h + hi, ddt.to(ddt_ptr.dtype.element_ty), mask=in_seq)
-    # Heads of one group share B and C: their gradients meet in one fp32 buffer.
-    g = h // heads_per_group
-    dbc_offs = ((bi * n + t64[:, None]) * g + gi) * s + offs_s[None, :]
-    bc_mask = in_seq[:, None] & (offs_s[None, :] < s)
-    if heads_per_group == 1:
-        tl.store(dB_ptr + dbc_offs, dB, mask=bc_mask)
-        tl.store(dC_ptr + dbc_offs, dC, mask=bc_mask)
-    else:
-        tl.atomic_add(dB_ptr + dbc_offs, dB, mask=bc_mask)
-        tl.atomic_add(dC_ptr + dbc_offs, dC, mask=bc_mask)
     tl.store(dA_part_ptr + bh * num_blocks + blk, tl.sum(d_a * dt, axis=0))
     tl.store(dD_part_ptr + bh * num_blocks + blk, tl.sum(tl.sum(dy * u, axis=1), axis=0))
+    return dB, dC
 
 
 def _check_inputs(u, dt, A, B, C, D, segment_start) -> None:
@@ -323,6 +361,10 @@ def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 def _as_bytes(segment_start: torch.Tensor) -> torch.Tensor:
     return segment_start.to(torch.uint8).contiguous()  # [b, n]
+
+
+def _heads_per_program(heads_per_group: int) -> int:
+    return heads_per_group if SHARE_GROUP_IN_PROGRAM else 1
 
 
 def _carry_states(states: torch.Tensor, decay: torch.Tensor, final, reverse: bool) -> None:
@@ -365,7 +407,10 @@ class _SegmentedSSD(torch.autograd.Function):
             final = torch.empty((b * h, block_p, block_s), device=u.device, dtype=torch.float32)
         _carry_states(states, decay, final, reverse=False)
         y = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
-        _block_output_kernel[grid](u, dt, A, B, C, D, starts, states, y, *common, **meta)
+        heads_per_program = _heads_per_program(h // g)
+        _block_output_kernel[(h // heads_per_program, num_blocks, b)](
+            u, dt, A, B, C, D, starts, states, y, *common, **meta, HEADS_PER_PROGRAM=heads_per_program
+        )
         if any(ctx.needs_input_grad[:6]):
             ctx.save_for_backward(u, dt, A, B, C, D, starts, states, decay)
             ctx.block_q, ctx.num_warps = block_q, num_warps
@@ -396,18 +441,19 @@ class _SegmentedSSD(torch.autograd.Function):
         _carry_states(dstates, decay, None, reverse=True)
         du = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
         ddt = torch.empty((b, n, h), device=u.device, dtype=dt.dtype)
-        make_bc_grad = torch.zeros if heads_per_group > 1 else torch.empty
+        heads_per_program = _heads_per_program(heads_per_group)
+        make_bc_grad = torch.zeros if heads_per_program < heads_per_group else torch.empty
         dB = make_bc_grad((b, n, g, s), device=u.device, dtype=torch.float32)
         dC = make_bc_grad((b, n, g, s), device=u.device, dtype=torch.float32)
         dA_part = torch.empty((b, h, num_blocks), device=u.device, dtype=torch.float32)
         dD_part = torch.empty((b, h, num_blocks), device=u.device, dtype=torch.float32)
-        _block_grad_kernel[grid](
+        _block_grad_kernel[(h // heads_per_program, num_blocks, b)](
             u, dt, A, B, C, D, starts, dy, states, dstates,
             du, ddt, dB, dC, dA_part, dD_part,
             n, h, p, s, heads_per_group, num_blocks,
             u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1),
             B.stride(0), B.stride(1), B.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
-            **meta,
+            **meta, HEADS_PER_PROGRAM=heads_per_program,
         )
         dA = dA_part.sum((0, 2)).to(A.dtype)
         dD = dD_part.sum((0, 2)).to(D.dtype)

@@ -147,9 +147,12 @@ def assert_ssd_matches(oracle, inputs, segment_start, tolerance, record=None):
 # Small shapes: the interpreter on CPU, compiled on CUDA.
 
 
+@pytest.mark.parametrize("share_group", [True, False], ids=["group_per_program", "head_per_program"])
 @pytest.mark.parametrize("chunking", sorted(CHUNKINGS))
-def test_ssd_matches_reference(chunking):
-    # n = 37 leaves a partial last block; g = 1 < h exercises the shared-B/C gradient sum.
+def test_ssd_matches_reference(monkeypatch, chunking, share_group):
+    # n = 37 leaves a partial last block; g = 1 < h shares B/C across heads, whose gradients
+    # add up inside one program or through atomics.
+    monkeypatch.setattr(ssd_triton, "SHARE_GROUP_IN_PROGRAM", share_group)
     b, n, h, p, g, s = 2, 37, 2, 16, 1, 16
     inputs = ssd_inputs(b, n, h, p, g, s)
     starts = CHUNKINGS[chunking](b, n).to(DEVICE)
