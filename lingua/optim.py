@@ -61,12 +61,35 @@ def lr_multiplier(step: int, args: OptimArgs, total_steps: int) -> float:
     return floor + (1 - floor) * (1 - min(1.0, decay_progress))
 
 
-def build_optimizer(model: nn.Module, args: OptimArgs, total_steps: int):
-    """AdamW (fused on CUDA) over all parameters, and its LambdaLR schedule."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.is_cuda for p in params)
+WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name with compile / checkpoint / DDP wrapper prefixes removed."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of parameters marked ``_no_weight_decay`` (SSM decay rates, step sizes, skips).
+
+    Call it before parallelising: FSDP replaces parameters and drops such marks, names stay.
+    """
+    return {canonical_name(n) for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+
+
+def build_optimizer(model: nn.Module, args: OptimArgs, total_steps: int, no_decay: set[str] | None = None):
+    """AdamW (fused on CUDA) and its LambdaLR schedule; parameters named in ``no_decay`` (default:
+    those marked on ``model``) get no weight decay."""
+    no_decay = no_weight_decay_names(model) if no_decay is None else no_decay
+    named = [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [p for n, p in named if n not in no_decay]
+    exempt = [p for n, p in named if n in no_decay]
+    groups = [{"params": decayed}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+    fused = all(p.is_cuda for _, p in named)
     optimizer = torch.optim.AdamW(
-        params,
+        groups,
         lr=args.lr,
         betas=(args.beta1, args.beta2),
         eps=args.epsilon,

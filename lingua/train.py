@@ -28,7 +28,7 @@ from lingua.checkpoint import CheckpointArgs, CheckpointManager, export_consolid
 from lingua.data import DataArgs, build_data_stream
 from lingua.distributed import DistributedArgs
 from lingua.metrics import LoggingArgs, MetricLogger, Throughput, format_line, memory_stats, peak_flops, setup_logging
-from lingua.optim import OptimArgs, build_optimizer
+from lingua.optim import OptimArgs, build_optimizer, no_weight_decay_names
 from lingua.profiling import ProfilerArgs, StepProfiler
 from lingua.registry import get_model_spec
 from lingua.tokenizer import build_tokenizer, check_vocab
@@ -138,10 +138,11 @@ def train(args: TrainArgs) -> dict:
     flops_per_token = raw_model.flops_per_token(args.data.seq_len)
     logger.info("model %s: %.2fM parameters, %.3g training FLOPs/token", args.model_type, n_params / 1e6, flops_per_token)
 
+    no_decay = no_weight_decay_names(model)
     parallelism = distributed.resolve_parallelism(args.distributed, env)
     model = distributed.parallelize_model(model, args.distributed, env)
     autocast = distributed.autocast_context(args.distributed, env, parallelism)
-    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
+    optimizer, scheduler = build_optimizer(model, args.optim, args.steps, no_decay)
     distributed.seed_everything(args.seed, env.rank)  # per-rank streams from here on
     data = build_data_stream(args.data, env.rank, env.world_size)
     checkpoints = CheckpointManager(run_dir / "checkpoints", args.checkpoint, env)

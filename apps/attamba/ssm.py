@@ -193,6 +193,11 @@ class KVSSM(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.heads)) if args.dt_bias else None
         self.A_log = nn.Parameter(torch.empty(self.heads))
         self.D = nn.Parameter(torch.empty(self.heads))
+        # Decay rates, step sizes and the skip are not weights: decaying them toward 0 changes
+        # the recurrence itself (as in Mamba2, lingua.optim leaves them out of weight decay).
+        for parameter in (self.dt_bias, self.A_log, self.D):
+            if parameter is not None:
+                parameter._no_weight_decay = True
         self.norm = RMSNorm(self.hidden_dim)
         self.out_proj = nn.Linear(self.hidden_dim, dim_out, bias=False)
         self.reset_parameters()

@@ -20,3 +20,15 @@ def test_schedules_warm_up_then_end_where_expected(scheduler):
 def test_bad_scheduler_is_refused():
     with pytest.raises(ValueError, match="optim.scheduler"):
         OptimArgs(scheduler="triangle")
+
+
+def test_parameters_marked_no_weight_decay_get_none():
+    import torch
+
+    from lingua.optim import build_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    model.bias._no_weight_decay = True
+    optimizer, _ = build_optimizer(model, OptimArgs(weight_decay=0.1), 10)
+    decays = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decays[id(model.weight)] == 0.1 and decays[id(model.bias)] == 0.0
