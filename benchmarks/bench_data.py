@@ -2,7 +2,10 @@
 batch), to compare with what training consumes.
 
     python benchmarks/bench_data.py --source PATH --tokenizer sp --tokenizer-path sp.model \
-        --seq-len 1024 --batch-size 16 --batches 200
+        --seq-len 1024 --batch-size 16 --batches 200 --threads 8
+
+``--threads`` is ``data.tokenizer_threads`` (0 = auto); run it with 1, 2, 4, ... to see the
+scaling of the parallel tokenization.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ def measure(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         prefetch=args.prefetch,
+        tokenizer_threads=args.threads,
+        tokenize_batch=args.tokenize_batch,
         tokenizer=TokenizerArgs(name=args.tokenizer, path=args.tokenizer_path),
     )
     stream = build_data_stream(data_args, 0, 1)
@@ -33,7 +38,7 @@ def measure(args: argparse.Namespace) -> dict:
     finally:
         stream.close()
     tokens = args.batches * args.batch_size * args.seq_len
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "tokenizer_threads": stream.tokenizer_threads}
 
 
 def main() -> None:
@@ -45,10 +50,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="tokenizer threads (0 = auto)")
+    parser.add_argument("--tokenize-batch", type=int, default=DataArgs.tokenize_batch)
     parser.add_argument("--out", default=None, help="also write the result as JSON here")
     args = parser.parse_args()
     result = measure(args)
-    print(f"data pipeline: {result['tokens_per_s']:,.0f} tokens/s ({result['tokens']:,} tokens in {result['seconds']:.2f} s)")
+    print(
+        f"data pipeline: {result['tokens_per_s']:,.0f} tokens/s ({result['tokens']:,} tokens in "
+        f"{result['seconds']:.2f} s, {result['tokenizer_threads']} tokenizer threads)"
+    )
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({**vars(args), **result}, handle)

@@ -8,7 +8,9 @@ one ``{"text": ...}`` document per line. The pipeline, per rank:
    list; otherwise it reads the lines r, r + world_size, ... of every shard. Either way the ranks'
    documents are disjoint for the whole run. A malformed line (bad JSON, no ``"text"`` string) is skipped and counted.
 2. **mix** the sources: each next document comes from a source drawn by weight from a seeded RNG.
-3. **tokenize** it (BOS/EOS as configured) and **pack** the documents end to end into rows of
+3. **tokenize** it (BOS/EOS as configured; ``tokenizer_threads`` threads tokenize the next
+   documents ahead of use, in batches, and hand them out in drawing order, so the stream does not
+   depend on the thread count) and **pack** the documents end to end into rows of
    ``seq_len + 1`` tokens; a row starts at the last token of the row before, so each token is a
    target exactly once. ``tokens = row[:-1]``, ``labels = row[1:]``, and ``doc_ids`` numbers the
    documents in a row 0, 1, 2, ..., increasing at each document start. The label of a document's
@@ -29,8 +31,11 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import os
 import queue
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
@@ -38,7 +43,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 import numpy as np
 import torch
 
-from lingua.tokenizer import Tokenizer, TokenizerArgs, build_tokenizer
+from lingua.tokenizer import Tokenizer, TokenizerArgs, build_tokenizer, encode_batch
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz")
 _STATE_VERSION = 1
@@ -65,6 +70,13 @@ class DataArgs:
     """Begin every document with the tokenizer's BOS id."""
     add_eos: bool = True
     """End every document with the tokenizer's EOS id."""
+    tokenizer_threads: int = 0
+    """Threads tokenizing documents ahead of the packer; 0 = auto (this rank's share of the
+    CPUs, at most 16); 1 tokenizes in the thread that packs. The batches do not depend on it,
+    and a state saved with one count resumes with another."""
+    tokenize_batch: int = 16
+    """Documents per tokenizer call (one task of a tokenizer thread). Larger amortizes the
+    per-call cost; smaller reads less ahead (the read-ahead is redone after a resume)."""
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
 
 
@@ -234,32 +246,43 @@ class ShardReader:
 # Mixing, packing and shuffling
 
 
+class TextSource(Protocol):
+    """Gives document texts one by one and can rewind to a saved position. A finite source
+    raises ``StopIteration`` at its end."""
+
+    def next_text(self) -> str: ...
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
 class DocumentSource(Protocol):
     """Gives tokenized documents one by one and can rewind to a saved position."""
 
     def next_document(self) -> list[int]: ...
 
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> Any: ...
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 class SourceMixer:
-    """Tokenized documents drawn from several readers by weight."""
+    """Document texts drawn from several readers by weight."""
 
-    def __init__(self, readers: list[ShardReader], weights: list[float], tokenize: Callable[[str], list[int]], seed: int, rank: int):
+    def __init__(self, readers: list[ShardReader], weights: list[float], seed: int, rank: int):
         self.readers = readers
         self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
-        self.tokenize = tokenize
         self.rng = _seeded_rng(seed, rank, 0x5EED)
 
-    def next_document(self) -> list[int]:
+    def next_text(self) -> str:
         index = int(self.rng.choice(len(self.readers), p=self.probabilities)) if len(self.readers) > 1 else 0
-        return self.tokenize(self.readers[index].next_text())
+        return self.readers[index].next_text()
 
-    @property
-    def skipped_lines(self) -> int:
-        return sum(reader.skipped for reader in self.readers)
+    @staticmethod
+    def skipped_lines(state: dict) -> int:
+        """Malformed lines skipped by the readers up to the position ``state``."""
+        return sum(int(reader["skipped"]) for reader in state["readers"])
 
     def state_dict(self) -> dict:
         return {
@@ -275,6 +298,85 @@ class SourceMixer:
     def close(self) -> None:
         for reader in self.readers:
             reader.close()
+
+
+class ReadAheadTokenizer:
+    """The documents of a text source, tokenized ahead of use and handed out in the source's
+    order: ``threads`` threads each tokenize ``batch`` documents at a time (the built-in
+    tokenizers release the GIL), keeping two batches per thread in flight.
+
+    Every document carries the source's state as of right after it was drawn, and
+    :meth:`state_dict` is that of the last document handed out, i.e. the position before the
+    next one, however far the reading has run ahead. Restoring a state drops the read-ahead and
+    redoes it, so the documents never depend on ``threads`` or ``batch``."""
+
+    def __init__(self, texts: TextSource, tokenizer: Tokenizer, add_bos: bool, add_eos: bool, threads: int = 1, batch: int = 16):
+        if threads < 1 or batch < 1:
+            raise ValueError(f"tokenizer threads and batch must be >= 1, got {threads} and {batch}")
+        self.texts, self.tokenizer = texts, tokenizer
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.threads, self.batch = threads, batch
+        self._state = texts.state_dict()
+        self._ready: deque[tuple[list[int], Any]] = deque()  # (ids, source state after the document)
+        self._pending: deque[tuple[Future, list]] = deque()  # batches being tokenized, oldest first
+        self._exhausted = False
+        self._pool: Optional[ThreadPoolExecutor] = None  # started on first use
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return encode_batch(self.tokenizer, texts, self.add_bos, self.add_eos, num_threads=1)
+
+    def _draw(self) -> tuple[list[str], list[Any]]:
+        """The next ``batch`` texts (fewer at the end of a finite source) and the state after each."""
+        texts, states = [], []
+        while len(texts) < self.batch and not self._exhausted:
+            try:
+                texts.append(self.texts.next_text())
+            except StopIteration:
+                self._exhausted = True
+                break
+            states.append(self.texts.state_dict())
+        return texts, states
+
+    def _refill(self) -> None:
+        if self.threads == 1:
+            texts, states = self._draw()
+            self._ready.extend(zip(self._encode(texts), states, strict=True))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="data-tokenize")
+        while len(self._pending) < 2 * self.threads and not self._exhausted:
+            texts, states = self._draw()
+            if texts:
+                self._pending.append((self._pool.submit(self._encode, texts), states))
+        if self._pending:
+            future, states = self._pending.popleft()
+            self._ready.extend(zip(future.result(), states, strict=True))
+
+    def next_document(self) -> list[int]:
+        if not self._ready:
+            self._refill()
+            if not self._ready:
+                raise StopIteration  # a finite source has ended
+        ids, self._state = self._ready.popleft()
+        return ids
+
+    def state_dict(self) -> Any:
+        return self._state
+
+    def load_state_dict(self, state: Any) -> None:
+        for future, _ in self._pending:
+            future.cancel()  # one already running finishes and is dropped
+        self._pending.clear()
+        self._ready.clear()
+        self._exhausted = False
+        self.texts.load_state_dict(state)
+        self._state = copy.deepcopy(state)
+
+    def close(self) -> None:
+        """Stop the tokenizer threads once the batches in flight are done (those stay usable)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 @dataclass
@@ -434,19 +536,24 @@ class DataStream:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
         if args.seq_len < 1 or args.batch_size < 1:
             raise ValueError(f"data.seq_len and data.batch_size must be >= 1, got {args.seq_len} and {args.batch_size}")
+        if args.tokenizer_threads < 0 or args.tokenize_batch < 1:
+            raise ValueError(
+                f"data.tokenizer_threads must be >= 0 (0 = auto) and data.tokenize_batch >= 1, got "
+                f"{args.tokenizer_threads} and {args.tokenize_batch}"
+            )
         self.args, self.rank, self.world_size = args, rank, world_size
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(args.tokenizer)
         paths = list(args.sources)
         readers = [ShardReader(path, index, args.seed, rank, world_size) for index, path in enumerate(paths)]
-
-        def tokenize(text: str) -> list[int]:
-            return self.tokenizer.encode(text, add_bos=args.add_bos, add_eos=args.add_eos)
-
-        self._mixer = SourceMixer(readers, [args.sources[p] for p in paths], tokenize, args.seed, rank)
-        self._shuffler = BlockShuffler(Packer(self._mixer, args.seq_len), args.shuffle_buffer, args.seed, rank)
+        self._mixer = SourceMixer(readers, [args.sources[p] for p in paths], args.seed, rank)
+        self.tokenizer_threads = args.tokenizer_threads or auto_tokenizer_threads()
+        self._documents = ReadAheadTokenizer(
+            self._mixer, self.tokenizer, args.add_bos, args.add_eos, self.tokenizer_threads, args.tokenize_batch
+        )
+        self._shuffler = BlockShuffler(Packer(self._documents, args.seq_len), args.shuffle_buffer, args.seed, rank)
         self._prefetcher: Optional[Prefetcher] = None
         self._state = self._make_state()
-        self._skipped_lines = self._mixer.skipped_lines
+        self._skipped_lines = self._consumed_skipped_lines()
 
     def _fingerprint(self) -> dict:
         args = self.args
@@ -463,13 +570,17 @@ class DataStream:
             "world_size": self.world_size,
         }
 
+    def _consumed_skipped_lines(self) -> int:
+        # Counted up to the last document packed, not the read-ahead, so it matches the batches.
+        return SourceMixer.skipped_lines(self._documents.state_dict())
+
     def _make_state(self) -> dict:
         return {"version": _STATE_VERSION, "config": self._fingerprint(), "pipeline": self._shuffler.state_dict()}
 
     def _produce(self) -> tuple[Batch, dict]:
         """The next batch and the state right after it (runs in the prefetch thread if any)."""
         rows = [self._shuffler.next_row() for _ in range(self.args.batch_size)]
-        return rows_to_batch(rows, self._mixer.skipped_lines), self._make_state()
+        return rows_to_batch(rows, self._consumed_skipped_lines()), self._make_state()
 
     def __iter__(self) -> "DataStream":
         return self
@@ -507,7 +618,7 @@ class DataStream:
         self._stop_prefetch()
         self._shuffler.load_state_dict(state["pipeline"])
         self._state = copy.deepcopy(state)
-        self._skipped_lines = self._mixer.skipped_lines
+        self._skipped_lines = self._consumed_skipped_lines()
 
     def _stop_prefetch(self) -> None:
         if self._prefetcher is not None:
@@ -515,8 +626,9 @@ class DataStream:
             self._prefetcher = None
 
     def close(self) -> None:
-        """Stop the prefetch thread and close open shards."""
+        """Stop the prefetch and tokenizer threads and close open shards."""
         self._stop_prefetch()
+        self._documents.close()
         self._mixer.close()
 
     def __enter__(self) -> "DataStream":
@@ -524,6 +636,14 @@ class DataStream:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def auto_tokenizer_threads() -> int:
+    """Tokenizer threads for ``tokenizer_threads=0``: the CPUs this process may use, shared
+    among the ranks of the node (``LOCAL_WORLD_SIZE``, set by torchrun), at most 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, cpus // local_ranks))
 
 
 def build_data_stream(args: DataArgs, rank: int = 0, world_size: int = 1) -> DataStream:
@@ -535,19 +655,18 @@ def build_data_stream(args: DataArgs, rank: int = 0, world_size: int = 1) -> Dat
 # Evaluation
 
 
-class _SequentialDocuments:
-    """Documents of one source in file order, once (for evaluation; no rewinding)."""
+class _SequentialTexts:
+    """Texts of one source in file order, once (for evaluation; no rewinding)."""
 
-    def __init__(self, path: str, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
+    def __init__(self, path: str):
         self.counts: dict[str, int] = {}
         self._texts = iter_texts(path, self.counts)
-        self._encode = lambda text: tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos)
 
-    def next_document(self) -> list[int]:
-        return self._encode(next(self._texts))  # StopIteration ends the evaluation pass
+    def next_text(self) -> str:
+        return next(self._texts)  # StopIteration ends the evaluation pass
 
-    def state_dict(self) -> dict:
-        return {}
+    def state_dict(self) -> int:
+        return self.counts.get("skipped", 0)  # the malformed lines skipped so far
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError("evaluation documents are read once and cannot rewind")
@@ -561,25 +680,31 @@ def iter_eval_batches(
     max_batches: Optional[int] = None,
     add_bos: bool = True,
     add_eos: bool = True,
+    tokenizer_threads: int = 1,
 ) -> Iterator[Batch]:
     """Held-out batches of a source, packed like training data, in file order, no shuffling.
 
     One pass: the tokens that do not fill a last row are dropped, and the last batch may have
-    fewer than ``batch_size`` rows. The same arguments always give the same batches.
+    fewer than ``batch_size`` rows. The same arguments always give the same batches, whatever
+    ``tokenizer_threads`` (0 = auto, as in :class:`DataArgs`).
     """
-    documents = _SequentialDocuments(path, tokenizer, add_bos, add_eos)
+    threads = tokenizer_threads or auto_tokenizer_threads()
+    documents = ReadAheadTokenizer(_SequentialTexts(path), tokenizer, add_bos, add_eos, threads)
     packer = Packer(documents, seq_len)
     produced = 0
-    while max_batches is None or produced < max_batches:
-        rows: list[Row] = []
-        try:
-            while len(rows) < batch_size:
-                rows.append(packer.next_row())
-        except StopIteration:
-            pass
-        if rows:
-            yield rows_to_batch(rows, documents.counts.get("skipped", 0))
-            produced += 1
-        if len(rows) < batch_size:
-            return
+    try:
+        while max_batches is None or produced < max_batches:
+            rows: list[Row] = []
+            try:
+                while len(rows) < batch_size:
+                    rows.append(packer.next_row())
+            except StopIteration:
+                pass
+            if rows:
+                yield rows_to_batch(rows, documents.state_dict())
+                produced += 1
+            if len(rows) < batch_size:
+                return
+    finally:
+        documents.close()
 

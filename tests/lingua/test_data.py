@@ -1,15 +1,18 @@
-"""The data pipeline: packing, mixing, sharding, malformed lines, errors and exact resume."""
+"""The data pipeline: packing, mixing, sharding, malformed lines, errors, exact resume and
+parallel tokenization."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
+import threading
 
 import pytest
 import torch
 
-from lingua.data import DataArgs, build_data_stream, iter_eval_batches
-from lingua.tokenizer import ByteTokenizer
+from lingua.data import DataArgs, ReadAheadTokenizer, build_data_stream, iter_eval_batches
+from lingua.tokenizer import ByteTokenizer, TokenizerArgs, build_tokenizer, encode_batch
 
 
 def numbered_documents(prefix: str, count: int) -> list[str]:
@@ -239,3 +242,111 @@ def test_tiny_corpus_split_between_two_ranks(tiny_corpus):
             documents.append({text for b in [batch, *take(stream, 20)] for text in decoded_documents(b)})
     # Two shards, two ranks: each rank reads its own shard, so no document is seen by both.
     assert documents[0] and documents[1] and not documents[0] & documents[1]
+
+
+class CountingTexts:
+    """A text source whose state is the number of texts drawn (text i is "doc i")."""
+
+    def __init__(self, limit: int = 10**9):
+        self.drawn, self.limit = 0, limit
+
+    def next_text(self) -> str:
+        if self.drawn == self.limit:
+            raise StopIteration
+        self.drawn += 1
+        return f"doc {self.drawn - 1}"
+
+    def state_dict(self) -> int:
+        return self.drawn
+
+    def load_state_dict(self, state: int) -> None:
+        self.drawn = state
+
+
+def test_read_ahead_state_is_that_of_the_last_document_handed_out():
+    texts = CountingTexts()
+    documents = ReadAheadTokenizer(texts, ByteTokenizer(), add_bos=False, add_eos=False, threads=3, batch=2)
+    assert documents.state_dict() == 0
+    for index in range(5):
+        assert bytes(documents.next_document()) == f"doc {index}".encode()
+        assert documents.state_dict() == index + 1
+    assert texts.drawn > 5  # read ahead: more drawn than handed out
+    documents.load_state_dict(2)
+    assert [bytes(documents.next_document()) for _ in range(3)] == [b"doc 2", b"doc 3", b"doc 4"]
+    documents.close()
+    # A finite source ends with StopIteration after its last document, whatever the batching.
+    finite = ReadAheadTokenizer(CountingTexts(limit=5), ByteTokenizer(), False, False, threads=2, batch=3)
+    assert [bytes(finite.next_document()) for _ in range(5)][-1] == b"doc 4"
+    with pytest.raises(StopIteration):
+        finite.next_document()
+    finite.close()
+
+
+def test_encode_batch_matches_encode(tmp_path, write_jsonl):
+    from setup.train_tokenizer import train_sentencepiece
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [" ".join(words[(i + k) % 6] for k in range(7)) for i in range(120)])
+    model = train_sentencepiece([str(corpus)], vocab_size=60, out_prefix=str(tmp_path / "tok"), byte_fallback=False)
+    texts = ["alpha beta", "", "zeta gamma delta ✓", "epsilon"] * 3
+
+    class EncodeOnly:  # a tokenizer without encode_batch of its own
+        vocab_size, bos_id, eos_id = 258, 256, 257
+        encode = ByteTokenizer.encode
+
+    for tokenizer in (ByteTokenizer(), build_tokenizer(TokenizerArgs(name="sp", path=str(model))), EncodeOnly()):
+        for add_bos, add_eos in ((True, True), (False, True), (True, False)):
+            expected = [tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos) for text in texts]
+            for threads in (1, 3):
+                assert encode_batch(tokenizer, texts, add_bos, add_eos, num_threads=threads) == expected
+
+
+def test_parallel_tokenization_gives_the_same_stream_and_resumes(tmp_path, write_jsonl):
+    write_jsonl(tmp_path / "a" / "part0.jsonl", numbered_documents("A", 40))
+    write_jsonl(tmp_path / "a" / "part1.jsonl", numbered_documents("G", 30) + [b"broken"])
+    b = write_jsonl(tmp_path / "b.jsonl", numbered_documents("B", 30))
+    serial = DataArgs(
+        sources={str(tmp_path / "a"): 2.0, str(b): 1.0},
+        batch_size=3,
+        seq_len=20,
+        shuffle_buffer=4,
+        prefetch=2,
+        tokenizer_threads=1,
+        tokenize_batch=1,
+    )
+    parallel = dataclasses.replace(serial, tokenizer_threads=3, tokenize_batch=5)
+    with build_data_stream(serial, 0, 1) as stream:
+        expected = take(stream, 33)
+    with build_data_stream(parallel, 0, 1) as stream:
+        first = take(stream, 11)
+        state = stream.state_dict()
+        assert_same_batches(first + take(stream, 19), expected[:30])
+    assert expected[29].skipped_lines > 0
+    # The state does not depend on the thread count: a parallel stream's state resumes a serial
+    # one and the other way round.
+    with build_data_stream(serial, 0, 1) as stream:
+        stream.load_state_dict(json.loads(json.dumps(state)))
+        assert_same_batches(take(stream, 19), expected[11:30])
+        assert stream.skipped_lines == expected[29].skipped_lines
+        state = stream.state_dict()
+    with build_data_stream(parallel, 0, 1) as stream:
+        stream.load_state_dict(state)
+        assert_same_batches(take(stream, 3), expected[30:])
+    assert not [t for t in threading.enumerate() if t.name.startswith("data-tokenize")]
+
+
+def test_eval_batches_do_not_depend_on_tokenizer_threads(tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "valid.jsonl", numbered_documents("V", 25) + [b"bad"] + numbered_documents("W", 5))
+    serial = list(iter_eval_batches(str(source), ByteTokenizer(), seq_len=16, batch_size=3, tokenizer_threads=1))
+    parallel = list(iter_eval_batches(str(source), ByteTokenizer(), seq_len=16, batch_size=3, tokenizer_threads=3))
+    assert len(serial) > 5
+    assert_same_batches(parallel, serial)
+    assert [batch.skipped_lines for batch in parallel] == [batch.skipped_lines for batch in serial]
+
+
+def test_bad_tokenizer_settings_name_the_key(tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "a.jsonl", ["abc"])
+    with pytest.raises(ValueError, match="data.tokenizer_threads must be >= 0.*got -1"):
+        build_data_stream(DataArgs(sources={str(source): 1.0}, tokenizer_threads=-1), 0, 1)
+    with pytest.raises(ValueError, match="data.tokenize_batch >= 1.*got 0 and 0"):
+        build_data_stream(DataArgs(sources={str(source): 1.0}, tokenize_batch=0), 0, 1)
