@@ -31,6 +31,9 @@ from apps.attamba.chunking import LayerBoundaries, LeadingTokens, window_starts
 from lingua import masks
 from lingua.transformer import attend as causal_attention
 
+COMPRESSED_SLOT_MULTIPLE = 128
+"""Compressed-slot counts of non-periodic boundaries are rounded up to this (FlexAttention's block)."""
+
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -89,6 +92,7 @@ class GatheredLayout:
         """x [B, H, n, d] -> [K_c ; K] of shape [B, H, nc + n, d]."""
         if self.positions is None:
             compressed = x[:, :, self.first_position :: self.chunk_size]
+            compressed = F.pad(compressed, (0, 0, 0, self.compressed_count - compressed.shape[2]))
         elif self.positions.shape[0] == 1:
             compressed = x.index_select(2, self.positions[0].clamp(max=self.n - 1))
         else:
@@ -101,6 +105,7 @@ class GatheredLayout:
         full = torch.arange(self.n, device=device)[None]
         if self.positions is None:
             compressed = torch.arange(self.compressed_count, device=device)[None] * self.chunk_size + self.first_position
+            compressed = compressed.clamp(max=self.n)
         else:
             compressed = self.positions
         return torch.cat([compressed, full.expand(compressed.shape[0], -1)], dim=1)
@@ -126,15 +131,20 @@ def gathered_layout(
     if boundaries.period is not None:
         chunk_size, offset = boundaries.period
         first = chunk_size - 1 - offset
-        count = max(0, (n - 1 - first) // chunk_size + 1)
+        # ceil(n / P) slots whatever the offset (a layer with fewer boundaries pads one slot),
+        # and the offset as a tensor: every layer of a cyclic model then shares one compiled
+        # kernel instead of recompiling per offset.
+        count = -(-n // chunk_size)
+        first_tensor = torch.tensor(first, device=device)
+        offset_tensor = torch.tensor(offset, device=device)
 
         def compressed_position(b, slot):
-            return first + slot * chunk_size
+            return first_tensor + slot * chunk_size
 
         if leading_tokens == "chunk":
 
             def window_start(b, q_idx):
-                return q_idx - (q_idx + offset) % chunk_size
+                return q_idx - (q_idx + offset_tensor) % chunk_size
 
         else:
 
@@ -146,10 +156,14 @@ def gathered_layout(
     else:
         is_boundary = boundaries.is_boundary
         rows = is_boundary.shape[0]
-        count = max(1, int(is_boundary.sum(dim=1).max()))  # at least one (padding) slot
+        # Round the slot count up so that batches with a few more or fewer boundaries share a
+        # shape (and a compiled kernel): at least one slot, padding is masked.
+        most = int(is_boundary.sum(dim=1).max())
+        count = COMPRESSED_SLOT_MULTIPLE * max(1, -(-most // COMPRESSED_SLOT_MULTIPLE))
         # Each row's boundary positions, ascending, padded with n: sort puts True first, stably.
         slot_source = torch.where(is_boundary, torch.arange(n, device=device), n)
-        positions = slot_source.sort(dim=1).values[:, :count]  # [rows, nc]
+        positions = slot_source.sort(dim=1).values[:, :count]  # [rows, min(n, nc)]
+        positions = F.pad(positions, (0, count - positions.shape[1]), value=n)  # [rows, nc]
         starts = window_starts(boundaries, leading_tokens, n)  # [1 or rows, n]
         pick = (lambda b: b) if rows > 1 else (lambda b: 0)
         start_pick = (lambda b: b) if starts.shape[0] > 1 else (lambda b: 0)

@@ -135,8 +135,16 @@ def test_variable_boundary_counts_pad_the_compressed_keys():
     counts = boundaries.is_boundary.sum(dim=1)
     assert counts[0] != counts[1]
     layout = gathered_layout(boundaries, 2, None, N)
-    assert layout.compressed_count == counts.max()
-    assert (layout.positions == N).sum() == counts.max() - counts.min()
+    # Rounded up to a multiple of 128 slots, so batches share shapes (and compiled kernels).
+    assert layout.compressed_count == 128
+    assert (layout.positions == N).sum(dim=1).tolist() == (128 - counts).tolist()
+    assert layout.gather(torch.randn(2, 1, N, 4)).shape == (2, 1, 128 + N, 4)
+
+
+def test_periodic_layouts_share_one_shape_across_offsets():
+    # Offsets give ceil(n / P) or one fewer boundaries; every layer gets ceil(n / P) slots.
+    shapes = {gathered_layout(periodic_boundaries(N, 4, offset), 3, None, N).gather(torch.randn(1, 1, N, 4)).shape for offset in range(4)}
+    assert shapes == {(1, 1, 8 + N, 4)}
 
 
 def test_static_block_masks_are_built_once():
