@@ -160,3 +160,23 @@ def test_key_mass_is_a_distribution_over_keys():
     mass = attention_key_mass(q, k, reference_mask(boundaries_of("uniform", 4), 3, DOCS, N))
     assert mass.shape == (2, N)
     torch.testing.assert_close(mass.sum(dim=1), torch.ones(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled FlexAttention)")
+@pytest.mark.parametrize("kind,leading_tokens", [("cyclic", 16), ("cyclic", "chunk"), ("random", 8)])
+def test_compiled_flex_forward_and_backward_match_the_dense_mask_on_cuda(kind, leading_tokens):
+    torch.manual_seed(5)
+    n = 512
+    inputs = [torch.randn(2, 4, n, 64, device="cuda", requires_grad=True) for _ in range(3)]
+    doc_ids = torch.cumsum(torch.rand(2, n, device="cuda") < 0.01, dim=1)
+    if kind == "random":
+        boundaries = random_boundaries(2, n, 8, torch.Generator().manual_seed(0), "cuda")
+    else:
+        boundaries = periodic_boundaries(n, 8, 3, "cuda")
+    results = []
+    for impl in ("sdpa_dense", "flex"):
+        out = attamba_attention(*inputs, boundaries, leading_tokens, doc_ids, impl)
+        results.append((out, *torch.autograd.grad(out.square().sum(), inputs)))
+    for dense, flex in zip(*results):
+        torch.testing.assert_close(flex, dense, atol=2e-3, rtol=2e-3)
