@@ -82,7 +82,9 @@ class GatheredLayout:
     """Long [B or 1, nc]: source position of each compressed slot (n for padding); None for
     periodic boundaries, whose slots are first, first+P, ..."""
     first_position: int = 0
+    """Periodic boundaries: the first boundary, P - 1 - offset."""
     chunk_size: int = 1
+    """Periodic boundaries: P, the stride between compressed slots."""
     mask_rows: int = 1
     """Batch rows the mask depends on (1 when every row shares it)."""
     cache_key: Optional[tuple] = None
