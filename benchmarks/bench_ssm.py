@@ -4,7 +4,7 @@ Times forward and forward+backward (median ms, ``triton.testing.do_bench``) of e
 the 60M Attamba model's shape: b=16, n=1024, 8 SSM heads of 32, state 128, one B/C group, uniform
 chunks of P=8, conv width 4 over the 512 conv channels. Backends: ``torch`` (apps.attamba.ssd_torch
 under torch.compile), ``triton`` (apps.attamba.ssd_triton at its defaults, plus a sweep of its
-block size and warps), and ``mamba_ssm`` when that package is installed. Inputs follow the model:
+block size, warps and state tile), and ``mamba_ssm`` when that package is installed. Inputs follow the model:
 u, B, C and the conv input in the run dtype; dt, A and D in fp32.
 
     python benchmarks/bench_ssm.py [--out results.json] [--no-sweep]
@@ -134,38 +134,31 @@ def measure(op, backend, dtype, fn, inputs, segment_start) -> Measurement:
     return row
 
 
+SWEEP = [(32, 4, 32), (32, 8, 64), (64, 4, 32), (64, 8, 32), (64, 8, 64), (128, 8, 32)]
+
+
 def sweep_triton_ssd(shape, dtype, device, segment_start) -> list[Measurement]:
-    """The Triton scan at other (block size, warps) settings than its defaults, with one head per
-    program, and (fp32) with single-TF32 dots."""
-    defaults = (ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS)
+    """The Triton scan at other (block size, warps, widest state tile) settings than its
+    defaults, and (fp32) with single-TF32 dots."""
+    defaults = (ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS, ssd_triton.MAX_TILE_S)
     rows = []
+
+    def run(name):
+        rows.append(measure("ssd", name, dtype, ssd_triton.ssd_segmented_triton,
+                            ssd_inputs(shape, dtype, device), segment_start))
+
     try:
-        for block_q, num_warps in [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8)]:
-            if (block_q, num_warps) == defaults:
-                continue
-            ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS = block_q, num_warps
-            inputs = ssd_inputs(shape, dtype, device)
-            rows.append(
-                measure("ssd", f"triton Q={block_q} warps={num_warps}", dtype,
-                        ssd_triton.ssd_segmented_triton, inputs, segment_start)
-            )
-        ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS = defaults
-        ssd_triton.SHARE_GROUP_IN_PROGRAM = False
-        rows.append(
-            measure("ssd", "triton head/program", dtype, ssd_triton.ssd_segmented_triton,
-                    ssd_inputs(shape, dtype, device), segment_start)
-        )
-        ssd_triton.SHARE_GROUP_IN_PROGRAM = True
+        for config in SWEEP:
+            if config != defaults:
+                ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS, ssd_triton.MAX_TILE_S = config
+                run("triton Q={} warps={} tile={}".format(*config))
         if dtype == torch.float32:
+            ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS, ssd_triton.MAX_TILE_S = defaults
             ssd_triton.FP32_DOT_PRECISION = "tf32"
-            rows.append(
-                measure("ssd", "triton tf32 dots", dtype, ssd_triton.ssd_segmented_triton,
-                        ssd_inputs(shape, dtype, device), segment_start)
-            )
+            run("triton tf32 dots")
     finally:
-        ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS = defaults
+        ssd_triton.DEFAULT_BLOCK_Q, ssd_triton.DEFAULT_NUM_WARPS, ssd_triton.MAX_TILE_S = defaults
         ssd_triton.FP32_DOT_PRECISION = "tf32x3"
-        ssd_triton.SHARE_GROUP_IN_PROGRAM = True
     return rows
 
 
@@ -192,10 +185,10 @@ def format_table(rows: list[Measurement]) -> str:
     def ms(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    lines = [f"{'op':<5} {'backend':<24} {'dtype':<9} {'fwd ms':>8} {'fwd+bwd ms':>11}  note"]
+    lines = [f"{'op':<5} {'backend':<30} {'dtype':<9} {'fwd ms':>8} {'fwd+bwd ms':>11}  note"]
     for row in rows:
         lines.append(
-            f"{row.op:<5} {row.backend:<24} {row.dtype:<9} {ms(row.forward_ms):>8} "
+            f"{row.op:<5} {row.backend:<30} {row.dtype:<9} {ms(row.forward_ms):>8} "
             f"{ms(row.forward_backward_ms):>11}  {row.note}"
         )
     return "\n".join(lines)
@@ -217,10 +210,10 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for backend, fn in ssd_backends().items():
             rows.append(measure("ssd", backend, dtype, fn, ssd_inputs(shape, dtype, device), segment_start))
-        if not args.no_sweep:
-            rows.extend(sweep_triton_ssd(shape, dtype, device, segment_start))
         for backend, fn in conv_backends().items():
             rows.append(measure("conv", backend, dtype, fn, conv_inputs(shape, dtype, device), segment_start))
+        if not args.no_sweep:
+            rows.extend(sweep_triton_ssd(shape, dtype, device, segment_start))
     breakdown = {}
     for dtype in (torch.float32, torch.bfloat16):
         try:
@@ -239,7 +232,8 @@ def main() -> None:
             "triton": __import__("triton").__version__,
             "python": platform.python_version(),
             "shape": asdict(shape),
-            "defaults": {"block_q": ssd_triton.DEFAULT_BLOCK_Q, "num_warps": ssd_triton.DEFAULT_NUM_WARPS},
+            "defaults": {"block_q": ssd_triton.DEFAULT_BLOCK_Q, "num_warps": ssd_triton.DEFAULT_NUM_WARPS,
+                         "max_tile_s": ssd_triton.MAX_TILE_S},
             "rows": [asdict(row) for row in rows],
             "triton_ssd_kernels_us_per_fwd_bwd": breakdown,
         }, indent=2))

@@ -32,6 +32,7 @@ from typing import Union
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from apps.attamba.ssd_triton_conv import causal_conv_segmented_triton
 
@@ -40,9 +41,10 @@ __all__ = ["ssd_segmented_triton", "causal_conv_segmented_triton"]
 # Tokens per block and warps of the per-block kernels; benchmarks/bench_ssm.py sweeps both.
 DEFAULT_BLOCK_Q = 64
 DEFAULT_NUM_WARPS = 4
-# Whether one program of the output and gradient kernels handles all heads of a B/C group
-# (B, C and C Bᵀ read and computed once, no atomics) or one head (more parallel programs).
-SHARE_GROUP_IN_PROGRAM = True
+# Widest tile of the state dimension the block kernels hold at once (halved on the device's
+# OutOfResources; see _launch).
+MAX_TILE_S = 64
+_TILE_S_CHOICE: dict = {}
 # Elements of [p, s] per program of the sequential state pass.
 STATE_PASS_BLOCK = 256
 
@@ -101,12 +103,18 @@ def _load_rows(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.
 
 
 @triton.jit
-def _state_tile_offsets(bh, blk, num_blocks, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets of block blk's [P, S] tile in a [b·h, num_blocks, P, S] buffer."""
+def _state_tile_offsets(bh, blk, num_blocks, s0, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+                        TILE_S: tl.constexpr):
+    """Offsets of columns s0 .. s0 + TILE_S of block blk's [P, S] state in a
+    [b·h, num_blocks, P, S] buffer."""
     offs_p = tl.arange(0, BLOCK_P)
-    offs_s = tl.arange(0, BLOCK_S)
-    base = (bh.to(tl.int64) * num_blocks + blk) * BLOCK_P * BLOCK_S
+    offs_s = tl.arange(0, TILE_S)
+    base = (bh.to(tl.int64) * num_blocks + blk) * BLOCK_P * BLOCK_S + s0
     return base + offs_p[:, None] * BLOCK_S + offs_s[None, :]
+
+
+# The block kernels walk the state dimension in tiles of TILE_S columns, which bounds their
+# registers and shared memory whatever s is. One program = one (head, block, batch row).
 
 
 @triton.jit
@@ -114,7 +122,8 @@ def _block_exit_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, start_ptr, states_ptr, decay_ptr,
     n, h, p, s, heads_per_group, num_blocks,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE_S: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Per block: the state its own tokens leave at its end, Σ_j w_j x_j ⊗ B_j, and its decay f."""
     hi = tl.program_id(0)
@@ -126,11 +135,13 @@ def _block_exit_kernel(
         dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
     )
     u = _load_rows(u_ptr, bi, t, hi * stride_u_h, stride_u_b, stride_u_n, in_seq, p, BLOCK_P)
-    Bq = _load_rows(B_ptr, bi, t, (hi // heads_per_group) * stride_bc_g, stride_bc_b, stride_bc_n,
-                    in_seq, s, BLOCK_S)
-    x = u * (dt * w)[:, None]  # [Q, P]
-    local = tl.dot(tl.trans(x), Bq, input_precision=PRECISION)  # [P, S]
-    tl.store(states_ptr + _state_tile_offsets(bh, blk, num_blocks, BLOCK_P, BLOCK_S), local)
+    x_t = tl.trans(u * (dt * w)[:, None])  # [P, Q]
+    bc_col = (hi // heads_per_group) * stride_bc_g
+    for s0 in range(0, BLOCK_S, TILE_S):
+        Bt = _load_rows(B_ptr, bi, t, bc_col + s0, stride_bc_b, stride_bc_n, in_seq, s - s0, TILE_S)
+        local = tl.dot(x_t, Bt, input_precision=PRECISION)  # [P, TILE_S]
+        tile = _state_tile_offsets(bh, blk, num_blocks, s0, BLOCK_P, BLOCK_S, TILE_S)
+        tl.store(states_ptr + tile, local)
     tl.store(decay_ptr + bh * num_blocks + blk, f)
 
 
@@ -172,43 +183,42 @@ def _block_output_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, states_ptr, y_ptr,
     n, h, p, s, heads_per_group, num_blocks,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
-    HEADS_PER_PROGRAM: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE_S: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Per block and heads of one group: y = (C Bᵀ ∘ L)(dt·u) + e ∘ (C S_inᵀ) + D u."""
-    first_head = tl.program_id(0) * HEADS_PER_PROGRAM
+    """Per block: y = (C Bᵀ ∘ L)(dt·u) + e ∘ (C S_inᵀ) + D u."""
+    hi = tl.program_id(0)
     blk = tl.program_id(1)
     bi = tl.program_id(2).to(tl.int64)
-    t = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    in_seq = t < n
-    bc_col = (first_head // heads_per_group) * stride_bc_g
-    Bq = _load_rows(B_ptr, bi, t, bc_col, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
-    Cq = _load_rows(C_ptr, bi, t, bc_col, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
-    G = tl.dot(Cq, tl.trans(Bq), input_precision=PRECISION)  # [Q, Q], shared by the group's heads
+    bh = bi * h + hi
+    A_h = tl.load(A_ptr + hi).to(tl.float32)
+    D_h = tl.load(D_ptr + hi).to(tl.float32)
+    t, in_seq, dt, L, e, w, f = _block_scan_terms(
+        dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
+    )
+    bc_col = (hi // heads_per_group) * stride_bc_g
+    G = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C Bᵀ
+    C_entering = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)  # C S_inᵀ
+    for s0 in range(0, BLOCK_S, TILE_S):
+        Bt = _load_rows(B_ptr, bi, t, bc_col + s0, stride_bc_b, stride_bc_n, in_seq, s - s0, TILE_S)
+        Ct = _load_rows(C_ptr, bi, t, bc_col + s0, stride_bc_b, stride_bc_n, in_seq, s - s0, TILE_S)
+        entering = tl.load(states_ptr + _state_tile_offsets(bh, blk, num_blocks, s0, BLOCK_P, BLOCK_S, TILE_S))
+        G = tl.dot(Ct, tl.trans(Bt), acc=G, input_precision=PRECISION)
+        C_entering = tl.dot(Ct, tl.trans(entering), acc=C_entering, input_precision=PRECISION)
+    u = _load_rows(u_ptr, bi, t, hi * stride_u_h, stride_u_b, stride_u_n, in_seq, p, BLOCK_P)
+    y = tl.dot(G * L, u * dt[:, None], input_precision=PRECISION)  # [Q, P]
+    y += e[:, None] * C_entering + D_h * u
     offs_p = tl.arange(0, BLOCK_P)
-    for head in range(0, HEADS_PER_PROGRAM):
-        hi = first_head + head
-        A_h = tl.load(A_ptr + hi).to(tl.float32)
-        D_h = tl.load(D_ptr + hi).to(tl.float32)
-        t, in_seq, dt, L, e, w, f = _block_scan_terms(
-            dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
-        )
-        u = _load_rows(u_ptr, bi, t, hi * stride_u_h, stride_u_b, stride_u_n, in_seq, p, BLOCK_P)
-        tile = _state_tile_offsets(bi * h + hi, blk, num_blocks, BLOCK_P, BLOCK_S)
-        entering = tl.load(states_ptr + tile)
-        y = tl.dot(G * L, u * dt[:, None], input_precision=PRECISION)  # [Q, P]
-        y += e[:, None] * tl.dot(Cq, tl.trans(entering), input_precision=PRECISION)
-        y += D_h * u
-        y_offs = (bi * n + t.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
-        y_mask = in_seq[:, None] & (offs_p[None, :] < p)
-        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+    y_offs = (bi * n + t.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
+    tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=in_seq[:, None] & (offs_p[None, :] < p))
 
 
 @triton.jit
 def _block_entry_grad_kernel(
     dt_ptr, A_ptr, C_ptr, start_ptr, dy_ptr, dstates_ptr, n, h, p, s, heads_per_group, num_blocks,
     stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g, stride_dy_b, stride_dy_n, stride_dy_h,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE_S: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Per block: what its outputs send back into its entering state, (e ∘ dy)ᵀ C."""
     hi = tl.program_id(0)
@@ -219,10 +229,13 @@ def _block_entry_grad_kernel(
         dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, stride_dt_n, BLOCK_Q
     )
     dy = _load_rows(dy_ptr, bi, t, hi * stride_dy_h, stride_dy_b, stride_dy_n, in_seq, p, BLOCK_P)
-    Cq = _load_rows(C_ptr, bi, t, (hi // heads_per_group) * stride_bc_g, stride_bc_b, stride_bc_n,
-                    in_seq, s, BLOCK_S)
-    local = tl.dot(tl.trans(dy * e[:, None]), Cq, input_precision=PRECISION)  # [P, S]
-    tl.store(dstates_ptr + _state_tile_offsets(bi * h + hi, blk, num_blocks, BLOCK_P, BLOCK_S), local)
+    dy_t = tl.trans(dy * e[:, None])  # [P, Q]
+    bc_col = (hi // heads_per_group) * stride_bc_g
+    for s0 in range(0, BLOCK_S, TILE_S):
+        Ct = _load_rows(C_ptr, bi, t, bc_col + s0, stride_bc_b, stride_bc_n, in_seq, s - s0, TILE_S)
+        local = tl.dot(dy_t, Ct, input_precision=PRECISION)  # [P, TILE_S]
+        tile = _state_tile_offsets(bi * h + hi, blk, num_blocks, s0, BLOCK_P, BLOCK_S, TILE_S)
+        tl.store(dstates_ptr + tile, local)
 
 
 @triton.jit
@@ -232,56 +245,20 @@ def _block_grad_kernel(
     n, h, p, s, heads_per_group, num_blocks,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     stride_dy_b, stride_dy_n, stride_dy_h,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
-    HEADS_PER_PROGRAM: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE_S: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Per block and heads of one group, given each head's entering state and the gradient of
-    its exit state: every input gradient."""
-    first_head = tl.program_id(0) * HEADS_PER_PROGRAM
+    """Per block, given its entering state and the gradient of its exit state: every input grad.
+
+    Two sweeps over the state dimension: the first accumulates the products that reduce over s,
+    the second emits dB and dC tile by tile.
+    """
+    hi = tl.program_id(0)
     blk = tl.program_id(1)
     bi = tl.program_id(2).to(tl.int64)
-    gi = first_head // heads_per_group
-    offs_q = tl.arange(0, BLOCK_Q)
-    t = blk * BLOCK_Q + offs_q
-    in_seq = t < n
-    Bq = _load_rows(B_ptr, bi, t, gi * stride_bc_g, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
-    Cq = _load_rows(C_ptr, bi, t, gi * stride_bc_g, stride_bc_b, stride_bc_n, in_seq, s, BLOCK_S)
-    G = tl.dot(Cq, tl.trans(Bq), input_precision=PRECISION)  # [Q, Q], shared by the group's heads
-    dB = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
-    dC = tl.zeros((BLOCK_Q, BLOCK_S), dtype=tl.float32)
-    for head in range(0, HEADS_PER_PROGRAM):
-        hi = first_head + head
-        bh = bi * h + hi
-        dB, dC = _head_block_grads(
-            u_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, dy_ptr, states_ptr, dstates_ptr,
-            du_ptr, ddt_ptr, dA_part_ptr, dD_part_ptr, Bq, Cq, G, dB, dC, bi, hi, bh, blk,
-            n, h, p, num_blocks, stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n,
-            stride_dy_b, stride_dy_n, stride_dy_h, BLOCK_Q, BLOCK_P, BLOCK_S, PRECISION,
-        )
-    # Heads of one group share B and C: unless one program held them all, their gradients
-    # meet in one fp32 buffer.
-    g = h // heads_per_group
-    offs_s = tl.arange(0, BLOCK_S)
-    dbc_offs = ((bi * n + t.to(tl.int64)[:, None]) * g + gi) * s + offs_s[None, :]
-    bc_mask = in_seq[:, None] & (offs_s[None, :] < s)
-    if HEADS_PER_PROGRAM == heads_per_group:
-        tl.store(dB_ptr + dbc_offs, dB, mask=bc_mask)
-        tl.store(dC_ptr + dbc_offs, dC, mask=bc_mask)
-    else:
-        tl.atomic_add(dB_ptr + dbc_offs, dB, mask=bc_mask)
-        tl.atomic_add(dC_ptr + dbc_offs, dC, mask=bc_mask)
-
-
-@triton.jit
-def _head_block_grads(
-    u_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, dy_ptr, states_ptr, dstates_ptr,
-    du_ptr, ddt_ptr, dA_part_ptr, dD_part_ptr, Bq, Cq, G, dB, dC, bi, hi, bh, blk,
-    n, h, p, num_blocks, stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n,
-    stride_dy_b, stride_dy_n, stride_dy_h,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One head's share of _block_grad_kernel: stores du, ddt and the dA, dD partial sums, and
-    returns dB, dC with this head's gradients added."""
+    bh = bi * h + hi
+    gi = hi // heads_per_group
+    bc_col = gi * stride_bc_g
     A_h = tl.load(A_ptr + hi).to(tl.float32)
     D_h = tl.load(D_ptr + hi).to(tl.float32)
     t, in_seq, dt, L, e, w, f = _block_scan_terms(
@@ -289,33 +266,35 @@ def _head_block_grads(
     )
     u = _load_rows(u_ptr, bi, t, hi * stride_u_h, stride_u_b, stride_u_n, in_seq, p, BLOCK_P)
     dy = _load_rows(dy_ptr, bi, t, hi * stride_dy_h, stride_dy_b, stride_dy_n, in_seq, p, BLOCK_P)
-    tile = _state_tile_offsets(bh, blk, num_blocks, BLOCK_P, BLOCK_S)
-    entering = tl.load(states_ptr + tile)  # [P, S]
-    d_exit = tl.load(dstates_ptr + tile)  # [P, S] dLoss/d(state leaving the block)
     x = u * dt[:, None]
 
+    G = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C Bᵀ
+    B_dexit = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)  # B dS_exitᵀ
+    C_entering = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)  # C S_inᵀ
+    dexit_entering = tl.zeros((BLOCK_P,), dtype=tl.float32)  # row sums of dS_exit ∘ S_in
+    for s0 in range(0, BLOCK_S, TILE_S):
+        Bt = _load_rows(B_ptr, bi, t, bc_col + s0, stride_bc_b, stride_bc_n, in_seq, s - s0, TILE_S)
+        Ct = _load_rows(C_ptr, bi, t, bc_col + s0, stride_bc_b, stride_bc_n, in_seq, s - s0, TILE_S)
+        tile = _state_tile_offsets(bh, blk, num_blocks, s0, BLOCK_P, BLOCK_S, TILE_S)
+        entering = tl.load(states_ptr + tile)  # [P, TILE_S]
+        d_exit = tl.load(dstates_ptr + tile)  # [P, TILE_S] dLoss/d(state leaving the block)
+        G = tl.dot(Ct, tl.trans(Bt), acc=G, input_precision=PRECISION)
+        B_dexit = tl.dot(Bt, tl.trans(d_exit), acc=B_dexit, input_precision=PRECISION)
+        C_entering = tl.dot(Ct, tl.trans(entering), acc=C_entering, input_precision=PRECISION)
+        dexit_entering += tl.sum(d_exit * entering, axis=1)
+
     # Intra-block quadratic form y = (G ∘ L) x.
-    B_dexit = tl.dot(Bq, tl.trans(d_exit), input_precision=PRECISION)  # [Q, P]
     dx = tl.dot(tl.trans(G * L), dy, input_precision=PRECISION) + w[:, None] * B_dexit
-    dM = tl.dot(dy, tl.trans(x), input_precision=PRECISION)  # [Q, Q]
-    dG = dM * L
-    dC += tl.dot(dG, Bq, input_precision=PRECISION)  # [Q, S]
-    dB += tl.dot(tl.trans(dG), Cq, input_precision=PRECISION)  # [Q, S]
+    dG = tl.dot(dy, tl.trans(x), input_precision=PRECISION) * L  # [Q, Q]
     dL_L = dG * G  # dLoss/dL ∘ L, the gradient reaching (cs_t - cs_j)
     d_cs = tl.sum(dL_L, axis=1) - tl.sum(dL_L, axis=0)
-
     # Entering state read by the tokens before the first segment start: e_t (S_in C_t).
-    C_entering = tl.dot(Cq, tl.trans(entering), input_precision=PRECISION)  # [Q, P]
-    dC += e[:, None] * tl.dot(dy, entering, input_precision=PRECISION)
     d_cs += tl.sum(dy * C_entering, axis=1) * e
-
     # Exit state f S_in + Σ_j w_j x_j ⊗ B_j.
-    dB += w[:, None] * tl.dot(x, d_exit, input_precision=PRECISION)
     dw_w = tl.sum(x * B_dexit, axis=1) * w
     d_cs -= dw_w
-    d_cs_last = tl.sum(dw_w, axis=0) + f * tl.sum(tl.sum(d_exit * entering, axis=1), axis=0)
+    d_cs_last = tl.sum(dw_w, axis=0) + f * tl.sum(dexit_entering, axis=0)
     d_cs += tl.where(tl.arange(0, BLOCK_Q) == BLOCK_Q - 1, d_cs_last, 0.0)
-
     # cs is the cumsum of a = dt·A, so da_i = Σ_{t >= i} d_cs_t.
     d_a = tl.cumsum(d_cs, axis=0, reverse=True)
     ddt = tl.sum(dx * u, axis=1) + d_a * A_h
@@ -328,7 +307,29 @@ def _head_block_grads(
     tl.store(ddt_ptr + (bi * n + t64) * h + hi, ddt.to(ddt_ptr.dtype.element_ty), mask=in_seq)
     tl.store(dA_part_ptr + bh * num_blocks + blk, tl.sum(d_a * dt, axis=0))
     tl.store(dD_part_ptr + bh * num_blocks + blk, tl.sum(tl.sum(dy * u, axis=1), axis=0))
-    return dB, dC
+
+    g = h // heads_per_group
+    offs_s = tl.arange(0, TILE_S)
+    dG_t = tl.trans(dG)
+    dy_e = dy * e[:, None]
+    x_w = x * w[:, None]
+    for s0 in range(0, BLOCK_S, TILE_S):
+        Bt = _load_rows(B_ptr, bi, t, bc_col + s0, stride_bc_b, stride_bc_n, in_seq, s - s0, TILE_S)
+        Ct = _load_rows(C_ptr, bi, t, bc_col + s0, stride_bc_b, stride_bc_n, in_seq, s - s0, TILE_S)
+        tile = _state_tile_offsets(bh, blk, num_blocks, s0, BLOCK_P, BLOCK_S, TILE_S)
+        entering = tl.load(states_ptr + tile)
+        d_exit = tl.load(dstates_ptr + tile)
+        dC = tl.dot(dy_e, entering, acc=tl.dot(dG, Bt, input_precision=PRECISION), input_precision=PRECISION)
+        dB = tl.dot(x_w, d_exit, acc=tl.dot(dG_t, Ct, input_precision=PRECISION), input_precision=PRECISION)
+        dbc_offs = ((bi * n + t64[:, None]) * g + gi) * s + s0 + offs_s[None, :]
+        bc_mask = in_seq[:, None] & (s0 + offs_s[None, :] < s)
+        # Heads of one group share B and C: their gradients meet in one fp32 buffer.
+        if heads_per_group == 1:
+            tl.store(dB_ptr + dbc_offs, dB, mask=bc_mask)
+            tl.store(dC_ptr + dbc_offs, dC, mask=bc_mask)
+        else:
+            tl.atomic_add(dB_ptr + dbc_offs, dB, mask=bc_mask)
+            tl.atomic_add(dC_ptr + dbc_offs, dC, mask=bc_mask)
 
 
 def _check_inputs(u, dt, A, B, C, D, segment_start) -> None:
@@ -363,8 +364,28 @@ def _as_bytes(segment_start: torch.Tensor) -> torch.Tensor:
     return segment_start.to(torch.uint8).contiguous()  # [b, n]
 
 
-def _heads_per_program(heads_per_group: int) -> int:
-    return heads_per_group if SHARE_GROUP_IN_PROGRAM else 1
+def _launch(kernel, grid, args, block_s: int, **meta) -> None:
+    """Launch a block kernel at the widest state tile (TILE_S) that fits the device.
+
+    Triton reports registers and shared memory only when it compiles, so the first launch of
+    each configuration tries MAX_TILE_S, then halves it on OutOfResources; the width that
+    worked is remembered.
+    """
+    key = (id(kernel), block_s, MAX_TILE_S, tuple(sorted(meta.items())), tuple(
+        arg.dtype for arg in args if isinstance(arg, torch.Tensor)
+    ))
+    widths = [_TILE_S_CHOICE[key]] if key in _TILE_S_CHOICE else []
+    widths += [w for w in (64, 32, 16) if w <= min(MAX_TILE_S, block_s) and w not in widths]
+    error = None
+    for width in widths:
+        try:
+            kernel[grid](*args, BLOCK_S=block_s, TILE_S=width, **meta)
+        except OutOfResources as out_of_resources:
+            error = out_of_resources
+            continue
+        _TILE_S_CHOICE[key] = width
+        return
+    raise error
 
 
 def _carry_states(states: torch.Tensor, decay: torch.Tensor, final, reverse: bool) -> None:
@@ -391,26 +412,22 @@ class _SegmentedSSD(torch.autograd.Function):
         starts = _as_bytes(segment_start)
         num_blocks = triton.cdiv(n, block_q)
         block_p, block_s = _padded(p), _padded(s)
-        precision = _dot_precision(u.dtype)
         common = (n, h, p, s, h // g, num_blocks,
                   u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1),
                   B.stride(0), B.stride(1), B.stride(2))
-        meta = dict(BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_S=block_s, PRECISION=precision,
+        meta = dict(BLOCK_Q=block_q, BLOCK_P=block_p, PRECISION=_dot_precision(u.dtype),
                     num_warps=num_warps)
         grid = (h, num_blocks, b)
         # states: each block's local exit state, then (after the pass) its entering state.
         states = torch.empty((b * h, num_blocks, block_p, block_s), device=u.device, dtype=torch.float32)
         decay = torch.empty((b * h, num_blocks), device=u.device, dtype=torch.float32)
-        _block_exit_kernel[grid](u, dt, A, B, starts, states, decay, *common, **meta)
+        _launch(_block_exit_kernel, grid, (u, dt, A, B, starts, states, decay, *common), block_s, **meta)
         final = None
         if return_final_state:
             final = torch.empty((b * h, block_p, block_s), device=u.device, dtype=torch.float32)
         _carry_states(states, decay, final, reverse=False)
         y = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
-        heads_per_program = _heads_per_program(h // g)
-        _block_output_kernel[(h // heads_per_program, num_blocks, b)](
-            u, dt, A, B, C, D, starts, states, y, *common, **meta, HEADS_PER_PROGRAM=heads_per_program
-        )
+        _launch(_block_output_kernel, grid, (u, dt, A, B, C, D, starts, states, y, *common), block_s, **meta)
         if any(ctx.needs_input_grad[:6]):
             ctx.save_for_backward(u, dt, A, B, C, D, starts, states, decay)
             ctx.block_q, ctx.num_warps = block_q, num_warps
@@ -428,33 +445,30 @@ class _SegmentedSSD(torch.autograd.Function):
         dy = _last_dim_contiguous(dy)
         _, num_blocks, block_p, block_s = states.shape
         heads_per_group = h // g
-        precision = _dot_precision(u.dtype)
-        meta = dict(BLOCK_Q=ctx.block_q, BLOCK_P=block_p, BLOCK_S=block_s, PRECISION=precision,
+        meta = dict(BLOCK_Q=ctx.block_q, BLOCK_P=block_p, PRECISION=_dot_precision(u.dtype),
                     num_warps=ctx.num_warps)
         grid = (h, num_blocks, b)
         dstates = torch.empty_like(states)
-        _block_entry_grad_kernel[grid](
+        _launch(_block_entry_grad_kernel, grid, (
             dt, A, C, starts, dy, dstates, n, h, p, s, heads_per_group, num_blocks,
             dt.stride(0), dt.stride(1), C.stride(0), C.stride(1), C.stride(2),
-            dy.stride(0), dy.stride(1), dy.stride(2), **meta,
-        )
+            dy.stride(0), dy.stride(1), dy.stride(2),
+        ), block_s, **meta)
         _carry_states(dstates, decay, None, reverse=True)
         du = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
         ddt = torch.empty((b, n, h), device=u.device, dtype=dt.dtype)
-        heads_per_program = _heads_per_program(heads_per_group)
-        make_bc_grad = torch.zeros if heads_per_program < heads_per_group else torch.empty
+        make_bc_grad = torch.zeros if heads_per_group > 1 else torch.empty
         dB = make_bc_grad((b, n, g, s), device=u.device, dtype=torch.float32)
         dC = make_bc_grad((b, n, g, s), device=u.device, dtype=torch.float32)
         dA_part = torch.empty((b, h, num_blocks), device=u.device, dtype=torch.float32)
         dD_part = torch.empty((b, h, num_blocks), device=u.device, dtype=torch.float32)
-        _block_grad_kernel[(h // heads_per_program, num_blocks, b)](
+        _launch(_block_grad_kernel, grid, (
             u, dt, A, B, C, D, starts, dy, states, dstates,
             du, ddt, dB, dC, dA_part, dD_part,
             n, h, p, s, heads_per_group, num_blocks,
             u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1),
             B.stride(0), B.stride(1), B.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
-            **meta, HEADS_PER_PROGRAM=heads_per_program,
-        )
+        ), block_s, **meta)
         dA = dA_part.sum((0, 2)).to(A.dtype)
         dD = dD_part.sum((0, 2)).to(D.dtype)
         return du, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, None, None, None, None

@@ -147,23 +147,23 @@ def assert_ssd_matches(oracle, inputs, segment_start, tolerance, record=None):
 # Small shapes: the interpreter on CPU, compiled on CUDA.
 
 
-@pytest.mark.parametrize("share_group", [True, False], ids=["group_per_program", "head_per_program"])
 @pytest.mark.parametrize("chunking", sorted(CHUNKINGS))
-def test_ssd_matches_reference(monkeypatch, chunking, share_group):
+def test_ssd_matches_reference(chunking):
     # n = 37 leaves a partial last block; g = 1 < h shares B/C across heads, whose gradients
-    # add up inside one program or through atomics.
-    monkeypatch.setattr(ssd_triton, "SHARE_GROUP_IN_PROGRAM", share_group)
+    # add up in one buffer.
     b, n, h, p, g, s = 2, 37, 2, 16, 1, 16
     inputs = ssd_inputs(b, n, h, p, g, s)
     starts = CHUNKINGS[chunking](b, n).to(DEVICE)
     assert_ssd_matches(ssd_reference, inputs, starts, 1e-5)
 
 
-@pytest.mark.parametrize("block_q", [16, 32])
-def test_ssd_per_head_groups_padded_dims_and_block_sizes(monkeypatch, block_q):
-    # g = h (each head its own B/C), p and s not powers of two, segments crossing blocks.
+@pytest.mark.parametrize("block_q, max_tile_s", [(16, 64), (32, 16)])
+def test_ssd_per_head_groups_padded_dims_and_block_sizes(monkeypatch, block_q, max_tile_s):
+    # g = h (each head its own B/C), p and s not powers of two, segments crossing blocks; with
+    # 16-wide state tiles, s = 40 takes three tiles, the last partly padding.
     monkeypatch.setattr(ssd_triton, "DEFAULT_BLOCK_Q", block_q)
-    b, n, h, p, g, s = 1, 50, 2, 6, 2, 10
+    monkeypatch.setattr(ssd_triton, "MAX_TILE_S", max_tile_s)
+    b, n, h, p, g, s = 1, 50, 2, 6, 2, 40
     inputs = ssd_inputs(b, n, h, p, g, s, seed=3)
     starts = random_length_starts(b, n, 12, seed=4).to(DEVICE)
     assert_ssd_matches(ssd_reference, inputs, starts, 1e-5)
@@ -195,6 +195,25 @@ def test_ssd_final_state_matches_reference():
     assert state.shape == (b, h, p, s) and state.dtype == torch.float32
     assert relative_error(state, state_ref) < 1e-5
     assert relative_error(y, y_ref) < 1e-5
+
+
+def test_launch_halves_the_state_tile_until_the_kernel_fits(monkeypatch):
+    monkeypatch.setattr(ssd_triton, "_TILE_S_CHOICE", {})
+    tried = []
+
+    class KernelFittingTile32:
+        def __getitem__(self, grid):
+            def launch(*args, TILE_S, **meta):
+                tried.append(TILE_S)
+                if TILE_S > 32:
+                    raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+
+            return launch
+
+    kernel = KernelFittingTile32()
+    ssd_triton._launch(kernel, (1,), (), 128, BLOCK_Q=64)
+    ssd_triton._launch(kernel, (1,), (), 128, BLOCK_Q=64)
+    assert tried == [64, 32, 32]  # the width that fitted is remembered
 
 
 def test_ssd_rejects_mismatched_shapes():
@@ -272,6 +291,24 @@ def test_ssd_matches_chunked_torch_at_benchmark_size(chunking, dtype, record_pro
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert_ssd_matches(ssd_segmented, inputs, chunkings[chunking].to(DEVICE), tolerance, record_property)
 
+
+
+KERNEL_CONFIGS = [(32, 4, 32), (32, 8, 64), (64, 4, 32), (64, 4, 64), (64, 8, 32), (64, 8, 64), (128, 8, 32)]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("config", KERNEL_CONFIGS, ids=lambda c: "Q{}-warps{}-tile{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ssd_kernel_configs_on_gpu(monkeypatch, config, dtype, record_property):
+    # Every (block size, warps, widest state tile) the benchmark sweeps gives the same answers.
+    for name, value in zip(("DEFAULT_BLOCK_Q", "DEFAULT_NUM_WARPS", "MAX_TILE_S"), config):
+        monkeypatch.setattr(ssd_triton, name, value)
+    b, n, h, p, g, s = 1, 200, 2, 32, 1, 128
+    inputs = ssd_inputs(b, n, h, p, g, s, dtype=dtype)
+    starts = random_length_starts(b, n, 8, seed=12).to(DEVICE)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_ssd_matches(ssd_reference, inputs, starts, tolerance, record_property)
 
 
 @pytest.mark.gpu
