@@ -4,14 +4,15 @@ For each model, context length n and batch size B, the cache is filled with n to
 keys, values (and SSM states) laid out exactly as a prefill of n tokens would leave them: a real
 prefill of 128k tokens would take longer than the measurement and changes nothing in a decode
 step's work. Then ``--steps`` decode steps (one token per row each) are timed through
-``lingua.generate.DecodeStep``: a replayed CUDA graph by default (static shapes), or eager.
+``lingua.generate.DecodeStep`` in each of ``--modes``: a replayed CUDA graph of the eager step
+(``cuda_graph``), of the step compiled by torch.compile (``compile``), or ``eager``.
 
 Reports decode tokens/s (B tokens per step), ms per step, the cache's allocated bytes and its
 live bytes (the DESIGN count: n/P + L entries per layer plus SSM states for Attamba, n for the
 transformer), and peak GPU memory. A configuration that runs out of memory is reported as OOM.
 
     python benchmarks/bench_decode.py [--contexts 4096 32768 131072] [--batches 1 16]
-        [--steps 64] [--dtype bfloat16] [--mode cuda_graph] [--out results.json]
+        [--steps 64] [--dtype bfloat16] [--modes cuda_graph compile] [--out results.json]
 
 Needs CUDA; on CPU it says so and exits with status 0.
 """
@@ -123,20 +124,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--models", nargs="+", default=["attamba", "transformer"], choices=["attamba", "transformer"])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--mode", default="cuda_graph", choices=["cuda_graph", "compile", "eager"])
+    parser.add_argument("--modes", nargs="+", default=["cuda_graph", "compile"], choices=["cuda_graph", "compile", "eager"])
     parser.add_argument("--out", type=Path, help="also write the measurements as JSON")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode: needs CUDA (decode speed on CPU is not what this measures); skipping.")
         return 0
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}, mode {args.mode}")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}")
     print("caches are filled with random entries laid out as an n-token prefill would leave them (no prefill run)")
     rows = []
-    for context in args.contexts:
-        for batch in args.batches:
-            for name in args.models:
-                rows.append(run_one(name, context, batch, args.steps, DTYPES[args.dtype], args.mode))
-                print(f"  done: {name} n={context} B={batch} {rows[-1].note}", flush=True)
+    for mode in args.modes:
+        for context in args.contexts:
+            for batch in args.batches:
+                for name in args.models:
+                    rows.append(run_one(name, context, batch, args.steps, DTYPES[args.dtype], mode))
+                    print(f"  done: {name} n={context} B={batch} {mode} {rows[-1].note}", flush=True)
     print_table(rows)
     if args.out:
         args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1))

@@ -285,7 +285,7 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
         if layer_cache.compressed_slots:
             layer_cache.move_to_compressed(leaving)
         layer_cache.ring.write_one(k, v, t)
-        attended = attend_slots(q, layer_cache.k, layer_cache.v, layer_cache.allowed(t[:, None]))
+        attended = attend_slots(q, layer_cache.k, layer_cache.v, layer_cache.allowed(t[:, None]), cache.static_shapes)
         x = x + attention.output(attended)
         x = x + layer.feed_forward(layer.ffn_norm(x))
     cache.positions.add_(1)
