@@ -212,7 +212,12 @@ class DecodeStep:
         self.static_logits: Optional[torch.Tensor] = None
         if self.mode != "eager":
             cache.static_shapes = True
-        self._step = torch.compile(self._eager, dynamic=False) if self.mode == "compile" else self._eager
+        self._step = self._eager
+        if self.mode == "compile":
+            # Every cache shape compiles anew (dynamic=False); past dynamo's recompile limit (8) the
+            # step would silently run uncompiled.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._step = torch.compile(self._eager, dynamic=False)
 
     def _eager(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.support.forward_cached(self.model, tokens, self.cache, None)[:, -1]
