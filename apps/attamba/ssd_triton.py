@@ -39,12 +39,14 @@ from apps.attamba.ssd_triton_conv import causal_conv_segmented_triton
 __all__ = ["ssd_segmented_triton", "causal_conv_segmented_triton"]
 
 # Tokens per block and warps of the per-block kernels; benchmarks/bench_ssm.py sweeps both.
-DEFAULT_BLOCK_Q = 64
+# Q=32, 4 warps, 32-wide state tiles: the fastest forward+backward measured on an H100 for fp32
+# and the configuration verified there for bf16 (docs/benchmarks.md).
+DEFAULT_BLOCK_Q = 32
 DEFAULT_NUM_WARPS = 4
-# Widest tile of the state dimension the block kernels hold at once (halved on the device's
-# OutOfResources; see _launch).
-MAX_TILE_S = 64
-_TILE_S_CHOICE: dict = {}
+# Widest tile of the state dimension the block kernels hold at once (narrowed when the device
+# lacks the resources; see _launch).
+MAX_TILE_S = 32
+_LAUNCH_CHOICE: dict = {}  # launch configuration key -> (TILE_S, num_stages or None)
 # Elements of [p, s] per program of the sequential state pass.
 STATE_PASS_BLOCK = 256
 
@@ -365,25 +367,35 @@ def _as_bytes(segment_start: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(kernel, grid, args, block_s: int, **meta) -> None:
-    """Launch a block kernel at the widest state tile (TILE_S) that fits the device.
+    """Launch a block kernel at the widest state tile (TILE_S) that compiles for the device.
 
     Triton reports registers and shared memory only when it compiles, so the first launch of
-    each configuration tries MAX_TILE_S, then halves it on OutOfResources; the width that
-    worked is remembered.
+    each configuration tries MAX_TILE_S, then narrower tiles on OutOfResources, then the same
+    without software pipelining (num_stages=1): Triton 3.6's pipeliner crashed ("PassManager::run
+    failed") on the gradient kernel with bf16 inputs and 64-token blocks on an H100. What worked
+    is remembered.
     """
     key = (id(kernel), block_s, MAX_TILE_S, tuple(sorted(meta.items())), tuple(
         arg.dtype for arg in args if isinstance(arg, torch.Tensor)
     ))
-    widths = [_TILE_S_CHOICE[key]] if key in _TILE_S_CHOICE else []
-    widths += [w for w in (64, 32, 16) if w <= min(MAX_TILE_S, block_s) and w not in widths]
+    widths = [width for width in (64, 32, 16) if width <= min(MAX_TILE_S, block_s)]
+    options = [(width, stages) for stages in (None, 1) for width in widths]
+    if key in _LAUNCH_CHOICE:
+        options = [_LAUNCH_CHOICE[key]]
     error = None
-    for width in widths:
+    for width, stages in options:
+        pipelining = {} if stages is None else {"num_stages": stages}
         try:
-            kernel[grid](*args, BLOCK_S=block_s, TILE_S=width, **meta)
+            kernel[grid](*args, BLOCK_S=block_s, TILE_S=width, **meta, **pipelining)
         except OutOfResources as out_of_resources:
             error = out_of_resources
             continue
-        _TILE_S_CHOICE[key] = width
+        except RuntimeError as compile_error:
+            if "PassManager::run failed" not in str(compile_error):
+                raise
+            error = compile_error
+            continue
+        _LAUNCH_CHOICE[key] = (width, stages)
         return
     raise error
 

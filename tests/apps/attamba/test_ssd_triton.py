@@ -129,7 +129,8 @@ def forward_and_grads(fn, inputs, segment_start, grad_out, as_double):
 
 def assert_ssd_matches(oracle, inputs, segment_start, tolerance, record=None):
     u = inputs[0]
-    grad_out = torch.randn(u.shape, generator=torch.Generator().manual_seed(7)).to(u.device)
+    # Rounded to u's dtype first, so that both sides see the same upstream gradient.
+    grad_out = torch.randn(u.shape, generator=torch.Generator().manual_seed(7)).to(u.device, u.dtype)
     y, grads = forward_and_grads(ssd_segmented_triton, inputs, segment_start, grad_out, False)
     y_ref, grads_ref = forward_and_grads(oracle, inputs, segment_start, grad_out, True)
     errors = {"y": relative_error(y, y_ref)}
@@ -197,23 +198,41 @@ def test_ssd_final_state_matches_reference():
     assert relative_error(y, y_ref) < 1e-5
 
 
-def test_launch_halves_the_state_tile_until_the_kernel_fits(monkeypatch):
-    monkeypatch.setattr(ssd_triton, "_TILE_S_CHOICE", {})
+def test_launch_narrows_the_tile_then_stops_pipelining_until_the_kernel_compiles(monkeypatch):
+    monkeypatch.setattr(ssd_triton, "_LAUNCH_CHOICE", {})
+    monkeypatch.setattr(ssd_triton, "MAX_TILE_S", 64)
     tried = []
 
-    class KernelFittingTile32:
+    class KernelNeedingOneStage:
         def __getitem__(self, grid):
-            def launch(*args, TILE_S, **meta):
-                tried.append(TILE_S)
+            def launch(*args, TILE_S, num_stages=None, **meta):
+                tried.append((TILE_S, num_stages))
                 if TILE_S > 32:
                     raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+                if num_stages != 1:
+                    raise RuntimeError("PassManager::run failed")
 
             return launch
 
-    kernel = KernelFittingTile32()
+    kernel = KernelNeedingOneStage()
     ssd_triton._launch(kernel, (1,), (), 128, BLOCK_Q=64)
     ssd_triton._launch(kernel, (1,), (), 128, BLOCK_Q=64)
-    assert tried == [64, 32, 32]  # the width that fitted is remembered
+    # 64 and 32 and 16 pipelined, then 64 unpipelined (too big), then 32 fits; then remembered.
+    assert tried == [(64, None), (32, None), (16, None), (64, 1), (32, 1), (32, 1)]
+
+
+def test_launch_passes_other_errors_through(monkeypatch):
+    monkeypatch.setattr(ssd_triton, "_LAUNCH_CHOICE", {})
+
+    class BrokenKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+            return launch
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        ssd_triton._launch(BrokenKernel(), (1,), (), 128, BLOCK_Q=64)
 
 
 def test_ssd_rejects_mismatched_shapes():
@@ -321,7 +340,7 @@ def test_conv_matches_reference_on_gpu(dtype, record_property):
     weight = torch.randn(c, width, generator=generator).to(DEVICE, dtype)
     bias = torch.randn(c, generator=generator).to(DEVICE, dtype)
     starts = random_length_starts(b, n, 6, seed=11).to(DEVICE)
-    grad_out = torch.randn(b, n, c, generator=generator).to(DEVICE)
+    grad_out = torch.randn(b, n, c, generator=generator).to(DEVICE, dtype)
     inputs = [x, weight, bias]
     out, grads = forward_and_grads(causal_conv_segmented_triton, inputs, starts, grad_out, False)
     out_ref, grads_ref = forward_and_grads(causal_conv_reference, inputs, starts, grad_out, True)
