@@ -80,6 +80,8 @@ class EvalArgs:
             raise ValueError(f"eval.max_context must be >= 2 or null, got {self.max_context}")
         if self.rolling_stride is not None and self.rolling_stride < 1:
             raise ValueError(f"eval.rolling_stride must be >= 1 or null, got {self.rolling_stride}")
+        if None not in (self.rolling_stride, self.max_context) and self.rolling_stride > self.max_context:
+            raise ValueError(f"eval.rolling_stride={self.rolling_stride} exceeds eval.max_context={self.max_context}")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"eval.limit must be > 0 or null, got {self.limit}")
         if self.max_gen_tokens < 1:
