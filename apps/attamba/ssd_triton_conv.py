@@ -24,6 +24,20 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n,
+                   K: tl.constexpr):
+    """Tap i's weights [C] and what it reads, x_{t-i} [N, C] (zero before t's segment), fp32."""
+    tap = tl.load(w_ptr + ch * K + (K - 1 - i), mask=in_ch, other=0.0).to(tl.float32)
+    live = in_seq & (dist >= i)
+    x = tl.load(
+        x_ptr + bi * stride_x_b + (t - i).to(tl.int64)[:, None] * stride_x_n + ch[None, :],
+        mask=live[:, None] & in_ch[None, :],
+        other=0.0,
+    )
+    return tap, x.to(tl.float32)
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, dist_ptr, out_ptr,
     n, c, stride_x_b, stride_x_n,
@@ -37,14 +51,8 @@ def _conv_fwd_kernel(
     dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)  # [N] tokens since segment start
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(K):
-        tap = tl.load(w_ptr + ch * K + (K - 1 - i), mask=in_ch, other=0.0).to(tl.float32)
-        live = in_seq & (dist >= i)
-        x = tl.load(
-            x_ptr + bi * stride_x_b + (t - i).to(tl.int64)[:, None] * stride_x_n + ch[None, :],
-            mask=live[:, None] & in_ch[None, :],
-            other=0.0,
-        )
-        acc += x.to(tl.float32) * tap[None, :]
+        tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
+        acc += x * tap[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ch, mask=in_ch, other=0.0).to(tl.float32)[None, :]
     out_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
@@ -73,14 +81,8 @@ def _conv_bwd_kernel(
     # The partial weight gradients of this (row, token block) go to their own slot, summed later.
     part_row = (bi * tl.num_programs(1) + block_n) * K
     for i in tl.static_range(K):
-        tap = tl.load(w_ptr + ch * K + (K - 1 - i), mask=in_ch, other=0.0).to(tl.float32)
         # Weight: token t's tap i read x_{t-i}.
-        live = in_seq & (dist >= i)
-        x = tl.load(
-            x_ptr + bi * stride_x_b + (t - i).to(tl.int64)[:, None] * stride_x_n + ch[None, :],
-            mask=live[:, None] & in_ch[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
         dw = tl.sum(dout * x, axis=0)  # [C]
         tl.store(dw_part_ptr + (part_row + (K - 1 - i)) * c + ch, dw, mask=in_ch)
         # Input: x_t was read by token t+i's tap i when that token is i or more into its segment.
