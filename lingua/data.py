@@ -18,7 +18,8 @@ one ``{"text": ...}`` document per line. The pipeline, per rank:
    never crosses documents, so the model sees no context for that prediction.
 4. **shuffle** rows block-wise: ``shuffle_buffer`` rows are packed, permuted by a seeded RNG and
    handed out in that order.
-5. **batch** ``batch_size`` rows, in a background thread (``prefetch`` batches ahead).
+5. **batch** ``batch_size`` rows, in a background worker (``prefetch`` batches ahead): by default a
+   forked process, whose GIL the training loop does not share.
 
 The state (:meth:`DataStream.state_dict`) is small: where the current shuffle block began (the
 reader and RNG positions), which block it is and how many of its rows were used. Restoring it
@@ -31,9 +32,12 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import multiprocessing
 import os
+import pickle
 import queue
 import threading
+import traceback
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,7 +69,11 @@ class DataArgs:
     shuffle_buffer: int = 64
     """Rows shuffled together (block-wise); 0 or 1 turns shuffling off."""
     prefetch: int = 2
-    """Batches prepared ahead in a background thread; 0 prepares them on demand, no thread."""
+    """Batches prepared ahead in a background worker; 0 prepares them on demand, no worker."""
+    prefetch_worker: str = "process"
+    """Where batches are prepared ahead: ``process`` (a forked process with a GIL of its own, so
+    the training loop's Python does not slow reading and tokenizing) or ``thread`` (a thread of
+    this process; also used where ``fork`` is not available)."""
     add_bos: bool = True
     """Begin every document with the tokenizer's BOS id."""
     add_eos: bool = True
@@ -322,6 +330,7 @@ class ReadAheadTokenizer:
         self._pending: deque[tuple[Future, list]] = deque()  # batches being tokenized, oldest first
         self._exhausted = False
         self._pool: Optional[ThreadPoolExecutor] = None  # started on first use
+        self._pool_pid = os.getpid()
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return encode_batch(self.tokenizer, texts, self.add_bos, self.add_eos, num_threads=1)
@@ -343,8 +352,9 @@ class ReadAheadTokenizer:
             texts, states = self._draw()
             self._ready.extend(zip(self._encode(texts), states, strict=True))
             return
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked process has no threads
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="data-tokenize")
+            self._pool_pid = os.getpid()
         while len(self._pending) < 2 * self.threads and not self._exhausted:
             texts, states = self._draw()
             if texts:
@@ -481,43 +491,96 @@ class _Failure:
         self.error = error
 
 
+def _produce_until_stopped(produce: Callable[[], Any], out: Any, stop: Any, in_worker_process: bool) -> None:
+    """Put ``produce()`` results into ``out`` until ``stop`` is set or ``produce`` raises (the
+    error is put too, for the consumer to re-raise). ``out`` and ``stop`` are a queue and an
+    event of :mod:`queue`/:mod:`threading` or of :mod:`multiprocessing`."""
+    while not stop.is_set():
+        try:
+            item = produce()
+        except BaseException as error:
+            if in_worker_process:  # the traceback does not survive pickling; its text does
+                error.add_note("raised in the data worker process:\n" + traceback.format_exc())
+                try:
+                    pickle.dumps(error)
+                except Exception:
+                    error = RuntimeError(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+            item = _Failure(error)
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if isinstance(item, _Failure):
+            break
+
+
 class Prefetcher:
     """Calls ``produce`` in a daemon thread, keeping up to ``depth`` results ready."""
 
     def __init__(self, produce: Callable[[], Any], depth: int):
-        self._produce = produce
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._failure: Optional[_Failure] = None
-        self._thread = threading.Thread(target=self._run, name="data-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=_produce_until_stopped, args=(produce, self._queue, self._stop, False), name="data-prefetch", daemon=True
+        )
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self._produce()
-            except BaseException as error:  # handed to the consumer, which re-raises it
-                item = _Failure(error)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, _Failure):
-                return
+    def _take(self) -> Any:
+        return self._queue.get()
 
     def get(self) -> Any:
         if self._failure is None:
-            item = self._queue.get()
+            item = self._take()
             if not isinstance(item, _Failure):
                 return item
-            self._failure = item  # the thread has ended: keep raising the same error
+            self._failure = item  # the producer has ended: keep raising the same error
         raise self._failure.error
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class ProcessPrefetcher(Prefetcher):
+    """Calls ``produce`` in a forked daemon process, keeping up to ``depth`` (picklable) results
+    ready. The process has a GIL of its own, so Python work in this process (the training loop)
+    does not starve its reading and tokenizer threads."""
+
+    def __init__(self, produce: Callable[[], Any], depth: int):
+        context = multiprocessing.get_context("fork")  # inherits the pipeline: nothing to pickle
+        self._queue = context.Queue(maxsize=depth)
+        self._stop = context.Event()
+        self._failure = None
+        self._process = context.Process(target=self._work, args=(produce,), name="data-prefetch", daemon=True)
+        self._process.start()
+
+    def _work(self, produce: Callable[[], Any]) -> None:
+        _produce_until_stopped(produce, self._queue, self._stop, in_worker_process=True)
+        if self._stop.is_set():
+            self._queue.cancel_join_thread()  # exit now, even with results nobody will read
+        # else it failed: exiting waits until the error is in the pipe
+
+    def _take(self) -> Any:
+        while True:
+            alive = self._process.is_alive()  # before the wait: whatever it sent is in the pipe
+            try:
+                return self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not alive:
+                    return _Failure(
+                        RuntimeError(f"the data worker process ended without a word (exit code {self._process.exitcode}); out of memory?")
+                    )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+        self._queue.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,6 +605,8 @@ class DataStream:
                 f"data.tokenizer_threads must be >= 0 (0 = auto) and data.tokenize_batch >= 1, got "
                 f"{args.tokenizer_threads} and {args.tokenize_batch}"
             )
+        if args.prefetch_worker not in ("process", "thread"):
+            raise ValueError(f"data.prefetch_worker is '{args.prefetch_worker}'; expected 'process' or 'thread'")
         self.args, self.rank, self.world_size = args, rank, world_size
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(args.tokenizer)
         paths = list(args.sources)
@@ -578,24 +643,31 @@ class DataStream:
     def _make_state(self) -> dict:
         return {"version": _STATE_VERSION, "config": self._fingerprint(), "pipeline": self._shuffler.state_dict()}
 
-    def _produce(self) -> tuple[Batch, dict]:
-        """The next batch and the state right after it (runs in the prefetch thread if any)."""
+    def _produce(self) -> tuple[list[Row], int, dict]:
+        """The next batch's rows, the skipped-line count and the state right after them (runs
+        in the prefetch worker if any; numpy only, so it pickles cheaply out of a process)."""
         rows = [self._shuffler.next_row() for _ in range(self.args.batch_size)]
-        return rows_to_batch(rows, self._consumed_skipped_lines()), self._make_state()
+        return rows, self._consumed_skipped_lines(), self._make_state()
+
+    def _start_prefetch(self) -> Prefetcher:
+        # The worker starts from this process's pipeline, which is at the consumer's position.
+        if self.args.prefetch_worker == "process" and "fork" in multiprocessing.get_all_start_methods():
+            return ProcessPrefetcher(self._produce, self.args.prefetch)
+        return Prefetcher(self._produce, self.args.prefetch)
 
     def __iter__(self) -> "DataStream":
         return self
 
     def __next__(self) -> Batch:
         if self.args.prefetch <= 0:
-            batch, state = self._produce()
+            rows, skipped, state = self._produce()
         else:
             if self._prefetcher is None:
-                self._prefetcher = Prefetcher(self._produce, self.args.prefetch)
-            batch, state = self._prefetcher.get()
+                self._prefetcher = self._start_prefetch()
+            rows, skipped, state = self._prefetcher.get()
         # The state that matches what the consumer has received, not what the producer is at.
-        self._state, self._skipped_lines = state, batch.skipped_lines
-        return batch
+        self._state, self._skipped_lines = state, skipped
+        return rows_to_batch(rows, skipped)
 
     @property
     def skipped_lines(self) -> int:
@@ -625,9 +697,13 @@ class DataStream:
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
+            # Back from where the worker got to (or, for a process, from where it was forked)
+            # to what the consumer has received.
+            self._shuffler.load_state_dict(self._state["pipeline"])
 
     def close(self) -> None:
-        """Stop the prefetch and tokenizer threads and close open shards."""
+        """Stop the prefetch worker and tokenizer threads and close open shards; the stream can
+        go on afterwards from the last batch returned."""
         self._stop_prefetch()
         self._documents.close()
         self._mixer.close()

@@ -301,7 +301,8 @@ def test_encode_batch_matches_encode(tmp_path, write_jsonl):
                 assert encode_batch(tokenizer, texts, add_bos, add_eos, num_threads=threads) == expected
 
 
-def test_parallel_tokenization_gives_the_same_stream_and_resumes(tmp_path, write_jsonl):
+@pytest.mark.parametrize("worker", ["process", "thread"])
+def test_parallel_tokenization_gives_the_same_stream_and_resumes(tmp_path, write_jsonl, worker):
     write_jsonl(tmp_path / "a" / "part0.jsonl", numbered_documents("A", 40))
     write_jsonl(tmp_path / "a" / "part1.jsonl", numbered_documents("G", 30) + [b"broken"])
     b = write_jsonl(tmp_path / "b.jsonl", numbered_documents("B", 30))
@@ -314,6 +315,7 @@ def test_parallel_tokenization_gives_the_same_stream_and_resumes(tmp_path, write
         tokenizer_threads=1,
         tokenize_batch=1,
     )
+    serial = dataclasses.replace(serial, prefetch_worker=worker)
     parallel = dataclasses.replace(serial, tokenizer_threads=3, tokenize_batch=5)
     with build_data_stream(serial, 0, 1) as stream:
         expected = take(stream, 33)
@@ -344,9 +346,34 @@ def test_eval_batches_do_not_depend_on_tokenizer_threads(tmp_path, write_jsonl):
     assert [batch.skipped_lines for batch in parallel] == [batch.skipped_lines for batch in serial]
 
 
-def test_bad_tokenizer_settings_name_the_key(tmp_path, write_jsonl):
+def test_bad_worker_settings_name_the_key(tmp_path, write_jsonl):
     source = write_jsonl(tmp_path / "a.jsonl", ["abc"])
     with pytest.raises(ValueError, match="data.tokenizer_threads must be >= 0.*got -1"):
         build_data_stream(DataArgs(sources={str(source): 1.0}, tokenizer_threads=-1), 0, 1)
     with pytest.raises(ValueError, match="data.tokenize_batch >= 1.*got 0 and 0"):
         build_data_stream(DataArgs(sources={str(source): 1.0}, tokenize_batch=0), 0, 1)
+    with pytest.raises(ValueError, match="data.prefetch_worker is 'gpu'; expected 'process' or 'thread'"):
+        build_data_stream(DataArgs(sources={str(source): 1.0}, prefetch_worker="gpu"), 0, 1)
+
+
+@pytest.mark.parametrize("worker", ["process", "thread"])
+def test_stream_goes_on_after_close(tmp_path, write_jsonl, worker):
+    source = write_jsonl(tmp_path / "a.jsonl", numbered_documents("A", 30))
+    args = DataArgs(sources={str(source): 1.0}, batch_size=2, seq_len=16, shuffle_buffer=3, prefetch=3, prefetch_worker=worker)
+    with build_data_stream(dataclasses.replace(args, prefetch=0), 0, 1) as stream:
+        expected = take(stream, 8)
+    stream = build_data_stream(args, 0, 1)
+    first = take(stream, 3)
+    stream.close()  # the worker had prepared batches beyond these: they are made again
+    assert_same_batches(first + take(stream, 5), expected)
+    stream.close()
+
+
+def test_worker_process_death_is_an_error(tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "a.jsonl", numbered_documents("A", 10))
+    stream = build_data_stream(DataArgs(sources={str(source): 1.0}, seq_len=8, prefetch=1, prefetch_worker="process"), 0, 1)
+    next(stream)
+    stream._prefetcher._process.kill()
+    with pytest.raises(RuntimeError, match="data worker process ended"):
+        take(stream, 5)  # one batch may already be waiting
+    stream.close()
