@@ -94,7 +94,6 @@ class GatheredLayout:
         """x [B, H, n, d] -> [K_c ; K] of shape [B, H, nc + n, d]."""
         if self.positions is None:
             compressed = x[:, :, self.first_position :: self.chunk_size]
-            compressed = F.pad(compressed, (0, 0, 0, self.compressed_count - compressed.shape[2]))
         elif self.positions.shape[0] == 1:
             compressed = x.index_select(2, self.positions[0].clamp(max=self.n - 1))
         else:
@@ -107,7 +106,6 @@ class GatheredLayout:
         full = torch.arange(self.n, device=device)[None]
         if self.positions is None:
             compressed = torch.arange(self.compressed_count, device=device)[None] * self.chunk_size + self.first_position
-            compressed = compressed.clamp(max=self.n)
         else:
             compressed = self.positions
         return torch.cat([compressed, full.expand(compressed.shape[0], -1)], dim=1)
@@ -133,20 +131,17 @@ def gathered_layout(
     if boundaries.period is not None:
         chunk_size, offset = boundaries.period
         first = chunk_size - 1 - offset
-        # ceil(n / P) slots whatever the offset (a layer with fewer boundaries pads one slot),
-        # and the offset as a tensor: every layer of a cyclic model then shares one compiled
-        # kernel instead of recompiling per offset.
-        count = -(-n // chunk_size)
-        first_tensor = torch.tensor(first, device=device)
-        offset_tensor = torch.tensor(offset, device=device)
+        count = max(0, (n - 1 - first) // chunk_size + 1)
+        # Plain ints, specialised into the compiled kernel: a layer offset costs one compile per
+        # sequence length, while tensor-held offsets cost every call ~0.5 ms of loads (H100).
 
         def compressed_position(b, slot):
-            return first_tensor + slot * chunk_size
+            return first + slot * chunk_size
 
         if leading_tokens == "chunk":
 
             def window_start(b, q_idx):
-                return q_idx - (q_idx + offset_tensor) % chunk_size
+                return q_idx - (q_idx + offset) % chunk_size
 
         else:
 

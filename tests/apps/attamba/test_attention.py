@@ -141,12 +141,6 @@ def test_variable_boundary_counts_pad_the_compressed_keys():
     assert layout.gather(torch.randn(2, 1, N, 4)).shape == (2, 1, 128 + N, 4)
 
 
-def test_periodic_layouts_share_one_shape_across_offsets():
-    # Offsets give ceil(n / P) or one fewer boundaries; every layer gets ceil(n / P) slots.
-    shapes = {gathered_layout(periodic_boundaries(N, 4, offset), 3, None, N).gather(torch.randn(1, 1, N, 4)).shape for offset in range(4)}
-    assert shapes == {(1, 1, 8 + N, 4)}
-
-
 def test_static_block_masks_are_built_once():
     layout = gathered_layout(periodic_boundaries(N, 4, 1), 3, None, N)
     assert block_mask_for(layout, torch.device("cpu")) is block_mask_for(layout, torch.device("cpu"))
