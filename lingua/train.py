@@ -124,6 +124,10 @@ def train(args: TrainArgs) -> dict:
         save_config(args, run_dir / "config.yaml")
     distributed.barrier()
 
+    if args.eval_every > 0 or args.eval_at_end:
+        from lingua.eval import check_ready
+
+        check_ready(args.eval)  # a missing WikiText file or lm-eval fails now, not hours in
     tokenizer = build_tokenizer(args.data.tokenizer)
     check_vocab(tokenizer, args.model.vocab_size)
     distributed.seed_everything(args.seed)  # identical initial weights on every rank
