@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import threading
 import traceback
 from collections import deque
@@ -47,6 +48,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 import numpy as np
 import torch
 
+from lingua.recall import RecallArgs
 from lingua.tokenizer import Tokenizer, TokenizerArgs, build_tokenizer, encode_batch
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -87,6 +89,8 @@ class DataArgs:
     """Documents per tokenizer call (one task of a tokenizer thread). Larger amortizes the
     per-call cost; smaller reads less ahead (the read-ahead is redone after a resume)."""
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
+    recall: Optional[RecallArgs] = None
+    """Train on synthetic multi-query associative recall (lingua.recall) instead of ``sources``."""
 
 
 @dataclass
@@ -491,11 +495,11 @@ class _Failure:
         self.error = error
 
 
-def _produce_until_stopped(produce: Callable[[], Any], out: Any, stop: Any, in_worker_process: bool) -> None:
-    """Put ``produce()`` results into ``out`` until ``stop`` is set or ``produce`` raises (the
-    error is put too, for the consumer to re-raise). ``out`` and ``stop`` are a queue and an
-    event of :mod:`queue`/:mod:`threading` or of :mod:`multiprocessing`."""
-    while not stop.is_set():
+def _produce_until_stopped(produce: Callable[[], Any], out: Any, stopped: Callable[[], bool], in_worker_process: bool) -> None:
+    """Put ``produce()`` results into ``out`` (a :mod:`queue` or :mod:`multiprocessing` queue)
+    until ``stopped()`` or ``produce`` raises (the error is put too, for the consumer to
+    re-raise)."""
+    while not stopped():
         try:
             item = produce()
         except BaseException as error:
@@ -506,7 +510,7 @@ def _produce_until_stopped(produce: Callable[[], Any], out: Any, stop: Any, in_w
                 except Exception:
                     error = RuntimeError(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
             item = _Failure(error)
-        while not stop.is_set():
+        while not stopped():
             try:
                 out.put(item, timeout=0.1)
                 break
@@ -524,7 +528,7 @@ class Prefetcher:
         self._stop = threading.Event()
         self._failure: Optional[_Failure] = None
         self._thread = threading.Thread(
-            target=_produce_until_stopped, args=(produce, self._queue, self._stop, False), name="data-prefetch", daemon=True
+            target=_produce_until_stopped, args=(produce, self._queue, self._stop.is_set, False), name="data-prefetch", daemon=True
         )
         self._thread.start()
 
@@ -554,12 +558,21 @@ class ProcessPrefetcher(Prefetcher):
         self._queue = context.Queue(maxsize=depth)
         self._stop = context.Event()
         self._failure = None
-        self._process = context.Process(target=self._work, args=(produce,), name="data-prefetch", daemon=True)
+        self._process = context.Process(target=self._work, args=(produce, os.getpid()), name="data-prefetch", daemon=True)
         self._process.start()
 
-    def _work(self, produce: Callable[[], Any]) -> None:
-        _produce_until_stopped(produce, self._queue, self._stop, in_worker_process=True)
-        if self._stop.is_set():
+    def _work(self, produce: Callable[[], Any], parent_pid: int) -> None:
+        # The parent's handlers (e.g. the trainer's preemption flag) mean nothing here: a signal
+        # ends the worker, and so does the parent's death (it may be SIGKILLed and never stop us).
+        for number in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if number is not None:
+                signal.signal(number, signal.SIG_DFL)
+
+        def stopped() -> bool:
+            return self._stop.is_set() or os.getppid() != parent_pid
+
+        _produce_until_stopped(produce, self._queue, stopped, in_worker_process=True)
+        if stopped():
             self._queue.cancel_join_thread()  # exit now, even with results nobody will read
         # else it failed: exiting waits until the error is in the pipe
 
@@ -726,6 +739,10 @@ def auto_tokenizer_threads() -> int:
 
 def build_data_stream(args: DataArgs, rank: int = 0, world_size: int = 1) -> DataStream:
     """Build the tokenizer and the stream; a missing or empty source raises naming its path."""
+    if args.recall is not None:
+        from lingua.recall import RecallStream
+
+        return RecallStream(args.recall, args.batch_size, args.seq_len, args.seed, rank, world_size)
     return DataStream(args, rank, world_size)
 
 

@@ -377,3 +377,40 @@ def test_worker_process_death_is_an_error(tmp_path, write_jsonl):
     with pytest.raises(RuntimeError, match="data worker process ended"):
         take(stream, 5)  # one batch may already be waiting
     stream.close()
+
+
+def test_worker_process_ends_with_its_killed_parent(tmp_path, write_jsonl):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    source = write_jsonl(tmp_path / "a.jsonl", numbered_documents("A", 10))
+    script = (
+        "import os, signal\n"
+        "from lingua.data import DataArgs, build_data_stream\n"
+        f"stream = build_data_stream(DataArgs(sources={{{str(source)!r}: 1.0}}, seq_len=8, prefetch=2), 0, 1)\n"
+        "next(stream)\n"
+        "print(stream._prefetcher._process.pid, flush=True)\n"
+        "signal.signal(signal.SIGTERM, lambda *_: None)  # as a trainer's preemption handler would\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    # Were the worker left behind, it would hold the output pipe open and this would hang.
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    worker = int(result.stdout.split()[0])
+
+    def running() -> bool:  # a zombie has ended, waiting for a reaper that may never come
+        try:
+            return Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running()
