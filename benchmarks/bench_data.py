@@ -24,13 +24,14 @@ def measure(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         prefetch=args.prefetch,
+        prefetch_worker=args.worker,
         tokenizer_threads=args.threads,
         tokenize_batch=args.tokenize_batch,
         tokenizer=TokenizerArgs(name=args.tokenizer, path=args.tokenizer_path),
     )
     stream = build_data_stream(data_args, 0, 1)
     try:
-        next(stream)  # open files, start the prefetch thread
+        next(stream)  # open files, start the prefetch worker and tokenizer threads
         start = time.perf_counter()
         for _ in range(args.batches):
             next(stream)
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--prefetch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="tokenizer threads (0 = auto)")
+    parser.add_argument("--worker", default=DataArgs.prefetch_worker, choices=["process", "thread"], help="prefetch worker")
     parser.add_argument("--tokenize-batch", type=int, default=DataArgs.tokenize_batch)
     parser.add_argument("--out", default=None, help="also write the result as JSON here")
     args = parser.parse_args()
