@@ -124,7 +124,7 @@ def train(args: TrainArgs) -> dict:
         save_config(args, run_dir / "config.yaml")
     distributed.barrier()
 
-    if args.eval_every > 0 or args.eval_at_end:
+    if 0 < args.eval_every < args.steps or args.eval_at_end:
         from lingua.eval import check_ready
 
         check_ready(args.eval)  # a missing WikiText file or lm-eval fails now, not hours in
