@@ -18,7 +18,6 @@ accuracy per (seq_len, num_kv_pairs) setting on fixed, seeded test sets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn

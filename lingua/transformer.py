@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class BaseTransformerArgs:
     """Attend only the last `sliding_window` tokens (the query included); None is full causal."""
     tie_embeddings: bool = False
 
+    attn_impls: ClassVar[tuple[str, ...]] = ("sdpa", "flex")
+    """Attention backends this model family accepts (subclasses extend it)."""
+
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seqlen"):
             if getattr(self, name) < 1:
@@ -54,8 +57,8 @@ class BaseTransformerArgs:
             raise ValueError(f"attention width {self.attention_dim} must be divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.kv_heads}")
-        if self.attn_impl not in ("sdpa", "flex"):
-            raise ValueError(f"model.attn_impl must be 'sdpa' or 'flex', got '{self.attn_impl}'")
+        if self.attn_impl not in self.attn_impls:
+            raise ValueError(f"model.attn_impl must be one of {self.attn_impls}, got '{self.attn_impl}'")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
 

@@ -96,15 +96,7 @@ class AttambaArgs(BaseTransformerArgs):
     """The SSM kernel, see SSMArgs.impl."""
 
     def __post_init__(self) -> None:
-        if self.attn_impl not in self.attn_impls:
-            raise ValueError(f"model.attn_impl must be one of {self.attn_impls}, got '{self.attn_impl}'")
-        # The base class only knows the transformer's backends: check its other fields under one
-        # of its names, then restore ours.
-        impl, self.attn_impl = self.attn_impl, "sdpa"
-        try:
-            super().__post_init__()
-        finally:
-            self.attn_impl = impl
+        super().__post_init__()
         if self.attention_dim != self.dim:
             raise ValueError(
                 f"model.attn_dim={self.attn_dim}: Attamba's keys are x + SSM(x), of width model.dim={self.dim}, "

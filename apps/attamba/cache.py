@@ -38,7 +38,7 @@ from apps.attamba.attention import attamba_attention
 from apps.attamba.chunking import LayerBoundaries, segment_starts, window_starts
 from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, SSMState
-from apps.main.cache import EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill
+from lingua.kv_cache import EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill
 from lingua.generate import register_cache_support
 from lingua.transformer import apply_rotary
 

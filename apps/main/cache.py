@@ -10,8 +10,8 @@ Batches of prompts of different lengths are RIGHT-padded: ``forward_cached(model
 lengths)`` takes ``lengths[b]`` real tokens from row b (the rest is padding whose outputs are
 junk and which never enters the cache), and every row then continues at its own position.
 
-:class:`KVSlots` and :func:`attend_slots` are shared with the Attamba cache, whose window is a
-ring of the same kind.
+:class:`KVSlots` and :func:`attend_slots` live in ``lingua.kv_cache``, shared with the Attamba
+cache, whose window is a ring of the same kind.
 """
 
 from __future__ import annotations
@@ -19,147 +19,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from apps.main.model import TransformerLM
 from lingua.generate import register_cache_support
-
-EMPTY = -1
-"""Position recorded in a slot that holds nothing."""
-
-
-class KVSlots:
-    """Keys and values of up to ``slots`` positions per row; position p lives in slot p mod slots.
-
-    With ``slots`` >= every position it is a plain KV-cache; with fewer it is a ring that keeps
-    the most recent ``slots`` positions. ``k``, ``v`` ([B, Hkv, slots, d]) and ``positions``
-    ([B, slots]) may be views into larger buffers (the Attamba cache keeps its compressed keys
-    and its window in one tensor so attention needs no concatenation).
-    """
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        self.k, self.v, self.positions = k, v, positions
-        self.slots = k.shape[2]
-
-    @classmethod
-    def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, device, dtype) -> "KVSlots":
-        k = torch.zeros(batch, kv_heads, slots, head_dim, device=device, dtype=dtype)
-        positions = torch.full((batch, slots), EMPTY, dtype=torch.long, device=device)
-        return cls(k, torch.zeros_like(k), positions)
-
-    def write_one(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
-        """Store k, v [B, Hkv, 1, d] of one token per row at ``position`` [B]."""
-        slot = position % self.slots  # [B]
-        index = slot.view(-1, 1, 1, 1).expand_as(k)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
-        self.positions.scatter_(1, slot[:, None], position[:, None])
-
-    def write_many(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Store k, v [B, Hkv, m, d] of positions start[b] + i for i < lengths[b].
-
-        Built as a gather over slots (each slot takes the newest position that maps to it, if that
-        one is new) rather than a scatter, because with m > slots several positions share a slot.
-        """
-        m = k.shape[2]
-        newest = self.newest_positions(start + lengths)  # [B, slots]
-        fresh = newest >= start[:, None]  # [B, slots]
-        index = (newest - start[:, None]).clamp(0, m - 1)
-        index = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, Hkv, slots, d]
-        keep_old = ~fresh[:, None, :, None]
-        self.k.copy_(torch.where(keep_old, self.k, k.gather(2, index)))
-        self.v.copy_(torch.where(keep_old, self.v, v.gather(2, index)))
-        self.positions.copy_(torch.where(fresh, newest, self.positions))
-
-    def newest_positions(self, end: torch.Tensor) -> torch.Tensor:
-        """[B, slots]: the newest position below ``end`` [B] that maps to each slot (< 0: none)."""
-        slot = torch.arange(self.slots, device=end.device)
-        return end[:, None] - 1 - (end[:, None] - 1 - slot) % self.slots
-
-    def pretend_filled(self, end: torch.Tensor) -> None:
-        """Hold positions 0..end[b]-1 with random keys and values (benchmarks skip the prefill)."""
-        self.k.normal_()
-        self.v.normal_()
-        newest = self.newest_positions(end)
-        self.positions.copy_(torch.where(newest >= 0, newest, EMPTY))
-
-    def live(self, lowest: torch.Tensor) -> torch.Tensor:
-        """[B, slots] bool: filled slots holding a position >= ``lowest`` [B]."""
-        return (self.positions >= 0) & (self.positions >= lowest[:, None])
-
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-
-# cuDNN attention builds a plan per new shape (~7 ms of CPU each on an H100), and eager decoding
-# changes the key length every step; the memory-efficient kernel takes masks without that cost.
-# With static shapes the plan is built once, and cuDNN was then ~2x faster per step (H100, bf16).
-_CHANGING_SHAPE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_STATIC_SHAPE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def attend_slots(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, static_shapes: bool = False
-) -> torch.Tensor:
-    """Attention of q [B, H, m, d] over cached k, v [B, Hkv, S, d] where ``allowed`` [B, m, S]."""
-    with sdpa_kernel(_STATIC_SHAPE_BACKENDS if static_shapes else _CHANGING_SHAPE_BACKENDS):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed[:, None], enable_gqa=q.shape[1] != k.shape[1]
-        )
-
-
-def causal_allowed(
-    key_positions: torch.Tensor, query_positions: torch.Tensor, window: Optional[int]
-) -> torch.Tensor:
-    """[B, m, S] bool: key (position, -1 if empty) visible to query: causal, within ``window``."""
-    keys, queries = key_positions[:, None, :], query_positions[:, :, None]
-    allowed = (keys >= 0) & (keys <= queries)
-    if window is not None:
-        allowed = allowed & (keys > queries - window)
-    return allowed
-
-
-def check_prefill(tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
-    """Validate ``lengths`` for a prompt batch ``tokens`` [B, m]; return it (all m if None)."""
-    batch, m = tokens.shape
-    if lengths is None:
-        return torch.full((batch,), m, dtype=torch.long, device=tokens.device)
-    if lengths.shape != (batch,):
-        raise ValueError(f"lengths must have shape [{batch}] (one per row of tokens), got {tuple(lengths.shape)}")
-    if bool((lengths < 0).any()) or bool((lengths > m).any()):
-        raise ValueError(f"lengths must lie in 0..{m} (the padded prompt width), got {lengths.tolist()}")
-    return lengths.to(device=tokens.device, dtype=torch.long)
-
-
-class PositionedCache:
-    """What every cache of this framework shares: each row's next position and a host-side bound.
-
-    ``horizon`` bounds the positions written so far without a device sync, so a cache detects
-    overflow, and eager decoding of a full KV-cache attends only over its filled part. With
-    ``static_shapes`` (set by lingua.generate.DecodeStep before capturing a CUDA graph) every step
-    has the same shapes and DecodeStep advances ``horizon``. Subclasses fill ``layers``.
-    """
-
-    def __init__(self, batch: int, max_len: int, device):
-        self.max_len = max_len
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # next position per row
-        self.horizon = 0
-        self.static_shapes = False
-        self.layers: list = []
-
-    def nbytes(self) -> int:
-        """Bytes of the allocated buffers of every layer."""
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def advance_horizon(self, new_horizon: int) -> None:
-        if new_horizon > self.max_len:
-            raise ValueError(
-                f"cache of max_len={self.max_len} is full: {self.horizon} positions used, "
-                f"{new_horizon - self.horizon} more requested"
-            )
-        self.horizon = new_horizon
-
+from lingua.kv_cache import KVSlots, PositionedCache, attend_slots, causal_allowed, check_prefill
 
 class TransformerCache(PositionedCache):
     """Per-layer KV slots (key and value buffers; positions bookkeeping is not counted in nbytes)."""

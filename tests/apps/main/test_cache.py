@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apps.main.cache import KVSlots, forward_cached, new_cache
+from apps.main.cache import forward_cached, new_cache
+from lingua.kv_cache import KVSlots
 from apps.main.model import TransformerArgs, TransformerLM
 from lingua.generate import cache_support, prefill_decode_logits
 
