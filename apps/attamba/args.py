@@ -61,7 +61,7 @@ class AttambaArgs(BaseTransformerArgs):
     eval_chunk_strategy: Optional[str] = None
     eval_leading_tokens: Any = None
     random_seed: int = 0
-    """Seeds the training generator of 'random' chunks and fixes evaluation's random chunks."""
+    """Fixes evaluation's random chunks (training draws them from the run's seeded global RNG)."""
 
     # Attention and KV-SSM structure.
     pseudo_chunk: bool = False

@@ -135,8 +135,6 @@ class AttambaLM(TransformerLMBase):
     def __init__(self, args: AttambaArgs):
         layers = [AttambaBlock(args, AttambaAttention(args, layer_id)) for layer_id in range(args.n_layers)]
         super().__init__(args, layers)
-        # Training's random chunks: fresh each batch, but a run is reproducible from random_seed.
-        self.chunk_generator = torch.Generator().manual_seed(args.random_seed)
 
     @property
     def chunking(self) -> Chunking:
@@ -166,7 +164,8 @@ class AttambaLM(TransformerLMBase):
         """Boundaries of ``layer`` for n tokens under a causal strategy (uniform, cyclic, random).
 
         ``n`` also sets P with chunk_count (P = ceil(n / C)): a decoder should pass the full
-        length it will reach. Training's random boundaries advance the model's generator.
+        length it will reach. Training's random boundaries come from torch's global generator, which
+        the training loop seeds per rank and saves in checkpoints, so a resumed run draws the same.
         """
         self.check_decodable()
         chunking = self.chunking
@@ -174,7 +173,7 @@ class AttambaLM(TransformerLMBase):
         if chunking.strategy in STATIC_STRATEGIES:
             return periodic_boundaries(n, size, layer_offset(chunking.strategy, layer, self.args.n_layers, size), device)
         if self.training:
-            return random_boundaries(batch, n, size, self.chunk_generator, device)
+            return random_boundaries(batch, n, size, torch.default_generator, device)
         return seeded_random_boundaries(n, size, self.args.random_seed, layer, device)
 
     def is_boundary_position(self, t: int, layer: int, n: int) -> bool:

@@ -19,9 +19,22 @@ def corpus(tmp_path):
     return write_corpus(tmp_path / "data")
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, monkeypatch):
+RESUME_CASES = {
+    "transformer": ("transformer", ()),
+    # Random chunks are drawn from the global RNG, which checkpoints restore per rank.
+    "attamba_random": ("attamba", ("model.chunk_strategy=random", "model.token_chunk=4", "model.state_dim=8")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, monkeypatch, case):
+    model_type, model_overrides = RESUME_CASES[case]
+
+    def args(run, *overrides):
+        return tiny_args(run, corpus, *model_overrides, *overrides, model_type=model_type)
+
     straight = tmp_path / "straight"
-    train_module.train(tiny_args(straight, corpus, "steps=8", "checkpoint.every=0"))
+    train_module.train(args(straight, "steps=8", "checkpoint.every=0"))
 
     # Preempt the second run at step 4 with a real SIGUSR1, then resume it to the end.
     resumed = tmp_path / "resumed"
@@ -33,10 +46,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, monkeypatch):
             os.kill(os.getpid(), signal.SIGUSR1)
 
     monkeypatch.setattr(train_module.StepProfiler, "step", preempt_at_4)
-    summary = train_module.train(tiny_args(resumed, corpus, "steps=8", "checkpoint.every=0"))
+    summary = train_module.train(args(resumed, "steps=8", "checkpoint.every=0"))
     assert summary["preempted"] and summary["step"] == 4
     monkeypatch.setattr(train_module.StepProfiler, "step", original_step)
-    summary = train_module.train(tiny_args(resumed, corpus, "steps=8", "checkpoint.every=0"))
+    summary = train_module.train(args(resumed, "steps=8", "checkpoint.every=0"))
     assert summary["step"] == 8 and not summary["preempted"]
 
     expected, got = read_losses(straight), read_losses(resumed)
