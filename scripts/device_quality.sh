@@ -15,32 +15,29 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 data=.devdata/english
 
-for model in transformer attamba; do
-  if [ "$model" = transformer ]; then app=main; config=apps/main/configs/transformer_60m.yaml
-  else app=attamba; config=apps/attamba/configs/attamba_60m.yaml; fi
-  dir=/tmp/quality/$model
+# run KIND MODEL CONFIG STEPS ARGS...: train one model with evaluation at the end, keep its results.
+run() {
+  local kind=$1 model=$2 config=$3 steps=$4; shift 4
+  local app=attamba; [ "$model" = transformer ] && app=main
+  local dir=/tmp/$kind/$model
   rm -rf "$dir"
-  timeout "$RUN_TIMEOUT" python -m apps.$app.train config=$config dump_dir=$dir steps=$QUALITY_STEPS \
-    "data.sources={$data/train.jsonl: 1.0}" data.tokenizer.name=sp data.tokenizer.path=.devdata/sp32k.model \
-    distributed.model_dtype=bf16 distributed.compile=true optim.warmup=50 logging.freq=50 \
-    checkpoint.every=0 export_at_end=false eval_every=0 eval_at_end=true \
-    "eval.tasks=[wikitext_local]" eval.wikitext_path=.devdata/wiki.test.tokens eval.batch_size=16 \
-    "eval.val_sources={english: $data/valid.jsonl}" ${QUALITY_EXTRA:-} > "/tmp/quality_$model.log" 2>&1
-  echo "quality $model exit $?" | tee -a "$OUT/quality.txt"
-  tail -n 4 "/tmp/quality_$model.log" >> "$OUT/quality.txt"
-  cat "$dir/metrics.eval.jsonl" >> "$OUT/quality.txt" 2>/dev/null
-done
+  timeout "$RUN_TIMEOUT" python -m apps.$app.train config=$config dump_dir=$dir steps=$steps \
+    checkpoint.every=0 export_at_end=false eval_every=0 eval_at_end=true "$@" > "/tmp/${kind}_$model.log" 2>&1
+  echo "$kind $model exit $?" | tee -a "$OUT/$kind.txt"
+  tail -n 4 "/tmp/${kind}_$model.log" >> "$OUT/$kind.txt"
+  cat "$dir/metrics.eval.jsonl" >> "$OUT/$kind.txt" 2>/dev/null
+}
 
 for model in transformer attamba; do
-  if [ "$model" = transformer ]; then app=main; config=apps/main/configs/recall_transformer.yaml
-  else app=attamba; config=apps/attamba/configs/recall_attamba_p8.yaml; fi
-  dir=/tmp/recall/$model
-  rm -rf "$dir"
-  timeout "$RUN_TIMEOUT" python -m apps.$app.train config=$config dump_dir=$dir steps=$RECALL_STEPS \
-    optim.warmup=100 logging.freq=250 checkpoint.every=0 export_at_end=false eval_every=0 eval_at_end=true \
-    > "/tmp/recall_$model.log" 2>&1
-  echo "recall $model exit $?" | tee -a "$OUT/recall.txt"
-  tail -n 4 "/tmp/recall_$model.log" >> "$OUT/recall.txt"
-  cat "$dir/metrics.eval.jsonl" >> "$OUT/recall.txt" 2>/dev/null
+  config=apps/attamba/configs/attamba_60m.yaml
+  [ "$model" = transformer ] && config=apps/main/configs/transformer_60m.yaml
+  run quality $model $config "$QUALITY_STEPS" \
+    "data.sources={$data/train.jsonl: 1.0}" data.tokenizer.name=sp data.tokenizer.path=.devdata/sp32k.model \
+    distributed.model_dtype=bf16 distributed.compile=true optim.warmup=50 logging.freq=50 \
+    "eval.tasks=[wikitext_local]" eval.wikitext_path=.devdata/wiki.test.tokens eval.batch_size=16 \
+    "eval.val_sources={english: $data/valid.jsonl}" ${QUALITY_EXTRA:-}
 done
+
+run recall transformer apps/main/configs/recall_transformer.yaml "$RECALL_STEPS" optim.warmup=100 logging.freq=250
+run recall attamba apps/attamba/configs/recall_attamba_p8.yaml "$RECALL_STEPS" optim.warmup=100 logging.freq=250
 cat "$OUT/quality.txt" "$OUT/recall.txt"
