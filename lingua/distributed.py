@@ -100,12 +100,13 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)
 
 
-def all_reduce_mean(value: float, env: DistEnv) -> float:
+def all_reduce_mean(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The mean of ``tensor`` over ranks (on device: no host sync)."""
     if not env.is_distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=env.device)
+        return tensor
+    tensor = tensor.clone()
     dist.all_reduce(tensor)
-    return tensor.item() / env.world_size
+    return tensor / env.world_size
 
 
 def resolve_parallelism(args: DistributedArgs, env: DistEnv) -> str:

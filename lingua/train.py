@@ -193,8 +193,10 @@ def train(args: TrainArgs) -> dict:
             )
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
-            loss_value = distributed.all_reduce_mean(loss_sum.item(), env)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+            # One host sync per step, which the non-finite guard needs anyway.
+            stats = torch.stack([distributed.all_reduce_mean(loss_sum, env), grad_norm.to(loss_sum.dtype)])
+            loss_value, grad_norm_value = stats.tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
                 nan_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 logger.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step, nan_steps)
@@ -216,7 +218,7 @@ def train(args: TrainArgs) -> dict:
                     "global_step": step,
                     "loss/out": loss_value,
                     "optim/lr": scheduler.get_last_lr()[0],
-                    "optim/grad_norm": grad_norm.item(),
+                    "optim/grad_norm": grad_norm_value,
                     "optim/nan_steps": nan_steps,
                     "data/skipped_lines": data.skipped_lines,
                     **throughput.read(),
@@ -251,7 +253,7 @@ def train(args: TrainArgs) -> dict:
 
 
 class _Evaluator:
-    """Periodic evaluation on rank 0, with the model in eval mode (eval-time chunking applies)."""
+    """Periodic evaluation on rank 0 of a single-process run."""
 
     def __init__(self, args: TrainArgs, tokenizer, run_dir: Path, env: distributed.DistEnv):
         self.args, self.tokenizer, self.run_dir, self.env = args, tokenizer, run_dir, env
@@ -261,10 +263,9 @@ class _Evaluator:
 
         results = None
         if self.env.is_main and not self.env.is_distributed:
-            model.eval()
+            # run_evaluation switches the model to eval mode (eval-time chunking) and back.
             with torch.no_grad():
                 results = run_evaluation(model, self.tokenizer, self.args.eval, step, str(self.run_dir))
-            model.train()
         elif self.env.is_main:
             logger.warning("evaluation inside a multi-process run is skipped: run apps.<app>.eval on the checkpoint")
         distributed.barrier()

@@ -35,7 +35,7 @@ def main(out_path: str, parallelism: str) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-        losses.append(distributed.all_reduce_mean(loss.item(), env))
+        losses.append(distributed.all_reduce_mean(loss.detach(), env).item())
     if env.is_main:
         with open(out_path, "w") as handle:
             json.dump(losses, handle)
