@@ -77,22 +77,22 @@ class AttambaArgs(BaseTransformerArgs):
     'sdpa_gathered' (gathered keys, materialized mask; trains on CPU), 'sdpa_dense' (full-length
     boolean mask, the seed's way) or 'reference' (naive softmax; for tests)."""
 
-    # KV-SSM (a Mamba2 mixer per K and per V in every layer).
-    state_dim: int = 128
+    # KV-SSM (a Mamba2 mixer per K and per V in every layer); defaults are SSMArgs'.
+    state_dim: int = SSMArgs.state_dim
     """SSM state size D_S per head."""
-    ssm_heads: int = 8
-    ssm_hidden_dim: Optional[int] = None
+    ssm_heads: int = SSMArgs.ssm_heads
+    ssm_hidden_dim: Optional[int] = SSMArgs.ssm_hidden_dim
     """Inner width of the SSM; None lets the SSM choose (see SSMArgs)."""
-    ssm_n_groups: int = 1
+    ssm_n_groups: int = SSMArgs.n_groups
     """Groups sharing B and C across SSM heads."""
-    conv_size: int = 4
-    dt_bias: bool = True
-    A_init_min: float = 1.0
-    A_init_max: float = 16.0
-    dt_min: float = 1e-3
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    ssm_impl: str = "auto"
+    conv_size: int = SSMArgs.conv_size
+    dt_bias: bool = SSMArgs.dt_bias
+    A_init_min: float = SSMArgs.A_init_min
+    A_init_max: float = SSMArgs.A_init_max
+    dt_min: float = SSMArgs.dt_min
+    dt_max: float = SSMArgs.dt_max
+    dt_init_floor: float = SSMArgs.dt_init_floor
+    ssm_impl: str = SSMArgs.impl
     """The SSM kernel, see SSMArgs.impl."""
 
     def __post_init__(self) -> None:
