@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from lingua import masks
 
@@ -141,24 +142,31 @@ class SwiGLU(nn.Module):
         nn.init.trunc_normal_(self.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
 
 
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    doc_ids: Optional[torch.Tensor],
-    sliding_window: Optional[int],
-    impl: str,
-) -> torch.Tensor:
-    """Causal attention of q [B, H, n, d] over k, v [B, Hkv, n, d] within documents."""
+AttentionMask = Optional[Union[torch.Tensor, BlockMask]]
+"""None (plain causal), a dense boolean mask [B or 1, 1, n, n], or a FlexAttention BlockMask."""
+
+
+def attention_mask(
+    doc_ids: Optional[torch.Tensor], batch: int, n: int, sliding_window: Optional[int], impl: str, device
+) -> AttentionMask:
+    """The causal, document and window mask in the form ``impl`` consumes; build it once per
+    forward pass, every layer shares it."""
+    if impl == "flex":
+        return masks.causal_block_mask(doc_ids, batch, n, sliding_window, device)
+    if doc_ids is None and sliding_window is None:
+        return None  # SDPA's is_causal fast path
+    return masks.causal_dense_mask(doc_ids, n, sliding_window, device)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Attention of q [B, H, n, d] over k, v [B, Hkv, n, d] under a mask from :func:`attention_mask`."""
     if k.shape[1] != q.shape[1]:
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    if impl == "flex":
-        block_mask = masks.causal_block_mask(doc_ids, q.shape[0], q.shape[2], sliding_window, q.device)
-        return masks.flex_attention(q, k, v, block_mask=block_mask)
-    if doc_ids is None and sliding_window is None:
+    if isinstance(mask, BlockMask):
+        return masks.flex_attention(q, k, v, block_mask=mask)
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = masks.causal_dense_mask(doc_ids, q.shape[2], sliding_window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -166,7 +174,6 @@ class Attention(nn.Module):
     def __init__(self, args: BaseTransformerArgs):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.impl, self.sliding_window = args.attn_impl, args.sliding_window
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
@@ -179,9 +186,9 @@ class Attention(nn.Module):
         v = self.wv(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def forward(self, x, cos, sin, doc_ids=None):
+    def forward(self, x, cos, sin, mask: AttentionMask = None):
         q, k, v = self.project(x, cos, sin)
-        out = attend(q, k, v, doc_ids, self.sliding_window, self.impl)
+        out = attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).flatten(2))
 
     def reset_parameters(self, init_std: float, out_std: float) -> None:
@@ -200,8 +207,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = SwiGLU(args.dim, args.ffn_hidden_dim)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, doc_ids=None, **attention_kwargs):
-        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, **attention_kwargs)
+    def forward(self, x, cos, sin, *attention_args, **attention_kwargs):
+        x = x + self.attention(self.attention_norm(x), cos, sin, *attention_args, **attention_kwargs)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def reset_parameters(self, init_std: float, out_std: float) -> None:
@@ -229,10 +236,13 @@ class TransformerLMBase(nn.Module):
         return self.rope(torch.arange(offset, offset + n, device=device))
 
     def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        batch, n = tokens.shape
         x = self.tok_embeddings(tokens)
-        cos, sin = self.rotary(tokens.shape[1], tokens.device)
+        cos, sin = self.rotary(n, tokens.device)
+        args = self.args
+        mask = attention_mask(doc_ids, batch, n, args.sliding_window, args.attn_impl, tokens.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, doc_ids)
+            x = layer(x, cos, sin, mask)
         return self.output(self.norm(x))
 
     @torch.no_grad()

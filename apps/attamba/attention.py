@@ -30,6 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from apps.attamba.chunking import LayerBoundaries, LeadingTokens, window_starts
 from lingua import masks
 from lingua.transformer import attend as causal_attention
+from lingua.transformer import attention_mask
 
 COMPRESSED_SLOT_MULTIPLE = 128
 """Compressed-slot counts of non-periodic boundaries are rounded up to this (FlexAttention's block)."""
@@ -235,7 +236,8 @@ def attamba_attention(
     if impl not in ("flex", "sdpa_gathered"):
         raise ValueError(f"unknown Attamba attention impl '{impl}'")
     if causal:
-        return causal_attention(q, k, v, doc_ids, None, "flex" if impl == "flex" else "sdpa")
+        causal_impl = "flex" if impl == "flex" else "sdpa"
+        return causal_attention(q, k, v, attention_mask(doc_ids, q.shape[0], n, None, causal_impl, q.device))
     layout = gathered_layout(boundaries, leading_tokens, doc_ids, n)
     keys, values = layout.gather(k), layout.gather(v)  # [B, H, nc + n, d]
     if impl == "flex":
