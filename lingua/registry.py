@@ -51,8 +51,7 @@ def get_model_spec(name: str) -> ModelSpec:
     if name not in _REGISTRY and name in _APP_MODULES:
         importlib.import_module(_APP_MODULES[name])
     if name not in _REGISTRY:
-        known = sorted(set(_REGISTRY) | set(_APP_MODULES))
-        raise KeyError(f"unknown model '{name}'; registered models: {', '.join(known)}")
+        raise KeyError(f"unknown model '{name}'; registered models: {', '.join(registered_models())}")
     return _REGISTRY[name]
 
 
