@@ -1,0 +1,109 @@
+"""Where a training step's time goes: one model's forward+backward+AdamW, timed and profiled.
+
+Builds the model of a training config (any app, with dotted overrides), compiles each block and
+runs bf16 autocast as the training loop does, on random tokens with packed documents of random
+length (``--mean-doc`` tokens on average; 0: no documents). Prints the median step time and
+tokens/s, then the kernels that took the most GPU time over ``--profile-steps`` steps.
+
+    python benchmarks/profile_step.py config=apps/attamba/configs/attamba_60m.yaml \
+        [--seq-len 1024] [--batch 16] [--mean-doc 512] [--rows 25] [model.ssm_impl=torch ...]
+
+Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lingua import distributed  # noqa: E402
+from lingua.args import read_raw  # noqa: E402
+from lingua.optim import build_optimizer, no_weight_decay_names  # noqa: E402
+from lingua.registry import get_model_spec  # noqa: E402
+from lingua.train import cross_entropy, load_train_args  # noqa: E402
+
+
+def random_doc_ids(batch: int, n: int, mean_doc: int, device) -> torch.Tensor | None:
+    """[batch, n] document numbers of geometric-length documents (None when mean_doc is 0)."""
+    if mean_doc <= 0:
+        return None
+    starts = torch.rand(batch, n, device=device) < 1.0 / mean_doc
+    starts[:, 0] = True
+    return starts.long().cumsum(1) - 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--mean-doc", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
+    options, overrides = parser.parse_known_args()
+    if options.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("profile_step.py needs CUDA")
+    device = torch.device(options.device)
+
+    model_type = read_raw(overrides).get("model_type", "attamba")
+    args = load_train_args(
+        [*overrides, f"model.max_seqlen={options.seq_len}", "distributed.model_dtype=bf16",
+         f"distributed.compile={not options.no_compile}"],
+        model_type,
+    )
+    env = distributed.DistEnv(0, 0, 1, device)
+    torch.manual_seed(0)
+    with device:
+        model = get_model_spec(args.model_type).build(args.model)
+        model.init_weights()
+    no_decay = no_weight_decay_names(model)
+    model = distributed.parallelize_model(model, args.distributed, env)
+    autocast = distributed.autocast_context(args.distributed, env, "none")
+    optimizer, _ = build_optimizer(model, args.optim, 1000, no_decay)
+
+    batch, n = options.batch, options.seq_len
+    tokens = torch.randint(0, args.model.vocab_size, (batch, n + 1), device=device)
+    doc_ids = random_doc_ids(batch, n, options.mean_doc, device)
+
+    def step() -> None:
+        with autocast:
+            loss = cross_entropy(model(tokens[:, :-1], doc_ids), tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for _ in range(options.steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    steady = times[len(times) // 2:]
+    ms = statistics.median(steady)
+    print(f"{args.model_type} n={n} batch={batch} mean_doc={options.mean_doc}: "
+          f"{ms:.2f} ms/step, {batch * n / ms * 1e3:,.0f} tok/s (median of last {len(steady)})")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(options.profile_steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=options.rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
