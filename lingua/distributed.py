@@ -128,8 +128,12 @@ def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> 
     if args.activation_checkpointing != "none":
         _apply_activation_checkpointing(model, args.activation_checkpointing)
     if args.compile:
+        # Static shapes: blocks share one code object, so a per-layer int (Attamba's chunk
+        # offset) would otherwise turn symbolic after the second layer, which FlexAttention's
+        # lowering rejects. Each distinct layer costs one compile, hence the higher limit.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for index, block in enumerate(model.layers):
-            model.layers[index] = torch.compile(block)
+            model.layers[index] = torch.compile(block, dynamic=False)
     parallelism = resolve_parallelism(args, env)
     if parallelism == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -43,9 +43,14 @@ def causal_block_mask(
             allowed = allowed & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
         return allowed
 
-    return create_block_mask(
-        mask_mod, B=batch if doc_ids is not None else None, H=None, Q_LEN=n, KV_LEN=n, device=device
-    )
+    return build_block_mask(mask_mod, batch if doc_ids is not None else None, n, n, device)
+
+
+def build_block_mask(mask_mod, batch: Optional[int], q_len: int, kv_len: int, device) -> BlockMask:
+    """``create_block_mask``, compiled on CUDA: masks that depend on the batch (documents) are
+    rebuilt every step, and the eager build costs milliseconds of host time each."""
+    compile_build = torch.device(device).type == "cuda"
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device, _compile=compile_build)
 
 
 @functools.lru_cache(maxsize=1)

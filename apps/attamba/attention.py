@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import BlockMask
 
 from apps.attamba.chunking import LayerBoundaries, LeadingTokens, window_starts
 from lingua import masks
@@ -202,7 +202,7 @@ def _cached_block_mask(chunk_size: int, offset: int, n: int, leading_tokens: Lea
 def _block_mask(layout: GatheredLayout, device) -> BlockMask:
     batch = layout.mask_rows if layout.mask_rows > 1 else None
     kv_len = layout.compressed_count + layout.n
-    return create_block_mask(layout.mask_mod, B=batch, H=None, Q_LEN=layout.n, KV_LEN=kv_len, device=device)
+    return masks.build_block_mask(layout.mask_mod, batch, layout.n, kv_len, device)
 
 
 def block_mask_for(layout: GatheredLayout, device: torch.device) -> BlockMask:
@@ -210,6 +210,62 @@ def block_mask_for(layout: GatheredLayout, device: torch.device) -> BlockMask:
     if layout.cache_key is not None:
         return _cached_block_mask(*layout.cache_key, str(device))
     return _block_mask(layout, device)
+
+
+@dataclass
+class PreparedAttention:
+    """Everything one layer's attention needs besides q, k and v, built outside compiled code.
+
+    Masks are made once per layer and step, eagerly: inside a compiled block they would be
+    traced (and rebuilt) on every call, and the layer's plain-int offsets would turn symbolic.
+    """
+
+    impl: str
+    """Resolved backend: reference, sdpa_dense, flex or sdpa_gathered."""
+    causal: bool = False
+    mask: object = None
+    """Dense bool mask (reference, sdpa_dense, sdpa_gathered), a BlockMask (flex), or the causal
+    mask of lingua.transformer.attention_mask when ``causal``."""
+    layout: Optional[GatheredLayout] = None
+    """Gathered layout (flex, sdpa_gathered)."""
+
+
+def prepare_attention(
+    boundaries: LayerBoundaries,
+    leading_tokens: LeadingTokens,
+    doc_ids: Optional[torch.Tensor],
+    n: int,
+    batch: int,
+    impl: str = "auto",
+    causal: bool = False,
+) -> PreparedAttention:
+    """The masks (and gathered layout) of one layer's attention over n tokens of ``batch`` rows."""
+    device = boundaries.is_boundary.device
+    impl = resolve_impl(impl, device)
+    if impl not in ("reference", "sdpa_dense", "flex", "sdpa_gathered"):
+        raise ValueError(f"unknown Attamba attention impl '{impl}'")
+    if impl in ("reference", "sdpa_dense"):
+        return PreparedAttention(impl, causal, reference_mask(boundaries, leading_tokens, doc_ids, n, causal))
+    if causal:
+        causal_impl = "flex" if impl == "flex" else "sdpa"
+        return PreparedAttention(impl, True, attention_mask(doc_ids, batch, n, None, causal_impl, device))
+    layout = gathered_layout(boundaries, leading_tokens, doc_ids, n)
+    mask = block_mask_for(layout, device) if impl == "flex" else layout.dense_mask(device)
+    return PreparedAttention(impl, False, mask, layout)
+
+
+def attend_prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: PreparedAttention) -> torch.Tensor:
+    """Attamba attention of q [B, H, n, d] over k, v [B, H, n, d] under ``prepared`` -> [B, H, n, d]."""
+    if prepared.impl == "reference":
+        return _naive_attention(q, k, v, prepared.mask)
+    if prepared.impl == "sdpa_dense":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.mask)
+    if prepared.causal:
+        return causal_attention(q, k, v, prepared.mask)
+    keys, values = prepared.layout.gather(k), prepared.layout.gather(v)  # [B, H, nc + n, d]
+    if prepared.impl == "flex":
+        return masks.flex_attention(q, keys, values, block_mask=prepared.mask)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=prepared.mask)
 
 
 def attamba_attention(
@@ -226,23 +282,8 @@ def attamba_attention(
 
     ``boundaries`` are this layer's chunk ends; ``causal`` (pseudo-chunking) attends all j <= t.
     """
-    n = q.shape[2]
-    impl = resolve_impl(impl, q.device)
-    if impl in ("reference", "sdpa_dense"):
-        mask = reference_mask(boundaries, leading_tokens, doc_ids, n, causal)
-        if impl == "reference":
-            return _naive_attention(q, k, v, mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if impl not in ("flex", "sdpa_gathered"):
-        raise ValueError(f"unknown Attamba attention impl '{impl}'")
-    if causal:
-        causal_impl = "flex" if impl == "flex" else "sdpa"
-        return causal_attention(q, k, v, attention_mask(doc_ids, q.shape[0], n, None, causal_impl, q.device))
-    layout = gathered_layout(boundaries, leading_tokens, doc_ids, n)
-    keys, values = layout.gather(k), layout.gather(v)  # [B, H, nc + n, d]
-    if impl == "flex":
-        return masks.flex_attention(q, keys, values, block_mask=block_mask_for(layout, q.device))
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.dense_mask(q.device))
+    prepared = prepare_attention(boundaries, leading_tokens, doc_ids, q.shape[2], q.shape[0], impl, causal)
+    return attend_prepared(q, k, v, prepared)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from torch import nn
 
 from apps.attamba import accounting
 from apps.attamba.args import AttambaArgs
-from apps.attamba.attention import attamba_attention, attention_key_mass, reference_mask
+from apps.attamba.attention import PreparedAttention, attend_prepared, attention_key_mass, prepare_attention, reference_mask
 from apps.attamba.chunking import (
     STATIC_STRATEGIES,
     WHOLE_SEQUENCE_STRATEGIES,
@@ -50,6 +50,8 @@ class LayerPlan:
     segment_start: torch.Tensor
     """Bool [B, n]: where the K and V SSMs reset."""
     leading_tokens: LeadingTokens
+    attention: PreparedAttention
+    """The layer's attention masks, built before the (possibly compiled) layer runs."""
     causal: bool = False
     """Attend every earlier key (pseudo-chunking, and fattn's layer 0)."""
 
@@ -103,7 +105,7 @@ class AttambaAttention(nn.Module):
         q = self.queries(x, cos, sin)
         k, v = self.keys_values(x, plan.segment_start)
         k, v = apply_rotary(self.split_heads(k), cos, sin), self.split_heads(v)
-        attended = attamba_attention(q, k, v, plan.boundaries, plan.leading_tokens, doc_ids, self.impl, plan.causal)
+        attended = attend_prepared(q, k, v, plan.attention)
         key_mass = None
         if need_key_mass:
             mask = reference_mask(plan.boundaries, plan.leading_tokens, doc_ids, x.shape[1], plan.causal)
@@ -188,10 +190,15 @@ class AttambaLM(TransformerLMBase):
         size = chunking.chunk_size(n)
         return bool(seeded_random_boundaries(max(n, t + 1), size, self.args.random_seed, layer).is_boundary[0, t])
 
-    def _plan(self, boundaries: LayerBoundaries, doc_ids, batch: int, causal: bool = False) -> LayerPlan:
+    def _plan(self, layer_id: int, boundaries: LayerBoundaries, doc_ids, batch: int, causal: bool = False) -> LayerPlan:
+        """Segment starts and attention masks of ``layer_id`` (the layers after it share them in fattn/fssm)."""
         starts = segment_starts(boundaries.is_boundary, doc_ids).expand(batch, -1)
-        chunking = self.chunking
-        return LayerPlan(boundaries, starts, chunking.leading_tokens, causal or self.args.pseudo_chunk)
+        leading_tokens = self.chunking.leading_tokens
+        causal = causal or self.args.pseudo_chunk
+        n = boundaries.is_boundary.shape[1]
+        impl = self.layers[layer_id].attention.impl
+        attention = prepare_attention(boundaries, leading_tokens, doc_ids, n, batch, impl, causal)
+        return LayerPlan(boundaries, starts, leading_tokens, attention, causal)
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -205,7 +212,7 @@ class AttambaLM(TransformerLMBase):
         else:
             for layer_id, layer in enumerate(self.layers):
                 boundaries = self.layer_boundaries(layer_id, n, batch, tokens.device)
-                x = layer(x, cos, sin, doc_ids, self._plan(boundaries, doc_ids, batch))
+                x = layer(x, cos, sin, doc_ids, self._plan(layer_id, boundaries, doc_ids, batch))
         return self.output(self.norm(x))
 
     def _forward_attention_chosen(self, x, cos, sin, doc_ids) -> torch.Tensor:
@@ -216,13 +223,13 @@ class AttambaLM(TransformerLMBase):
         uniform = periodic_boundaries(n, size, 0, x.device)
         fattn = chunking.strategy == "fattn"
         # fattn's layer 0 attends in full; fssm's attends like any Attamba layer with uniform chunks.
-        x, key_mass = self.layers[0](x, cos, sin, doc_ids, self._plan(uniform, doc_ids, batch, causal=fattn), need_key_mass=True)
+        x, key_mass = self.layers[0](x, cos, sin, doc_ids, self._plan(0, uniform, doc_ids, batch, causal=fattn), need_key_mass=True)
         if fattn:
             chosen = top_key_boundaries(key_mass, math.ceil(n / size))
         else:
             split_count = self.args.fssm_split_count or max(1, (n // size) // 2)
             chosen = split_top_chunks(uniform, key_mass, split_count)
-        plan = self._plan(chosen, doc_ids, batch)
+        plan = self._plan(min(1, len(self.layers) - 1), chosen, doc_ids, batch)
         for layer in self.layers[1:]:
             x = layer(x, cos, sin, doc_ids, plan)
         return x

@@ -303,7 +303,6 @@ def _block_grad_kernel(
     tl.store(dA_part_ptr + bh * num_blocks + blk, tl.sum(d_a * dt, axis=0))
     tl.store(dD_part_ptr + bh * num_blocks + blk, tl.sum(tl.sum(dy * u, axis=1), axis=0))
 
-    g = h // heads_per_group
     offs_s = tl.arange(0, TILE_S)
     dG_t = tl.trans(dG)
     dy_e = dy * e[:, None]
@@ -316,15 +315,12 @@ def _block_grad_kernel(
         d_exit = tl.load(dstates_ptr + tile)
         dC = tl.dot(dy_e, entering, acc=tl.dot(dG, Bt, input_precision=PRECISION), input_precision=PRECISION)
         dB = tl.dot(x_w, d_exit, acc=tl.dot(dG_t, Ct, input_precision=PRECISION), input_precision=PRECISION)
-        dbc_offs = ((bi * n + t64[:, None]) * g + gi) * s + s0 + offs_s[None, :]
+        # One row per head (the heads of a group share B and C); the caller sums over each
+        # group's heads, instead of atomics that the 8 heads of the 60M model would contend on.
+        dbc_offs = ((bi * n + t64[:, None]) * h + hi) * s + s0 + offs_s[None, :]
         bc_mask = in_seq[:, None] & (s0 + offs_s[None, :] < s)
-        # Heads of one group share B and C: their gradients meet in one fp32 buffer.
-        if heads_per_group == 1:
-            tl.store(dB_ptr + dbc_offs, dB, mask=bc_mask)
-            tl.store(dC_ptr + dbc_offs, dC, mask=bc_mask)
-        else:
-            tl.atomic_add(dB_ptr + dbc_offs, dB, mask=bc_mask)
-            tl.atomic_add(dC_ptr + dbc_offs, dC, mask=bc_mask)
+        tl.store(dB_ptr + dbc_offs, dB, mask=bc_mask)
+        tl.store(dC_ptr + dbc_offs, dC, mask=bc_mask)
 
 
 def _check_inputs(u, dt, A, B, C, D, segment_start) -> None:
@@ -405,79 +401,136 @@ def _carry_states(states: torch.Tensor, decay: torch.Tensor, final, reverse: boo
     )
 
 
-class _SegmentedSSD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, segment_start, return_final_state, block_q, num_warps):
-        _check_inputs(u, dt, A, B, C, D, segment_start)
-        b, n, h, p = u.shape
-        g, s = B.shape[2], B.shape[3]
-        u, B, C = (_last_dim_contiguous(t) for t in (u, B, C))
-        if B.stride() != C.stride():  # the kernels address B and C with one set of strides
-            B, C = B.contiguous(), C.contiguous()
-        dt = dt.contiguous()
-        starts = _as_bytes(segment_start)
-        num_blocks = triton.cdiv(n, block_q)
-        block_p, block_s = _padded(p), _padded(s)
-        common = (n, h, p, s, h // g, num_blocks,
-                  u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1),
-                  B.stride(0), B.stride(1), B.stride(2))
-        meta = dict(BLOCK_Q=block_q, BLOCK_P=block_p, PRECISION=_dot_precision(u.dtype),
-                    num_warps=num_warps)
-        grid = (h, num_blocks, b)
-        # states: each block's local exit state, then (after the pass) its entering state.
-        states = torch.empty((b * h, num_blocks, block_p, block_s), device=u.device, dtype=torch.float32)
-        decay = torch.empty((b * h, num_blocks), device=u.device, dtype=torch.float32)
-        _launch(_block_exit_kernel, grid, (u, dt, A, B, starts, states, decay, *common), block_s, **meta)
-        final = None
-        if return_final_state:
-            final = torch.empty((b * h, block_p, block_s), device=u.device, dtype=torch.float32)
-        _carry_states(states, decay, final, reverse=False)
-        y = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
-        _launch(_block_output_kernel, grid, (u, dt, A, B, C, D, starts, states, y, *common), block_s, **meta)
-        if any(ctx.needs_input_grad[:6]):
-            ctx.save_for_backward(u, dt, A, B, C, D, starts, states, decay)
-            ctx.block_q, ctx.num_warps = block_q, num_warps
-        if not return_final_state:
-            return y
-        final = final[:, :p, :s].reshape(b, h, p, s)
-        ctx.mark_non_differentiable(final)
-        return y, final
+def _forward_buffers(u, B, block_q: int):
+    """Shapes of the forward pass's outputs: y, carried states, per-block decays, final state."""
+    b, n, h, p = u.shape
+    num_blocks = triton.cdiv(n, block_q)
+    return (b, n, h, p), (b * h, num_blocks, _padded(p), _padded(B.shape[3])), (b * h, num_blocks)
 
-    @staticmethod
-    def backward(ctx, dy, *unused_final_state_grad):
-        u, dt, A, B, C, D, starts, states, decay = ctx.saved_tensors
-        b, n, h, p = u.shape
-        g, s = B.shape[2], B.shape[3]
-        dy = _last_dim_contiguous(dy)
-        _, num_blocks, block_p, block_s = states.shape
-        heads_per_group = h // g
-        meta = dict(BLOCK_Q=ctx.block_q, BLOCK_P=block_p, PRECISION=_dot_precision(u.dtype),
-                    num_warps=ctx.num_warps)
-        grid = (h, num_blocks, b)
-        dstates = torch.empty_like(states)
-        _launch(_block_entry_grad_kernel, grid, (
-            dt, A, C, starts, dy, dstates, n, h, p, s, heads_per_group, num_blocks,
-            dt.stride(0), dt.stride(1), C.stride(0), C.stride(1), C.stride(2),
-            dy.stride(0), dy.stride(1), dy.stride(2),
-        ), block_s, **meta)
-        _carry_states(dstates, decay, None, reverse=True)
-        du = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
-        ddt = torch.empty((b, n, h), device=u.device, dtype=dt.dtype)
-        make_bc_grad = torch.zeros if heads_per_group > 1 else torch.empty
-        dB = make_bc_grad((b, n, g, s), device=u.device, dtype=torch.float32)
-        dC = make_bc_grad((b, n, g, s), device=u.device, dtype=torch.float32)
-        dA_part = torch.empty((b, h, num_blocks), device=u.device, dtype=torch.float32)
-        dD_part = torch.empty((b, h, num_blocks), device=u.device, dtype=torch.float32)
-        _launch(_block_grad_kernel, grid, (
-            u, dt, A, B, C, D, starts, dy, states, dstates,
-            du, ddt, dB, dC, dA_part, dD_part,
-            n, h, p, s, heads_per_group, num_blocks,
-            u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1),
-            B.stride(0), B.stride(1), B.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
-        ), block_s, **meta)
-        dA = dA_part.sum((0, 2)).to(A.dtype)
-        dD = dD_part.sum((0, 2)).to(D.dtype)
-        return du, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, None, None, None, None
+
+# The kernels run inside torch.library custom ops, so that torch.compile keeps a block that calls
+# them in one graph (an autograd.Function with this launcher would break the graph and cost
+# host time on every call).
+@torch.library.custom_op("attamba::ssd_segmented_fwd", mutates_args=())
+def _ssd_forward(
+    u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor, starts: torch.Tensor, return_final_state: bool, block_q: int, num_warps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> y, the states entering each block, per-block decays (both for backward), final state
+    ([b, h, p, s], or empty without ``return_final_state``)."""
+    b, n, h, p = u.shape
+    g, s = B.shape[2], B.shape[3]
+    u, B, C = (_last_dim_contiguous(t) for t in (u, B, C))
+    if B.stride() != C.stride():  # the kernels address B and C with one set of strides
+        B, C = B.contiguous(), C.contiguous()
+    dt = dt.contiguous()
+    y_shape, states_shape, decay_shape = _forward_buffers(u, B, block_q)
+    num_blocks = states_shape[1]
+    block_p, block_s = states_shape[2], states_shape[3]
+    common = (n, h, p, s, h // g, num_blocks,
+              u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1),
+              B.stride(0), B.stride(1), B.stride(2))
+    meta = dict(BLOCK_Q=block_q, BLOCK_P=block_p, PRECISION=_dot_precision(u.dtype), num_warps=num_warps)
+    grid = (h, num_blocks, b)
+    # states: each block's local exit state, then (after the pass) its entering state.
+    states = torch.empty(states_shape, device=u.device, dtype=torch.float32)
+    decay = torch.empty(decay_shape, device=u.device, dtype=torch.float32)
+    _launch(_block_exit_kernel, grid, (u, dt, A, B, starts, states, decay, *common), block_s, **meta)
+    final = None
+    if return_final_state:
+        final = torch.empty((b * h, block_p, block_s), device=u.device, dtype=torch.float32)
+    _carry_states(states, decay, final, reverse=False)
+    y = torch.empty(y_shape, device=u.device, dtype=u.dtype)
+    _launch(_block_output_kernel, grid, (u, dt, A, B, C, D, starts, states, y, *common), block_s, **meta)
+    if final is None:
+        final = torch.empty(0, device=u.device, dtype=torch.float32)
+    else:
+        final = final[:, :p, :s].reshape(b, h, p, s).clone()
+    return y, states, decay, final
+
+
+@_ssd_forward.register_fake
+def _ssd_forward_fake(u, dt, A, B, C, D, starts, return_final_state, block_q, num_warps):
+    y_shape, states_shape, decay_shape = _forward_buffers(u, B, block_q)
+    b, n, h, p = u.shape
+    final_shape = (b, h, p, B.shape[3]) if return_final_state else (0,)
+    return (
+        u.new_empty(y_shape),
+        u.new_empty(states_shape, dtype=torch.float32),
+        u.new_empty(decay_shape, dtype=torch.float32),
+        u.new_empty(final_shape, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("attamba::ssd_segmented_bwd", mutates_args=())
+def _ssd_backward(
+    dy: torch.Tensor, u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, D: torch.Tensor, starts: torch.Tensor, states: torch.Tensor, decay: torch.Tensor,
+    block_q: int, num_warps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> du, ddt, dA, dB, dC, dD."""
+    b, n, h, p = u.shape
+    g, s = B.shape[2], B.shape[3]
+    u, B, C, dy = (_last_dim_contiguous(t) for t in (u, B, C, dy))
+    if B.stride() != C.stride():
+        B, C = B.contiguous(), C.contiguous()
+    dt = dt.contiguous()
+    _, num_blocks, block_p, block_s = states.shape
+    heads_per_group = h // g
+    meta = dict(BLOCK_Q=block_q, BLOCK_P=block_p, PRECISION=_dot_precision(u.dtype), num_warps=num_warps)
+    grid = (h, num_blocks, b)
+    dstates = torch.empty_like(states)
+    _launch(_block_entry_grad_kernel, grid, (
+        dt, A, C, starts, dy, dstates, n, h, p, s, heads_per_group, num_blocks,
+        dt.stride(0), dt.stride(1), C.stride(0), C.stride(1), C.stride(2),
+        dy.stride(0), dy.stride(1), dy.stride(2),
+    ), block_s, **meta)
+    _carry_states(dstates, decay, None, reverse=True)
+    du = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
+    ddt = torch.empty((b, n, h), device=u.device, dtype=dt.dtype)
+    dB_heads = torch.empty((b, n, h, s), device=u.device, dtype=torch.float32)
+    dC_heads = torch.empty((b, n, h, s), device=u.device, dtype=torch.float32)
+    dA_part = torch.empty((b, h, num_blocks), device=u.device, dtype=torch.float32)
+    dD_part = torch.empty((b, h, num_blocks), device=u.device, dtype=torch.float32)
+    _launch(_block_grad_kernel, grid, (
+        u, dt, A, B, C, D, starts, dy, states, dstates,
+        du, ddt, dB_heads, dC_heads, dA_part, dD_part,
+        n, h, p, s, heads_per_group, num_blocks,
+        u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1),
+        B.stride(0), B.stride(1), B.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
+    ), block_s, **meta)
+    dB = dB_heads.unflatten(2, (g, heads_per_group)).sum(3).to(B.dtype)
+    dC = dC_heads.unflatten(2, (g, heads_per_group)).sum(3).to(C.dtype)
+    return du, ddt, dA_part.sum((0, 2)).to(A.dtype), dB, dC, dD_part.sum((0, 2)).to(D.dtype)
+
+
+@_ssd_backward.register_fake
+def _ssd_backward_fake(dy, u, dt, A, B, C, D, starts, states, decay, block_q, num_warps):
+    b, n, h, p = u.shape
+    return (
+        u.new_empty((b, n, h, p)),
+        dt.new_empty((b, n, h)),
+        A.new_empty(A.shape),
+        B.new_empty((b, n) + tuple(B.shape[2:])),
+        C.new_empty((b, n) + tuple(C.shape[2:])),
+        D.new_empty(D.shape),
+    )
+
+
+def _ssd_setup_context(ctx, inputs, output) -> None:
+    u, dt, A, B, C, D, starts, _, block_q, num_warps = inputs
+    _, states, decay, _ = output
+    ctx.save_for_backward(u, dt, A, B, C, D, starts, states, decay)
+    ctx.block_q, ctx.num_warps = block_q, num_warps
+
+
+def _ssd_autograd(ctx, dy, d_states, d_decay, d_final):
+    u, dt, A, B, C, D, starts, states, decay = ctx.saved_tensors
+    grads = _ssd_backward(dy, u, dt, A, B, C, D, starts, states, decay, ctx.block_q, ctx.num_warps)
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd("attamba::ssd_segmented_fwd", _ssd_autograd, setup_context=_ssd_setup_context)
 
 
 def ssd_segmented_triton(
@@ -498,6 +551,8 @@ def ssd_segmented_triton(
     With ``return_final_state`` also the state after the last token, [b, h, p, s] fp32 (for
     prefill; no gradient flows through it).
     """
-    return _SegmentedSSD.apply(
-        u, dt, A, B, C, D, segment_start, return_final_state, DEFAULT_BLOCK_Q, DEFAULT_NUM_WARPS
+    _check_inputs(u, dt, A, B, C, D, segment_start)
+    y, _, _, final = _ssd_forward(
+        u, dt, A, B, C, D, _as_bytes(segment_start), return_final_state, DEFAULT_BLOCK_Q, DEFAULT_NUM_WARPS
     )
+    return (y, final) if return_final_state else y

@@ -108,55 +108,73 @@ def _distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
     return (position - start_position.cummax(dim=1).values).to(torch.int32).contiguous()
 
 
-class _SegmentedCausalConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, segment_start):
-        if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
-            raise ValueError(
-                f"expected x [b, n, c] and weight [c, k]; got {tuple(x.shape)}, {tuple(weight.shape)}"
-            )
-        if bias is not None and bias.shape != (x.shape[2],):
-            raise ValueError(f"bias must be [{x.shape[2]}], got {tuple(bias.shape)}")
-        if segment_start.shape != x.shape[:2]:
-            raise ValueError(f"segment_start must be {list(x.shape[:2])}, got {tuple(segment_start.shape)}")
-        if x.device.type != "cuda" and not _INTERPRETED:
-            raise RuntimeError(
-                "causal_conv_segmented_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)"
-            )
-        b, n, c = x.shape
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        weight = weight.contiguous()
-        dist = _distance_to_segment_start(segment_start)
-        out = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
-        grid = (b, triton.cdiv(n, BLOCK_N), triton.cdiv(c, BLOCK_C))
-        _conv_fwd_kernel[grid](
-            x, weight, bias if bias is not None else weight, dist, out,
-            n, c, x.stride(0), x.stride(1),
-            K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
-        )
-        ctx.save_for_backward(x, weight, dist)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return out
+# Custom ops rather than an autograd.Function, so that torch.compile keeps the calling block in
+# one graph (see apps.attamba.ssd_triton).
+@torch.library.custom_op("attamba::causal_conv_segmented_fwd", mutates_args=())
+def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor) -> torch.Tensor:
+    b, n, c = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
+    grid = (b, triton.cdiv(n, BLOCK_N), triton.cdiv(c, BLOCK_C))
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, dist, out,
+        n, c, x.stride(0), x.stride(1),
+        K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
+    )
+    return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, dist = ctx.saved_tensors
-        b, n, c = x.shape
-        k = weight.shape[1]
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
-        token_blocks = triton.cdiv(n, BLOCK_N)
-        dw_part = torch.empty((b * token_blocks, k, c), device=x.device, dtype=torch.float32)
-        _conv_bwd_kernel[(b, token_blocks, triton.cdiv(c, BLOCK_C))](
-            x, weight, dist, dout, dx, dw_part,
-            n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
-        )
-        dweight = dw_part.sum(0).t().to(weight.dtype)  # [c, k]
-        dbias = None
-        if ctx.bias_dtype is not None:
-            dbias = dout.sum((0, 1), dtype=torch.float32).to(ctx.bias_dtype)
-        return dx, dweight, dbias, None
+
+@_conv_forward.register_fake
+def _conv_forward_fake(x, weight, bias, dist):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("attamba::causal_conv_segmented_bwd", mutates_args=())
+def _conv_backward(
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dist: torch.Tensor, has_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx, dweight, dbias (fp32; empty without a bias)."""
+    b, n, c = x.shape
+    k = weight.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight.contiguous()
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
+    token_blocks = triton.cdiv(n, BLOCK_N)
+    dw_part = torch.empty((b * token_blocks, k, c), device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[(b, token_blocks, triton.cdiv(c, BLOCK_C))](
+        x, weight, dist, dout, dx, dw_part,
+        n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
+        K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
+    )
+    dweight = dw_part.sum(0).t().to(weight.dtype)  # [c, k]
+    if has_bias:
+        dbias = dout.sum((0, 1), dtype=torch.float32)
+    else:
+        dbias = torch.empty(0, device=x.device, dtype=torch.float32)
+    return dx, dweight, dbias
+
+
+@_conv_backward.register_fake
+def _conv_backward_fake(dout, x, weight, dist, has_bias):
+    c = x.shape[2]
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty((c,) if has_bias else (0,), dtype=torch.float32)
+
+
+def _conv_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, dist = inputs
+    ctx.save_for_backward(x, weight, dist)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _conv_autograd(ctx, dout):
+    x, weight, dist = ctx.saved_tensors
+    dx, dweight, dbias = _conv_backward(dout, x, weight, dist, ctx.bias_dtype is not None)
+    return dx, dweight, dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None, None
+
+
+torch.library.register_autograd("attamba::causal_conv_segmented_fwd", _conv_autograd, setup_context=_conv_setup_context)
 
 
 def causal_conv_segmented_triton(
@@ -170,4 +188,12 @@ def causal_conv_segmented_triton(
     x [b, n, c]; weight [c, k], tap k-1 multiplying the current token; bias [c] or None;
     segment_start [b, n] bool (position 0 always starts a segment). Returns x.dtype; no activation.
     """
-    return _SegmentedCausalConv.apply(x, weight, bias, segment_start)
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"expected x [b, n, c] and weight [c, k]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (x.shape[2],):
+        raise ValueError(f"bias must be [{x.shape[2]}], got {tuple(bias.shape)}")
+    if segment_start.shape != x.shape[:2]:
+        raise ValueError(f"segment_start must be {list(x.shape[:2])}, got {tuple(segment_start.shape)}")
+    if x.device.type != "cuda" and not _INTERPRETED:
+        raise RuntimeError("causal_conv_segmented_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+    return _conv_forward(x, weight, bias, _distance_to_segment_start(segment_start))

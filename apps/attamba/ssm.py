@@ -17,7 +17,6 @@ from a backend chosen by ``SSMArgs.impl``; every backend has the signatures of
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from dataclasses import dataclass
@@ -157,7 +156,7 @@ def load_backend(impl: str, device: torch.device) -> tuple[SSDFunction, ConvFunc
         return ssd_segmented_mamba, causal_conv_segmented_mamba
     if impl == "triton":
         try:
-            module = importlib.import_module("apps.attamba.ssd_triton")
+            import apps.attamba.ssd_triton as module
         except ImportError as error:
             raise ImportError(
                 f"ssm impl 'triton' needs apps.attamba.ssd_triton and the triton package ({error}); "

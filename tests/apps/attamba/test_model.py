@@ -175,3 +175,18 @@ def test_flops_and_cache_shrink_against_the_transformer_budget():
     assert model.flops_per_token(64) > 6 * model.num_params(exclude_embeddings=True)
     counts = accounting.param_counts(model)
     assert counts["total"] == model.num_params() and counts["ssm"] > 0 and counts["attention"] > 0
+
+
+def test_blocks_compile_whole_with_flex_attention_and_cyclic_offsets():
+    # Each layer has its own cyclic offset (a plain int) and flex block mask, built before the
+    # compiled block runs; fullgraph turns a graph break into an error. Forward only: FlexAttention
+    # has no CPU backward (the Triton-SSM variant in test_ssd_triton.py also checks gradients).
+    model = tiny_model(n_layers=3, chunk_strategy="cyclic", attn_impl="flex", ssm_impl="torch")
+    tokens, doc_ids = batch(24)
+    torch._dynamo.reset()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = model(tokens, doc_ids)
+        for index, block in enumerate(list(model.layers)):
+            model.layers[index] = torch.compile(block, backend="aot_eager", dynamic=False, fullgraph=True)
+        torch.testing.assert_close(model(tokens, doc_ids), expected, rtol=1e-5, atol=1e-5)

@@ -235,6 +235,34 @@ def test_launch_passes_other_errors_through(monkeypatch):
         ssd_triton._launch(BrokenKernel(), (1,), (), 128, BLOCK_Q=64)
 
 
+def test_kernels_compile_into_one_graph_with_the_same_results():
+    # The kernels are custom ops: torch.compile traces a caller whole (no graph break), forward
+    # and backward, and gets what eager gets.
+    b, n, h, p, g, s = 1, 19, 2, 16, 1, 16
+    u, dt, A, B, C, D = ssd_inputs(b, n, h, p, g, s)
+    x = torch.randn(b, n, 8).to(DEVICE)
+    weight, bias = torch.randn(8, 3).to(DEVICE), torch.randn(8).to(DEVICE)
+    starts = uniform_starts(b, n, 4, offset=1).to(DEVICE)
+
+    def fn(u, dt, A, B, C, D, x, weight, bias):
+        conv = causal_conv_segmented_triton(x, weight, bias, starts)
+        return ssd_segmented_triton(u, dt, A, B, C, D, starts).sum() + (conv * conv).sum()
+
+    def value_and_grads(function):
+        leaves = [t.detach().clone().requires_grad_() for t in (u, dt, A, B, C, D, x, weight, bias)]
+        value = function(*leaves)
+        value.backward()
+        return value.detach(), [leaf.grad for leaf in leaves]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
+    value, grads = value_and_grads(compiled)
+    value_ref, grads_ref = value_and_grads(fn)
+    torch.testing.assert_close(value, value_ref)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref)
+
+
 def test_ssd_rejects_mismatched_shapes():
     u, dt, A, B, C, D = ssd_inputs(1, 8, 3, 16, 1, 16)
     starts = torch.zeros(1, 8, dtype=torch.bool, device=DEVICE)
@@ -349,3 +377,35 @@ def test_conv_matches_reference_on_gpu(dtype, record_property):
     for name, error in zip(("out", "dx", "dweight", "dbias"), errors):
         record_property(name, error)
     assert max(errors) < tolerance, errors
+
+
+@pytest.mark.parametrize("doc_ids", [False, True])
+def test_attamba_blocks_compile_whole_with_cyclic_offsets(doc_ids):
+    # What distributed.parallelize_model does on GPU: each block compiled with static shapes.
+    # fullgraph makes any graph break (an SSM backend, the attention masks) an error, and the
+    # layers' different cyclic offsets must each specialise rather than turn symbolic.
+    from apps.attamba.args import AttambaArgs
+    from apps.attamba.model import AttambaLM
+    from lingua.args import build_config
+
+    torch.manual_seed(0)
+    settings = dict(dim=32, n_layers=3, n_heads=2, state_dim=16, ssm_heads=2, vocab_size=40, max_seqlen=64,
+                    token_chunk=4, leading_tokens=3, chunk_strategy="cyclic", ssm_impl="triton")
+    model = AttambaLM(build_config(AttambaArgs, settings)).to(DEVICE)
+    model.init_weights()
+    tokens = torch.randint(0, 40, (2, 24), device=DEVICE)
+    docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 24], device=DEVICE) if doc_ids else None
+    logits_ref = model(tokens, docs)
+    logits_ref.square().mean().backward()
+    grads_ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    torch._dynamo.reset()
+    eager_layers = list(model.layers)
+    for index, block in enumerate(eager_layers):
+        model.layers[index] = torch.compile(block, backend="aot_eager", dynamic=False, fullgraph=True)
+    logits = model(tokens, docs)
+    logits.square().mean().backward()
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    for grad, grad_ref in zip((p.grad for p in model.parameters()), grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
