@@ -148,7 +148,7 @@ def _conv_backward(
         n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
         K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
     )
-    dweight = dw_part.sum(0).t().to(weight.dtype)  # [c, k]
+    dweight = dw_part.sum(0).t().contiguous().to(weight.dtype)  # [c, k], laid out as the fake says
     if has_bias:
         dbias = dout.sum((0, 1), dtype=torch.float32)
     else:
