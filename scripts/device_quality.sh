@@ -5,6 +5,8 @@
 # configs trained briefly and scored by sequence length and number of pairs.
 #
 #   OUT=/tmp/q QUALITY_STEPS=300 RECALL_STEPS=1500 bash scripts/device_quality.sh
+# Eager by default: compiling the 60M Attamba takes minutes (one compile per layer, as each layer
+# has its own cyclic offset), more than a few hundred eager steps cost. QUALITY_COMPILE=true compiles.
 set -u
 OUT="${OUT:-/tmp/device_quality}"
 QUALITY_STEPS="${QUALITY_STEPS:-300}"
@@ -33,7 +35,7 @@ for model in transformer attamba; do
   [ "$model" = transformer ] && config=apps/main/configs/transformer_60m.yaml
   run quality $model $config "$QUALITY_STEPS" \
     "data.sources={$data/train.jsonl: 1.0}" data.tokenizer.name=sp data.tokenizer.path=.devdata/sp32k.model \
-    distributed.model_dtype=bf16 distributed.compile=true optim.warmup=50 logging.freq=50 \
+    distributed.model_dtype=bf16 distributed.compile=${QUALITY_COMPILE:-false} optim.warmup=50 logging.freq=50 \
     "eval.tasks=[wikitext_local]" eval.wikitext_path=.devdata/wiki.test.tokens eval.batch_size=16 \
     "eval.val_sources={english: $data/valid.jsonl}" ${QUALITY_EXTRA:-}
 done
