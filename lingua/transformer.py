@@ -1,4 +1,5 @@
-"""Shared transformer blocks: RMSNorm, rotary embeddings, SwiGLU, and causal self-attention.
+"""Shared transformer blocks: RMSNorm, rotary embeddings, SwiGLU, and causal self-attention, and
+the language-model shell (embedding, blocks, final norm, output head) every model family uses.
 
 Attention supports document masking (``doc_ids``: tokens attend only within their document) and
 an optional sliding window, with two backends: ``sdpa`` (PyTorch's scaled_dot_product_attention,
@@ -77,8 +78,14 @@ class BaseTransformerArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        hidden = int(self.ffn_dim_multiplier * int(8 * self.dim / 3))
-        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+        return swiglu_hidden_dim(self.dim, self.ffn_dim_multiplier, self.multiple_of)
+
+
+def swiglu_hidden_dim(dim: int, multiplier: float, multiple_of: int) -> int:
+    """Llama's SwiGLU width: 8/3 of ``dim`` (keeping a 4·dim MLP's parameters), scaled by
+    ``multiplier`` and rounded up to a multiple of ``multiple_of``."""
+    hidden = int(multiplier * int(8 * dim / 3))
+    return multiple_of * math.ceil(hidden / multiple_of)
 
 
 class RMSNorm(nn.Module):
@@ -218,10 +225,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm.reset_parameters()
 
 
-class TransformerLMBase(nn.Module):
-    """Embedding, a stack of blocks, final norm and output head. Subclasses make the blocks."""
+class LanguageModelBase(nn.Module):
+    """Embedding, a stack of blocks, final norm and output head (tied to the embedding or not):
+    the shell every model family of the framework shares. Subclasses make the blocks and write
+    ``forward``; a block provides ``reset_parameters(init_std, out_std)``.
 
-    def __init__(self, args: BaseTransformerArgs, layers: list[nn.Module]):
+    ``args`` needs dim, n_layers, vocab_size, norm_eps, init_std and tie_embeddings.
+    """
+
+    def __init__(self, args, layers: list[nn.Module]):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
@@ -230,6 +242,34 @@ class TransformerLMBase(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.args.init_std
+        # Residual branches' output projections shrink with depth (two branches per block).
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+        nn.init.trunc_normal_(self.tok_embeddings.weight, std=std, a=-3 * std, b=3 * std)
+        for layer in self.layers:
+            layer.reset_parameters(std, out_std)
+        self.norm.reset_parameters()
+        if not self.args.tie_embeddings:
+            out = self.args.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=out, a=-3 * out, b=3 * out)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters (a tied head counted once); ``exclude_embeddings`` drops the input embedding
+        but keeps an untied output head."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+
+class TransformerLMBase(LanguageModelBase):
+    """The shared shell plus rotary embeddings and a forward pass over attention blocks."""
+
+    def __init__(self, args: BaseTransformerArgs, layers: list[nn.Module]):
+        super().__init__(args, layers)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta)
 
     def rotary(self, n: int, device: torch.device, offset: int = 0):
@@ -244,21 +284,3 @@ class TransformerLMBase(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.output(self.norm(x))
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        std = self.args.init_std
-        out_std = std / math.sqrt(2 * self.args.n_layers)
-        nn.init.trunc_normal_(self.tok_embeddings.weight, std=std, a=-3 * std, b=3 * std)
-        for layer in self.layers:
-            layer.reset_parameters(std, out_std)
-        self.norm.reset_parameters()
-        if not self.args.tie_embeddings:
-            out = self.args.dim**-0.5
-            nn.init.trunc_normal_(self.output.weight, std=out, a=-3 * out, b=3 * out)
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        total = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            total -= self.tok_embeddings.weight.numel()
-        return total

@@ -35,8 +35,51 @@ def parse_leading_tokens(value: Any, key: str) -> LeadingTokens:
 
 
 @dataclass
-class AttambaArgs(BaseTransformerArgs):
-    """Attamba: attention over chunk-boundary KV-SSM states plus a window of recent tokens."""
+class SSMFields:
+    """A Mamba2 mixer's settings (apps.attamba.ssm.SSMArgs) as flat ``model.*`` keys, with
+    SSMArgs' defaults; shared by every model args class that builds KV-SSMs."""
+
+    state_dim: int = SSMArgs.state_dim
+    """SSM state size D_S per head."""
+    ssm_heads: int = SSMArgs.ssm_heads
+    ssm_hidden_dim: Optional[int] = SSMArgs.ssm_hidden_dim
+    """Inner width of the SSM; None lets the SSM choose (see SSMArgs)."""
+    ssm_n_groups: int = SSMArgs.n_groups
+    """Groups sharing B and C across SSM heads."""
+    conv_size: int = SSMArgs.conv_size
+    dt_bias: bool = SSMArgs.dt_bias
+    A_init_min: float = SSMArgs.A_init_min
+    A_init_max: float = SSMArgs.A_init_max
+    dt_min: float = SSMArgs.dt_min
+    dt_max: float = SSMArgs.dt_max
+    dt_init_floor: float = SSMArgs.dt_init_floor
+    ssm_impl: str = SSMArgs.impl
+    """The SSM kernel, see SSMArgs.impl."""
+
+    ssm_renamed: ClassVar[dict[str, str]] = {"n_groups": "ssm_n_groups", "impl": "ssm_impl"}
+    """SSMArgs fields whose flat twin has an ``ssm_`` prefix (the bare name would be ambiguous)."""
+
+    def ssm_args(self) -> SSMArgs:
+        """These settings as an ``apps.attamba.ssm.SSMArgs``."""
+        return SSMArgs(**{field.name: getattr(self, self.ssm_renamed.get(field.name, field.name)) for field in dataclasses.fields(SSMArgs)})
+
+    def check_ssm_fields(self) -> None:
+        """Raise SSMArgs' error for a bad setting, naming the ``model.*`` key."""
+        try:
+            self.ssm_args()
+        except ValueError as error:
+            message = str(error)
+            for name, flat in self.ssm_renamed.items():
+                message = message.replace(f"ssm.{name}", f"model.{flat}")
+            raise ValueError(message.replace("ssm.", "model.")) from None
+
+
+@dataclass
+class AttambaArgs(SSMFields, BaseTransformerArgs):
+    """Attamba: attention over chunk-boundary KV-SSM states plus a window of recent tokens.
+
+    The KV-SSM (a Mamba2 mixer per K and per V in every layer) takes its settings from SSMFields.
+    """
 
     attn_impls: ClassVar[tuple[str, ...]] = ATTN_IMPLS
 
@@ -77,24 +120,6 @@ class AttambaArgs(BaseTransformerArgs):
     'sdpa_gathered' (gathered keys, materialized mask; trains on CPU), 'sdpa_dense' (full-length
     boolean mask, the seed's way) or 'reference' (naive softmax; for tests)."""
 
-    # KV-SSM (a Mamba2 mixer per K and per V in every layer); defaults are SSMArgs'.
-    state_dim: int = SSMArgs.state_dim
-    """SSM state size D_S per head."""
-    ssm_heads: int = SSMArgs.ssm_heads
-    ssm_hidden_dim: Optional[int] = SSMArgs.ssm_hidden_dim
-    """Inner width of the SSM; None lets the SSM choose (see SSMArgs)."""
-    ssm_n_groups: int = SSMArgs.n_groups
-    """Groups sharing B and C across SSM heads."""
-    conv_size: int = SSMArgs.conv_size
-    dt_bias: bool = SSMArgs.dt_bias
-    A_init_min: float = SSMArgs.A_init_min
-    A_init_max: float = SSMArgs.A_init_max
-    dt_min: float = SSMArgs.dt_min
-    dt_max: float = SSMArgs.dt_max
-    dt_init_floor: float = SSMArgs.dt_init_floor
-    ssm_impl: str = SSMArgs.impl
-    """The SSM kernel, see SSMArgs.impl."""
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.attention_dim != self.dim:
@@ -118,9 +143,7 @@ class AttambaArgs(BaseTransformerArgs):
             self._check_strategy("eval_chunk_strategy", self.eval_chunk_strategy)
         if self.fssm_split_count is not None and self.fssm_split_count < 1:
             raise ValueError(f"model.fssm_split_count must be >= 1 or null, got {self.fssm_split_count}")
-        for name in ("state_dim", "ssm_heads", "ssm_n_groups", "conv_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        self.check_ssm_fields()
 
     def _check_chunk_size(self, name: str, value: Optional[int]) -> None:
         if value is None:
@@ -152,9 +175,3 @@ class AttambaArgs(BaseTransformerArgs):
             chunk_count=chunk_count,
             leading_tokens=self.eval_leading_tokens if self.eval_leading_tokens is not None else train.leading_tokens,
         )
-
-    def ssm_args(self) -> SSMArgs:
-        """The KV-SSMs' settings as an ``apps.attamba.ssm.SSMArgs`` (every SSMArgs field has a
-        flat twin here, prefixed with ``ssm_`` where the bare name would be ambiguous)."""
-        renamed = {"n_groups": "ssm_n_groups", "impl": "ssm_impl"}
-        return SSMArgs(**{field.name: getattr(self, renamed.get(field.name, field.name)) for field in dataclasses.fields(SSMArgs)})
