@@ -37,7 +37,7 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 # Apps register on import; these are imported on demand so `get_model_spec` works from anywhere.
-_APP_MODULES = {"transformer": "apps.main", "attamba": "apps.attamba"}
+_APP_MODULES = {"transformer": "apps.main", "attamba": "apps.attamba", "mamba": "apps.mamba"}
 
 
 def register_model(name: str, args_cls: type, model_cls: type[nn.Module]) -> None:

@@ -2,7 +2,8 @@
 # Device-machine quality runs: the 60M transformer and the 60M Attamba trained briefly on the
 # english-small corpus (.devdata/english, 32k SentencePiece), then WikiText-2 test perplexity
 # through lm-eval (the shipped wikitext_local task) and held-out perplexity; and the MQAR recall
-# configs trained briefly and scored by sequence length and number of pairs.
+# configs (transformer, Attamba, Mamba2) trained briefly and scored by sequence length and number
+# of pairs.
 #
 #   OUT=/tmp/q QUALITY_STEPS=300 RECALL_STEPS=1500 bash scripts/device_quality.sh
 # Eager by default: compiling the 60M Attamba takes minutes (one compile per layer, as each layer
@@ -20,7 +21,7 @@ data=.devdata/english
 # run KIND MODEL CONFIG STEPS ARGS...: train one model with evaluation at the end, keep its results.
 run() {
   local kind=$1 model=$2 config=$3 steps=$4; shift 4
-  local app=attamba; [ "$model" = transformer ] && app=main
+  local app=$model; [ "$model" = transformer ] && app=main
   local dir=/tmp/$kind/$model
   rm -rf "$dir"
   timeout "$RUN_TIMEOUT" python -m apps.$app.train config=$config dump_dir=$dir steps=$steps \
@@ -42,4 +43,5 @@ done
 
 run recall transformer apps/main/configs/recall_transformer.yaml "$RECALL_STEPS" optim.warmup=100 logging.freq=250
 run recall attamba apps/attamba/configs/recall_attamba_p8.yaml "$RECALL_STEPS" optim.warmup=100 logging.freq=250
+run recall mamba apps/mamba/configs/recall_mamba.yaml "$RECALL_STEPS" optim.warmup=100 logging.freq=250
 cat "$OUT/quality.txt" "$OUT/recall.txt"
