@@ -15,6 +15,7 @@ Needs CUDA. Prints a table last; ``--out`` also writes every measurement as JSON
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.attamba import ssd_triton  # noqa: E402
 from apps.attamba.ssd_torch import causal_conv_segmented, ssd_segmented  # noqa: E402
+from apps.attamba.ssd_triton_window import ssd_segmented_window  # noqa: E402
 
 
 @dataclass
@@ -98,10 +100,12 @@ def time_forward_and_backward(
     return forward_ms, both_ms
 
 
-def ssd_backends() -> dict[str, Callable[..., torch.Tensor]]:
+def ssd_backends(shape: Shape) -> dict[str, Callable[..., torch.Tensor]]:
     backends = {
         "torch (compiled)": torch.compile(ssd_segmented, dynamic=False),
         "triton": ssd_triton.ssd_segmented_triton,
+        # The model passes its chunk size as the segment bound.
+        "triton_window": functools.partial(ssd_segmented_window, max_segment_len=shape.chunk),
     }
     try:
         import mamba_ssm  # noqa: F401
@@ -208,7 +212,7 @@ def main() -> None:
     segment_start = uniform_segment_starts(shape, device)
     rows: list[Measurement] = []
     for dtype in (torch.float32, torch.bfloat16):
-        for backend, fn in ssd_backends().items():
+        for backend, fn in ssd_backends(shape).items():
             rows.append(measure("ssd", backend, dtype, fn, ssd_inputs(shape, dtype, device), segment_start))
         for backend, fn in conv_backends().items():
             rows.append(measure("conv", backend, dtype, fn, conv_inputs(shape, dtype, device), segment_start))
@@ -216,12 +220,12 @@ def main() -> None:
             rows.extend(sweep_triton_ssd(shape, dtype, device, segment_start))
     breakdown = {}
     for dtype in (torch.float32, torch.bfloat16):
-        try:
-            breakdown[str(dtype)] = kernel_breakdown(
-                ssd_triton.ssd_segmented_triton, ssd_inputs(shape, dtype, device), segment_start
-            )
-        except Exception as error:  # the timings above matter more than this detail
-            breakdown[str(dtype)] = [(f"profiler failed: {error!r:.200}", 0.0)]
+        for name in ("triton", "triton_window"):
+            key = f"{name} {dtype}"
+            try:
+                breakdown[key] = kernel_breakdown(ssd_backends(shape)[name], ssd_inputs(shape, dtype, device), segment_start)
+            except Exception as error:  # the timings above matter more than this detail
+                breakdown[key] = [(f"profiler failed: {error!r:.200}", 0.0)]
     table = format_table(rows)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +243,7 @@ def main() -> None:
         }, indent=2))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, shape {asdict(shape)}")
     for dtype_name, kernels in breakdown.items():
-        print(f"triton ssd fwd+bwd kernels, {dtype_name}: "
+        print(f"ssd fwd+bwd kernels, {dtype_name}: "
               + ", ".join(f"{name[:40]} {us:.1f}us" for name, us in kernels[:8]))
     print(table)
 

@@ -54,6 +54,8 @@ class LayerPlan:
     """The layer's attention masks, built before the (possibly compiled) layer runs."""
     causal: bool = False
     """Attend every earlier key (pseudo-chunking, and fattn's layer 0)."""
+    max_segment_len: Optional[int] = None
+    """A bound on the SSM segments' lengths when the chunking gives one (for the SSM backend)."""
 
 
 class AttambaAttention(nn.Module):
@@ -91,10 +93,11 @@ class AttambaAttention(nn.Module):
         """A key or value from its SSM's input and output (the residual around the SSM)."""
         return ssm_input + ssm_output if self.residual_ssm else ssm_output
 
-    def keys_values(self, x: torch.Tensor, segment_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, x: torch.Tensor, segment_start: torch.Tensor, max_segment_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, n, E] -> unrotated keys and values [B, n, E]."""
         k_in, v_in = self.ssm_inputs(x)
-        return self.combine(k_in, self.ssm_k(k_in, segment_start)), self.combine(v_in, self.ssm_v(v_in, segment_start))
+        k = self.combine(k_in, self.ssm_k(k_in, segment_start, max_segment_len))
+        return k, self.combine(v_in, self.ssm_v(v_in, segment_start, max_segment_len))
 
     def output(self, attended: torch.Tensor) -> torch.Tensor:
         """Attention output [B, H, n, d] -> [B, n, E]."""
@@ -103,7 +106,7 @@ class AttambaAttention(nn.Module):
     def forward(self, x, cos, sin, doc_ids, plan: LayerPlan, need_key_mass: bool = False):
         """-> (output [B, n, E], key mass [B, n] from layer-wide attention, or None)."""
         q = self.queries(x, cos, sin)
-        k, v = self.keys_values(x, plan.segment_start)
+        k, v = self.keys_values(x, plan.segment_start, plan.max_segment_len)
         k, v = apply_rotary(self.split_heads(k), cos, sin), self.split_heads(v)
         attended = attend_prepared(q, k, v, plan.attention)
         key_mass = None
@@ -198,7 +201,15 @@ class AttambaLM(TransformerLMBase):
         n = boundaries.is_boundary.shape[1]
         impl = self.layers[layer_id].attention.impl
         attention = prepare_attention(boundaries, leading_tokens, doc_ids, n, batch, impl, causal)
-        return LayerPlan(boundaries, starts, leading_tokens, attention, causal)
+        return LayerPlan(boundaries, starts, leading_tokens, attention, causal, self._segment_bound(boundaries, n))
+
+    def _segment_bound(self, boundaries: LayerBoundaries, n: int) -> Optional[int]:
+        """The longest SSM segment the chunking can make (documents only cut segments shorter)."""
+        if boundaries.period is not None:
+            return boundaries.period[0]
+        if self.chunking.strategy == "random":
+            return 2 * self.chunking.chunk_size(n) - 1  # chunk lengths are drawn from 1 .. 2P-1
+        return None
 
     # -- forward ----------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ def ssd_segmented_mamba(
     D: torch.Tensor,
     segment_start: torch.Tensor,
     return_final_state: bool = False,
+    max_segment_len: Optional[int] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """mamba-ssm's chunked scan with ``seq_idx``; shapes as :func:`ssd_reference.ssd_reference`."""
     try:

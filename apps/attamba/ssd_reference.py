@@ -31,6 +31,7 @@ def ssd_reference(
     D: torch.Tensor,
     segment_start: torch.Tensor,
     return_final_state: bool = False,
+    max_segment_len: Optional[int] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Selective state-space scan with resets, one token at a time in float64.
 
@@ -41,7 +42,9 @@ def ssd_reference(
         y_t = S_t C_t + D * u_t
 
     Returns y [b, n, h, p] in u's dtype, and with ``return_final_state`` also the state after
-    the last token, S [b, h, p, s] in float64.
+    the last token, S [b, h, p, s] in float64. ``max_segment_len``, a bound on every segment's
+    length that the caller guarantees, is part of every backend's signature; only the windowed
+    Triton kernels (``apps.attamba.ssd_triton_window``) use it.
     """
     b, n, h, p = u.shape
     g = B.shape[2]

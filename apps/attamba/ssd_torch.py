@@ -55,6 +55,7 @@ def ssd_segmented(
     D: torch.Tensor,
     segment_start: torch.Tensor,
     return_final_state: bool = False,
+    max_segment_len: Optional[int] = None,
     block_len: int = DEFAULT_BLOCK_LEN,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Chunked SSD scan with resets at segment starts.

@@ -27,7 +27,7 @@ Triton interpreter (``TRITON_INTERPRET=1`` set before import), which the CPU tes
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import triton
@@ -542,6 +542,7 @@ def ssd_segmented_triton(
     D: torch.Tensor,
     segment_start: torch.Tensor,
     return_final_state: bool = False,
+    max_segment_len: Optional[int] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Segmented SSD scan, fused in Triton (forward and backward).
 

@@ -31,7 +31,7 @@ from lingua.transformer import RMSNorm
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "torch", "triton", "mamba_ssm", "reference")
+IMPLS = ("auto", "torch", "triton", "triton_window", "mamba_ssm", "reference")
 
 
 @dataclass
@@ -60,8 +60,10 @@ class SSMArgs:
     """... and clamped from below at dt_init_floor."""
     impl: str = "auto"
     """Backend of the sequence operations: 'auto' (Triton kernels on CUDA when importable, else
-    'torch'), 'torch' (chunked PyTorch), 'triton', 'mamba_ssm' (the mamba-ssm and causal-conv1d
-    CUDA kernels), or 'reference' (float64 token loop; tests only)."""
+    'torch'), 'torch' (chunked PyTorch), 'triton', 'triton_window' (Triton kernels that carry no
+    state, for segments of at most 64 tokens, such as Attamba's chunks; 'triton' otherwise; not yet
+    timed on a GPU), 'mamba_ssm' (the mamba-ssm and causal-conv1d CUDA kernels), or 'reference'
+    (float64 token loop; tests only)."""
 
     def __post_init__(self) -> None:
         for name in ("state_dim", "ssm_heads", "n_groups", "conv_size"):
@@ -163,6 +165,11 @@ def load_backend(impl: str, device: torch.device) -> tuple[SSDFunction, ConvFunc
                 "set ssm impl to 'torch' to run without them"
             ) from error
         return module.ssd_segmented_triton, module.causal_conv_segmented_triton
+    if impl == "triton_window":
+        _, conv = load_backend("triton", device)
+        import apps.attamba.ssd_triton_window as window
+
+        return window.ssd_segmented_window, conv
     raise ValueError(f"ssm impl must be one of {', '.join(IMPLS)}; got '{impl}'")
 
 
@@ -242,7 +249,8 @@ class KVSSM(nn.Module):
         """y, z [..., hidden] -> out_proj(RMSNorm(y * SiLU(z))) [..., dim_out]."""
         return self.out_proj(self.norm(y * F.silu(z)))
 
-    def _mix(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], return_final_state: bool):
+    def _mix(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], return_final_state: bool,
+             max_segment_len: Optional[int] = None):
         """Shared body of forward and forward_with_state."""
         batch, n, _ = x.shape
         if segment_start is None:
@@ -252,16 +260,20 @@ class KVSSM(nn.Module):
         u, B, C = self._split_conv_output(F.silu(conv(conv_in, self.conv_weight, self.conv_bias, segment_start)))
         state_dtype = _state_dtype(x.dtype)
         A = -torch.exp(self.A_log.to(state_dtype))
-        result = ssd(u, self._dt(dt, state_dtype), A, B, C, self.D.to(state_dtype), segment_start, return_final_state=return_final_state)
+        result = ssd(u, self._dt(dt, state_dtype), A, B, C, self.D.to(state_dtype), segment_start,
+                     return_final_state=return_final_state, max_segment_len=max_segment_len)
         y, final_ssm = result if return_final_state else (result, None)
         out = self._output(y.flatten(-2), z)
         if not return_final_state:
             return out
         return out, SSMState(self._conv_tail(conv_in, segment_start), final_ssm.to(state_dtype))
 
-    def forward(self, x: torch.Tensor, segment_start: Optional[torch.Tensor]) -> torch.Tensor:
-        """x [B, n, dim_in], segment_start [B, n] bool (None: one segment per row) -> [B, n, dim_out]."""
-        return self._mix(x, segment_start, return_final_state=False)
+    def forward(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], max_segment_len: Optional[int] = None) -> torch.Tensor:
+        """x [B, n, dim_in], segment_start [B, n] bool (None: one segment per row) -> [B, n, dim_out].
+
+        ``max_segment_len``: a bound on every segment's length that the caller guarantees (for
+        backends that can use it), or None."""
+        return self._mix(x, segment_start, return_final_state=False, max_segment_len=max_segment_len)
 
     def forward_with_state(self, x: torch.Tensor, segment_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, SSMState]:
         """:meth:`forward`, plus the decode state after the last token (for prefill)."""

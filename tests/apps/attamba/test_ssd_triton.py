@@ -127,11 +127,12 @@ def forward_and_grads(fn, inputs, segment_start, grad_out, as_double):
     return out.detach(), [None if leaf is None else leaf.grad for leaf in leaves]
 
 
-def assert_ssd_matches(oracle, inputs, segment_start, tolerance, record=None):
+def assert_ssd_matches(oracle, inputs, segment_start, tolerance, record=None, candidate=None):
+    """``candidate`` (default: the chunked Triton scan) against ``oracle`` in float64."""
     u = inputs[0]
     # Rounded to u's dtype first, so that both sides see the same upstream gradient.
     grad_out = torch.randn(u.shape, generator=torch.Generator().manual_seed(7)).to(u.device, u.dtype)
-    y, grads = forward_and_grads(ssd_segmented_triton, inputs, segment_start, grad_out, False)
+    y, grads = forward_and_grads(candidate or ssd_segmented_triton, inputs, segment_start, grad_out, False)
     y_ref, grads_ref = forward_and_grads(oracle, inputs, segment_start, grad_out, True)
     errors = {"y": relative_error(y, y_ref)}
     for name, tensor, grad, grad_ref in zip(("u", "dt", "A", "B", "C", "D"), inputs, grads, grads_ref):
@@ -436,3 +437,92 @@ def test_custom_ops_fakes_match_their_kernels(dtype):
     torch.library.opcheck(torch.ops.attamba.causal_conv_segmented_fwd.default, (x, weight, bias, dist), test_utils=checks)
     backward_args = (torch.randn_like(x), x.detach(), weight.detach(), dist, True)
     torch.library.opcheck(torch.ops.attamba.causal_conv_segmented_bwd.default, backward_args, test_utils=checks[:2])
+
+
+# The windowed kernels (no carried state) for segments no longer than a block.
+
+from apps.attamba import ssd_triton_window  # noqa: E402
+from apps.attamba.ssd_triton_window import ssd_segmented_window  # noqa: E402
+
+SHORT_CHUNKINGS = {  # name: (segment_start maker, the bound the caller would pass)
+    "uniform": (lambda b, n: uniform_starts(b, n, 4), 4),
+    "cyclic_offset": (lambda b, n: uniform_starts(b, n, 8, offset=3), 8),
+    "random_lengths": (lambda b, n: random_length_starts(b, n, 5, seed=1), 9),
+    "every_token": (lambda b, n: torch.ones(b, n, dtype=torch.bool), 1),
+    "block_long_straddling": (lambda b, n: uniform_starts(b, n, 32, offset=5), 32),
+    "documents_cut_chunks": (lambda b, n: uniform_starts(b, n, 8, offset=1) | document_starts(b, n, seed=3), 8),
+}
+
+
+def window_with_bound(bound):
+    return lambda *args: ssd_segmented_window(*args, max_segment_len=bound)
+
+
+@pytest.mark.parametrize("chunking", sorted(SHORT_CHUNKINGS))
+def test_windowed_ssd_matches_reference(chunking):
+    # n = 77 spans three 32-token blocks, partial last; segments cross block edges.
+    b, n, h, p, g, s = 2, 77, 2, 16, 1, 40
+    make_starts, bound = SHORT_CHUNKINGS[chunking]
+    inputs = ssd_inputs(b, n, h, p, g, s)
+    assert_ssd_matches(ssd_reference, inputs, make_starts(b, n).to(DEVICE), 1e-5, candidate=window_with_bound(bound))
+
+
+def test_windowed_ssd_with_head_groups_and_the_largest_block():
+    b, n, h, p, g, s = 1, 150, 4, 8, 2, 16
+    inputs = ssd_inputs(b, n, h, p, g, s, seed=3)
+    starts = uniform_starts(b, n, 64, offset=20).to(DEVICE)
+    assert ssd_triton_window.block_size(64) == 64
+    assert_ssd_matches(ssd_reference, inputs, starts, 1e-5, candidate=window_with_bound(64))
+
+
+@pytest.mark.parametrize("bound, final_state", [(None, False), (65, False), (8, True)])
+def test_windowed_ssd_falls_back_to_the_chunked_kernels(monkeypatch, bound, final_state):
+    calls = []
+    monkeypatch.setattr(ssd_triton_window, "_window_forward", lambda *a: calls.append(a))
+    inputs = ssd_inputs(1, 20, 2, 16, 1, 16)
+    starts = uniform_starts(1, 20, 8).to(DEVICE)
+    result = ssd_segmented_window(*inputs, starts, return_final_state=final_state, max_segment_len=bound)
+    expected = ssd_segmented_triton(*inputs, starts, return_final_state=final_state)
+    for got, want in zip(result if final_state else [result], expected if final_state else [expected]):
+        torch.testing.assert_close(got, want)
+    assert not calls
+
+
+def test_windowed_ssd_op_fake_matches_and_compiles_whole():
+    b, n = 1, 40
+    u, dt, A, B, C, D = (t.requires_grad_() for t in ssd_inputs(b, n, 2, 16, 1, 16))
+    starts = ssd_triton._as_bytes(uniform_starts(b, n, 8, offset=2).to(DEVICE))
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.attamba.ssd_window_fwd.default, (u, dt, A, B, C, D, starts, 32), test_utils=checks)
+    backward_args = (torch.randn_like(u), *(t.detach() for t in (u, dt, A, B, C, D)), starts, 32)
+    torch.library.opcheck(torch.ops.attamba.ssd_window_bwd.default, backward_args, test_utils=checks[:2])
+    torch._dynamo.reset()
+    compiled = torch.compile(window_with_bound(8), backend="aot_eager", fullgraph=True)
+    segment_start = uniform_starts(b, n, 8, offset=2).to(DEVICE)
+    torch.testing.assert_close(compiled(u, dt, A, B, C, D, segment_start), window_with_bound(8)(u, dt, A, B, C, D, segment_start))
+
+
+@pytest.mark.parametrize("strategy", ["cyclic", "random"])
+def test_attamba_with_windowed_ssm_matches_the_torch_ssm(strategy):
+    # The model passes each layer's segment bound (P; 2P-1 for random chunks) to the backend.
+    from apps.attamba.args import AttambaArgs
+    from apps.attamba.model import AttambaLM
+    from lingua.args import build_config
+
+    settings = dict(dim=32, n_layers=2, n_heads=2, state_dim=16, ssm_heads=2, vocab_size=40, max_seqlen=80,
+                    token_chunk=8, leading_tokens=3, chunk_strategy=strategy)
+    tokens = torch.randint(0, 40, (2, 70), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    doc_ids = torch.tensor([[0] * 30 + [1] * 40, [0] * 70], device=DEVICE)
+    results = []
+    for impl in ("torch", "triton_window"):
+        torch.manual_seed(0)
+        model = AttambaLM(build_config(AttambaArgs, {**settings, "ssm_impl": impl})).to(DEVICE)
+        model.init_weights()
+        torch.manual_seed(1)  # the same random chunks for both
+        logits = model(tokens, doc_ids)
+        logits.square().mean().backward()
+        results.append((logits.detach(), [p.grad for p in model.parameters()]))
+    (logits, grads), (logits_ref, grads_ref) = results[1], results[0]
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)

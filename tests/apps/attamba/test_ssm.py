@@ -195,7 +195,7 @@ def test_missing_triton_backend_is_a_clear_error(monkeypatch):
         ({"A_init_min": 5.0, "A_init_max": 1.0}, "A_init_min and ssm.A_init_max"),
         ({"dt_min": 0.0}, "ssm.dt_min and ssm.dt_max"),
         ({"dt_init_floor": 0.0}, "dt_init_floor must be > 0"),
-        ({"impl": "cuda"}, "ssm.impl must be one of auto, torch, triton, mamba_ssm, reference; got 'cuda'"),
+        ({"impl": "cuda"}, "ssm.impl must be one of auto, torch, triton, triton_window, mamba_ssm, reference; got 'cuda'"),
     ],
 )
 def test_args_validation(overrides, message):

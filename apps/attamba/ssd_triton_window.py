@@ -1,0 +1,338 @@
+"""Triton kernels for the segmented SSD scan when every segment is short: no state is carried.
+
+With resets every P tokens (Attamba's chunks, P = 8 in the 60M model), the state a token sees was
+built inside its own segment, at most P - 1 tokens back. The scan is then a banded quadratic form
+that needs no carried state at all (DESIGN.md, "KV-SSM"):
+
+    y_t = Σ_{j <= t, no segment start in (j, t]} (C_t · B_j) exp(cs_t - cs_j) dt_j u_j + D u_t
+
+with cs the cumsum of dt·A. Cut the sequence into blocks of Q tokens with Q >= the longest
+segment: the keys of a query in block k lie in blocks k-1 and k, so one program computes block k's
+outputs from two [Q, Q] score tiles, and its backward from three (queries of block k over keys of
+blocks k-1 and k, and queries of block k+1 over keys of block k). Nothing of size [p, s] per block
+is written, read or passed between programs, unlike the chunked kernels of
+:mod:`apps.attamba.ssd_triton`.
+
+The decay gradient: a_i = dt_i·A enters every exponent cs_t - cs_j with j < i <= t, so its
+gradient sums the exponent's gradient over those pairs; each program sums them for its own tokens
+from the same three tiles (summing +/- per-token terms and a cumsum instead lost precision in
+fp32, as the terms of a segment cancel).
+
+Callers guarantee the segment bound (``max_segment_len``); :func:`supports` says whether these
+kernels apply. Runs on CUDA tensors, or under the Triton interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from apps.attamba.ssd_triton import _as_bytes, _check_inputs, _dot_precision, _last_dim_contiguous, _padded, ssd_segmented_triton
+
+MAX_BLOCK_Q = 64
+"""Longest segment these kernels take (the block must hold a whole segment)."""
+MIN_BLOCK_Q = 32
+NUM_WARPS = 4
+TILE_S = 32
+
+
+def block_size(max_segment_len: int) -> int:
+    """Tokens per block for segments of at most ``max_segment_len`` tokens."""
+    return max(MIN_BLOCK_Q, triton.next_power_of_2(max_segment_len))
+
+
+def supports(max_segment_len, return_final_state: bool) -> bool:
+    """Whether the windowed kernels can run: a known bound within MAX_BLOCK_Q, no final state."""
+    return max_segment_len is not None and 1 <= max_segment_len <= MAX_BLOCK_Q and not return_final_state
+
+
+@triton.jit
+def _token_terms(dt_ptr, start_ptr, bi, hi, t, n, stride_dt_b, stride_dt_n, A_h):
+    """Per-token dt, log-decay a = dt·A and segment-start flags (position 0 always starts)."""
+    valid = (t >= 0) & (t < n)
+    dt = tl.load(dt_ptr + bi * stride_dt_b + t.to(tl.int64) * stride_dt_n + hi, mask=valid, other=0.0).to(tl.float32)
+    starts = tl.load(start_ptr + bi * n + t, mask=valid, other=0).to(tl.int32)
+    starts = tl.where(t == 0, 1, starts)
+    return valid, dt, dt * A_h, starts
+
+
+@triton.jit
+def _rows(ptr, bi, t, col0, stride_b, stride_n, valid, width, BLOCK_W: tl.constexpr):
+    """[Q, W] fp32 tile: tokens t of batch row bi, columns col0 .. col0 + width - 1 (0 elsewhere)."""
+    offs_w = tl.arange(0, BLOCK_W)
+    offs = bi * stride_b + t.to(tl.int64)[:, None] * stride_n + col0 + offs_w[None, :]
+    return tl.load(ptr + offs, mask=valid[:, None] & (offs_w[None, :] < width), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decay(cs_q, seg_q, cs_k, seg_k, key_valid, SAME_BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """[Q, Q] exp(cs_t - cs_j) where key j reaches query t (same segment, j <= t), else 0."""
+    reach = (seg_q[:, None] == seg_k[None, :]) & key_valid[None, :]
+    if SAME_BLOCK:  # queries and keys are the same tokens: keep j <= t
+        offs = tl.arange(0, BLOCK_Q)
+        reach = reach & (offs[None, :] <= offs[:, None])
+    return tl.exp(tl.where(reach, cs_q[:, None] - cs_k[None, :], float("-inf")))
+
+
+@triton.jit
+def _window_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, y_ptr,
+    n, h, p, s, heads_per_group,
+    stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One (head, block, batch row): y of the block's tokens from keys in this and the previous block."""
+    hi = tl.program_id(0)
+    blk = tl.program_id(1)
+    bi = tl.program_id(2).to(tl.int64)
+    A_h = tl.load(A_ptr + hi).to(tl.float32)
+    D_h = tl.load(D_ptr + hi).to(tl.float32)
+    offs = tl.arange(0, BLOCK_Q)
+    t_c = blk * BLOCK_Q + offs  # this block: queries, and keys of the diagonal tile
+    t_p = t_c - BLOCK_Q  # the previous block: keys
+    valid_p, dt_p, a_p, st_p = _token_terms(dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h)
+    valid_c, dt_c, a_c, st_c = _token_terms(dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h)
+    cs_p = tl.cumsum(a_p, axis=0)
+    cs_c = tl.sum(a_p, axis=0) + tl.cumsum(a_c, axis=0)
+    seg_p = tl.cumsum(st_p, axis=0)
+    seg_c = tl.sum(st_p, axis=0) + tl.cumsum(st_c, axis=0)
+
+    bc_col = (hi // heads_per_group) * stride_bc_g
+    G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
+    G_c = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_cᵀ
+    for s0 in range(0, BLOCK_S, TILE):
+        C_c = _rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        B_p = _rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
+        B_c = _rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        G_p = tl.dot(C_c, tl.trans(B_p), acc=G_p, input_precision=PRECISION)
+        G_c = tl.dot(C_c, tl.trans(B_c), acc=G_c, input_precision=PRECISION)
+
+    u_p = _rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
+    u_c = _rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
+    P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
+    P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
+    y = tl.dot(P_p, u_p * dt_p[:, None], input_precision=PRECISION)
+    y = tl.dot(P_c, u_c * dt_c[:, None], acc=y, input_precision=PRECISION) + D_h * u_c
+    offs_p = tl.arange(0, BLOCK_P)
+    y_offs = (bi * n + t_c.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
+    tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
+
+
+@triton.jit
+def _window_bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, dy_ptr,
+    du_ptr, ddt_ptr, da_ptr, dB_ptr, dC_ptr,
+    n, h, p, s, heads_per_group,
+    stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
+    stride_dy_b, stride_dy_n, stride_dy_h,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One (head, block, batch row): the gradients of the block's tokens, as queries (over keys of
+    blocks k-1 and k) and as keys (for queries of blocks k and k+1).
+
+    Writes du; ddt without its decay part (Σ_p dx·u); the gradient of a = dt·A; and dB, dC of
+    this head (the caller sums a group's heads).
+    """
+    hi = tl.program_id(0)
+    blk = tl.program_id(1)
+    bi = tl.program_id(2).to(tl.int64)
+    A_h = tl.load(A_ptr + hi).to(tl.float32)
+    D_h = tl.load(D_ptr + hi).to(tl.float32)
+    offs = tl.arange(0, BLOCK_Q)
+    t_c = blk * BLOCK_Q + offs
+    t_p = t_c - BLOCK_Q
+    t_n = t_c + BLOCK_Q
+    valid_p, dt_p, a_p, st_p = _token_terms(dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h)
+    valid_c, dt_c, a_c, st_c = _token_terms(dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h)
+    valid_n, dt_n, a_n, st_n = _token_terms(dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h)
+    cs_p = tl.cumsum(a_p, axis=0)
+    cs_c = tl.sum(a_p, axis=0) + tl.cumsum(a_c, axis=0)
+    cs_n = tl.sum(a_p, axis=0) + tl.sum(a_c, axis=0) + tl.cumsum(a_n, axis=0)
+    seg_p = tl.cumsum(st_p, axis=0)
+    seg_c = tl.sum(st_p, axis=0) + tl.cumsum(st_c, axis=0)
+    seg_n = tl.sum(st_p, axis=0) + tl.sum(st_c, axis=0) + tl.cumsum(st_n, axis=0)
+
+    # Score tiles, named query block then key block: G_cp = C_c B_pᵀ, G_cc = C_c B_cᵀ, G_nc = C_n B_cᵀ.
+    bc_col = (hi // heads_per_group) * stride_bc_g
+    G_cp = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    for s0 in range(0, BLOCK_S, TILE):
+        B_p = _rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
+        B_c = _rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        C_c = _rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        C_n = _rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE)
+        G_cp = tl.dot(C_c, tl.trans(B_p), acc=G_cp, input_precision=PRECISION)
+        G_cc = tl.dot(C_c, tl.trans(B_c), acc=G_cc, input_precision=PRECISION)
+        G_nc = tl.dot(C_n, tl.trans(B_c), acc=G_nc, input_precision=PRECISION)
+    L_cp = _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
+    L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
+    L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
+
+    u_p = _rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
+    u_c = _rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
+    dy_c = _rows(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P)
+    dy_n = _rows(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P)
+    x_p = u_p * dt_p[:, None]
+    x_c = u_c * dt_c[:, None]
+
+    # y_t = Σ_j (G ∘ L)[t, j] x_j: the gradient reaching G is (dy xᵀ) ∘ L, and the one reaching
+    # the exponent cs_t - cs_j is that times G.
+    dG_cp = tl.dot(dy_c, tl.trans(x_p), input_precision=PRECISION) * L_cp
+    dG_cc = tl.dot(dy_c, tl.trans(x_c), input_precision=PRECISION) * L_cc
+    dG_nc = tl.dot(dy_n, tl.trans(x_c), input_precision=PRECISION) * L_nc
+    # The gradient of a_i = dt_i·A is Σ dE[t, j] over the pairs (t, j) that decay across i,
+    # j < i <= t; for i in this block those pairs sit in the three tiles. Summing them directly
+    # (no +dE / -dE pairs that cancel) keeps fp32 accurate.
+    dE_cp = dG_cp * G_cp
+    dE_cc = dG_cc * G_cc
+    dE_nc = dG_nc * G_nc
+    at_or_after = offs[:, None] >= offs[None, :]  # [t, i]: t >= i
+    # Keys in the previous block: every i <= t of this block.
+    d_a = tl.cumsum(tl.sum(dE_cp, axis=1), axis=0, reverse=True)
+    # Both in this block: Σ_{t >= i} Σ_{j < i} dE[t, j].
+    before_i = tl.cumsum(dE_cc, axis=1) - dE_cc  # [t, i]: Σ_{j < i} dE[t, j]
+    d_a += tl.sum(tl.where(at_or_after, before_i, 0.0), axis=0)
+    # Queries in the next block: every t there is after i.
+    d_a += tl.sum(tl.cumsum(dE_nc, axis=1) - dE_nc, axis=0)
+
+    dx = tl.dot(tl.trans(G_cc * L_cc), dy_c, input_precision=PRECISION)
+    dx = tl.dot(tl.trans(G_nc * L_nc), dy_n, acc=dx, input_precision=PRECISION)
+    du = dx * dt_c[:, None] + D_h * dy_c
+    ddt_part = tl.sum(dx * u_c, axis=1)
+
+    t64 = t_c.to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
+    du_offs = (bi * n + t64[:, None]) * h * p + hi * p + offs_p[None, :]
+    tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
+    tl.store(ddt_ptr + (bi * n + t64) * h + hi, ddt_part, mask=valid_c)
+    tl.store(da_ptr + (bi * n + t64) * h + hi, d_a, mask=valid_c)
+
+    offs_s = tl.arange(0, TILE)
+    dG_cc_t = tl.trans(dG_cc)
+    dG_nc_t = tl.trans(dG_nc)
+    for s0 in range(0, BLOCK_S, TILE):
+        B_p = _rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
+        B_c = _rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        C_c = _rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        C_n = _rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE)
+        dC = tl.dot(dG_cc, B_c, acc=tl.dot(dG_cp, B_p, input_precision=PRECISION), input_precision=PRECISION)
+        dB = tl.dot(dG_nc_t, C_n, acc=tl.dot(dG_cc_t, C_c, input_precision=PRECISION), input_precision=PRECISION)
+        offs_out = ((bi * n + t64[:, None]) * h + hi) * s + s0 + offs_s[None, :]
+        out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
+        tl.store(dB_ptr + offs_out, dB, mask=out_mask)
+        tl.store(dC_ptr + offs_out, dC, mask=out_mask)
+
+
+def _prepared(u, dt, B, C):
+    u, B, C = (_last_dim_contiguous(t) for t in (u, B, C))
+    if B.stride() != C.stride():  # the kernels address B and C with one set of strides
+        B, C = B.contiguous(), C.contiguous()
+    return u, dt.contiguous(), B, C
+
+
+def _strides(u, dt, B):
+    return (u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), B.stride(2))
+
+
+@torch.library.custom_op("attamba::ssd_window_fwd", mutates_args=())
+def _window_forward(
+    u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+    starts: torch.Tensor, block_q: int,
+) -> torch.Tensor:
+    b, n, h, p = u.shape
+    g, s = B.shape[2], B.shape[3]
+    u, dt, B, C = _prepared(u, dt, B, C)
+    y = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
+    _window_fwd_kernel[(h, triton.cdiv(n, block_q), b)](
+        u, dt, A, B, C, D, starts, y, n, h, p, s, h // g, *_strides(u, dt, B),
+        BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
+        PRECISION=_dot_precision(u.dtype), num_warps=NUM_WARPS,
+    )
+    return y
+
+
+@_window_forward.register_fake
+def _window_forward_fake(u, dt, A, B, C, D, starts, block_q):
+    return u.new_empty(u.shape)
+
+
+@torch.library.custom_op("attamba::ssd_window_bwd", mutates_args=())
+def _window_backward(
+    dy: torch.Tensor, u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor, starts: torch.Tensor, block_q: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> du, ddt, dA, dB, dC, dD."""
+    b, n, h, p = u.shape
+    g, s = B.shape[2], B.shape[3]
+    u, dt, B, C = _prepared(u, dt, B, C)
+    dy = _last_dim_contiguous(dy)
+    du = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
+    ddt_part = torch.empty((b, n, h), device=u.device, dtype=torch.float32)
+    d_a = torch.empty((b, n, h), device=u.device, dtype=torch.float32)
+    dB_heads = torch.empty((b, n, h, s), device=u.device, dtype=torch.float32)
+    dC_heads = torch.empty((b, n, h, s), device=u.device, dtype=torch.float32)
+    _window_bwd_kernel[(h, triton.cdiv(n, block_q), b)](
+        u, dt, A, B, C, D, starts, dy, du, ddt_part, d_a, dB_heads, dC_heads,
+        n, h, p, s, h // g, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
+        BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
+        PRECISION=_dot_precision(u.dtype), num_warps=NUM_WARPS,
+    )
+    ddt = (ddt_part + d_a * A.float()).to(dt.dtype)
+    dA = (d_a * dt.float()).sum((0, 1)).to(A.dtype)
+    dD = (dy.float() * u.float()).sum((0, 1, 3)).to(D.dtype)
+    dB = dB_heads.unflatten(2, (g, h // g)).sum(3).to(B.dtype)
+    dC = dC_heads.unflatten(2, (g, h // g)).sum(3).to(C.dtype)
+    return du, ddt, dA, dB, dC, dD
+
+
+@_window_backward.register_fake
+def _window_backward_fake(dy, u, dt, A, B, C, D, starts, block_q):
+    b, n = u.shape[:2]
+    return (
+        u.new_empty(u.shape), dt.new_empty(dt.shape), A.new_empty(A.shape),
+        B.new_empty((b, n) + tuple(B.shape[2:])), C.new_empty((b, n) + tuple(C.shape[2:])), D.new_empty(D.shape),
+    )
+
+
+def _window_setup_context(ctx, inputs, output) -> None:
+    u, dt, A, B, C, D, starts, block_q = inputs
+    ctx.save_for_backward(u, dt, A, B, C, D, starts)
+    ctx.block_q = block_q
+
+
+def _window_autograd(ctx, dy):
+    u, dt, A, B, C, D, starts = ctx.saved_tensors
+    return (*_window_backward(dy, u, dt, A, B, C, D, starts, ctx.block_q), None, None)
+
+
+torch.library.register_autograd("attamba::ssd_window_fwd", _window_autograd, setup_context=_window_setup_context)
+
+
+def ssd_segmented_window(
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    segment_start: torch.Tensor,
+    return_final_state: bool = False,
+    max_segment_len: Optional[int] = None,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The segmented SSD scan (signature of ``ssd_reference``) through the windowed kernels when
+    ``max_segment_len`` (the caller's bound on every segment's length) allows, else through the
+    chunked kernels of :func:`apps.attamba.ssd_triton.ssd_segmented_triton`.
+
+    The bound is trusted, not checked (checking costs a device-to-host sync): a longer segment
+    silently loses the contributions from more than one block back.
+    """
+    if not supports(max_segment_len, return_final_state):
+        return ssd_segmented_triton(u, dt, A, B, C, D, segment_start, return_final_state)
+    _check_inputs(u, dt, A, B, C, D, segment_start)
+    return _window_forward(u, dt, A, B, C, D, _as_bytes(segment_start), block_size(max_segment_len))
