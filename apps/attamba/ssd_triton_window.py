@@ -30,7 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-from apps.attamba.ssd_triton import _as_bytes, _check_inputs, _dot_precision, _last_dim_contiguous, _padded, ssd_segmented_triton
+from apps.attamba.ssd_triton import (
+    _as_bytes,
+    _check_inputs,
+    _dot_precision,
+    _last_dim_contiguous,
+    _load_rows,
+    _padded,
+    ssd_segmented_triton,
+)
 
 MAX_BLOCK_Q = 64
 """Longest segment these kernels take (the block must hold a whole segment)."""
@@ -60,14 +68,6 @@ def _token_terms(dt_ptr, start_ptr, bi, hi, t, n, stride_dt_b, stride_dt_n, A_h)
 
 
 @triton.jit
-def _rows(ptr, bi, t, col0, stride_b, stride_n, valid, width, BLOCK_W: tl.constexpr):
-    """[Q, W] fp32 tile: tokens t of batch row bi, columns col0 .. col0 + width - 1 (0 elsewhere)."""
-    offs_w = tl.arange(0, BLOCK_W)
-    offs = bi * stride_b + t.to(tl.int64)[:, None] * stride_n + col0 + offs_w[None, :]
-    return tl.load(ptr + offs, mask=valid[:, None] & (offs_w[None, :] < width), other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _decay(cs_q, seg_q, cs_k, seg_k, key_valid, SAME_BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr):
     """[Q, Q] exp(cs_t - cs_j) where key j reaches query t (same segment, j <= t), else 0."""
     reach = (seg_q[:, None] == seg_k[None, :]) & key_valid[None, :]
@@ -75,6 +75,15 @@ def _decay(cs_q, seg_q, cs_k, seg_k, key_valid, SAME_BLOCK: tl.constexpr, BLOCK_
         offs = tl.arange(0, BLOCK_Q)
         reach = reach & (offs[None, :] <= offs[:, None])
     return tl.exp(tl.where(reach, cs_q[:, None] - cs_k[None, :], float("-inf")))
+
+
+@triton.jit
+def _program(A_ptr, D_ptr, BLOCK_Q: tl.constexpr):
+    """This program's head, block and batch row, its head's A and D, and arange(BLOCK_Q)."""
+    hi = tl.program_id(0)
+    A_h = tl.load(A_ptr + hi).to(tl.float32)
+    D_h = tl.load(D_ptr + hi).to(tl.float32)
+    return hi, tl.program_id(1), tl.program_id(2).to(tl.int64), A_h, D_h, tl.arange(0, BLOCK_Q)
 
 
 @triton.jit
@@ -86,12 +95,7 @@ def _window_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     """One (head, block, batch row): y of the block's tokens from keys in this and the previous block."""
-    hi = tl.program_id(0)
-    blk = tl.program_id(1)
-    bi = tl.program_id(2).to(tl.int64)
-    A_h = tl.load(A_ptr + hi).to(tl.float32)
-    D_h = tl.load(D_ptr + hi).to(tl.float32)
-    offs = tl.arange(0, BLOCK_Q)
+    hi, blk, bi, A_h, D_h, offs = _program(A_ptr, D_ptr, BLOCK_Q)
     t_c = blk * BLOCK_Q + offs  # this block: queries, and keys of the diagonal tile
     t_p = t_c - BLOCK_Q  # the previous block: keys
     valid_p, dt_p, a_p, st_p = _token_terms(dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h)
@@ -105,14 +109,14 @@ def _window_fwd_kernel(
     G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
     G_c = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_cᵀ
     for s0 in range(0, BLOCK_S, TILE):
-        C_c = _rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        B_p = _rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
-        B_c = _rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
+        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
         G_p = tl.dot(C_c, tl.trans(B_p), acc=G_p, input_precision=PRECISION)
         G_c = tl.dot(C_c, tl.trans(B_c), acc=G_c, input_precision=PRECISION)
 
-    u_p = _rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
-    u_c = _rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
+    u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
+    u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
     P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
     P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
     y = tl.dot(P_p, u_p * dt_p[:, None], input_precision=PRECISION)
@@ -138,12 +142,7 @@ def _window_bwd_kernel(
     Writes du; ddt without its decay part (Σ_p dx·u); the gradient of a = dt·A; and dB, dC of
     this head (the caller sums a group's heads).
     """
-    hi = tl.program_id(0)
-    blk = tl.program_id(1)
-    bi = tl.program_id(2).to(tl.int64)
-    A_h = tl.load(A_ptr + hi).to(tl.float32)
-    D_h = tl.load(D_ptr + hi).to(tl.float32)
-    offs = tl.arange(0, BLOCK_Q)
+    hi, blk, bi, A_h, D_h, offs = _program(A_ptr, D_ptr, BLOCK_Q)
     t_c = blk * BLOCK_Q + offs
     t_p = t_c - BLOCK_Q
     t_n = t_c + BLOCK_Q
@@ -163,10 +162,10 @@ def _window_bwd_kernel(
     G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     for s0 in range(0, BLOCK_S, TILE):
-        B_p = _rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
-        B_c = _rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        C_c = _rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        C_n = _rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE)
+        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
+        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        C_n = _load_rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE)
         G_cp = tl.dot(C_c, tl.trans(B_p), acc=G_cp, input_precision=PRECISION)
         G_cc = tl.dot(C_c, tl.trans(B_c), acc=G_cc, input_precision=PRECISION)
         G_nc = tl.dot(C_n, tl.trans(B_c), acc=G_nc, input_precision=PRECISION)
@@ -174,10 +173,10 @@ def _window_bwd_kernel(
     L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
     L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
 
-    u_p = _rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
-    u_c = _rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
-    dy_c = _rows(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P)
-    dy_n = _rows(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P)
+    u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
+    u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
+    dy_c = _load_rows(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P)
+    dy_n = _load_rows(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P)
     x_p = u_p * dt_p[:, None]
     x_c = u_c * dt_c[:, None]
 
@@ -217,10 +216,10 @@ def _window_bwd_kernel(
     dG_cc_t = tl.trans(dG_cc)
     dG_nc_t = tl.trans(dG_nc)
     for s0 in range(0, BLOCK_S, TILE):
-        B_p = _rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
-        B_c = _rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        C_c = _rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        C_n = _rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE)
+        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
+        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
+        C_n = _load_rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE)
         dC = tl.dot(dG_cc, B_c, acc=tl.dot(dG_cp, B_p, input_precision=PRECISION), input_precision=PRECISION)
         dB = tl.dot(dG_nc_t, C_n, acc=tl.dot(dG_cc_t, C_c, input_precision=PRECISION), input_precision=PRECISION)
         offs_out = ((bi * n + t64[:, None]) * h + hi) * s + s0 + offs_s[None, :]
