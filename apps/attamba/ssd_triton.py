@@ -351,6 +351,25 @@ def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
+def _kernel_inputs(u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+    """(u, dt, B, C) laid out as the kernels read them: dense last dims, dt contiguous, and B and
+    C with one set of strides (the kernels address both with it)."""
+    u, B, C = (_last_dim_contiguous(t) for t in (u, B, C))
+    if B.stride() != C.stride():
+        B, C = B.contiguous(), C.contiguous()
+    return u, dt.contiguous(), B, C
+
+
+def _sum_group_heads(grad_heads: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """[b, n, h, s] per-head gradients of B or C -> [b, n, groups, s]: the heads of a group share it."""
+    return grad_heads.unflatten(2, (groups, grad_heads.shape[2] // groups)).sum(3).to(dtype)
+
+
+def _input_grads_fake(u, dt, A, B, C, D) -> tuple[torch.Tensor, ...]:
+    """Fake (meta) du, ddt, dA, dB, dC, dD: contiguous, shaped and typed like the inputs."""
+    return tuple(t.new_empty(t.shape) for t in (u, dt, A, B, C, D))
+
+
 def _as_bytes(segment_start: torch.Tensor) -> torch.Tensor:
     return segment_start.to(torch.uint8).contiguous()  # [b, n]
 
@@ -420,10 +439,7 @@ def _ssd_forward(
     ([b, h, p, s], or empty without ``return_final_state``)."""
     b, n, h, p = u.shape
     g, s = B.shape[2], B.shape[3]
-    u, B, C = (_last_dim_contiguous(t) for t in (u, B, C))
-    if B.stride() != C.stride():  # the kernels address B and C with one set of strides
-        B, C = B.contiguous(), C.contiguous()
-    dt = dt.contiguous()
+    u, dt, B, C = _kernel_inputs(u, dt, B, C)
     y_shape, states_shape, decay_shape = _forward_buffers(u, B, block_q)
     num_blocks = states_shape[1]
     block_p, block_s = states_shape[2], states_shape[3]
@@ -471,10 +487,8 @@ def _ssd_backward(
     """-> du, ddt, dA, dB, dC, dD."""
     b, n, h, p = u.shape
     g, s = B.shape[2], B.shape[3]
-    u, B, C, dy = (_last_dim_contiguous(t) for t in (u, B, C, dy))
-    if B.stride() != C.stride():
-        B, C = B.contiguous(), C.contiguous()
-    dt = dt.contiguous()
+    u, dt, B, C = _kernel_inputs(u, dt, B, C)
+    dy = _last_dim_contiguous(dy)
     _, num_blocks, block_p, block_s = states.shape
     heads_per_group = h // g
     meta = dict(BLOCK_Q=block_q, BLOCK_P=block_p, PRECISION=_dot_precision(u.dtype), num_warps=num_warps)
@@ -499,22 +513,13 @@ def _ssd_backward(
         u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1),
         B.stride(0), B.stride(1), B.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
     ), block_s, **meta)
-    dB = dB_heads.unflatten(2, (g, heads_per_group)).sum(3).to(B.dtype)
-    dC = dC_heads.unflatten(2, (g, heads_per_group)).sum(3).to(C.dtype)
+    dB, dC = _sum_group_heads(dB_heads, g, B.dtype), _sum_group_heads(dC_heads, g, C.dtype)
     return du, ddt, dA_part.sum((0, 2)).to(A.dtype), dB, dC, dD_part.sum((0, 2)).to(D.dtype)
 
 
 @_ssd_backward.register_fake
 def _ssd_backward_fake(dy, u, dt, A, B, C, D, starts, states, decay, block_q, num_warps):
-    b, n, h, p = u.shape
-    return (
-        u.new_empty((b, n, h, p)),
-        dt.new_empty((b, n, h)),
-        A.new_empty(A.shape),
-        B.new_empty((b, n) + tuple(B.shape[2:])),
-        C.new_empty((b, n) + tuple(C.shape[2:])),
-        D.new_empty(D.shape),
-    )
+    return _input_grads_fake(u, dt, A, B, C, D)
 
 
 def _ssd_setup_context(ctx, inputs, output) -> None:

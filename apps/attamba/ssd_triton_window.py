@@ -34,9 +34,12 @@ from apps.attamba.ssd_triton import (
     _as_bytes,
     _check_inputs,
     _dot_precision,
+    _input_grads_fake,
+    _kernel_inputs,
     _last_dim_contiguous,
     _load_rows,
     _padded,
+    _sum_group_heads,
     ssd_segmented_triton,
 )
 
@@ -58,13 +61,18 @@ def supports(max_segment_len, return_final_state: bool) -> bool:
 
 
 @triton.jit
-def _token_terms(dt_ptr, start_ptr, bi, hi, t, n, stride_dt_b, stride_dt_n, A_h):
-    """Per-token dt, log-decay a = dt·A and segment-start flags (position 0 always starts)."""
+def _block_terms(dt_ptr, start_ptr, bi, hi, t, n, stride_dt_b, stride_dt_n, A_h, cs_before, seg_before):
+    """Per token of one block: validity, dt, the running log-decay cs (cumsum of dt·A) and the
+    running segment number, both continuing from the previous block's ``cs_before`` and
+    ``seg_before``; also their values at the block's end, for the next block."""
     valid = (t >= 0) & (t < n)
     dt = tl.load(dt_ptr + bi * stride_dt_b + t.to(tl.int64) * stride_dt_n + hi, mask=valid, other=0.0).to(tl.float32)
     starts = tl.load(start_ptr + bi * n + t, mask=valid, other=0).to(tl.int32)
-    starts = tl.where(t == 0, 1, starts)
-    return valid, dt, dt * A_h, starts
+    starts = tl.where(t == 0, 1, starts)  # position 0 always starts a segment
+    a = dt * A_h
+    cs = cs_before + tl.cumsum(a, axis=0)
+    seg = seg_before + tl.cumsum(starts, axis=0)
+    return valid, dt, cs, seg, cs_before + tl.sum(a, axis=0), seg_before + tl.sum(starts, axis=0)
 
 
 @triton.jit
@@ -98,12 +106,10 @@ def _window_fwd_kernel(
     hi, blk, bi, A_h, D_h, offs = _program(A_ptr, D_ptr, BLOCK_Q)
     t_c = blk * BLOCK_Q + offs  # this block: queries, and keys of the diagonal tile
     t_p = t_c - BLOCK_Q  # the previous block: keys
-    valid_p, dt_p, a_p, st_p = _token_terms(dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h)
-    valid_c, dt_c, a_c, st_c = _token_terms(dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h)
-    cs_p = tl.cumsum(a_p, axis=0)
-    cs_c = tl.sum(a_p, axis=0) + tl.cumsum(a_c, axis=0)
-    seg_p = tl.cumsum(st_p, axis=0)
-    seg_c = tl.sum(st_p, axis=0) + tl.cumsum(st_c, axis=0)
+    valid_p, dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
+        dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
+    valid_c, dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
+        dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
 
     bc_col = (hi // heads_per_group) * stride_bc_g
     G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
@@ -146,15 +152,12 @@ def _window_bwd_kernel(
     t_c = blk * BLOCK_Q + offs
     t_p = t_c - BLOCK_Q
     t_n = t_c + BLOCK_Q
-    valid_p, dt_p, a_p, st_p = _token_terms(dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h)
-    valid_c, dt_c, a_c, st_c = _token_terms(dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h)
-    valid_n, dt_n, a_n, st_n = _token_terms(dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h)
-    cs_p = tl.cumsum(a_p, axis=0)
-    cs_c = tl.sum(a_p, axis=0) + tl.cumsum(a_c, axis=0)
-    cs_n = tl.sum(a_p, axis=0) + tl.sum(a_c, axis=0) + tl.cumsum(a_n, axis=0)
-    seg_p = tl.cumsum(st_p, axis=0)
-    seg_c = tl.sum(st_p, axis=0) + tl.cumsum(st_c, axis=0)
-    seg_n = tl.sum(st_p, axis=0) + tl.sum(st_c, axis=0) + tl.cumsum(st_n, axis=0)
+    valid_p, dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
+        dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
+    valid_c, dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
+        dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+    valid_n, _, cs_n, seg_n, _, _ = _block_terms(
+        dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
 
     # Score tiles, named query block then key block: G_cp = C_c B_pᵀ, G_cc = C_c B_cᵀ, G_nc = C_n B_cᵀ.
     bc_col = (hi // heads_per_group) * stride_bc_g
@@ -228,13 +231,6 @@ def _window_bwd_kernel(
         tl.store(dC_ptr + offs_out, dC, mask=out_mask)
 
 
-def _prepared(u, dt, B, C):
-    u, B, C = (_last_dim_contiguous(t) for t in (u, B, C))
-    if B.stride() != C.stride():  # the kernels address B and C with one set of strides
-        B, C = B.contiguous(), C.contiguous()
-    return u, dt.contiguous(), B, C
-
-
 def _strides(u, dt, B):
     return (u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), B.stride(2))
 
@@ -246,7 +242,7 @@ def _window_forward(
 ) -> torch.Tensor:
     b, n, h, p = u.shape
     g, s = B.shape[2], B.shape[3]
-    u, dt, B, C = _prepared(u, dt, B, C)
+    u, dt, B, C = _kernel_inputs(u, dt, B, C)
     y = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
     _window_fwd_kernel[(h, triton.cdiv(n, block_q), b)](
         u, dt, A, B, C, D, starts, y, n, h, p, s, h // g, *_strides(u, dt, B),
@@ -269,7 +265,7 @@ def _window_backward(
     """-> du, ddt, dA, dB, dC, dD."""
     b, n, h, p = u.shape
     g, s = B.shape[2], B.shape[3]
-    u, dt, B, C = _prepared(u, dt, B, C)
+    u, dt, B, C = _kernel_inputs(u, dt, B, C)
     dy = _last_dim_contiguous(dy)
     du = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
     ddt_part = torch.empty((b, n, h), device=u.device, dtype=torch.float32)
@@ -285,18 +281,12 @@ def _window_backward(
     ddt = (ddt_part + d_a * A.float()).to(dt.dtype)
     dA = (d_a * dt.float()).sum((0, 1)).to(A.dtype)
     dD = (dy.float() * u.float()).sum((0, 1, 3)).to(D.dtype)
-    dB = dB_heads.unflatten(2, (g, h // g)).sum(3).to(B.dtype)
-    dC = dC_heads.unflatten(2, (g, h // g)).sum(3).to(C.dtype)
-    return du, ddt, dA, dB, dC, dD
+    return du, ddt, dA, _sum_group_heads(dB_heads, g, B.dtype), _sum_group_heads(dC_heads, g, C.dtype), dD
 
 
 @_window_backward.register_fake
 def _window_backward_fake(dy, u, dt, A, B, C, D, starts, block_q):
-    b, n = u.shape[:2]
-    return (
-        u.new_empty(u.shape), dt.new_empty(dt.shape), A.new_empty(A.shape),
-        B.new_empty((b, n) + tuple(B.shape[2:])), C.new_empty((b, n) + tuple(C.shape[2:])), D.new_empty(D.shape),
-    )
+    return _input_grads_fake(u, dt, A, B, C, D)
 
 
 def _window_setup_context(ctx, inputs, output) -> None:
