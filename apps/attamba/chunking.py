@@ -102,6 +102,11 @@ def _lengths_to_boundaries(lengths: torch.Tensor, n: int) -> torch.Tensor:
     return is_boundary[:, :n]
 
 
+def longest_random_chunk(chunk_size: int) -> int:
+    """The longest chunk :func:`random_boundaries` draws for mean size P: 2P - 1."""
+    return 2 * chunk_size - 1
+
+
 def random_boundaries(
     batch: int, n: int, chunk_size: int, generator: torch.Generator, device=None
 ) -> LayerBoundaries:
@@ -110,7 +115,7 @@ def random_boundaries(
     Drawing n lengths per row always covers n positions, and because the generator yields values
     in order, a row's first m boundaries do not depend on n.
     """
-    lengths = torch.randint(1, 2 * chunk_size, (batch, n), generator=generator, device=generator.device)
+    lengths = torch.randint(1, longest_random_chunk(chunk_size) + 1, (batch, n), generator=generator, device=generator.device)
     return LayerBoundaries(_lengths_to_boundaries(lengths, n).to(device))
 
 

@@ -31,6 +31,7 @@ from apps.attamba.chunking import (
     LeadingTokens,
     is_periodic_boundary,
     layer_offset,
+    longest_random_chunk,
     periodic_boundaries,
     random_boundaries,
     seeded_random_boundaries,
@@ -208,7 +209,7 @@ class AttambaLM(TransformerLMBase):
         if boundaries.period is not None:
             return boundaries.period[0]
         if self.chunking.strategy == "random":
-            return 2 * self.chunking.chunk_size(n) - 1  # chunk lengths are drawn from 1 .. 2P-1
+            return longest_random_chunk(self.chunking.chunk_size(n))
         return None
 
     # -- forward ----------------------------------------------------------------------------------
