@@ -52,9 +52,8 @@ class LayerPlan:
     """Bool [B, n]: where the K and V SSMs reset."""
     leading_tokens: LeadingTokens
     attention: PreparedAttention
-    """The layer's attention masks, built before the (possibly compiled) layer runs."""
-    causal: bool = False
-    """Attend every earlier key (pseudo-chunking, and fattn's layer 0)."""
+    """The layer's attention masks, built before the (possibly compiled) layer runs; its
+    ``causal`` says whether the layer attends every earlier key (pseudo-chunking, fattn's layer 0)."""
     max_segment_len: Optional[int] = None
     """A bound on the SSM segments' lengths when the chunking gives one (for the SSM backend)."""
 
@@ -112,7 +111,7 @@ class AttambaAttention(nn.Module):
         attended = attend_prepared(q, k, v, plan.attention)
         key_mass = None
         if need_key_mass:
-            mask = reference_mask(plan.boundaries, plan.leading_tokens, doc_ids, x.shape[1], plan.causal)
+            mask = reference_mask(plan.boundaries, plan.leading_tokens, doc_ids, x.shape[1], plan.attention.causal)
             key_mass = attention_key_mass(q, k, mask)
         return self.output(attended), key_mass
 
@@ -202,7 +201,7 @@ class AttambaLM(TransformerLMBase):
         n = boundaries.is_boundary.shape[1]
         impl = self.layers[layer_id].attention.impl
         attention = prepare_attention(boundaries, leading_tokens, doc_ids, n, batch, impl, causal)
-        return LayerPlan(boundaries, starts, leading_tokens, attention, causal, self._segment_bound(boundaries, n))
+        return LayerPlan(boundaries, starts, leading_tokens, attention, self._segment_bound(boundaries, n))
 
     def _segment_bound(self, boundaries: LayerBoundaries, n: int) -> Optional[int]:
         """The longest SSM segment the chunking can make (documents only cut segments shorter)."""

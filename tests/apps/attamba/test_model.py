@@ -144,7 +144,7 @@ def test_fattn_layers_get_ceil_n_over_p_boundaries(monkeypatch):
     original = type(model.layers[1].attention).forward
 
     def spy(self, x, cos, sin, doc_ids, plan, need_key_mass=False):
-        seen.append((self.layer_id, plan.boundaries.is_boundary.sum(dim=1).tolist(), plan.causal))
+        seen.append((self.layer_id, plan.boundaries.is_boundary.sum(dim=1).tolist(), plan.attention.causal))
         return original(self, x, cos, sin, doc_ids, plan, need_key_mass)
 
     monkeypatch.setattr(type(model.layers[1].attention), "forward", spy)
