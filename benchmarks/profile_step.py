@@ -3,7 +3,9 @@
 Builds the model of a training config (any app, with dotted overrides), compiles each block and
 runs bf16 autocast as the training loop does, on random tokens with packed documents of random
 length (``--mean-doc`` tokens on average; 0: no documents). Prints the median step time and
-tokens/s, then the kernels that took the most GPU time over ``--profile-steps`` steps.
+tokens/s, then the kernels that took the most GPU time over ``--profile-steps`` steps and the operators
+that took the most host (CPU) time: a step far longer than its GPU time is host-bound, and the
+second table says where the host spends it.
 
     python benchmarks/profile_step.py config=apps/attamba/configs/attamba_60m.yaml \
         [--seq-len 1024] [--batch 16] [--mean-doc 512] [--rows 25] [model.ssm_impl=torch ...]
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--cpu-rows", type=int, default=15, help="rows of the host-time table")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     options, overrides = parser.parse_known_args()
@@ -88,6 +91,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
+    print(f"first step (compiles and autotunes): {times[0] / 1e3:.1f} s")
     steady = times[len(times) // 2:]
     ms = statistics.median(steady)
     print(f"{args.model_type} n={n} batch={batch} mean_doc={options.mean_doc}: "
@@ -101,8 +105,10 @@ def main() -> None:
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=options.rows, max_name_column_width=70))
+    averages = prof.key_averages()
+    if device.type == "cuda":
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=options.rows, max_name_column_width=70))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=options.cpu_rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":

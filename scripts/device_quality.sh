@@ -6,6 +6,7 @@
 # of pairs.
 #
 #   OUT=/tmp/q QUALITY_STEPS=300 RECALL_STEPS=1500 bash scripts/device_quality.sh
+# QUALITY_MODELS and RECALL_MODELS pick the models (default: all of them).
 # Eager by default: compiling the 60M Attamba takes minutes (one compile per layer, as each layer
 # has its own cyclic offset), more than a few hundred eager steps cost. QUALITY_COMPILE=true compiles.
 set -u
@@ -24,14 +25,17 @@ run() {
   local app=$model; [ "$model" = transformer ] && app=main
   local dir=/tmp/$kind/$model
   rm -rf "$dir"
-  timeout "$RUN_TIMEOUT" python -m apps.$app.train config=$config dump_dir=$dir steps=$steps \
-    checkpoint.every=0 export_at_end=false eval_every=0 eval_at_end=true "$@" > "/tmp/${kind}_$model.log" 2>&1
+  local log="$OUT/${kind}_$model.log"  # in $OUT as it grows: a run cut short still leaves its log
+  # SIGTERM makes the loop checkpoint and exit after the step in flight; SIGKILL 30 s later if not
+  # (a run once outlived its SIGTERM by minutes while compiling).
+  timeout -k 30 "$RUN_TIMEOUT" python -m apps.$app.train config=$config dump_dir=$dir steps=$steps \
+    checkpoint.every=0 export_at_end=false eval_every=0 eval_at_end=true "$@" > "$log" 2>&1
   echo "$kind $model exit $?" | tee -a "$OUT/$kind.txt"
-  tail -n 4 "/tmp/${kind}_$model.log" >> "$OUT/$kind.txt"
+  grep -E "INFO step " "$log" | tail -n 3 >> "$OUT/$kind.txt"
   cat "$dir/metrics.eval.jsonl" >> "$OUT/$kind.txt" 2>/dev/null
 }
 
-for model in transformer attamba; do
+for model in ${QUALITY_MODELS:-transformer attamba}; do
   config=apps/attamba/configs/attamba_60m.yaml
   [ "$model" = transformer ] && config=apps/main/configs/transformer_60m.yaml
   run quality $model $config "$QUALITY_STEPS" \
@@ -41,7 +45,12 @@ for model in transformer attamba; do
     "eval.val_sources={english: $data/valid.jsonl}" ${QUALITY_EXTRA:-}
 done
 
-run recall transformer apps/main/configs/recall_transformer.yaml "$RECALL_STEPS" optim.warmup=100 logging.freq=250
-run recall attamba apps/attamba/configs/recall_attamba_p8.yaml "$RECALL_STEPS" optim.warmup=100 logging.freq=250
-run recall mamba apps/mamba/configs/recall_mamba.yaml "$RECALL_STEPS" optim.warmup=100 logging.freq=250
-cat "$OUT/quality.txt" "$OUT/recall.txt"
+declare -A recall_config=(
+  [transformer]=apps/main/configs/recall_transformer.yaml
+  [attamba]=apps/attamba/configs/recall_attamba_p8.yaml
+  [mamba]=apps/mamba/configs/recall_mamba.yaml
+)
+for model in ${RECALL_MODELS:-transformer attamba mamba}; do
+  run recall $model "${recall_config[$model]}" "$RECALL_STEPS" optim.warmup=100 logging.freq=250
+done
+cat "$OUT"/quality.txt "$OUT"/recall.txt 2>/dev/null

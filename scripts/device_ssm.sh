@@ -16,11 +16,11 @@ cd "$(dirname "$0")/.."
   > "$OUT/environment.txt" 2>&1
 
 # Every test runs (no -x) so that one failure does not hide the others' errors.
-timeout $((budget * 3 / 5)) python -m pytest tests/apps/attamba/test_ssd_triton.py -q -rfE -p no:cacheprovider -o junit_family=xunit1 \
+timeout -k 10 $((budget * 3 / 5)) python -m pytest tests/apps/attamba/test_ssd_triton.py -q -rfE -p no:cacheprovider -o junit_family=xunit1 \
   --junitxml="$OUT/junit_ssd_triton.xml" > "$OUT/pytest.txt" 2>&1
 echo "pytest exit code $?" >> "$OUT/pytest.txt"
 
-timeout $((budget - SECONDS - 10)) python benchmarks/bench_ssm.py --out "$OUT/bench_ssm.json" > "$OUT/bench.txt" 2>&1
+timeout -k 10 $((budget - SECONDS - 10)) python benchmarks/bench_ssm.py --out "$OUT/bench_ssm.json" > "$OUT/bench.txt" 2>&1
 echo "bench exit code $?" >> "$OUT/bench.txt"
 
 cat "$OUT/environment.txt"

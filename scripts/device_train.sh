@@ -26,7 +26,7 @@ for run in $RUNS; do
   else app=attamba; config=apps/attamba/configs/attamba_60m.yaml; fi
   dir=/tmp/runs/${model}_${seq}
   rm -rf "$dir"
-  timeout "${RUN_TIMEOUT:-420}" python -m apps.$app.train config=$config dump_dir=$dir steps=$STEPS \
+  timeout -k 30 "${RUN_TIMEOUT:-420}" python -m apps.$app.train config=$config dump_dir=$dir steps=$STEPS \
     "data.sources={$data: 1.0}" data.tokenizer.name=sp data.tokenizer.path=$tok \
     data.seq_len=$seq data.batch_size=$batch model.max_seqlen=$seq \
     distributed.model_dtype=bf16 distributed.compile=true optim.warmup=10 logging.freq=10 \
