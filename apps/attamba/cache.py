@@ -37,7 +37,7 @@ import torch
 from apps.attamba.attention import attamba_attention
 from apps.attamba.chunking import LayerBoundaries, segment_starts, window_starts
 from apps.attamba.model import AttambaLM
-from apps.attamba.ssm import KVSSM, SSMState
+from apps.attamba.ssm import KVSSM, SSMState, init_paired_state, paired_state, paired_step
 from lingua.kv_cache import EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill
 from lingua.generate import register_cache_support
 from lingua.transformer import apply_rotary
@@ -93,8 +93,8 @@ class AttambaLayerCache:
         ring = slice(self.compressed_slots + 1, total)
         self.ring = KVSlots(self.k[:, :, ring], self.v[:, :, ring], self.positions[:, ring])
         self.is_ring_slot = torch.arange(total, device=device) > self.compressed_slots  # [total]
-        self.ssm_k = attention.ssm_k.init_state(batch, device, dtype)
-        self.ssm_v = attention.ssm_v.init_state(batch, device, dtype)
+        # The K and V SSM states side by side: one recurrence steps both (ssm.paired_step).
+        self.ssm_kv = init_paired_state(attention.ssm_k, batch, device, dtype)
 
     def allowed(self, query_positions: torch.Tensor) -> torch.Tensor:
         """[B, m, total] bool: compressed entries, plus ring entries inside the query's window."""
@@ -138,9 +138,8 @@ class AttambaLayerCache:
         compressed = boundary < self.tables.window_start[n - 1] if n > 0 else torch.zeros_like(boundary, dtype=torch.bool)
         self.positions[:, : self.compressed_slots] = torch.where(compressed, boundary, EMPTY)
         self.positions[:, self.trash] = EMPTY
-        for state in (self.ssm_k, self.ssm_v):
-            state.conv.normal_()
-            state.ssm.normal_()
+        self.ssm_kv.conv.normal_()
+        self.ssm_kv.ssm.normal_()
 
     def live_entries(self, next_positions: torch.Tensor) -> torch.Tensor:
         """[B]: entries the cache holds after ``next_positions`` tokens (what the last query saw)."""
@@ -148,9 +147,12 @@ class AttambaLayerCache:
         allowed = self.allowed(last[:, None])[:, 0]  # [B, total]
         return torch.where(next_positions > 0, allowed.sum(-1), 0)
 
+    def state_nbytes(self) -> int:
+        """Bytes of the K and V SSM states (conv taps and SSM state)."""
+        return self.ssm_kv.conv.nbytes + self.ssm_kv.ssm.nbytes
+
     def nbytes(self) -> int:
-        states = (self.ssm_k, self.ssm_v)
-        return self.k.nbytes + self.v.nbytes + sum(s.conv.nbytes + s.ssm.nbytes for s in states)
+        return self.k.nbytes + self.v.nbytes + self.state_nbytes()
 
 
 class AttambaCache(PositionedCache):
@@ -179,7 +181,7 @@ class AttambaCache(PositionedCache):
         total = 0
         for layer, entries in zip(self.layers, self.entries_per_layer()):
             per_entry = 2 * layer.k.shape[1] * layer.k.shape[3] * layer.k.element_size()
-            states = sum(s.conv.nbytes + s.ssm.nbytes for s in (layer.ssm_k, layer.ssm_v))
+            states = layer.state_nbytes()
             total += int(entries.sum()) * per_entry + states
         return total
 
@@ -258,8 +260,7 @@ def _prefill(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache, length
         x = x + attention.output(attended)
         x = x + layer.feed_forward(layer.ffn_norm(x))
         layer_cache.fill_from_prompt(k, v, lengths)
-        _copy_state(layer_cache.ssm_k, k_state)
-        _copy_state(layer_cache.ssm_v, v_state)
+        _copy_state(layer_cache.ssm_kv, paired_state(attention.ssm_k, k_state, v_state))
     cache.positions.add_(lengths)
     return model.output(model.norm(x))
 
@@ -276,10 +277,8 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
         h = layer.attention_norm(x)
         q = attention.queries(h, cos, sin)
         k_in, v_in = attention.ssm_inputs(h[:, 0])  # [B, E]
-        k_out, k_state = attention.ssm_k.step(k_in, layer_cache.ssm_k, segment_start)
-        v_out, v_state = attention.ssm_v.step(v_in, layer_cache.ssm_v, segment_start)
-        _copy_state(layer_cache.ssm_k, k_state)
-        _copy_state(layer_cache.ssm_v, v_state)
+        k_out, v_out, state = paired_step(attention.ssm_k, attention.ssm_v, k_in, v_in, layer_cache.ssm_kv, segment_start)
+        _copy_state(layer_cache.ssm_kv, state)
         k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)[:, None]), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out)[:, None])
         if layer_cache.compressed_slots:

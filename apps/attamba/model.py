@@ -39,7 +39,7 @@ from apps.attamba.chunking import (
     split_top_chunks,
     top_key_boundaries,
 )
-from apps.attamba.ssm import KVSSM
+from apps.attamba.ssm import KVSSM, paired_forward
 from lingua.transformer import TransformerBlock, TransformerLMBase, apply_rotary
 
 
@@ -96,8 +96,8 @@ class AttambaAttention(nn.Module):
     def keys_values(self, x: torch.Tensor, segment_start: torch.Tensor, max_segment_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, n, E] -> unrotated keys and values [B, n, E]."""
         k_in, v_in = self.ssm_inputs(x)
-        k = self.combine(k_in, self.ssm_k(k_in, segment_start, max_segment_len))
-        return k, self.combine(v_in, self.ssm_v(v_in, segment_start, max_segment_len))
+        k_out, v_out = paired_forward(self.ssm_k, self.ssm_v, k_in, v_in, segment_start, max_segment_len)
+        return self.combine(k_in, k_out), self.combine(v_in, v_out)
 
     def output(self, attended: torch.Tensor) -> torch.Tensor:
         """Attention output [B, H, n, d] -> [B, n, E]."""

@@ -8,7 +8,8 @@ Attamba feeds keys and values through two of these (DESIGN.md, "KV-SSM"):
     S_t = exp(dt_t A) S_{t-1} [t does not start a segment] + dt_t u_t ⊗ B_t;  y_t = S_t C_t + D u_t
     out = out_proj(RMSNorm(y * SiLU(z)))
 
-Three entry points share the parameters: :meth:`KVSSM.forward` (training, whole sequences),
+Three entry points share the parameters: :meth:`KVSSM.forward` (training, whole sequences;
+:func:`paired_forward` runs a layer's K and V SSMs together through one conv and one scan call),
 :meth:`KVSSM.forward_with_state` (prefill: also returns the state after the last token) and
 :meth:`KVSSM.step` (decode: one token from an :class:`SSMState`). The sequence operations come
 from a backend chosen by ``SSMArgs.impl``; every backend has the signatures of
@@ -178,6 +179,58 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@dataclass(frozen=True)
+class _ScanSizes:
+    """Widths of a KV-SSM's scan (or of two side by side): u is heads x head_dim, B and C are
+    groups x state_dim each."""
+
+    heads: int
+    head_dim: int
+    groups: int
+    state_dim: int
+
+    @staticmethod
+    def of(ssm: "KVSSM", copies: int = 1) -> "_ScanSizes":
+        return _ScanSizes(copies * ssm.heads, ssm.head_dim, copies * ssm.args.n_groups, ssm.args.state_dim)
+
+    def split_conv_output(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[..., channels] -> u [..., heads, head_dim], B and C [..., groups, state_dim]."""
+        bc = self.groups * self.state_dim
+        u, B, C = conv_out.split([self.heads * self.head_dim, bc, bc], dim=-1)
+        groups = (self.groups, self.state_dim)
+        return u.unflatten(-1, (self.heads, self.head_dim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
+
+
+def _recurrent_step(
+    conv_in: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor,
+    state: SSMState,
+    segment_start: Optional[torch.Tensor],
+    sizes: _ScanSizes,
+) -> tuple[torch.Tensor, SSMState]:
+    """The conv and the SSM recurrence for one token: conv inputs [B, channels], dt [B, heads]
+    (after the softplus) -> y [B, heads, head_dim] in the state's dtype, and the new state."""
+    if segment_start is not None:
+        state = state.reset(segment_start)
+    window = torch.cat([state.conv, conv_in.to(state.conv.dtype)[..., None]], dim=-1)  # [B, c, conv_size]
+    conv_out = F.silu((window * conv_weight).sum(-1) + conv_bias)
+    ssm_dtype = state.ssm.dtype
+    u, B, C = (t.to(ssm_dtype) for t in sizes.split_conv_output(conv_out))
+    # Heads of a group read the same B and C: view the heads as [groups, heads_per_group].
+    grouped = (sizes.groups, sizes.heads // sizes.groups)
+    decay = torch.exp(dt * A)  # [B, heads]
+    x = dt[..., None] * u  # [B, heads, head_dim]
+    ssm = (decay[..., None, None] * state.ssm).unflatten(1, grouped) + (
+        x.unflatten(1, grouped)[..., None] * B[:, :, None, None, :]
+    )  # [B, groups, heads_per_group, head_dim, state_dim]
+    y = torch.einsum("bgkps,bgs->bgkp", ssm, C).flatten(1, 2) + D.to(ssm_dtype)[:, None] * u
+    return y, SSMState(window[..., 1:], ssm.flatten(1, 2))
+
+
 class KVSSM(nn.Module):
     """Mamba2 mixer with segment resets, mapping [B, n, dim_in] to [B, n, dim_out]."""
 
@@ -232,12 +285,6 @@ class KVSSM(nn.Module):
         """in_proj output [..., width] -> z [..., hidden], conv inputs [..., conv_channels], dt [..., heads]."""
         return projected.split([self.hidden_dim, self.conv_channels, self.heads], dim=-1)
 
-    def _split_conv_output(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[..., conv_channels] -> u [..., heads, head_dim], B and C [..., groups, state_dim]."""
-        u, B, C = conv_out.split([self.hidden_dim, self.bc_dim, self.bc_dim], dim=-1)
-        groups = (self.args.n_groups, self.args.state_dim)
-        return u.unflatten(-1, (self.heads, self.head_dim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
-
     def _dt(self, dt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Raw dt [..., heads] -> softplus(dt + dt_bias) in ``dtype``."""
         dt = dt.to(dtype)
@@ -257,7 +304,7 @@ class KVSSM(nn.Module):
             segment_start = torch.zeros(batch, n, dtype=torch.bool, device=x.device)
         ssd, conv = load_backend(self.impl, x.device)
         z, conv_in, dt = self._split_projection(self.in_proj(x))
-        u, B, C = self._split_conv_output(F.silu(conv(conv_in, self.conv_weight, self.conv_bias, segment_start)))
+        u, B, C = _ScanSizes.of(self).split_conv_output(F.silu(conv(conv_in, self.conv_weight, self.conv_bias, segment_start)))
         state_dtype = _state_dtype(x.dtype)
         A = -torch.exp(self.A_log.to(state_dtype))
         result = ssd(u, self._dt(dt, state_dtype), A, B, C, self.D.to(state_dtype), segment_start,
@@ -302,21 +349,99 @@ class KVSSM(nn.Module):
         Rows with ``segment_start`` [B] True start a new segment: their state is zeroed before
         the token is read, so the token sees no earlier conv inputs and no earlier SSM state.
         """
-        if segment_start is not None:
-            state = state.reset(segment_start)
         z, conv_in, dt = self._split_projection(self.in_proj(x))
-        window = torch.cat([state.conv, conv_in.to(state.conv.dtype)[..., None]], dim=-1)  # [B, c, conv_size]
-        conv_out = (window * self.conv_weight).sum(-1) + self.conv_bias
-        u, B, C = self._split_conv_output(F.silu(conv_out).to(x.dtype))
-
         ssm_dtype = state.ssm.dtype
-        heads_per_group = self.heads // self.args.n_groups
-        B = B.to(ssm_dtype).repeat_interleave(heads_per_group, dim=1)  # [B, heads, state_dim]
-        C = C.to(ssm_dtype).repeat_interleave(heads_per_group, dim=1)
-        u = u.to(ssm_dtype)  # [B, heads, head_dim]
-        dt = self._dt(dt, ssm_dtype)  # [B, heads]
-        decay = torch.exp(dt * -torch.exp(self.A_log.to(ssm_dtype)))
-        ssm = decay[..., None, None] * state.ssm + (dt[..., None] * u)[..., None] * B[:, :, None, :]
-        y = torch.einsum("bhps,bhs->bhp", ssm, C) + self.D.to(ssm_dtype)[:, None] * u
-        out = self._output(y.flatten(-2).to(x.dtype), z)
-        return out, SSMState(window[..., 1:], ssm)
+        A = -torch.exp(self.A_log.to(ssm_dtype))
+        y, state = _recurrent_step(
+            conv_in, self._dt(dt, ssm_dtype), A, self.D, self.conv_weight, self.conv_bias, state, segment_start,
+            _ScanSizes.of(self),
+        )
+        return self._output(y.flatten(-2).to(x.dtype), z), state
+
+
+def paired_forward(
+    first: KVSSM,
+    second: KVSSM,
+    x_first: torch.Tensor,
+    x_second: torch.Tensor,
+    segment_start: Optional[torch.Tensor],
+    max_segment_len: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first(x_first, ...), second(x_second, ...))`` through one conv and one scan call.
+
+    An Attamba layer's K and V SSMs have the same shapes and reset at the same segment starts, so
+    their conv channels and scan heads can run side by side: the conv over [u₁, u₂, B₁, B₂, C₁, C₂]
+    with both weights, the scan over 2·heads heads (and 2·groups B/C groups, each still serving
+    the heads of its own SSM). Same result as two calls, with half the kernel launches and half the
+    host work per step: on the GPU a training step of the 60M model was host-bound, largely in
+    these calls.
+    """
+    _check_pair(first, second)
+    batch, n, _ = x_first.shape
+    if segment_start is None:
+        segment_start = torch.zeros(batch, n, dtype=torch.bool, device=x_first.device)
+    ssd, conv = load_backend(first.impl, x_first.device)
+    z_1, conv_in_1, dt_1 = first._split_projection(first.in_proj(x_first))
+    z_2, conv_in_2, dt_2 = second._split_projection(second.in_proj(x_second))
+    conv_in = _side_by_side(first, conv_in_1, conv_in_2, -1)
+    weight = _side_by_side(first, first.conv_weight, second.conv_weight, 0)
+    bias = _side_by_side(first, first.conv_bias, second.conv_bias, 0)
+    conv_out = F.silu(conv(conv_in, weight, bias, segment_start))
+    u, B, C = _ScanSizes.of(first, copies=2).split_conv_output(conv_out)
+    state_dtype = _state_dtype(x_first.dtype)
+    A = -torch.exp(torch.cat([first.A_log, second.A_log]).to(state_dtype))
+    dt = torch.cat([first._dt(dt_1, state_dtype), second._dt(dt_2, state_dtype)], dim=-1)
+    D = torch.cat([first.D, second.D]).to(state_dtype)
+    y = ssd(u, dt, A, B, C, D, segment_start, return_final_state=False, max_segment_len=max_segment_len)
+    y_1, y_2 = y.flatten(-2).chunk(2, dim=-1)
+    return first._output(y_1, z_1), second._output(y_2, z_2)
+
+
+def _side_by_side(first: KVSSM, a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """(u, B, C) channels of two KV-SSMs -> [u_a, u_b, B_a, B_b, C_a, C_b] along ``dim``."""
+    widths = [first.hidden_dim, first.bc_dim, first.bc_dim]
+    return torch.cat([part for pair in zip(a.split(widths, dim), b.split(widths, dim)) for part in pair], dim)
+
+
+def paired_state(first: KVSSM, state_1: SSMState, state_2: SSMState) -> SSMState:
+    """Two KV-SSMs' decode states as the one state :func:`paired_step` reads and returns."""
+    return SSMState(_side_by_side(first, state_1.conv, state_2.conv, 1), torch.cat([state_1.ssm, state_2.ssm], dim=1))
+
+
+def init_paired_state(first: KVSSM, batch: int, device, dtype) -> SSMState:
+    """Zero decode state of two KV-SSMs stepped together (twice the channels and heads of one)."""
+    single = first.init_state(batch, device, dtype)
+    return SSMState(single.conv.repeat(1, 2, 1), single.ssm.repeat(1, 2, 1, 1))
+
+
+def paired_step(
+    first: KVSSM,
+    second: KVSSM,
+    x_first: torch.Tensor,
+    x_second: torch.Tensor,
+    state: SSMState,
+    segment_start: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, SSMState]:
+    """``first.step`` and ``second.step`` for one token, as one recurrence over both (decode's
+    counterpart of :func:`paired_forward`): half the small kernels of two steps, which dominate
+    a decode step. ``state`` comes from :func:`init_paired_state` or :func:`paired_state`.
+    -> (first's y [B, dim_out], second's y, the new paired state)."""
+    _check_pair(first, second)
+    z_1, conv_in_1, dt_1 = first._split_projection(first.in_proj(x_first))
+    z_2, conv_in_2, dt_2 = second._split_projection(second.in_proj(x_second))
+    ssm_dtype = state.ssm.dtype
+    A = -torch.exp(torch.cat([first.A_log, second.A_log]).to(ssm_dtype))
+    dt = torch.cat([first._dt(dt_1, ssm_dtype), second._dt(dt_2, ssm_dtype)], dim=-1)
+    y, state = _recurrent_step(
+        _side_by_side(first, conv_in_1, conv_in_2, -1), dt, A, torch.cat([first.D, second.D]),
+        _side_by_side(first, first.conv_weight, second.conv_weight, 0),
+        _side_by_side(first, first.conv_bias, second.conv_bias, 0),
+        state, segment_start, _ScanSizes.of(first, copies=2),
+    )
+    y_1, y_2 = y.flatten(-2).to(x_first.dtype).chunk(2, dim=-1)
+    return first._output(y_1, z_1), second._output(y_2, z_2), state
+
+
+def _check_pair(first: KVSSM, second: KVSSM) -> None:
+    if first.impl != second.impl or first.in_proj.weight.shape != second.in_proj.weight.shape or first.args != second.args:
+        raise ValueError("a KV-SSM pair needs two KV-SSMs of the same shapes, settings and backend")

@@ -134,7 +134,10 @@ def test_cache_is_smaller_than_the_transformers():
     transformer = TransformerLM(TransformerArgs(n_layers=3, **SIZES))
     baseline = new_transformer_cache(transformer, 1, 256, "cpu", torch.float32)
     entry_bytes = 2 * 32 * 4  # k and v of width 32 in fp32
-    states = sum(s.conv.nbytes + s.ssm.nbytes for layer in cache.layers for s in (layer.ssm_k, layer.ssm_v))
+    ssm = model.layers[0].attention.ssm_k
+    # Per layer, K and V SSMs: conv taps [channels, conv_size - 1] and state [heads, head_dim, state_dim], fp32.
+    per_ssm = ssm.conv_channels * (ssm.args.conv_size - 1) + ssm.heads * ssm.head_dim * ssm.args.state_dim
+    states = 3 * 2 * per_ssm * 4
     # Allocated: 32 compressed slots, 1 trash slot and a ring of 16 per layer.
     assert cache.nbytes() == 3 * (32 + 1 + 16) * entry_bytes + states
     assert baseline.nbytes() == 3 * 256 * entry_bytes
