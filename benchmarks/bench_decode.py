@@ -11,8 +11,14 @@ Reports decode tokens/s (B tokens per step), ms per step, the cache's allocated 
 live bytes (the DESIGN count: n/P + L entries per layer plus SSM states for Attamba, n for the
 transformer), and peak GPU memory. A configuration that runs out of memory is reported as OOM.
 
+Each configuration runs in a process of its own (``--timeout`` seconds at most), and its row is
+printed as soon as it is measured: a crash, a hang or a time limit costs that row only (a compile
+mode run once died of heap corruption and took every result with it). ``--in-process`` runs all
+in this process.
+
     python benchmarks/bench_decode.py [--contexts 4096 32768 131072] [--batches 1 16]
         [--steps 64] [--dtype bfloat16] [--modes cuda_graph compile] [--out results.json]
+        [--timeout 240] [--in-process]
 
 Needs CUDA; on CPU it says so and exits with status 0.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -104,17 +111,35 @@ def run_one(name: str, context: int, batch: int, steps: int, dtype: torch.dtype,
         return Measurement(name, context, batch, mode, None, None, None, None, None, note="OOM")
 
 
+def run_isolated(name: str, context: int, batch: int, steps: int, dtype: str, mode: str, timeout: float) -> Measurement:
+    """One configuration in a child process; a crash or a hang becomes the row's note."""
+    command = [sys.executable, __file__, "--one", name, str(context), str(batch), mode, "--steps", str(steps), "--dtype", dtype]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Measurement(name, context, batch, mode, None, None, None, None, None, note=f"timed out after {timeout:.0f} s")
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return Measurement(**json.loads(line[len(RESULT_PREFIX):]))
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
+    return Measurement(name, context, batch, mode, None, None, None, None, None, note=f"exit {done.returncode}: {last}")
+
+
+RESULT_PREFIX = "RESULT "
+
+
 def gib(value: Optional[int]) -> str:
     return f"{value / 2**30:9.3f}" if value is not None else f"{'-':>9}"
 
 
-def print_table(rows: list[Measurement]) -> None:
-    print(f"{'model':<12}{'context':>9}{'batch':>6}{'mode':>12}{'tok/s':>12}{'ms/step':>9}"
+HEADER = (f"{'model':<12}{'context':>9}{'batch':>6}{'mode':>12}{'tok/s':>12}{'ms/step':>9}"
           f"{'cache GiB':>10}{'live GiB':>10}{'peak GiB':>10}  note")
-    for r in rows:
-        speed = f"{r.tokens_per_second:12.1f}{r.ms_per_step:9.3f}" if r.tokens_per_second else f"{'-':>12}{'-':>9}"
-        print(f"{r.model:<12}{r.context:>9}{r.batch:>6}{r.mode:>12}{speed}"
-              f"{gib(r.cache_bytes)} {gib(r.live_cache_bytes)} {gib(r.peak_memory_bytes)}  {r.note}")
+
+
+def format_row(r: Measurement) -> str:
+    speed = f"{r.tokens_per_second:12.1f}{r.ms_per_step:9.3f}" if r.tokens_per_second else f"{'-':>12}{'-':>9}"
+    return (f"{r.model:<12}{r.context:>9}{r.batch:>6}{r.mode:>12}{speed}"
+            f"{gib(r.cache_bytes)} {gib(r.live_cache_bytes)} {gib(r.peak_memory_bytes)}  {r.note}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -126,22 +151,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--modes", nargs="+", default=["cuda_graph", "compile"], choices=["cuda_graph", "compile", "eager"])
     parser.add_argument("--out", type=Path, help="also write the measurements as JSON")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per configuration (isolated runs)")
+    parser.add_argument("--in-process", action="store_true", help="run every configuration in this process")
+    parser.add_argument("--one", nargs=4, metavar=("MODEL", "CONTEXT", "BATCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode: needs CUDA (decode speed on CPU is not what this measures); skipping.")
         return 0
+    if args.one:  # a child of run_isolated
+        name, context, batch, mode = args.one
+        row = run_one(name, int(context), int(batch), args.steps, DTYPES[args.dtype], mode)
+        print(RESULT_PREFIX + json.dumps(asdict(row)), flush=True)
+        return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}")
     print("caches are filled with random entries laid out as an n-token prefill would leave them (no prefill run)")
+    print(HEADER, flush=True)
     rows = []
     for mode in args.modes:
         for context in args.contexts:
             for batch in args.batches:
                 for name in args.models:
-                    rows.append(run_one(name, context, batch, args.steps, DTYPES[args.dtype], mode))
-                    print(f"  done: {name} n={context} B={batch} {mode} {rows[-1].note}", flush=True)
-    print_table(rows)
-    if args.out:
-        args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+                    if args.in_process:
+                        row = run_one(name, context, batch, args.steps, DTYPES[args.dtype], mode)
+                    else:
+                        row = run_isolated(name, context, batch, args.steps, args.dtype, mode, args.timeout)
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+                    if args.out:  # rewritten after every row, so that a cut-short run keeps what it measured
+                        args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    print("\n" + HEADER)
+    for row in rows:
+        print(format_row(row))
     return 0
 
 
