@@ -343,10 +343,22 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, args: EvalArgs) -> dict[str, d
         bootstrap_iters=args.bootstrap_iters,
         log_samples=False,
     )
-    return {
+    # Every rank ran every request (the LM reports rank 0 of 1, so under FSDP all ranks make the
+    # same forward passes), but under torchrun lm-eval returns results on local rank 0 only.
+    scores = None if results is None else {
         task: {key: float(value) for key, value in metrics.items() if "," in key and isinstance(value, (int, float))}
         for task, metrics in results["results"].items()
     }
+    return _from_rank_zero(scores)
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (unchanged in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @torch.no_grad()

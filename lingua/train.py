@@ -57,7 +57,8 @@ class TrainArgs:
     gc_every: int = 1000
     """Run Python's garbage collector every this many steps (automatic collection is off)."""
     eval_every: int = 0
-    """Evaluate (lm-eval tasks and validation perplexity, see `eval`) every this many steps; 0 = off."""
+    """Evaluate (lm-eval tasks and validation perplexity, see `eval`) every this many steps; 0 = off.
+    Under torchrun every rank evaluates every example (the same numbers; rank 0 writes them)."""
     eval_at_end: bool = True
     export_at_end: bool = True
     """Write a consolidated safetensors export to <dump_dir>/export at the end."""
@@ -253,7 +254,8 @@ def train(args: TrainArgs) -> dict:
 
 
 class _Evaluator:
-    """Periodic evaluation on rank 0 of a single-process run."""
+    """Periodic evaluation. Every rank evaluates (under FSDP each forward pass gathers the
+    parameters from all ranks, so all must run the same passes); rank 0 writes the results."""
 
     def __init__(self, args: TrainArgs, tokenizer, run_dir: Path, env: distributed.DistEnv):
         self.args, self.tokenizer, self.run_dir, self.env = args, tokenizer, run_dir, env
@@ -261,15 +263,13 @@ class _Evaluator:
     def run(self, model: torch.nn.Module, step: int) -> Optional[dict]:
         from lingua.eval import run_evaluation
 
-        results = None
-        if self.env.is_main and not self.env.is_distributed:
-            # run_evaluation switches the model to eval mode (eval-time chunking) and back.
-            with torch.no_grad():
-                results = run_evaluation(model, self.tokenizer, self.args.eval, step, str(self.run_dir))
-        elif self.env.is_main:
-            logger.warning("evaluation inside a multi-process run is skipped: run apps.<app>.eval on the checkpoint")
+        # run_evaluation switches the model to eval mode (eval-time chunking) and back. Each rank
+        # evaluates every example: simple, and the same numbers everywhere; sharding the
+        # examples across ranks would divide the time.
+        with torch.no_grad():
+            results = run_evaluation(model, self.tokenizer, self.args.eval, step, str(self.run_dir))
         distributed.barrier()
-        return results
+        return results if self.env.is_main else None
 
 
 def main(argv: Optional[Sequence[str]] = None, default_model_type: str = "attamba") -> None:

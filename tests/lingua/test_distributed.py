@@ -54,3 +54,31 @@ def test_training_loop_under_torchrun_with_fsdp_checkpoints_and_resumes(tmp_path
     _torchrun(*common, "steps=4", "export_at_end=false")
     steps = [json.loads(line)["global_step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], "the second launch resumed at step 2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_periodic_evaluation_under_torchrun_matches_one_process(tmp_path, parallelism):
+    from lingua.eval import EvalArgs, EvalRunArgs, load_model, run_evaluation
+    from tests.lingua.test_eval import write_wikitext
+    from tests.lingua.train_helpers import write_corpus
+
+    corpus = write_corpus(tmp_path / "data")
+    held = write_corpus(tmp_path / "held", documents=12, seed=1)
+    wiki = write_wikitext(tmp_path / "wiki.test.tokens")
+    run = tmp_path / "run"
+    _torchrun(
+        "-m", "apps.main.train", f"dump_dir={run}", "model.dim=32", "model.n_layers=2", "model.n_heads=2",
+        "model.vocab_size=258", "model.max_seqlen=32", f"data.sources={{{corpus}: 1.0}}", "data.seq_len=32",
+        "data.batch_size=2", "steps=4", "eval_every=2", "eval_at_end=true", "device=cpu",
+        f"distributed.parallelism={parallelism}", f"eval.val_sources={{held: {held}}}", "eval.batch_size=2", "eval.tasks=[wikitext_local]", f"eval.wikitext_path={wiki}",
+    )
+    records = [json.loads(line) for line in (run / "metrics.eval.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records] == [2, 4], "one record per evaluation (rank 0 writes)"
+    # The last evaluation saw the final weights: the same number as one process evaluating the export.
+    eval_args = EvalArgs(tasks=["wikitext_local"], wikitext_path=str(wiki), val_sources={"held": str(held)}, batch_size=2)
+    model, tokenizer, _ = load_model(EvalRunArgs(ckpt=str(run), device="cpu", eval=eval_args))
+    expected = run_evaluation(model, tokenizer, eval_args, 4, None)
+    assert records[-1]["val/held/ppl"] == pytest.approx(expected["val/held/ppl"], rel=1e-4)
+    word_perplexity = "word_perplexity,none"
+    assert records[-1]["wikitext_local"][word_perplexity] == pytest.approx(expected["wikitext_local"][word_perplexity], rel=1e-4)
