@@ -6,7 +6,9 @@
 # of pairs.
 #
 #   OUT=/tmp/q QUALITY_STEPS=300 RECALL_STEPS=1500 bash scripts/device_quality.sh
-# QUALITY_MODELS and RECALL_MODELS pick the models (default: all of them).
+# QUALITY_MODELS and RECALL_MODELS pick the models (default: all of them); QUALITY_EXTRA and
+# RECALL_EXTRA add overrides (space-separated), e.g. the easier recall setting:
+#   RECALL_EXTRA=config=configs/recall_easy.yaml
 # Eager by default: compiling the 60M Attamba takes minutes (one compile per layer, as each layer
 # has its own cyclic offset), more than a few hundred eager steps cost. QUALITY_COMPILE=true compiles.
 set -u
@@ -51,6 +53,6 @@ declare -A recall_config=(
   [mamba]=apps/mamba/configs/recall_mamba.yaml
 )
 for model in ${RECALL_MODELS:-transformer attamba mamba}; do
-  run recall $model "${recall_config[$model]}" "$RECALL_STEPS" optim.warmup=100 logging.freq=250
+  run recall $model "${recall_config[$model]}" "$RECALL_STEPS" optim.warmup=100 logging.freq=250 ${RECALL_EXTRA:-}
 done
 cat "$OUT"/quality.txt "$OUT"/recall.txt 2>/dev/null

@@ -100,3 +100,17 @@ def test_recall_configs_load_and_have_matched_sizes():
         assert args.model.max_seqlen >= max(s.seq_len for s in args.eval.recall.test)
         sizes[raw.model_type] = get_model_spec(raw.model_type).build(args.model).num_params(exclude_embeddings=True)
     assert sizes["attamba"] == pytest.approx(sizes["transformer"], rel=0.02)
+
+
+@pytest.mark.parametrize("config", [
+    "apps/attamba/configs/recall_attamba_p8.yaml", "apps/main/configs/recall_transformer.yaml", "apps/mamba/configs/recall_mamba.yaml",
+])
+def test_the_easy_recall_overlay_layers_on_every_recall_config(config):
+    from lingua.train import load_train_args
+
+    root = Path(__file__).resolve().parents[2]
+    args = load_train_args([f"config={root / config}", f"config={root / 'configs/recall_easy.yaml'}"], "attamba")
+    assert args.model.vocab_size == args.data.recall.vocab_size == args.eval.recall.vocab_size == 512
+    assert [(s.seq_len, s.num_kv_pairs) for s in args.data.recall.train] == [(64, 4)] == [(s.seq_len, s.num_kv_pairs) for s in args.eval.recall.test]
+    assert args.data.seq_len == 64 and args.optim.lr == 3e-3
+    assert args.model.dim == 128  # the recall config's model survives the overlay
