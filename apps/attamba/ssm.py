@@ -376,25 +376,51 @@ def paired_forward(
     host work per step: on the GPU a training step of the 60M model was host-bound, largely in
     these calls.
     """
-    _check_pair(first, second)
     batch, n, _ = x_first.shape
     if segment_start is None:
         segment_start = torch.zeros(batch, n, dtype=torch.bool, device=x_first.device)
     ssd, conv = load_backend(first.impl, x_first.device)
-    z_1, conv_in_1, dt_1 = first._split_projection(first.in_proj(x_first))
-    z_2, conv_in_2, dt_2 = second._split_projection(second.in_proj(x_second))
-    conv_in = _side_by_side(first, conv_in_1, conv_in_2, -1)
-    weight = _side_by_side(first, first.conv_weight, second.conv_weight, 0)
-    bias = _side_by_side(first, first.conv_bias, second.conv_bias, 0)
-    conv_out = F.silu(conv(conv_in, weight, bias, segment_start))
+    pair = _PairInputs.of(first, second, x_first, x_second, _state_dtype(x_first.dtype))
+    conv_out = F.silu(conv(pair.conv_in, pair.conv_weight, pair.conv_bias, segment_start))
     u, B, C = _ScanSizes.of(first, copies=2).split_conv_output(conv_out)
-    state_dtype = _state_dtype(x_first.dtype)
-    A = -torch.exp(torch.cat([first.A_log, second.A_log]).to(state_dtype))
-    dt = torch.cat([first._dt(dt_1, state_dtype), second._dt(dt_2, state_dtype)], dim=-1)
-    D = torch.cat([first.D, second.D]).to(state_dtype)
-    y = ssd(u, dt, A, B, C, D, segment_start, return_final_state=False, max_segment_len=max_segment_len)
-    y_1, y_2 = y.flatten(-2).chunk(2, dim=-1)
-    return first._output(y_1, z_1), second._output(y_2, z_2)
+    y = ssd(u, pair.dt, pair.A, B, C, pair.D, segment_start, return_final_state=False, max_segment_len=max_segment_len)
+    return pair.outputs(first, second, y.flatten(-2))
+
+
+@dataclass
+class _PairInputs:
+    """What the conv and scan of two KV-SSMs side by side read, plus each SSM's gate z."""
+
+    z: tuple[torch.Tensor, torch.Tensor]
+    conv_in: torch.Tensor
+    """[..., 2·channels] in the side-by-side order [u₁, u₂, B₁, B₂, C₁, C₂]."""
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor
+    dt: torch.Tensor
+    """[..., 2·heads], after the softplus."""
+    A: torch.Tensor
+    D: torch.Tensor
+
+    @staticmethod
+    def of(first: KVSSM, second: KVSSM, x_first: torch.Tensor, x_second: torch.Tensor, dtype: torch.dtype) -> "_PairInputs":
+        """Both in_proj's, then side by side; dt, A and D in ``dtype`` (the scan's)."""
+        _check_pair(first, second)
+        z_1, conv_in_1, dt_1 = first._split_projection(first.in_proj(x_first))
+        z_2, conv_in_2, dt_2 = second._split_projection(second.in_proj(x_second))
+        return _PairInputs(
+            z=(z_1, z_2),
+            conv_in=_side_by_side(first, conv_in_1, conv_in_2, -1),
+            conv_weight=_side_by_side(first, first.conv_weight, second.conv_weight, 0),
+            conv_bias=_side_by_side(first, first.conv_bias, second.conv_bias, 0),
+            dt=torch.cat([first._dt(dt_1, dtype), second._dt(dt_2, dtype)], dim=-1),
+            A=-torch.exp(torch.cat([first.A_log, second.A_log]).to(dtype)),
+            D=torch.cat([first.D, second.D]).to(dtype),
+        )
+
+    def outputs(self, first: KVSSM, second: KVSSM, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scan output [..., 2·hidden] (both SSMs' y side by side) -> each SSM's output."""
+        y_1, y_2 = y.chunk(2, dim=-1)
+        return first._output(y_1, self.z[0]), second._output(y_2, self.z[1])
 
 
 def _side_by_side(first: KVSSM, a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -426,20 +452,12 @@ def paired_step(
     counterpart of :func:`paired_forward`): half the small kernels of two steps, which dominate
     a decode step. ``state`` comes from :func:`init_paired_state` or :func:`paired_state`.
     -> (first's y [B, dim_out], second's y, the new paired state)."""
-    _check_pair(first, second)
-    z_1, conv_in_1, dt_1 = first._split_projection(first.in_proj(x_first))
-    z_2, conv_in_2, dt_2 = second._split_projection(second.in_proj(x_second))
-    ssm_dtype = state.ssm.dtype
-    A = -torch.exp(torch.cat([first.A_log, second.A_log]).to(ssm_dtype))
-    dt = torch.cat([first._dt(dt_1, ssm_dtype), second._dt(dt_2, ssm_dtype)], dim=-1)
+    pair = _PairInputs.of(first, second, x_first, x_second, state.ssm.dtype)
     y, state = _recurrent_step(
-        _side_by_side(first, conv_in_1, conv_in_2, -1), dt, A, torch.cat([first.D, second.D]),
-        _side_by_side(first, first.conv_weight, second.conv_weight, 0),
-        _side_by_side(first, first.conv_bias, second.conv_bias, 0),
-        state, segment_start, _ScanSizes.of(first, copies=2),
+        pair.conv_in, pair.dt, pair.A, pair.D, pair.conv_weight, pair.conv_bias, state, segment_start,
+        _ScanSizes.of(first, copies=2),
     )
-    y_1, y_2 = y.flatten(-2).to(x_first.dtype).chunk(2, dim=-1)
-    return first._output(y_1, z_1), second._output(y_2, z_2), state
+    return (*pair.outputs(first, second, y.flatten(-2).to(x_first.dtype)), state)
 
 
 def _check_pair(first: KVSSM, second: KVSSM) -> None:
