@@ -286,6 +286,14 @@ class LinguaLM(_LMBase):
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         from lingua.generate import GenerateArgs, generate_text  # only generation tasks need it
 
+        if is_sharded(self.model):
+            # The caches call a block's pieces one by one, outside the block's forward, where
+            # FSDP would gather their sharded parameters.
+            raise GenerationUnderFSDPError(
+                "generation tasks cannot run on an FSDP-sharded model during training; evaluate the "
+                "checkpoint with python -m apps.<app>.eval (or train with distributed.parallelism=ddp)"
+            )
+
         # Requests with the same settings are generated together, batch_size prompts at a time.
         groups: dict[tuple, list[int]] = {}
         for index, request in enumerate(requests):
@@ -442,6 +450,17 @@ def run_evaluation(model: nn.Module, tokenizer: Any, args: EvalArgs, step: int, 
         with open(Path(dump_dir) / "metrics.eval.jsonl", "a") as out:
             out.write(json.dumps(record) + "\n")
     return record
+
+
+class GenerationUnderFSDPError(NotImplementedError):
+    """A generation task met a model whose parameters FSDP has sharded."""
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 holds ``model``'s parameters as sharded DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -266,8 +266,16 @@ class _Evaluator:
         # run_evaluation switches the model to eval mode (eval-time chunking) and back. Each rank
         # evaluates every example: simple, and the same numbers everywhere; sharding the
         # examples across ranks would divide the time.
-        with torch.no_grad():
-            results = run_evaluation(model, self.tokenizer, self.args.eval, step, str(self.run_dir))
+        from lingua.eval import GenerationUnderFSDPError
+
+        results = None
+        try:
+            with torch.no_grad():
+                results = run_evaluation(model, self.tokenizer, self.args.eval, step, str(self.run_dir))
+        except GenerationUnderFSDPError as error:
+            # Every rank meets it at the same request, so training can go on without the results.
+            if self.env.is_main:
+                logger.error("step %d: evaluation skipped: %s", step, error)
         distributed.barrier()
         return results if self.env.is_main else None
 

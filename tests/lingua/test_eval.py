@@ -16,7 +16,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer  # noqa: E402
 
-from lingua.eval import EvalArgs, check_ready, LinguaLM, main, rolling_windows, run_evaluation, task_manager  # noqa: E402
+from lingua.eval import EvalArgs, GenerationUnderFSDPError, LinguaLM, check_ready, is_sharded, main, rolling_windows, run_evaluation, task_manager  # noqa: E402
 from lingua.lm_eval_tasks.wikitext_local import utils as wikitext_utils  # noqa: E402
 from lingua.registry import get_model_spec  # noqa: E402
 from lingua.tokenizer import ByteTokenizer  # noqa: E402
@@ -241,3 +241,22 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string():
     expected = tokenizer.decode(new_ids[: new_ids.index(tokenizer.eos_id)] if tokenizer.eos_id in new_ids else new_ids)
     assert full == expected
     assert cut == expected[: expected.index(stop)]
+
+
+def test_generation_on_an_fsdp_sharded_model_is_a_clear_error(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model, tokenizer = tiny_model(max_seqlen=64), ByteTokenizer()
+        assert not is_sharded(model)
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert is_sharded(model)
+        request = Instance("generate_until", {}, ("Once upon", {"until": [], "max_gen_toks": 2}), 0)
+        with pytest.raises(GenerationUnderFSDPError, match="apps.<app>.eval"):
+            LinguaLM(model, tokenizer).generate_until([request])
+    finally:
+        dist.destroy_process_group()

@@ -109,3 +109,18 @@ def test_export_loads_for_inference_and_matches(tmp_path, corpus):
     assert args.model.dim == 32
     with torch.no_grad():
         torch.testing.assert_close(from_export(tokens), from_checkpoint(tokens), rtol=0, atol=0)
+
+
+def test_periodic_evaluation_survives_a_generation_task_on_a_sharded_model(tmp_path, corpus, monkeypatch, caplog):
+    import lingua.eval
+    from lingua import distributed
+
+    def sharded_generation(*args, **kwargs):
+        raise lingua.eval.GenerationUnderFSDPError("generation tasks cannot run on an FSDP-sharded model")
+
+    monkeypatch.setattr(lingua.eval, "run_evaluation", sharded_generation)
+    args = tiny_args(tmp_path / "run", corpus)
+    env = distributed.DistEnv(0, 0, 1, torch.device("cpu"))
+    evaluator = train_module._Evaluator(args, None, tmp_path / "run", env)
+    assert evaluator.run(torch.nn.Linear(1, 1), 5) is None
+    assert "step 5: evaluation skipped" in caplog.text
