@@ -109,6 +109,9 @@ def main() -> None:
     if device.type == "cuda":
         print(averages.table(sort_by="self_cuda_time_total", row_limit=options.rows, max_name_column_width=70))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=options.cpu_rows, max_name_column_width=70))
+    # Kernel time per step against the step's wall time: a large gap means the host is the limit.
+    gpu_ms = sum(event.self_device_time_total for event in averages) / 1e3 / options.profile_steps
+    print(f"GPU (kernel) time per step {gpu_ms:.2f} ms of a {ms:.2f} ms step (profiled steps are slower)")
 
 
 if __name__ == "__main__":
