@@ -6,7 +6,8 @@ Per layer (DESIGN.md, "Inference cache"):
   RoPE;
 - a ring of the most recent (k, v): the last L positions, or with ``leading_tokens: chunk`` the
   current partial chunk (the ring holds the longest chunk; older entries are masked);
-- the K- and V-SSM states (conv tail and state per head), which reset after every boundary.
+- the K- and V-SSM states (conv tail and state per head), which reset after every boundary; they
+  are kept side by side in one state, which one recurrence steps (``ssm.paired_step``).
 
 A decode step at position t computes k_t, v_t by one SSM step, moves the position e leaving the
 window (t - L, or t - 1 when t starts a new chunk) from the ring to the compressed list iff e is
