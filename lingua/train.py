@@ -58,7 +58,8 @@ class TrainArgs:
     """Run Python's garbage collector every this many steps (automatic collection is off)."""
     eval_every: int = 0
     """Evaluate (lm-eval tasks and validation perplexity, see `eval`) every this many steps; 0 = off.
-    Under torchrun every rank evaluates every example (the same numbers; rank 0 writes them)."""
+    Under torchrun every rank evaluates every example (the same numbers; rank 0 writes them).
+    Compiled blocks run eagerly during evaluation (no recompiles for eval mode or new shapes)."""
     eval_at_end: bool = True
     export_at_end: bool = True
     """Write a consolidated safetensors export to <dump_dir>/export at the end."""
@@ -261,16 +262,16 @@ class _Evaluator:
         self.args, self.tokenizer, self.run_dir, self.env = args, tokenizer, run_dir, env
 
     def run(self, model: torch.nn.Module, step: int) -> Optional[dict]:
-        from lingua.eval import run_evaluation
+        from lingua.eval import GenerationUnderFSDPError, run_evaluation
 
         # run_evaluation switches the model to eval mode (eval-time chunking) and back. Each rank
         # evaluates every example: simple, and the same numbers everywhere; sharding the
-        # examples across ranks would divide the time.
-        from lingua.eval import GenerationUnderFSDPError
-
+        # examples across ranks would divide the time. Compiled blocks run eagerly here: eval
+        # mode and evaluation's batch shapes would each recompile every block (minutes for
+        # Attamba, whose layers compile separately) and use up dynamo's recompile limit.
         results = None
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 results = run_evaluation(model, self.tokenizer, self.args.eval, step, str(self.run_dir))
         except GenerationUnderFSDPError as error:
             # Every rank meets it at the same request, so training can go on without the results.

@@ -124,3 +124,34 @@ def test_periodic_evaluation_survives_a_generation_task_on_a_sharded_model(tmp_p
     evaluator = train_module._Evaluator(args, None, tmp_path / "run", env)
     assert evaluator.run(torch.nn.Linear(1, 1), 5) is None
     assert "step 5: evaluation skipped" in caplog.text
+
+
+@pytest.mark.parametrize("model_type", ["transformer", "attamba"])
+def test_periodic_evaluation_runs_compiled_blocks_eagerly(tmp_path, corpus, model_type):
+    """Eval mode and evaluation's shapes would recompile every compiled block; evaluation runs
+    them eagerly instead, with the same weights."""
+    import math
+
+    from torch._dynamo.utils import counters
+
+    from lingua import distributed
+    from lingua.registry import get_model_spec
+    from lingua.tokenizer import build_tokenizer
+
+    args = tiny_args(tmp_path / "run", corpus, "eval.tasks=[]", f"eval.val_sources={{held: {corpus}}}", "eval.batch_size=3",
+                     model_type=model_type)
+    torch.manual_seed(0)
+    model = get_model_spec(model_type).build(args.model)
+    model.init_weights()
+    tokenizer = build_tokenizer(args.data.tokenizer)
+    env = distributed.DistEnv(0, 0, 1, torch.device("cpu"))
+    evaluator = train_module._Evaluator(args, tokenizer, tmp_path / "run", env)
+    eager_ppl = evaluator.run(model, 1)["val/held/ppl"]
+
+    for index, block in enumerate(model.layers):
+        model.layers[index] = torch.compile(block, backend="eager", dynamic=False)
+    model(torch.randint(0, args.model.vocab_size, (2, 32)))  # training-mode graphs
+    graphs = counters["stats"]["unique_graphs"]
+    ppl = evaluator.run(model, 2)["val/held/ppl"]
+    assert counters["stats"]["unique_graphs"] == graphs, "evaluation compiled new graphs"
+    assert math.isfinite(ppl) and ppl == pytest.approx(eager_ppl, rel=1e-5)
