@@ -84,6 +84,8 @@ def init_distributed(args: DistributedArgs, device: str = "auto") -> DistEnv:
 
 
 def destroy_distributed() -> None:
+    global _HOST_GROUP
+    _HOST_GROUP = None  # destroyed with the default group
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -107,6 +109,22 @@ def all_reduce_mean(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     tensor = tensor.clone()
     dist.all_reduce(tensor)
     return tensor / env.world_size
+
+
+_HOST_GROUP = None
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """Whether ``flag`` is True on any rank: the same answer everywhere. Voted on the host (a gloo
+    group made on first use by every rank), so it waits for no GPU work."""
+    if not env.is_distributed:
+        return flag
+    global _HOST_GROUP
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    vote = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return bool(vote.item())
 
 
 def resolve_parallelism(args: DistributedArgs, env: DistEnv) -> str:

@@ -230,15 +230,18 @@ def train(args: TrainArgs) -> dict:
                 logger.info(format_line(record))
                 throughput.reset()
 
-            evaluated = args.eval_every > 0 and step % args.eval_every == 0 and step < args.steps
+            # Saving, evaluating and FSDP are collective: every rank must stop at the same step,
+            # even when the signal reached the ranks at different times.
+            stopping = distributed.any_rank(preemption.requested, env)
+            evaluated = args.eval_every > 0 and step % args.eval_every == 0 and step < args.steps and not stopping
             if evaluated:
                 evaluator.run(distributed.unwrap(model), step)
                 throughput.reset()  # keep evaluation time out of tokens/s
-            if (args.checkpoint.every and step % args.checkpoint.every == 0 and step < args.steps) or preemption.requested:
+            if (args.checkpoint.every and step % args.checkpoint.every == 0 and step < args.steps) or stopping:
                 save()
             if evaluated and args.checkpoint.keep_eval != 0:
                 save(is_eval=True)
-            if preemption.requested:
+            if stopping:
                 logger.warning("preempted: checkpoint saved at step %d, exiting", step)
                 return {"step": step, "loss": last_loss, "nan_steps": nan_steps, "preempted": True}
         save()

@@ -82,3 +82,20 @@ def test_periodic_evaluation_under_torchrun_matches_one_process(tmp_path, parall
     assert records[-1]["val/held/ppl"] == pytest.approx(expected["val/held/ppl"], rel=1e-4)
     word_perplexity = "word_perplexity,none"
     assert records[-1]["wikitext_local"][word_perplexity] == pytest.approx(expected["wikitext_local"][word_perplexity], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    from tests.lingua.train_helpers import write_corpus
+
+    corpus = write_corpus(tmp_path / "data")
+    run = tmp_path / "run"
+    result = _torchrun(
+        str(ROOT / "tests" / "lingua" / "preempt_worker.py"), f"dump_dir={run}", "model.dim=32", "model.n_layers=2",
+        "model.n_heads=2", "model.vocab_size=258", "model.max_seqlen=32", f"data.sources={{{corpus}: 1.0}}",
+        "data.seq_len=32", "data.batch_size=2", "steps=6", "logging.freq=1", "eval_at_end=false",
+        "export_at_end=false", "device=cpu", "distributed.parallelism=fsdp",
+    )
+    assert "rank 0 stopped at step 2 preempted=True" in result.stdout
+    assert "rank 1 stopped at step 2 preempted=True" in result.stdout
+    assert sorted(p.name for p in (run / "checkpoints" / "0000000002").glob("train_state_*.pt")) == ["train_state_0.pt", "train_state_1.pt"]
