@@ -256,7 +256,7 @@ def _prefill(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache, length
         k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out))
         attended = attamba_attention(
-            q, k, v, boundaries, cache.leading_tokens, None, attention.impl, causal=cache.pseudo_chunk
+            q, k, v, boundaries, cache.leading_tokens, None, model.args.attn_impl, causal=cache.pseudo_chunk
         )
         x = x + attention.output(attended)
         x = x + layer.feed_forward(layer.ffn_norm(x))

@@ -65,7 +65,6 @@ class AttambaAttention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.head_dim = args.n_heads, args.head_dim
-        self.impl = args.attn_impl
         self.residual_ssm = args.residual_ssm
         self.wq = nn.Linear(args.dim, args.dim, bias=False)
         self.wk = nn.Linear(args.dim, args.dim, bias=False) if args.kv_proj else None
@@ -193,14 +192,13 @@ class AttambaLM(TransformerLMBase):
         size = chunking.chunk_size(n)
         return bool(seeded_random_boundaries(max(n, t + 1), size, self.args.random_seed, layer).is_boundary[0, t])
 
-    def _plan(self, layer_id: int, boundaries: LayerBoundaries, doc_ids, batch: int, causal: bool = False) -> LayerPlan:
-        """Segment starts and attention masks of ``layer_id`` (the layers after it share them in fattn/fssm)."""
+    def _plan(self, boundaries: LayerBoundaries, doc_ids, batch: int, causal: bool = False) -> LayerPlan:
+        """A layer's segment starts and attention masks, from its boundaries."""
         starts = segment_starts(boundaries.is_boundary, doc_ids).expand(batch, -1)
         leading_tokens = self.chunking.leading_tokens
         causal = causal or self.args.pseudo_chunk
         n = boundaries.is_boundary.shape[1]
-        impl = self.layers[layer_id].attention.impl
-        attention = prepare_attention(boundaries, leading_tokens, doc_ids, n, batch, impl, causal)
+        attention = prepare_attention(boundaries, leading_tokens, doc_ids, n, batch, self.args.attn_impl, causal)
         return LayerPlan(boundaries, starts, leading_tokens, attention, self._segment_bound(boundaries, n))
 
     def _segment_bound(self, boundaries: LayerBoundaries, n: int) -> Optional[int]:
@@ -223,7 +221,7 @@ class AttambaLM(TransformerLMBase):
         else:
             for layer_id, layer in enumerate(self.layers):
                 boundaries = self.layer_boundaries(layer_id, n, batch, tokens.device)
-                x = layer(x, cos, sin, doc_ids, self._plan(layer_id, boundaries, doc_ids, batch))
+                x = layer(x, cos, sin, doc_ids, self._plan(boundaries, doc_ids, batch))
         return self.output(self.norm(x))
 
     def _forward_attention_chosen(self, x, cos, sin, doc_ids) -> torch.Tensor:
@@ -234,13 +232,13 @@ class AttambaLM(TransformerLMBase):
         uniform = periodic_boundaries(n, size, 0, x.device)
         fattn = chunking.strategy == "fattn"
         # fattn's layer 0 attends in full; fssm's attends like any Attamba layer with uniform chunks.
-        x, key_mass = self.layers[0](x, cos, sin, doc_ids, self._plan(0, uniform, doc_ids, batch, causal=fattn), need_key_mass=True)
+        x, key_mass = self.layers[0](x, cos, sin, doc_ids, self._plan(uniform, doc_ids, batch, causal=fattn), need_key_mass=True)
         if fattn:
             chosen = top_key_boundaries(key_mass, math.ceil(n / size))
         else:
             split_count = self.args.fssm_split_count or max(1, (n // size) // 2)
             chosen = split_top_chunks(uniform, key_mass, split_count)
-        plan = self._plan(min(1, len(self.layers) - 1), chosen, doc_ids, batch)
+        plan = self._plan(chosen, doc_ids, batch)
         for layer in self.layers[1:]:
             x = layer(x, cos, sin, doc_ids, plan)
         return x

@@ -32,8 +32,7 @@ def batch(n: int = 20, seed: int = 0):
 
 
 def set_attention_impl(model: AttambaLM, impl: str) -> None:
-    for layer in model.layers:
-        layer.attention.impl = impl
+    model.args.attn_impl = impl
 
 
 def test_registered_under_attamba():
