@@ -150,7 +150,7 @@ class AttambaLayerCache:
 
     def state_nbytes(self) -> int:
         """Bytes of the K and V SSM states (conv taps and SSM state)."""
-        return self.ssm_kv.conv.nbytes + self.ssm_kv.ssm.nbytes
+        return self.ssm_kv.nbytes()
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.state_nbytes()
@@ -234,11 +234,6 @@ def _ssm_prefill(
     return y.gather(1, back), state
 
 
-def _copy_state(destination: SSMState, source: SSMState) -> None:
-    destination.conv.copy_(source.conv)
-    destination.ssm.copy_(source.ssm)
-
-
 def _prefill(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache, lengths: torch.Tensor) -> torch.Tensor:
     """One forward pass over prompts that start at position 0; fills every layer's cache."""
     m = tokens.shape[1]
@@ -261,7 +256,7 @@ def _prefill(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache, length
         x = x + attention.output(attended)
         x = x + layer.feed_forward(layer.ffn_norm(x))
         layer_cache.fill_from_prompt(k, v, lengths)
-        _copy_state(layer_cache.ssm_kv, paired_state(attention.ssm_k, k_state, v_state))
+        layer_cache.ssm_kv.copy_(paired_state(attention.ssm_k, k_state, v_state))
     cache.positions.add_(lengths)
     return model.output(model.norm(x))
 
@@ -279,7 +274,7 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
         q = attention.queries(h, cos, sin)
         k_in, v_in = attention.ssm_inputs(h[:, 0])  # [B, E]
         k_out, v_out, state = paired_step(attention.ssm_k, attention.ssm_v, k_in, v_in, layer_cache.ssm_kv, segment_start)
-        _copy_state(layer_cache.ssm_kv, state)
+        layer_cache.ssm_kv.copy_(state)
         k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)[:, None]), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out)[:, None])
         if layer_cache.compressed_slots:

@@ -123,6 +123,19 @@ class SSMState:
         self.conv[rows] = other.conv
         self.ssm[rows] = other.ssm
 
+    def copy_(self, other: "SSMState", rows: Optional[torch.Tensor] = None) -> None:
+        """Overwrite this state in place with ``other``; with ``rows`` [B] (bool) only those rows.
+        No data-dependent indexing, so a captured decode step can do it."""
+        if rows is None:
+            self.conv.copy_(other.conv)
+            self.ssm.copy_(other.ssm)
+            return
+        self.conv.copy_(torch.where(rows[:, None, None], other.conv, self.conv))
+        self.ssm.copy_(torch.where(rows[:, None, None, None], other.ssm, self.ssm))
+
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.ssm.nbytes
+
     def reset(self, rows: torch.Tensor) -> "SSMState":
         """A copy with the rows where ``rows`` [B] (bool) is True zeroed."""
         keep = ~rows.to(torch.bool)

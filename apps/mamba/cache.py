@@ -33,15 +33,10 @@ class LayerState:
 
     def store(self, new: SSMState, rows: Optional[torch.Tensor] = None) -> None:
         """Copy ``new`` in; with ``rows`` [B] (bool) only those rows, the others keep theirs."""
-        if rows is None:
-            self.state.conv.copy_(new.conv)
-            self.state.ssm.copy_(new.ssm)
-            return
-        self.state.conv.copy_(torch.where(rows[:, None, None], new.conv, self.state.conv))
-        self.state.ssm.copy_(torch.where(rows[:, None, None, None], new.ssm, self.state.ssm))
+        self.state.copy_(new, rows)
 
     def nbytes(self) -> int:
-        return self.state.conv.nbytes + self.state.ssm.nbytes
+        return self.state.nbytes()
 
 
 class MambaCache(PositionedCache):
