@@ -110,6 +110,15 @@ def causal_allowed(
     return allowed
 
 
+def right_aligned_columns(lengths: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column indices [B, m] for right-padded rows of ``lengths`` tokens in m columns: gathering
+    ``source`` moves each row's padding in front, so that the row ends at column m - 1 (and its
+    first real token sits where ``source == 0``); gathering that at ``back`` restores the order."""
+    shift = (m - lengths)[:, None]
+    column = torch.arange(m, device=lengths.device)[None, :]
+    return (column - shift) % m, (column + shift) % m
+
+
 def check_prefill(tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
     """Validate ``lengths`` for a prompt batch ``tokens`` [B, m]; return it (all m if None)."""
     batch, m = tokens.shape

@@ -39,7 +39,7 @@ from apps.attamba.attention import attamba_attention
 from apps.attamba.chunking import LayerBoundaries, segment_starts, window_starts
 from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, SSMState, init_paired_state, paired_state, paired_step
-from lingua.kv_cache import EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill
+from lingua.kv_cache import EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill, right_aligned_columns
 from lingua.generate import register_cache_support
 from lingua.transformer import apply_rotary
 
@@ -224,14 +224,11 @@ def _ssm_prefill(
     batch, m, _ = x.shape
     if bool((lengths == m).all()):
         return ssm.forward_with_state(x, segment_start.expand(batch, -1))
-    shift = (m - lengths)[:, None]  # [B, 1]: padding moved in front of each row
-    column = torch.arange(m, device=x.device)[None, :]  # [1, m]
-    source = (column - shift) % m  # [B, m]: rotated column c holds original column c - shift
+    source, back = right_aligned_columns(lengths, m)  # [B, m]
     starts = segment_start.expand(batch, -1).gather(1, source)
     rotated = x.gather(1, source[..., None].expand(-1, -1, x.shape[2]))
     y, state = ssm.forward_with_state(rotated, starts)
-    back = ((column + shift) % m)[..., None].expand(-1, -1, y.shape[2])  # [B, m, E]
-    return y.gather(1, back), state
+    return y.gather(1, back[..., None].expand(-1, -1, y.shape[2])), state
 
 
 def _prefill(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache, lengths: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from apps.attamba.ssm import SSMState
 from apps.mamba.model import MambaLM
 from lingua.generate import register_cache_support
-from lingua.kv_cache import PositionedCache, check_prefill
+from lingua.kv_cache import PositionedCache, check_prefill, right_aligned_columns
 
 
 class LayerState:
@@ -70,19 +70,17 @@ def new_cache(model: MambaLM, batch_size: int, max_len: int, device, dtype) -> M
 def _prefill(model: MambaLM, tokens: torch.Tensor, cache: MambaCache, lengths: torch.Tensor) -> torch.Tensor:
     """One forward pass over prompts that start at position 0; fills every layer's state."""
     m = tokens.shape[1]
-    shift = (m - lengths)[:, None]  # [B, 1]: padding moved in front of each row
-    column = torch.arange(m, device=tokens.device)[None, :]  # [1, m]
-    rotated = tokens.gather(1, (column - shift) % m)  # rotated column c holds original column c - shift
-    segment_start = column == shift  # [B, m]: each row's first real token (column 0 always starts one)
-    empty = lengths == 0  # such rows never reach a segment start: their state is zeroed below
+    source, back = right_aligned_columns(lengths, m)  # [B, m]
+    rotated = tokens.gather(1, source)
+    segment_start = source == 0  # [B, m]: each row's first real token
+    empty = lengths == 0  # such rows hold only padding: their state is zeroed below
     x = model.tok_embeddings(rotated)
     for layer, layer_cache in zip(model.layers, cache.layers):
         x, state = layer.prefill(x, segment_start)
         layer_cache.store(state.reset(empty))
     cache.positions.add_(lengths)
     logits = model.output(model.norm(x))  # [B, m, V], rotated
-    back = ((column + shift) % m)[..., None].expand(-1, -1, logits.shape[2])
-    return logits.gather(1, back)
+    return logits.gather(1, back[..., None].expand(-1, -1, logits.shape[2]))
 
 
 def _decode(model: MambaLM, tokens: torch.Tensor, cache: MambaCache, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
