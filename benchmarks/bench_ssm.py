@@ -211,8 +211,9 @@ def main() -> None:
     shape = Shape()
     segment_start = uniform_segment_starts(shape, device)
     rows: list[Measurement] = []
+    ssd_fns = ssd_backends(shape)
     for dtype in (torch.float32, torch.bfloat16):
-        for backend, fn in ssd_backends(shape).items():
+        for backend, fn in ssd_fns.items():
             rows.append(measure("ssd", backend, dtype, fn, ssd_inputs(shape, dtype, device), segment_start))
         for backend, fn in conv_backends().items():
             rows.append(measure("conv", backend, dtype, fn, conv_inputs(shape, dtype, device), segment_start))
@@ -223,7 +224,7 @@ def main() -> None:
         for name in ("triton", "triton_window"):
             key = f"{name} {dtype}"
             try:
-                breakdown[key] = kernel_breakdown(ssd_backends(shape)[name], ssd_inputs(shape, dtype, device), segment_start)
+                breakdown[key] = kernel_breakdown(ssd_fns[name], ssd_inputs(shape, dtype, device), segment_start)
             except Exception as error:  # the timings above matter more than this detail
                 breakdown[key] = [(f"profiler failed: {error!r:.200}", 0.0)]
     table = format_table(rows)
