@@ -11,6 +11,8 @@
 #   RECALL_EXTRA=config=configs/recall_easy.yaml
 # Eager by default: compiling the 60M Attamba takes minutes (one compile per layer, as each layer
 # has its own cyclic offset), more than a few hundred eager steps cost. QUALITY_COMPILE=true compiles.
+# PARALLEL=true starts every run at once on the one GPU (the recall models are small and
+# launch-bound, so they barely slow the quality run); the scores do not depend on it, the times do.
 set -u
 OUT="${OUT:-/tmp/device_quality}"
 QUALITY_STEPS="${QUALITY_STEPS:-300}"
@@ -32,15 +34,22 @@ run() {
   # (a run once outlived its SIGTERM by minutes while compiling).
   timeout -k 30 "$RUN_TIMEOUT" python -m apps.$app.train config=$config dump_dir=$dir steps=$steps \
     checkpoint.every=0 export_at_end=false eval_every=0 eval_at_end=true "$@" > "$log" 2>&1
-  echo "$kind $model exit $?" | tee -a "$OUT/$kind.txt"
-  grep -E "INFO step " "$log" | tail -n 3 >> "$OUT/$kind.txt"
-  cat "$dir/metrics.eval.jsonl" >> "$OUT/$kind.txt" 2>/dev/null
+  local status=$?
+  local summary="$OUT/${kind}_$model.txt"  # one file per run: parallel runs never interleave
+  echo "$kind $model exit $status" > "$summary"
+  grep -E "INFO step " "$log" | tail -n 3 >> "$summary"
+  cat "$dir/metrics.eval.jsonl" >> "$summary" 2>/dev/null
+}
+
+# start RUN ARGS...: run now, or in the background when PARALLEL=true.
+start() {
+  if [ "${PARALLEL:-false}" = true ]; then run "$@" & else run "$@"; fi
 }
 
 for model in ${QUALITY_MODELS:-transformer attamba}; do
   config=apps/attamba/configs/attamba_60m.yaml
   [ "$model" = transformer ] && config=apps/main/configs/transformer_60m.yaml
-  run quality $model $config "$QUALITY_STEPS" \
+  start quality $model $config "$QUALITY_STEPS" \
     "data.sources={$data/train.jsonl: 1.0}" data.tokenizer.name=sp data.tokenizer.path=.devdata/sp32k.model \
     distributed.model_dtype=bf16 distributed.compile=${QUALITY_COMPILE:-false} optim.warmup=50 logging.freq=50 \
     "eval.tasks=[wikitext_local]" eval.wikitext_path=.devdata/wiki.test.tokens eval.batch_size=16 \
@@ -53,6 +62,7 @@ declare -A recall_config=(
   [mamba]=apps/mamba/configs/recall_mamba.yaml
 )
 for model in ${RECALL_MODELS:-transformer attamba mamba}; do
-  run recall $model "${recall_config[$model]}" "$RECALL_STEPS" optim.warmup=100 logging.freq=250 ${RECALL_EXTRA:-}
+  start recall $model "${recall_config[$model]}" "$RECALL_STEPS" optim.warmup=100 logging.freq=250 ${RECALL_EXTRA:-}
 done
-cat "$OUT"/quality.txt "$OUT"/recall.txt 2>/dev/null
+wait
+cat "$OUT"/quality_*.txt "$OUT"/recall_*.txt 2>/dev/null
