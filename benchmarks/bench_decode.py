@@ -18,7 +18,11 @@ in this process.
 
     python benchmarks/bench_decode.py [--contexts 4096 32768 131072] [--batches 1 16]
         [--steps 64] [--dtype bfloat16] [--modes cuda_graph compile] [--out results.json]
-        [--timeout 240] [--in-process]
+        [--timeout 240] [--in-process] [--profile DIR]
+
+``--profile DIR`` also records the GPU kernels of 8 more steps of every configuration (replays,
+when the step is a CUDA graph) into ``DIR/<model>_<context>_<batch>_<mode>.txt``: which kernels a
+step spends its time in, and how many it launches.
 
 Needs CUDA; on CPU it says so and exits with status 0.
 """
@@ -72,10 +76,12 @@ class Measurement:
 
 
 @torch.inference_mode()
-def measure(name: str, context: int, batch: int, steps: int, dtype: torch.dtype, mode: str) -> Measurement:
+def measure(
+    name: str, context: int, batch: int, steps: int, dtype: torch.dtype, mode: str, profile_dir: Optional[Path] = None
+) -> Measurement:
     device = torch.device("cuda")
     warmup = 3
-    max_len = context + warmup + steps + 1
+    max_len = context + warmup + steps + PROFILE_STEPS + 1
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = build_model(name, max_len).to(device=device, dtype=dtype).eval()
@@ -93,7 +99,7 @@ def measure(name: str, context: int, batch: int, steps: int, dtype: torch.dtype,
         tokens = logits.argmax(-1)  # feeds back like generation, without a host sync
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return Measurement(
+    row = Measurement(
         name, context, batch, mode,
         tokens_per_second=batch * steps / seconds,
         ms_per_step=1000 * seconds / steps,
@@ -101,19 +107,49 @@ def measure(name: str, context: int, batch: int, steps: int, dtype: torch.dtype,
         live_cache_bytes=cache.live_nbytes(),
         peak_memory_bytes=torch.cuda.max_memory_allocated(),
     )
+    if profile_dir is not None:
+        print(RESULT_PREFIX + json.dumps(asdict(row)), flush=True)  # kept should the profile fail
+        write_kernel_profile(step, tokens, profile_dir / f"{name}_{context}_{batch}_{mode}.txt")
+    return row
 
 
-def run_one(name: str, context: int, batch: int, steps: int, dtype: torch.dtype, mode: str) -> Measurement:
+PROFILE_STEPS = 8  # decode steps recorded by --profile (the cache is sized for them)
+
+
+def write_kernel_profile(step: DecodeStep, tokens: torch.Tensor, path: Path, steps: int = PROFILE_STEPS) -> None:
+    """The kernels of ``steps`` decode steps, by GPU time, and how many run per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tokens = step(tokens).argmax(-1)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = sum(e.count for e in kernels) / steps
+    gpu_us = sum(e.self_device_time_total for e in kernels) / steps
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"per step: {launches:.0f} kernels, {gpu_us:.1f} us of kernel time\n{table}\n")
+
+
+def run_one(
+    name: str, context: int, batch: int, steps: int, dtype: torch.dtype, mode: str, profile_dir: Optional[Path] = None
+) -> Measurement:
     try:
-        return measure(name, context, batch, steps, dtype, mode)
+        return measure(name, context, batch, steps, dtype, mode, profile_dir)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return Measurement(name, context, batch, mode, None, None, None, None, None, note="OOM")
 
 
-def run_isolated(name: str, context: int, batch: int, steps: int, dtype: str, mode: str, timeout: float) -> Measurement:
+def run_isolated(
+    name: str, context: int, batch: int, steps: int, dtype: str, mode: str, timeout: float,
+    profile_dir: Optional[Path] = None,
+) -> Measurement:
     """One configuration in a child process; a crash or a hang becomes the row's note."""
     command = [sys.executable, __file__, "--one", name, str(context), str(batch), mode, "--steps", str(steps), "--dtype", dtype]
+    if profile_dir is not None:
+        command += ["--profile", str(profile_dir)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -153,6 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the measurements as JSON")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per configuration (isolated runs)")
     parser.add_argument("--in-process", action="store_true", help="run every configuration in this process")
+    parser.add_argument("--profile", type=Path, help="write each configuration's kernel profile into this folder")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "CONTEXT", "BATCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -160,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.one:  # a child of run_isolated
         name, context, batch, mode = args.one
-        row = run_one(name, int(context), int(batch), args.steps, DTYPES[args.dtype], mode)
+        row = run_one(name, int(context), int(batch), args.steps, DTYPES[args.dtype], mode, args.profile)
         print(RESULT_PREFIX + json.dumps(asdict(row)), flush=True)
         return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}")
@@ -172,9 +209,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             for batch in args.batches:
                 for name in args.models:
                     if args.in_process:
-                        row = run_one(name, context, batch, args.steps, DTYPES[args.dtype], mode)
+                        row = run_one(name, context, batch, args.steps, DTYPES[args.dtype], mode, args.profile)
                     else:
-                        row = run_isolated(name, context, batch, args.steps, args.dtype, mode, args.timeout)
+                        row = run_isolated(
+                            name, context, batch, args.steps, args.dtype, mode, args.timeout, args.profile
+                        )
                     rows.append(row)
                     print(format_row(row), flush=True)
                     if args.out:  # rewritten after every row, so that a cut-short run keeps what it measured

@@ -110,7 +110,10 @@ def main() -> None:
         print(averages.table(sort_by="self_cuda_time_total", row_limit=options.rows, max_name_column_width=70))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=options.cpu_rows, max_name_column_width=70))
     # Kernel time per step against the step's wall time: a large gap means the host is the limit.
-    gpu_ms = sum(event.self_device_time_total for event in averages) / 1e3 / options.profile_steps
+    # Only kernel (device-side) events: an operator row also carries the time of the kernels it
+    # launched, so summing every row counts custom ops' and cuDNN's kernels twice.
+    kernels = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(event.self_device_time_total for event in kernels) / 1e3 / options.profile_steps
     print(f"GPU (kernel) time per step {gpu_ms:.2f} ms of a {ms:.2f} ms step (profiled steps are slower)")
 
 

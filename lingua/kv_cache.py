@@ -19,18 +19,33 @@ EMPTY = -1
 """Position recorded in a slot that holds nothing."""
 
 
+def row_head_index(batch: int, heads: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors [B, 1] and [1, H] that, with a [B, 1] slot index, pick one entry per (row, head)."""
+    return torch.arange(batch, device=device)[:, None], torch.arange(heads, device=device)[None, :]
+
+
 class KVSlots:
     """Keys and values of up to ``slots`` positions per row; position p lives in slot p mod slots.
 
     With ``slots`` >= every position it is a plain KV-cache; with fewer it is a ring that keeps
-    the most recent ``slots`` positions. ``k``, ``v`` ([B, Hkv, slots, d]) and ``positions``
-    ([B, slots]) may be views into larger buffers (the Attamba cache keeps its compressed keys
-    and its window in one tensor so attention needs no concatenation).
+    the most recent ``slots`` positions. The slots may be a range ``first .. first + slots - 1``
+    of larger buffers (the Attamba cache keeps its compressed keys and its window in one tensor so
+    attention needs no concatenation): ``k``, ``v`` ([B, Hkv, slots, d]) and ``positions``
+    ([B, slots]) are views of that range.
+
+    A decode step writes through the whole buffers with ``index_put_``: compiled by Inductor, that
+    updates the written entries in place, whereas a ``scatter_`` (or any write through a view)
+    becomes a copy of the whole buffer every step (gigabytes at long context).
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        self.k, self.v, self.positions = k, v, positions
-        self.slots = k.shape[2]
+    def __init__(
+        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, first: int = 0, slots: Optional[int] = None
+    ):
+        self.buffers = (k, v, positions)
+        self.first = first
+        self.slots = k.shape[2] - first if slots is None else slots
+        ours = slice(first, first + self.slots)
+        self.k, self.v, self.positions = k[:, :, ours], v[:, :, ours], positions[:, ours]
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, device, dtype) -> "KVSlots":
@@ -40,11 +55,12 @@ class KVSlots:
 
     def write_one(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
         """Store k, v [B, Hkv, 1, d] of one token per row at ``position`` [B]."""
-        slot = position % self.slots  # [B]
-        index = slot.view(-1, 1, 1, 1).expand_as(k)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
-        self.positions.scatter_(1, slot[:, None], position[:, None])
+        k_buffer, v_buffer, positions_buffer = self.buffers
+        rows, heads = row_head_index(k.shape[0], k.shape[1], k.device)
+        slot = self.first + position % self.slots  # [B]
+        k_buffer[rows, heads, slot[:, None]] = k[:, :, 0]
+        v_buffer[rows, heads, slot[:, None]] = v[:, :, 0]
+        positions_buffer[rows[:, 0], slot] = position
 
     def write_many(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor) -> None:
         """Store k, v [B, Hkv, m, d] of positions start[b] + i for i < lengths[b].

@@ -39,7 +39,9 @@ from apps.attamba.attention import attamba_attention
 from apps.attamba.chunking import LayerBoundaries, segment_starts, window_starts
 from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, SSMState, init_paired_state, paired_state, paired_step
-from lingua.kv_cache import EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill, right_aligned_columns
+from lingua.kv_cache import (
+    EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill, right_aligned_columns, row_head_index,
+)
 from lingua.generate import register_cache_support
 from lingua.transformer import apply_rotary
 
@@ -91,8 +93,7 @@ class AttambaLayerCache:
         self.k = torch.zeros(batch, heads, total, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.positions = torch.full((batch, total), EMPTY, dtype=torch.long, device=device)
-        ring = slice(self.compressed_slots + 1, total)
-        self.ring = KVSlots(self.k[:, :, ring], self.v[:, :, ring], self.positions[:, ring])
+        self.ring = KVSlots(self.k, self.v, self.positions, first=self.compressed_slots + 1)
         self.is_ring_slot = torch.arange(total, device=device) > self.compressed_slots  # [total]
         # The K and V SSM states side by side: one recurrence steps both (ssm.paired_step).
         self.ssm_kv = init_paired_state(attention.ssm_k, batch, device, dtype)
@@ -108,12 +109,13 @@ class AttambaLayerCache:
         """Copy position ``leaving`` [B] from the ring to its compressed slot where it is a boundary."""
         safe = leaving.clamp(min=0)
         moves = (leaving >= 0) & self.tables.is_boundary[safe]  # [B]
-        destination = torch.where(moves, self.tables.compressed_slot[safe], self.trash)  # [B]
-        source = (safe % self.ring.slots).view(-1, 1, 1, 1).expand(-1, self.k.shape[1], 1, self.k.shape[3])
-        index = destination.view(-1, 1, 1, 1).expand_as(source)
-        self.k.scatter_(2, index, self.ring.k.gather(2, source))
-        self.v.scatter_(2, index, self.ring.v.gather(2, source))
-        self.positions.scatter_(1, destination[:, None], torch.where(moves, leaving, EMPTY)[:, None])
+        destination = torch.where(moves, self.tables.compressed_slot[safe], self.trash)[:, None]  # [B, 1]
+        source = (self.ring.first + safe % self.ring.slots)[:, None]  # [B, 1]
+        # index_put_ on the whole buffers, never scatter_: see KVSlots (in place when compiled).
+        rows, heads = row_head_index(self.k.shape[0], self.k.shape[1], self.k.device)
+        self.k[rows, heads, destination] = self.k[rows, heads, source]
+        self.v[rows, heads, destination] = self.v[rows, heads, source]
+        self.positions[rows[:, 0], destination[:, 0]] = torch.where(moves, leaving, EMPTY)
 
     def fill_from_prompt(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
         """Build the cache from a prompt's rotated k, v [B, H, m, d] (rows start at position 0)."""
