@@ -3,6 +3,8 @@ the compressed boundaries plus the window (DESIGN.md, "Inference cache")."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -176,3 +178,45 @@ def test_pretend_filled_lays_out_the_cache_like_a_prefill(leading):
     for real, fake in zip(prefilled.layers, pretended.layers):
         assert torch.equal(real.positions, fake.positions)
     assert torch.equal(prefilled.positions, pretended.positions)
+
+
+def _loop_bounds(generated: str) -> list[int]:
+    """Trip counts of the loops in Inductor's generated C++ kernels."""
+    import re
+
+    return [int(n) for n in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", generated)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor's CPU backend needs a C++ compiler")
+def test_compiled_cache_writes_touch_only_the_written_entries():
+    """A compiled decode step updates the cache in place: no kernel runs over a whole buffer.
+
+    scatter_ (or any write through a view) compiles to a copy of the whole KV buffer every step,
+    which made a 128k-token decode step on the H100 several times slower (docs/benchmarks.md).
+    """
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_attamba(token_chunk=4, leading_tokens=3, max_seqlen=512)
+    cache = new_cache(model, 2, 512, "cpu", torch.float32)
+    cache.pretend_filled(300)
+    layer = cache.layers[0]
+    eager = [t.clone() for t in (layer.k, layer.v, layer.positions)]
+    t = torch.tensor([300, 301])
+    k, v = torch.randn(2, *layer.k.shape[1:2], 1, layer.k.shape[3]), torch.randn(2, *layer.v.shape[1:2], 1, layer.v.shape[3])
+
+    torch._dynamo.reset()
+
+    def step(leaving: torch.Tensor, positions: torch.Tensor) -> None:
+        layer.move_to_compressed(leaving)
+        layer.ring.write_one(k, v, positions)
+
+    leaving = cache.leaving_position(t)
+    step(leaving, t)  # eager
+    after_eager = [x.clone() for x in (layer.k, layer.v, layer.positions)]
+    for buffer, before in zip((layer.k, layer.v, layer.positions), eager):
+        buffer.copy_(before)
+    _, code = run_and_get_code(torch.compile(step, dynamic=False, fullgraph=True), leaving, t)
+    for buffer, expected in zip((layer.k, layer.v, layer.positions), after_eager):
+        torch.testing.assert_close(buffer, expected, atol=0, rtol=0)
+    whole_buffer = layer.k[0].numel()  # one row's keys: any kernel this long touches everything
+    assert max(_loop_bounds("\n".join(code))) < whole_buffer
