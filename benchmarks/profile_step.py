@@ -78,6 +78,7 @@ def main() -> None:
     doc_ids = random_doc_ids(batch, n, options.mean_doc, device)
 
     def step() -> None:
+        distributed.mark_step_begin(args.distributed)
         with autocast:
             loss = cross_entropy(model(tokens[:, :-1], doc_ids), tokens[:, 1:])
         loss.backward()

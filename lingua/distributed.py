@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 PARALLELISMS = ("auto", "none", "ddp", "fsdp")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -29,6 +30,10 @@ class DistributedArgs:
     """Compute dtype: 'fp32' or 'bf16' (mixed precision: parameters and optimizer stay fp32)."""
     compile: bool = False
     """torch.compile each block (CUDA)."""
+    compile_mode: str = "default"
+    """torch.compile mode of the blocks: 'default', 'reduce-overhead' (CUDA graphs: replays each
+    compiled block's kernels without the host launching them one by one; for host-bound steps),
+    'max-autotune' or 'max-autotune-no-cudagraphs'."""
     activation_checkpointing: str = "none"
     """'none', 'full' (recompute each block) or 'selective' (every other block)."""
     allow_tf32: bool = True
@@ -40,11 +45,20 @@ class DistributedArgs:
             raise ValueError(f"distributed.parallelism must be one of {PARALLELISMS}, got '{self.parallelism}'")
         if self.model_dtype not in DTYPES:
             raise ValueError(f"distributed.model_dtype must be one of {tuple(DTYPES)}, got '{self.model_dtype}'")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"distributed.compile_mode must be one of {COMPILE_MODES}, got '{self.compile_mode}'")
         if self.activation_checkpointing not in ("none", "full", "selective"):
             raise ValueError(
                 "distributed.activation_checkpointing must be 'none', 'full' or 'selective', "
                 f"got '{self.activation_checkpointing}'"
             )
+
+
+def mark_step_begin(args: DistributedArgs) -> None:
+    """Tell CUDA-graph replay (compile modes 'reduce-overhead', 'max-autotune') that a new
+    training iteration starts, so the previous iteration's graph outputs may be overwritten."""
+    if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 @dataclass
@@ -151,7 +165,8 @@ def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> 
         # lowering rejects. Each distinct layer costs one compile, hence the higher limit.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for index, block in enumerate(model.layers):
-            model.layers[index] = torch.compile(block, dynamic=False)
+            mode = None if args.compile_mode == "default" else args.compile_mode
+            model.layers[index] = torch.compile(block, dynamic=False, mode=mode)
     parallelism = resolve_parallelism(args, env)
     if parallelism == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -185,6 +185,7 @@ def train(args: TrainArgs) -> dict:
                 doc_ids = batch.doc_ids.to(env.device, non_blocking=True)
                 last_micro = micro == args.grad_acc_steps - 1
                 sync = nullcontext() if last_micro or parallelism != "ddp" else model.no_sync()
+                distributed.mark_step_begin(args.distributed)
                 with sync, autocast:
                     loss = cross_entropy(model(tokens, doc_ids), labels) / args.grad_acc_steps
                 loss.backward()

@@ -155,3 +155,23 @@ def test_periodic_evaluation_runs_compiled_blocks_eagerly(tmp_path, corpus, mode
     ppl = evaluator.run(model, 2)["val/held/ppl"]
     assert counters["stats"]["unique_graphs"] == graphs, "evaluation compiled new graphs"
     assert math.isfinite(ppl) and ppl == pytest.approx(eager_ppl, rel=1e-5)
+
+
+def test_cuda_graph_compile_mode_reaches_the_blocks_and_marks_every_micro_step(tmp_path, corpus, monkeypatch):
+    from lingua import distributed
+
+    modes, marks = [], []
+
+    def fake_compile(block, **kwargs):  # records what the loop asks for; runs the block eagerly
+        modes.append(kwargs.get("mode"))
+        return block
+
+    monkeypatch.setattr(distributed.torch, "compile", fake_compile)
+    monkeypatch.setattr(distributed.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    args = tiny_args(tmp_path / "run", corpus, "steps=2", "grad_acc_steps=2", "checkpoint.every=0",
+                     "distributed.compile=true", "distributed.compile_mode=reduce-overhead")
+    train_module.train(args)
+    assert modes == ["reduce-overhead"] * args.model.n_layers
+    assert len(marks) == 2 * 2, "one mark before every micro-step's forward"
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        tiny_args(tmp_path / "bad", corpus, "distributed.compile_mode=fast")
