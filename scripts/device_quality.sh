@@ -20,6 +20,7 @@ RECALL_STEPS="${RECALL_STEPS:-1500}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-200}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+source scripts/device_env.sh
 export PYTHONUNBUFFERED=1
 data=.devdata/english
 

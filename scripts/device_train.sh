@@ -13,6 +13,7 @@ RUN_TIMEOUT="${RUN_TIMEOUT:-420}"
 EXTRA="${EXTRA:-}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+source scripts/device_env.sh
 export PYTHONUNBUFFERED=1
 data=.devdata/english/train.jsonl
 tok=.devdata/sp32k.model
