@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lingua.args import ConfigError, load_config
+from lingua.interrupt import check_interrupt
 from lingua.recall import IGNORE_INDEX, RecallArgs, evaluate_recall
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def score_windows(
     results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
     starts = range(0, len(order), batch_size)
     for first in _progress(starts, len(starts), "scoring windows", progress):
+        check_interrupt()
         batch = [windows[i] for i in order[first : first + batch_size]]
         width = min(longest, -(-max(len(w.inputs) for w in batch) // pad_multiple) * pad_multiple)
         tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -308,6 +310,7 @@ class LinguaLM(_LMBase):
         for (until, max_tokens, temperature), indices in groups.items():
             args = GenerateArgs(max_new_tokens=max_tokens, temperature=temperature, stop=list(until))
             for first in range(0, len(indices), self.batch_size):
+                check_interrupt()
                 chunk = indices[first : first + self.batch_size]
                 texts = generate_text(self.model, self.tokenizer, [requests[i].args[0] for i in chunk], args)
                 for index, text in zip(chunk, texts):
@@ -377,6 +380,7 @@ def validation_perplexity(model: nn.Module, tokenizer: Any, path: str, seq_len: 
     device = model_device(model)
     total_loss, total_tokens = 0.0, 0
     for batch in iter_eval_batches(path, tokenizer, seq_len, batch_size, max_batches):
+        check_interrupt()
         doc_ids = None if batch.doc_ids is None else batch.doc_ids.to(device)
         logits = model(batch.tokens.to(device), doc_ids)  # [B, n, V]
         labels = batch.labels.to(device)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lingua.interrupt import check_interrupt
+
 IGNORE_INDEX = -100
 PAD_ID = 0
 """Padding token of rows shorter than the stream's seq_len; id 0 is never a key or a value."""
@@ -209,6 +211,7 @@ def recall_hits(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, ba
     device = next(model.parameters()).device
     correct, total = 0, 0
     for first in range(0, len(tokens), batch_size):
+        check_interrupt()
         batch_labels = labels[first : first + batch_size].to(device)
         logits = model(tokens[first : first + batch_size].to(device))  # [B, n, V]
         answered = batch_labels != IGNORE_INDEX

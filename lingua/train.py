@@ -170,7 +170,7 @@ def train(args: TrainArgs) -> dict:
     throughput = Throughput(flops_per_token, peak_flops(env.device, args.logging.peak_flops), env.world_size)
     profiler = StepProfiler(args.profiling, run_dir, env.rank)
     preemption = _Preemption()
-    evaluator = _Evaluator(args, tokenizer, run_dir, env)
+    evaluator = _Evaluator(args, tokenizer, run_dir, env, preemption)
     gc.disable()
     gc.collect()
     model.train()
@@ -238,9 +238,10 @@ def train(args: TrainArgs) -> dict:
             if evaluated:
                 evaluator.run(distributed.unwrap(model), step)
                 throughput.reset()  # keep evaluation time out of tokens/s
+                stopping = distributed.any_rank(preemption.requested, env)  # a signal during it
             if (args.checkpoint.every and step % args.checkpoint.every == 0 and step < args.steps) or stopping:
                 save()
-            if evaluated and args.checkpoint.keep_eval != 0:
+            if evaluated and args.checkpoint.keep_eval != 0 and not stopping:
                 save(is_eval=True)
             if stopping:
                 logger.warning("preempted: checkpoint saved at step %d, exiting", step)
@@ -248,6 +249,9 @@ def train(args: TrainArgs) -> dict:
         save()
         if args.eval_at_end:
             evaluator.run(distributed.unwrap(model), step)
+            if distributed.any_rank(preemption.requested, env):  # the checkpoint is saved; a rerun redoes the rest
+                logger.warning("preempted during the final evaluation: exiting without the export")
+                return {"step": step, "loss": last_loss, "nan_steps": nan_steps, "preempted": True}
         if args.export_at_end:
             export_consolidated(model, args, run_dir / "export")
         return {"step": step, "loss": last_loss, "nan_steps": nan_steps, "preempted": False}
@@ -262,11 +266,19 @@ class _Evaluator:
     """Periodic evaluation. Every rank evaluates (under FSDP each forward pass gathers the
     parameters from all ranks, so all must run the same passes); rank 0 writes the results."""
 
-    def __init__(self, args: TrainArgs, tokenizer, run_dir: Path, env: distributed.DistEnv):
+    def __init__(
+        self, args: TrainArgs, tokenizer, run_dir: Path, env: distributed.DistEnv, preemption: Optional[_Preemption] = None
+    ):
         self.args, self.tokenizer, self.run_dir, self.env = args, tokenizer, run_dir, env
+        self.preemption = preemption
+
+    def _should_stop(self) -> bool:
+        # A vote, so every rank leaves the evaluation at the same batch (its passes are collective).
+        return self.preemption is not None and distributed.any_rank(self.preemption.requested, self.env)
 
     def run(self, model: torch.nn.Module, step: int) -> Optional[dict]:
         from lingua.eval import GenerationUnderFSDPError, run_evaluation
+        from lingua.interrupt import EvaluationInterrupted, interruptible
 
         # run_evaluation switches the model to eval mode (eval-time chunking) and back. Each rank
         # evaluates every example: simple, and the same numbers everywhere; sharding the
@@ -275,12 +287,15 @@ class _Evaluator:
         # Attamba, whose layers compile separately) and use up dynamo's recompile limit.
         results = None
         try:
-            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"), interruptible(self._should_stop):
                 results = run_evaluation(model, self.tokenizer, self.args.eval, step, str(self.run_dir))
         except GenerationUnderFSDPError as error:
             # Every rank meets it at the same request, so training can go on without the results.
             if self.env.is_main:
                 logger.error("step %d: evaluation skipped: %s", step, error)
+        except EvaluationInterrupted:
+            if self.env.is_main:
+                logger.warning("step %d: evaluation stopped by a signal; no results written", step)
         distributed.barrier()
         return results if self.env.is_main else None
 

@@ -175,3 +175,39 @@ def test_cuda_graph_compile_mode_reaches_the_blocks_and_marks_every_micro_step(t
     assert len(marks) == 2 * 2, "one mark before every micro-step's forward"
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         tiny_args(tmp_path / "bad", corpus, "distributed.compile_mode=fast")
+
+
+@pytest.mark.parametrize("when", ["periodic", "final"])
+def test_a_signal_during_evaluation_stops_it_at_the_next_batch(tmp_path, corpus, monkeypatch, when):
+    """SIGUSR1 during a long evaluation: it stops before the next batch, writes no results, and
+    the run saves a checkpoint and exits (instead of finishing the evaluation first)."""
+    import lingua.data
+    from lingua.tokenizer import build_tokenizer
+
+    original = lingua.data.iter_eval_batches
+    scored = []
+
+    def signal_after_the_first_batch(*args, **kwargs):
+        for index, batch in enumerate(original(*args, **kwargs)):
+            scored.append(index)
+            if index == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield batch
+
+    monkeypatch.setattr(lingua.data, "iter_eval_batches", signal_after_the_first_batch)
+    schedule = ["eval_every=2"] if when == "periodic" else ["eval_at_end=true", "export_at_end=true"]
+    run = tmp_path / "run"
+    args = tiny_args(run, corpus, "steps=4", "checkpoint.every=0", "eval.tasks=[]", "eval.batch_size=1",
+                     f"eval.val_sources={{held: {corpus}}}", *schedule)
+    available = sum(1 for _ in original(str(corpus), build_tokenizer(args.data.tokenizer), 32, 1, None))
+    assert available > 3, "the test needs an evaluation of several batches"
+
+    summary = train_module.train(args)
+    stop_step = 2 if when == "periodic" else 4
+    assert summary["preempted"] and summary["step"] == stop_step
+    # The signal arrives as the first batch is handed over: the check before scoring it stops.
+    assert scored == [0], "no batch is drawn after the signal"
+    assert not (run / "metrics.eval.jsonl").exists(), "an interrupted evaluation writes no results"
+    saved = CheckpointManager.complete_checkpoints(run / "checkpoints")
+    assert saved and saved[-1].name.endswith(str(stop_step))
+    assert not (run / "export").exists()
