@@ -188,9 +188,13 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, n, E] -> rotated q [B, H, n, d], rotated k and v [B, Hkv, n, d]."""
-        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.wk(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.wv(x).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        return self.split_rotate(self.wq(x), self.wk(x), self.wv(x), cos, sin)
+
+    def split_rotate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projected q, k, v [B, n, ·] -> rotated q [B, H, n, d], rotated k and v [B, Hkv, n, d]."""
+        q = q.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+        k = k.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x, cos, sin, mask: AttentionMask = None):

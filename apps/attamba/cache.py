@@ -7,7 +7,7 @@ Per layer (DESIGN.md, "Inference cache"):
 - a ring of the most recent (k, v): the last L positions, or with ``leading_tokens: chunk`` the
   current partial chunk (the ring holds the longest chunk; older entries are masked);
 - the K- and V-SSM states (conv tail and state per head), which reset after every boundary; they
-  are kept side by side in one state, which one recurrence steps (``ssm.paired_step``).
+  are kept side by side in one state, which one recurrence steps (``ssm.paired_step_projected``).
 
 A decode step at position t computes k_t, v_t by one SSM step, moves the position e leaving the
 window (t - L, or t - 1 when t starts a new chunk) from the ring to the compressed list iff e is
@@ -38,7 +38,8 @@ import torch
 from apps.attamba.attention import attamba_attention
 from apps.attamba.chunking import LayerBoundaries, segment_starts, window_starts
 from apps.attamba.model import AttambaLM
-from apps.attamba.ssm import KVSSM, SSMState, init_paired_state, paired_state, paired_step
+from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step_projected
+from lingua.decode_weights import PairedLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import (
     EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill, right_aligned_columns, row_head_index,
 )
@@ -81,10 +82,34 @@ def layer_tables(model: AttambaLM, layer: int, max_len: int, device) -> LayerTab
     return LayerTables(boundaries, is_boundary, boundary_positions, compressed_slot, window_start, ring_slots)
 
 
+class LayerDecodeWeights:
+    """One layer's weights as a decode step reads them (see lingua.decode_weights): the query
+    projection stacked with what else reads the normed input (the SSMs' in_proj, or W_k and W_v
+    with ``kv_proj``), the pair's step weights, and SwiGLU's w1 and w3 as one matmul."""
+
+    def __init__(self, block, state_dtype: torch.dtype):
+        attention = block.attention
+        self.kv_proj = attention.wk is not None
+        ssm_k, ssm_v = attention.ssm_k, attention.ssm_v
+        beside_q = (attention.wk, attention.wv) if self.kv_proj else (ssm_k.in_proj, ssm_v.in_proj)
+        self.reads_input = StackedLinear(attention.wq, *beside_q)
+        self.ssm_in = PairedLinear(ssm_k.in_proj, ssm_v.in_proj) if self.kv_proj else None
+        self.ssm = PairedStepWeights.of(ssm_k, ssm_v, state_dtype)
+        self.feed_forward = StackedSwiGLU(block.feed_forward)
+
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normed input h [B, E] -> (queries [B, E], K-SSM input, V-SSM input, both in_proj outputs)."""
+        q, first, second = self.reads_input(h)
+        if self.ssm_in is None:  # both SSMs read h itself; first and second are their in_proj outputs
+            return q, h, h, first, second
+        return q, first, second, *self.ssm_in(first, second)
+
+
 class AttambaLayerCache:
     """Buffers of one layer: [compressed | trash | ring] keys and values, and the SSM states."""
 
-    def __init__(self, tables: LayerTables, attention, batch: int, device, dtype):
+    def __init__(self, tables: LayerTables, block, batch: int, device, dtype):
+        attention = block.attention
         self.tables = tables
         self.compressed_slots = tables.boundary_positions.numel()
         self.trash = self.compressed_slots
@@ -95,8 +120,9 @@ class AttambaLayerCache:
         self.positions = torch.full((batch, total), EMPTY, dtype=torch.long, device=device)
         self.ring = KVSlots(self.k, self.v, self.positions, first=self.compressed_slots + 1)
         self.is_ring_slot = torch.arange(total, device=device) > self.compressed_slots  # [total]
-        # The K and V SSM states side by side: one recurrence steps both (ssm.paired_step).
+        # The K and V SSM states side by side: one recurrence steps both (ssm.paired_step_projected).
         self.ssm_kv = init_paired_state(attention.ssm_k, batch, device, dtype)
+        self.weights = LayerDecodeWeights(block, self.ssm_kv.ssm.dtype)
 
     def allowed(self, query_positions: torch.Tensor) -> torch.Tensor:
         """[B, m, total] bool: compressed entries, plus ring entries inside the query's window."""
@@ -167,7 +193,7 @@ class AttambaCache(PositionedCache):
         self.leading_tokens = model.chunking.leading_tokens
         self.pseudo_chunk = model.args.pseudo_chunk
         self.layers = [
-            AttambaLayerCache(layer_tables(model, index, max_len, device), layer.attention, batch, device, dtype)
+            AttambaLayerCache(layer_tables(model, index, max_len, device), layer, batch, device, dtype)
             for index, layer in enumerate(model.layers)
         ]
 
@@ -269,10 +295,10 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
     for layer, layer_cache in zip(model.layers, cache.layers):
         attention, tables = layer.attention, layer_cache.tables
         segment_start = (t == 0) | tables.is_boundary[(t - 1).clamp(min=0)]  # [B]
-        h = layer.attention_norm(x)
-        q = attention.queries(h, cos, sin)
-        k_in, v_in = attention.ssm_inputs(h[:, 0])  # [B, E]
-        k_out, v_out, state = paired_step(attention.ssm_k, attention.ssm_v, k_in, v_in, layer_cache.ssm_kv, segment_start)
+        weights = layer_cache.weights
+        q, k_in, v_in, k_projected, v_projected = weights.project(layer.attention_norm(x)[:, 0])  # [B, ...]
+        q = apply_rotary(attention.split_heads(q[:, None]), cos, sin)
+        k_out, v_out, state = paired_step_projected(weights.ssm, k_projected, v_projected, layer_cache.ssm_kv, segment_start)
         layer_cache.ssm_kv.copy_(state)
         k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)[:, None]), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out)[:, None])
@@ -281,7 +307,7 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
         layer_cache.ring.write_one(k, v, t)
         attended = attend_slots(q, layer_cache.k, layer_cache.v, layer_cache.allowed(t[:, None]), cache.static_shapes)
         x = x + attention.output(attended)
-        x = x + layer.feed_forward(layer.ffn_norm(x))
+        x = x + weights.feed_forward(layer.ffn_norm(x))
     cache.positions.add_(1)
     return model.output(model.norm(x))
 

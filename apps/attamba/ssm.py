@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.attamba.ssd_torch import positions_in_segment
+from lingua.decode_weights import PairedLinear
 from lingua.transformer import RMSNorm
 
 logger = logging.getLogger(__name__)
@@ -465,12 +466,71 @@ def paired_step(
     counterpart of :func:`paired_forward`): half the small kernels of two steps, which dominate
     a decode step. ``state`` comes from :func:`init_paired_state` or :func:`paired_state`.
     -> (first's y [B, dim_out], second's y, the new paired state)."""
-    pair = _PairInputs.of(first, second, x_first, x_second, state.ssm.dtype)
+    weights = PairedStepWeights.of(first, second, state.ssm.dtype)
+    return paired_step_projected(weights, first.in_proj(x_first), second.in_proj(x_second), state, segment_start)
+
+
+@dataclass
+class PairedStepWeights:
+    """What a paired decode step reads of two KV-SSMs besides their in_proj: conv taps, decay
+    rates, skips and dt biases side by side (as the paired state), and both output projections
+    as one batched matmul. Built once per cache (a snapshot), it spares every step the
+    concatenations, which are kernels of their own."""
+
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor
+    A: torch.Tensor
+    """[2·heads] -exp(A_log), in the state's dtype."""
+    D: torch.Tensor
+    dt_bias: Optional[torch.Tensor]
+    norm: tuple[RMSNorm, RMSNorm]
+    out_proj: PairedLinear
+    split_widths: tuple[int, int, int]
+    """in_proj output -> (z, conv inputs, dt)."""
+    first: KVSSM
+
+    @staticmethod
+    @torch.no_grad()
+    def of(first: KVSSM, second: KVSSM, dtype: torch.dtype) -> "PairedStepWeights":
+        _check_pair(first, second)
+        dt_bias = None
+        if first.dt_bias is not None:
+            dt_bias = torch.cat([first.dt_bias, second.dt_bias]).to(dtype)
+        return PairedStepWeights(
+            conv_weight=_side_by_side(first, first.conv_weight, second.conv_weight, 0),
+            conv_bias=_side_by_side(first, first.conv_bias, second.conv_bias, 0),
+            A=-torch.exp(torch.cat([first.A_log, second.A_log]).to(dtype)),
+            D=torch.cat([first.D, second.D]).to(dtype),
+            dt_bias=dt_bias,
+            norm=(first.norm, second.norm),
+            out_proj=PairedLinear(first.out_proj, second.out_proj),
+            split_widths=(first.hidden_dim, first.conv_channels, first.heads),
+            first=first,
+        )
+
+
+def paired_step_projected(
+    weights: PairedStepWeights,
+    projected_first: torch.Tensor,
+    projected_second: torch.Tensor,
+    state: SSMState,
+    segment_start: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, SSMState]:
+    """:func:`paired_step` from the two SSMs' in_proj outputs [B, width] and prepared weights."""
+    first = weights.first
+    z_1, conv_in_1, dt_1 = projected_first.split(weights.split_widths, dim=-1)
+    z_2, conv_in_2, dt_2 = projected_second.split(weights.split_widths, dim=-1)
+    dt = torch.cat([dt_1, dt_2], dim=-1).to(state.ssm.dtype)
+    if weights.dt_bias is not None:
+        dt = dt + weights.dt_bias
     y, state = _recurrent_step(
-        pair.conv_in, pair.dt, pair.A, pair.D, pair.conv_weight, pair.conv_bias, state, segment_start,
-        _ScanSizes.of(first, copies=2),
+        _side_by_side(first, conv_in_1, conv_in_2, -1), F.softplus(dt), weights.A, weights.D,
+        weights.conv_weight, weights.conv_bias, state, segment_start, _ScanSizes.of(first, copies=2),
     )
-    return (*pair.outputs(first, second, y.flatten(-2).to(x_first.dtype)), state)
+    y_1, y_2 = y.flatten(-2).to(projected_first.dtype).chunk(2, dim=-1)
+    gated_1 = weights.norm[0](y_1 * F.silu(z_1))
+    gated_2 = weights.norm[1](y_2 * F.silu(z_2))
+    return (*weights.out_proj(gated_1, gated_2), state)
 
 
 def _check_pair(first: KVSSM, second: KVSSM) -> None:

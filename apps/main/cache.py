@@ -22,6 +22,7 @@ import torch
 
 from apps.main.model import TransformerLM
 from lingua.generate import register_cache_support
+from lingua.decode_weights import StackedLinear, StackedSwiGLU
 from lingua.kv_cache import KVSlots, PositionedCache, attend_slots, causal_allowed, check_prefill
 
 class TransformerCache(PositionedCache):
@@ -35,6 +36,9 @@ class TransformerCache(PositionedCache):
         self.layers = [
             KVSlots.empty(batch, args.kv_heads, slots, args.head_dim, device, dtype) for _ in range(args.n_layers)
         ]
+        # Decode-time weights (lingua.decode_weights): q, k and v as one matmul, w1 and w3 as one.
+        self.qkv = [StackedLinear(layer.attention.wq, layer.attention.wk, layer.attention.wv) for layer in model.layers]
+        self.feed_forwards = [StackedSwiGLU(layer.feed_forward) for layer in model.layers]
 
     def live_nbytes(self) -> int:
         """Bytes of the (k, v) entries a next query can see (equals nbytes() once full)."""
@@ -79,8 +83,8 @@ def forward_cached(
     cos, sin = model.rope(query_positions)
     span = cache.layers[0].slots if cache.static_shapes else min(cache.horizon, cache.layers[0].slots)
     x = model.tok_embeddings(tokens)
-    for layer, slots in zip(model.layers, cache.layers):
-        q, k, v = layer.attention.project(layer.attention_norm(x), cos, sin)
+    for layer, slots, qkv, feed_forward in zip(model.layers, cache.layers, cache.qkv, cache.feed_forwards):
+        q, k, v = layer.attention.split_rotate(*qkv(layer.attention_norm(x)), cos, sin)
         if decode:
             slots.write_one(k, v, start)
             allowed = causal_allowed(slots.positions[:, :span], query_positions, cache.window)
@@ -91,7 +95,7 @@ def forward_cached(
             out = attend_slots(q, torch.cat([slots.k, k], dim=2), torch.cat([slots.v, v], dim=2), allowed)
             slots.write_many(k, v, start, lengths)
         x = x + layer.attention.wo(out.transpose(1, 2).flatten(2))
-        x = x + layer.feed_forward(layer.ffn_norm(x))
+        x = x + feed_forward(layer.ffn_norm(x))
     cache.positions.add_(1 if decode else lengths)
     return model.output(model.norm(x))
 

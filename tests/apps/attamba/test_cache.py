@@ -69,8 +69,9 @@ def test_prefill_then_decode_equals_full_forward(strategy, chunk, leading):
         dict(chunk_count=3, leading_tokens=2),  # Attamba-Linear: P = ceil(max_len / 3)
         dict(token_chunk=8, eval_token_chunk=4, eval_leading_tokens="chunk", eval_chunk_strategy="random"),
         dict(token_chunk=4, leading_tokens=3, n_layers=2, ssm_n_groups=2, conv_size=2),
+        dict(token_chunk=4, leading_tokens=3, n_layers=2, ssm_hidden_dim=48, dt_bias=False),
     ],
-    ids=["pseudo_chunk", "kv_proj_no_residual", "chunk_count", "eval_chunking", "groups_conv2"],
+    ids=["pseudo_chunk", "kv_proj_no_residual", "chunk_count", "eval_chunking", "groups_conv2", "wide_ssm_no_dt_bias"],
 )
 def test_variants_decode_like_the_full_forward(overrides):
     model = tiny_attamba(**overrides)

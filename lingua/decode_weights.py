@@ -1,0 +1,58 @@
+"""Weights arranged for decoding: linear layers that read the same input, as one matmul.
+
+A decode step multiplies a handful of rows by every weight matrix, so each matmul is a small,
+launch-bound kernel: on the H100 the 60M Attamba's step at batch 1 ran 72 matmuls of ~3.4 µs
+each among its 310 kernels (docs/benchmarks.md). Stacking the weights that read one input (the
+query and key/value projections; SwiGLU's w1 and w3) makes one matmul of each group.
+
+The stacked weights are a snapshot taken when a cache is made (every generation makes its own
+cache): a cache must not outlive an update of the weights it decodes with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StackedLinear:
+    """Bias-free linear layers that read the same input, as one matmul: ``x -> (y_1, y_2, ...)``."""
+
+    def __init__(self, *linears: nn.Linear):
+        if any(linear.bias is not None for linear in linears):
+            raise ValueError("StackedLinear stacks bias-free linear layers only")
+        with torch.no_grad():
+            self.weight = torch.cat([linear.weight for linear in linears], dim=0)
+        self.sizes = [linear.out_features for linear in linears]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight).split(self.sizes, dim=-1)
+
+
+class PairedLinear:
+    """Two bias-free linear layers of the same shape applied to two inputs, as one batched matmul:
+    ``(x_1, x_2) -> (first(x_1), second(x_2))``."""
+
+    def __init__(self, first: nn.Linear, second: nn.Linear):
+        if first.bias is not None or second.bias is not None or first.weight.shape != second.weight.shape:
+            raise ValueError("PairedLinear pairs bias-free linear layers of the same shape")
+        with torch.no_grad():
+            self.weight_t = torch.stack([first.weight.t(), second.weight.t()]).contiguous()  # [2, in, out]
+
+    def __call__(self, x_1: torch.Tensor, x_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_1, x_2 [B, in] -> [B, out] each."""
+        y = torch.bmm(torch.stack([x_1, x_2]), self.weight_t)
+        return y[0], y[1]
+
+
+class StackedSwiGLU:
+    """A SwiGLU feed-forward (lingua.transformer.SwiGLU) with w1 and w3 as one matmul."""
+
+    def __init__(self, feed_forward: nn.Module):
+        self.gate_and_up = StackedLinear(feed_forward.w1, feed_forward.w3)
+        self.down = feed_forward.w2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_and_up(x)
+        return self.down(F.silu(gate) * up)
