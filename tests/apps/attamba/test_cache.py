@@ -201,23 +201,25 @@ def test_compiled_cache_writes_touch_only_the_written_entries():
     cache = new_cache(model, 2, 512, "cpu", torch.float32)
     cache.pretend_filled(300)
     layer = cache.layers[0]
-    eager = [t.clone() for t in (layer.k, layer.v, layer.positions)]
-    t = torch.tensor([300, 301])
-    k, v = torch.randn(2, *layer.k.shape[1:2], 1, layer.k.shape[3]), torch.randn(2, *layer.v.shape[1:2], 1, layer.v.shape[3])
-
-    torch._dynamo.reset()
+    buffers = (layer.k, layer.v, layer.positions)
+    before = [buffer.clone() for buffer in buffers]
+    t = torch.tensor([300, 302])
+    leaving = cache.leaving_position(t)
+    assert layer.tables.is_boundary[leaving].any(), "a row must move a boundary to the compressed part"
+    k = torch.randn(2, layer.k.shape[1], 1, layer.k.shape[3])
+    v = torch.randn_like(k)
 
     def step(leaving: torch.Tensor, positions: torch.Tensor) -> None:
         layer.move_to_compressed(leaving)
         layer.ring.write_one(k, v, positions)
 
-    leaving = cache.leaving_position(t)
-    step(leaving, t)  # eager
-    after_eager = [x.clone() for x in (layer.k, layer.v, layer.positions)]
-    for buffer, before in zip((layer.k, layer.v, layer.positions), eager):
-        buffer.copy_(before)
+    step(leaving, t)  # eager: the expected result
+    expected = [buffer.clone() for buffer in buffers]
+    for buffer, old in zip(buffers, before):
+        buffer.copy_(old)
+    torch._dynamo.reset()
     _, code = run_and_get_code(torch.compile(step, dynamic=False, fullgraph=True), leaving, t)
-    for buffer, expected in zip((layer.k, layer.v, layer.positions), after_eager):
-        torch.testing.assert_close(buffer, expected, atol=0, rtol=0)
+    for buffer, want in zip(buffers, expected):
+        torch.testing.assert_close(buffer, want, atol=0, rtol=0)
     whole_buffer = layer.k[0].numel()  # one row's keys: any kernel this long touches everything
     assert max(_loop_bounds("\n".join(code))) < whole_buffer
