@@ -178,6 +178,25 @@ def format_row(r: Measurement) -> str:
             f"{gib(r.cache_bytes)} {gib(r.live_cache_bytes)} {gib(r.peak_memory_bytes)}  {r.note}")
 
 
+def speedups(rows: list[Measurement]) -> list[str]:
+    """Per (context, batch): each model's fastest mode, and Attamba's tokens/s over the transformer's."""
+    best: dict[tuple[int, int, str], Measurement] = {}
+    for row in rows:
+        key = (row.context, row.batch, row.model)
+        if row.tokens_per_second and (key not in best or row.tokens_per_second > best[key].tokens_per_second):
+            best[key] = row
+    lines = []
+    for context, batch in sorted({(r.context, r.batch) for r in rows}):
+        attamba, transformer = best.get((context, batch, "attamba")), best.get((context, batch, "transformer"))
+        if attamba and transformer:
+            lines.append(
+                f"context {context:>7} batch {batch:>3}: Attamba {attamba.tokens_per_second:,.1f} tok/s ({attamba.mode}) / "
+                f"transformer {transformer.tokens_per_second:,.1f} ({transformer.mode}) = "
+                f"{attamba.tokens_per_second / transformer.tokens_per_second:.2f}x"
+            )
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
@@ -221,6 +240,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\n" + HEADER)
     for row in rows:
         print(format_row(row))
+    ratios = speedups(rows)
+    if ratios:
+        print("\nfastest mode of each model:")
+        print("\n".join(ratios))
     return 0
 
 
