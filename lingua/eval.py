@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -372,20 +372,49 @@ def _from_rank_zero(value: Any) -> Any:
     return box[0]
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def rounds(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive groups of ``size`` items (the last one shorter): one round of work per rank."""
+    group: list[Any] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 @torch.no_grad()
 def validation_perplexity(model: nn.Module, tokenizer: Any, path: str, seq_len: int, batch_size: int, max_batches: Optional[int]) -> float:
-    """exp(mean next-token loss) over the labelled tokens of a held-out jsonl file."""
+    """exp(mean next-token loss) over the labelled tokens of a held-out jsonl file.
+
+    Under torchrun the batches are shared out: in each round of world-size batches, rank r scores
+    the r-th, and the sums are added up across ranks. Every rank runs one forward pass per round
+    (a rank past the end of the last round repeats a batch with weight 0), as FSDP's collective
+    forward passes and the per-batch interrupt vote need.
+    """
     from lingua.data import iter_eval_batches
 
     device = model_device(model)
-    total_loss, total_tokens = 0.0, 0
-    for batch in iter_eval_batches(path, tokenizer, seq_len, batch_size, max_batches):
+    rank, world = _rank_and_world()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, labelled tokens
+    for group in rounds(iter_eval_batches(path, tokenizer, seq_len, batch_size, max_batches), world):
         check_interrupt()
+        batch, weight = (group[rank], 1.0) if rank < len(group) else (group[0], 0.0)
         doc_ids = None if batch.doc_ids is None else batch.doc_ids.to(device)
         logits = model(batch.tokens.to(device), doc_ids)  # [B, n, V]
         labels = batch.labels.to(device)
-        total_loss += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
-        total_tokens += int((labels != IGNORE_INDEX).sum())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        sums += weight * torch.stack([loss.double(), (labels != IGNORE_INDEX).sum().double()])
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    total_loss, total_tokens = sums.tolist()
     if total_tokens == 0:
         raise ValueError(f"validation source {path} gave no labelled tokens")
     return math.exp(total_loss / total_tokens)

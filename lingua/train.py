@@ -280,9 +280,10 @@ class _Evaluator:
         from lingua.eval import GenerationUnderFSDPError, run_evaluation
         from lingua.interrupt import EvaluationInterrupted, interruptible
 
-        # run_evaluation switches the model to eval mode (eval-time chunking) and back. Each rank
-        # evaluates every example: simple, and the same numbers everywhere; sharding the
-        # examples across ranks would divide the time. Compiled blocks run eagerly here: eval
+        # run_evaluation switches the model to eval mode (eval-time chunking) and back. Validation
+        # batches are shared out across ranks; lm-eval tasks run whole on every rank (the same
+        # numbers everywhere; their rolling windows differ per document, so sharing them out
+        # would need padding to equal forward counts). Compiled blocks run eagerly here: eval
         # mode and evaluation's batch shapes would each recompile every block (minutes for
         # Attamba, whose layers compile separately) and use up dynamo's recompile limit.
         results = None

@@ -72,11 +72,14 @@ def test_periodic_evaluation_under_torchrun_matches_one_process(tmp_path, parall
         "model.vocab_size=258", "model.max_seqlen=32", f"data.sources={{{corpus}: 1.0}}", "data.seq_len=32",
         "data.batch_size=2", "steps=4", "eval_every=2", "eval_at_end=true", "device=cpu",
         f"distributed.parallelism={parallelism}", f"eval.val_sources={{held: {held}}}", "eval.batch_size=2", "eval.tasks=[wikitext_local]", f"eval.wikitext_path={wiki}",
+        "eval.val_max_batches=5",  # odd: the second rank's last round repeats a batch with weight 0
     )
     records = [json.loads(line) for line in (run / "metrics.eval.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in records] == [2, 4], "one record per evaluation (rank 0 writes)"
     # The last evaluation saw the final weights: the same number as one process evaluating the export.
-    eval_args = EvalArgs(tasks=["wikitext_local"], wikitext_path=str(wiki), val_sources={"held": str(held)}, batch_size=2)
+    eval_args = EvalArgs(
+        tasks=["wikitext_local"], wikitext_path=str(wiki), val_sources={"held": str(held)}, batch_size=2, val_max_batches=5
+    )
     model, tokenizer, _ = load_model(EvalRunArgs(ckpt=str(run), device="cpu", eval=eval_args))
     expected = run_evaluation(model, tokenizer, eval_args, 4, None)
     assert records[-1]["val/held/ppl"] == pytest.approx(expected["val/held/ppl"], rel=1e-4)

@@ -260,3 +260,12 @@ def test_generation_on_an_fsdp_sharded_model_is_a_clear_error(tmp_path):
             LinguaLM(model, tokenizer).generate_until([request])
     finally:
         dist.destroy_process_group()
+
+
+def test_rounds_share_batches_out_one_per_rank():
+    from lingua.eval import rounds
+
+    assert list(rounds(range(5), 2)) == [[0, 1], [2, 3], [4]]
+    assert list(rounds(range(4), 2)) == [[0, 1], [2, 3]]
+    assert list(rounds([], 3)) == []
+    assert list(rounds(range(3), 1)) == [[0], [1], [2]]
