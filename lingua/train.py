@@ -58,7 +58,8 @@ class TrainArgs:
     """Run Python's garbage collector every this many steps (automatic collection is off)."""
     eval_every: int = 0
     """Evaluate (lm-eval tasks and validation perplexity, see `eval`) every this many steps; 0 = off.
-    Under torchrun every rank evaluates every example (the same numbers; rank 0 writes them).
+    Under torchrun every rank takes part (validation batches shared out, lm-eval tasks whole on
+    every rank); rank 0 writes the results.
     Compiled blocks run eagerly during evaluation (no recompiles for eval mode or new shapes)."""
     eval_at_end: bool = True
     export_at_end: bool = True
@@ -263,8 +264,8 @@ def train(args: TrainArgs) -> dict:
 
 
 class _Evaluator:
-    """Periodic evaluation. Every rank evaluates (under FSDP each forward pass gathers the
-    parameters from all ranks, so all must run the same passes); rank 0 writes the results."""
+    """Periodic evaluation. Every rank takes part (under FSDP each forward pass gathers the
+    parameters from all ranks, so all must run the same number of passes); rank 0 writes."""
 
     def __init__(
         self, args: TrainArgs, tokenizer, run_dir: Path, env: distributed.DistEnv, preemption: Optional[_Preemption] = None
