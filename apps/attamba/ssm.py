@@ -306,9 +306,13 @@ class KVSSM(nn.Module):
             dt = dt + self.dt_bias.to(dtype)
         return F.softplus(dt)
 
+    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z [..., hidden] -> RMSNorm(y * SiLU(z)), what out_proj reads."""
+        return self.norm(y * F.silu(z))
+
     def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z [..., hidden] -> out_proj(RMSNorm(y * SiLU(z))) [..., dim_out]."""
-        return self.out_proj(self.norm(y * F.silu(z)))
+        return self.out_proj(self._gate(y, z))
 
     def _mix(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], return_final_state: bool,
              max_segment_len: Optional[int] = None):
@@ -394,11 +398,41 @@ def paired_forward(
     if segment_start is None:
         segment_start = torch.zeros(batch, n, dtype=torch.bool, device=x_first.device)
     ssd, conv = load_backend(first.impl, x_first.device)
-    pair = _PairInputs.of(first, second, x_first, x_second, _state_dtype(x_first.dtype))
-    conv_out = F.silu(conv(pair.conv_in, pair.conv_weight, pair.conv_bias, segment_start))
+    params = _PairParameters.of(first, second, _state_dtype(x_first.dtype))
+    pair = _PairInputs.of(first, params, first.in_proj(x_first), second.in_proj(x_second))
+    conv_out = F.silu(conv(pair.conv_in, params.conv_weight, params.conv_bias, segment_start))
     u, B, C = _ScanSizes.of(first, copies=2).split_conv_output(conv_out)
-    y = ssd(u, pair.dt, pair.A, B, C, pair.D, segment_start, return_final_state=False, max_segment_len=max_segment_len)
-    return pair.outputs(first, second, y.flatten(-2))
+    y = ssd(u, pair.dt, params.A, B, C, params.D, segment_start, return_final_state=False, max_segment_len=max_segment_len)
+    y_1, y_2 = y.flatten(-2).chunk(2, dim=-1)
+    return first._output(y_1, pair.z[0]), second._output(y_2, pair.z[1])
+
+
+@dataclass
+class _PairParameters:
+    """Two KV-SSMs' conv taps, decay rates, skips and dt biases side by side, in the order of
+    the paired conv channels and scan heads; A, D and the dt bias in the scan's dtype."""
+
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor
+    A: torch.Tensor
+    D: torch.Tensor
+    dt_bias: Optional[torch.Tensor]
+
+    @staticmethod
+    def of(first: KVSSM, second: KVSSM, dtype: torch.dtype) -> "_PairParameters":
+        _check_pair(first, second)
+        return _PairParameters(
+            conv_weight=_side_by_side(first, first.conv_weight, second.conv_weight, 0),
+            conv_bias=_side_by_side(first, first.conv_bias, second.conv_bias, 0),
+            A=-torch.exp(torch.cat([first.A_log, second.A_log]).to(dtype)),
+            D=torch.cat([first.D, second.D]).to(dtype),
+            dt_bias=None if first.dt_bias is None else torch.cat([first.dt_bias, second.dt_bias]).to(dtype),
+        )
+
+    def dt(self, dt_first: torch.Tensor, dt_second: torch.Tensor) -> torch.Tensor:
+        """Both SSMs' raw dt [..., heads] -> softplus(dt + dt_bias) [..., 2·heads] in A's dtype."""
+        dt = torch.cat([dt_first, dt_second], dim=-1).to(self.A.dtype)
+        return F.softplus(dt if self.dt_bias is None else dt + self.dt_bias)
 
 
 @dataclass
@@ -408,33 +442,15 @@ class _PairInputs:
     z: tuple[torch.Tensor, torch.Tensor]
     conv_in: torch.Tensor
     """[..., 2·channels] in the side-by-side order [u₁, u₂, B₁, B₂, C₁, C₂]."""
-    conv_weight: torch.Tensor
-    conv_bias: torch.Tensor
     dt: torch.Tensor
     """[..., 2·heads], after the softplus."""
-    A: torch.Tensor
-    D: torch.Tensor
 
     @staticmethod
-    def of(first: KVSSM, second: KVSSM, x_first: torch.Tensor, x_second: torch.Tensor, dtype: torch.dtype) -> "_PairInputs":
-        """Both in_proj's, then side by side; dt, A and D in ``dtype`` (the scan's)."""
-        _check_pair(first, second)
-        z_1, conv_in_1, dt_1 = first._split_projection(first.in_proj(x_first))
-        z_2, conv_in_2, dt_2 = second._split_projection(second.in_proj(x_second))
-        return _PairInputs(
-            z=(z_1, z_2),
-            conv_in=_side_by_side(first, conv_in_1, conv_in_2, -1),
-            conv_weight=_side_by_side(first, first.conv_weight, second.conv_weight, 0),
-            conv_bias=_side_by_side(first, first.conv_bias, second.conv_bias, 0),
-            dt=torch.cat([first._dt(dt_1, dtype), second._dt(dt_2, dtype)], dim=-1),
-            A=-torch.exp(torch.cat([first.A_log, second.A_log]).to(dtype)),
-            D=torch.cat([first.D, second.D]).to(dtype),
-        )
-
-    def outputs(self, first: KVSSM, second: KVSSM, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scan output [..., 2·hidden] (both SSMs' y side by side) -> each SSM's output."""
-        y_1, y_2 = y.chunk(2, dim=-1)
-        return first._output(y_1, self.z[0]), second._output(y_2, self.z[1])
+    def of(first: KVSSM, params: _PairParameters, projected_first: torch.Tensor, projected_second: torch.Tensor) -> "_PairInputs":
+        """Both in_proj outputs, split and side by side."""
+        z_1, conv_in_1, dt_1 = first._split_projection(projected_first)
+        z_2, conv_in_2, dt_2 = first._split_projection(projected_second)
+        return _PairInputs(z=(z_1, z_2), conv_in=_side_by_side(first, conv_in_1, conv_in_2, -1), dt=params.dt(dt_1, dt_2))
 
 
 def _side_by_side(first: KVSSM, a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -466,47 +482,46 @@ def paired_step(
     counterpart of :func:`paired_forward`): half the small kernels of two steps, which dominate
     a decode step. ``state`` comes from :func:`init_paired_state` or :func:`paired_state`.
     -> (first's y [B, dim_out], second's y, the new paired state)."""
-    weights = PairedStepWeights.of(first, second, state.ssm.dtype)
-    return paired_step_projected(weights, first.in_proj(x_first), second.in_proj(x_second), state, segment_start)
+    params = _PairParameters.of(first, second, state.ssm.dtype)
+    (y_1, z_1), (y_2, z_2), state = _paired_recurrence(
+        first, params, first.in_proj(x_first), second.in_proj(x_second), state, segment_start
+    )
+    return first._output(y_1, z_1), second._output(y_2, z_2), state
+
+
+def _paired_recurrence(
+    first: KVSSM,
+    params: _PairParameters,
+    projected_first: torch.Tensor,
+    projected_second: torch.Tensor,
+    state: SSMState,
+    segment_start: Optional[torch.Tensor],
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], SSMState]:
+    """Both SSMs' in_proj outputs [B, width] -> each SSM's (y, z) [B, hidden] and the new state."""
+    pair = _PairInputs.of(first, params, projected_first, projected_second)
+    y, state = _recurrent_step(
+        pair.conv_in, pair.dt, params.A, params.D, params.conv_weight, params.conv_bias, state, segment_start,
+        _ScanSizes.of(first, copies=2),
+    )
+    y_1, y_2 = y.flatten(-2).to(projected_first.dtype).chunk(2, dim=-1)
+    return (y_1, pair.z[0]), (y_2, pair.z[1]), state
 
 
 @dataclass
 class PairedStepWeights:
-    """What a paired decode step reads of two KV-SSMs besides their in_proj: conv taps, decay
-    rates, skips and dt biases side by side (as the paired state), and both output projections
-    as one batched matmul. Built once per cache (a snapshot), it spares every step the
-    concatenations, which are kernels of their own."""
+    """Two KV-SSMs' parameters as a cache's decode steps read them, prepared once (a snapshot):
+    side by side (:class:`_PairParameters`), and both out_proj as one batched matmul. It spares
+    every step the concatenations, which are kernels of their own."""
 
-    conv_weight: torch.Tensor
-    conv_bias: torch.Tensor
-    A: torch.Tensor
-    """[2·heads] -exp(A_log), in the state's dtype."""
-    D: torch.Tensor
-    dt_bias: Optional[torch.Tensor]
-    norm: tuple[RMSNorm, RMSNorm]
-    out_proj: PairedLinear
-    split_widths: tuple[int, int, int]
-    """in_proj output -> (z, conv inputs, dt)."""
     first: KVSSM
+    second: KVSSM
+    params: _PairParameters
+    out_proj: PairedLinear
 
     @staticmethod
     @torch.no_grad()
     def of(first: KVSSM, second: KVSSM, dtype: torch.dtype) -> "PairedStepWeights":
-        _check_pair(first, second)
-        dt_bias = None
-        if first.dt_bias is not None:
-            dt_bias = torch.cat([first.dt_bias, second.dt_bias]).to(dtype)
-        return PairedStepWeights(
-            conv_weight=_side_by_side(first, first.conv_weight, second.conv_weight, 0),
-            conv_bias=_side_by_side(first, first.conv_bias, second.conv_bias, 0),
-            A=-torch.exp(torch.cat([first.A_log, second.A_log]).to(dtype)),
-            D=torch.cat([first.D, second.D]).to(dtype),
-            dt_bias=dt_bias,
-            norm=(first.norm, second.norm),
-            out_proj=PairedLinear(first.out_proj, second.out_proj),
-            split_widths=(first.hidden_dim, first.conv_channels, first.heads),
-            first=first,
-        )
+        return PairedStepWeights(first, second, _PairParameters.of(first, second, dtype), PairedLinear(first.out_proj, second.out_proj))
 
 
 def paired_step_projected(
@@ -517,20 +532,10 @@ def paired_step_projected(
     segment_start: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, SSMState]:
     """:func:`paired_step` from the two SSMs' in_proj outputs [B, width] and prepared weights."""
-    first = weights.first
-    z_1, conv_in_1, dt_1 = projected_first.split(weights.split_widths, dim=-1)
-    z_2, conv_in_2, dt_2 = projected_second.split(weights.split_widths, dim=-1)
-    dt = torch.cat([dt_1, dt_2], dim=-1).to(state.ssm.dtype)
-    if weights.dt_bias is not None:
-        dt = dt + weights.dt_bias
-    y, state = _recurrent_step(
-        _side_by_side(first, conv_in_1, conv_in_2, -1), F.softplus(dt), weights.A, weights.D,
-        weights.conv_weight, weights.conv_bias, state, segment_start, _ScanSizes.of(first, copies=2),
+    (y_1, z_1), (y_2, z_2), state = _paired_recurrence(
+        weights.first, weights.params, projected_first, projected_second, state, segment_start
     )
-    y_1, y_2 = y.flatten(-2).to(projected_first.dtype).chunk(2, dim=-1)
-    gated_1 = weights.norm[0](y_1 * F.silu(z_1))
-    gated_2 = weights.norm[1](y_2 * F.silu(z_2))
-    return (*weights.out_proj(gated_1, gated_2), state)
+    return (*weights.out_proj(weights.first._gate(y_1, z_1), weights.second._gate(y_2, z_2)), state)
 
 
 def _check_pair(first: KVSSM, second: KVSSM) -> None:
