@@ -19,9 +19,33 @@ EMPTY = -1
 """Position recorded in a slot that holds nothing."""
 
 
-def row_head_index(batch: int, heads: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index tensors [B, 1] and [1, H] that, with a [B, 1] slot index, pick one entry per (row, head)."""
-    return torch.arange(batch, device=device)[:, None], torch.arange(heads, device=device)[None, :]
+def _row_head_index(k_buffer: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of slot[b] [B] in every head of k_buffer [B, H, S, d]: an [B, H] entry grid."""
+    rows = torch.arange(k_buffer.shape[0], device=slot.device)[:, None]
+    heads = torch.arange(k_buffer.shape[1], device=slot.device)[None, :]
+    return rows, heads, slot[:, None]
+
+
+def read_entries(buffers: tuple[torch.Tensor, ...], slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [B, H, d] held in slot[b] [B] of (k, v, positions) buffers [B, H, S, d]."""
+    k_buffer, v_buffer, _ = buffers
+    index = _row_head_index(k_buffer, slot)
+    return k_buffer[index], v_buffer[index]
+
+
+def write_entries(
+    buffers: tuple[torch.Tensor, ...], slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor
+) -> None:
+    """Store k, v [B, H, d] and ``position`` [B] in slot[b] [B] of each row of (k, v, positions).
+
+    Written with ``index_put_`` on the whole buffers: compiled by Inductor that updates the written
+    entries in place, whereas a ``scatter_`` (or any write through a view) becomes a copy of the
+    whole buffer every step (gigabytes at long context)."""
+    k_buffer, v_buffer, positions_buffer = buffers
+    index = _row_head_index(k_buffer, slot)
+    k_buffer[index] = k
+    v_buffer[index] = v
+    positions_buffer[index[0][:, 0], slot] = position
 
 
 class KVSlots:
@@ -31,21 +55,16 @@ class KVSlots:
     the most recent ``slots`` positions. The slots may be a range ``first .. first + slots - 1``
     of larger buffers (the Attamba cache keeps its compressed keys and its window in one tensor so
     attention needs no concatenation): ``k``, ``v`` ([B, Hkv, slots, d]) and ``positions``
-    ([B, slots]) are views of that range.
-
-    A decode step writes through the whole buffers with ``index_put_``: compiled by Inductor, that
-    updates the written entries in place, whereas a ``scatter_`` (or any write through a view)
-    becomes a copy of the whole buffer every step (gigabytes at long context).
+    ([B, slots]) are views of that range. A decode step writes through the whole buffers
+    (:func:`write_entries`).
     """
 
-    def __init__(
-        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, first: int = 0, slots: Optional[int] = None
-    ):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, first: int = 0):
+        """k, v [B, Hkv, S, d], positions [B, S]: buffers whose slots first .. S - 1 are ours."""
         self.buffers = (k, v, positions)
         self.first = first
-        self.slots = k.shape[2] - first if slots is None else slots
-        ours = slice(first, first + self.slots)
-        self.k, self.v, self.positions = k[:, :, ours], v[:, :, ours], positions[:, ours]
+        self.slots = k.shape[2] - first
+        self.k, self.v, self.positions = k[:, :, first:], v[:, :, first:], positions[:, first:]
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, device, dtype) -> "KVSlots":
@@ -55,12 +74,7 @@ class KVSlots:
 
     def write_one(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
         """Store k, v [B, Hkv, 1, d] of one token per row at ``position`` [B]."""
-        k_buffer, v_buffer, positions_buffer = self.buffers
-        rows, heads = row_head_index(k.shape[0], k.shape[1], k.device)
-        slot = self.first + position % self.slots  # [B]
-        k_buffer[rows, heads, slot[:, None]] = k[:, :, 0]
-        v_buffer[rows, heads, slot[:, None]] = v[:, :, 0]
-        positions_buffer[rows[:, 0], slot] = position
+        write_entries(self.buffers, self.first + position % self.slots, k[:, :, 0], v[:, :, 0], position)
 
     def write_many(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor) -> None:
         """Store k, v [B, Hkv, m, d] of positions start[b] + i for i < lengths[b].

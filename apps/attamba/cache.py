@@ -41,7 +41,7 @@ from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step_projected
 from lingua.decode_weights import PairedLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import (
-    EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill, right_aligned_columns, row_head_index,
+    EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill, read_entries, right_aligned_columns, write_entries,
 )
 from lingua.generate import register_cache_support
 from lingua.transformer import apply_rotary
@@ -135,13 +135,9 @@ class AttambaLayerCache:
         """Copy position ``leaving`` [B] from the ring to its compressed slot where it is a boundary."""
         safe = leaving.clamp(min=0)
         moves = (leaving >= 0) & self.tables.is_boundary[safe]  # [B]
-        destination = torch.where(moves, self.tables.compressed_slot[safe], self.trash)[:, None]  # [B, 1]
-        source = (self.ring.first + safe % self.ring.slots)[:, None]  # [B, 1]
-        # index_put_ on the whole buffers, never scatter_: see KVSlots (in place when compiled).
-        rows, heads = row_head_index(self.k.shape[0], self.k.shape[1], self.k.device)
-        self.k[rows, heads, destination] = self.k[rows, heads, source]
-        self.v[rows, heads, destination] = self.v[rows, heads, source]
-        self.positions[rows[:, 0], destination[:, 0]] = torch.where(moves, leaving, EMPTY)
+        destination = torch.where(moves, self.tables.compressed_slot[safe], self.trash)  # [B]
+        k, v = read_entries(self.ring.buffers, self.ring.first + safe % self.ring.slots)
+        write_entries(self.ring.buffers, destination, k, v, torch.where(moves, leaving, EMPTY))
 
     def fill_from_prompt(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
         """Build the cache from a prompt's rotated k, v [B, H, m, d] (rows start at position 0)."""
