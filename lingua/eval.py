@@ -365,7 +365,7 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, args: EvalArgs) -> dict[str, d
 
 def _from_rank_zero(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (unchanged in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if _rank_and_world()[1] == 1:
         return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
@@ -373,6 +373,7 @@ def _from_rank_zero(value: Any) -> Any:
 
 
 def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torchrun process group; (0, 1) without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -438,7 +439,7 @@ def check_ready(args: EvalArgs) -> None:
 
 
 def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    return _rank_and_world()[0] == 0
 
 
 @contextlib.contextmanager

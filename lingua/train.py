@@ -176,6 +176,10 @@ def train(args: TrainArgs) -> dict:
     gc.collect()
     model.train()
     last_loss = float("nan")
+
+    def summary(preempted: bool) -> dict:
+        return {"step": step, "loss": last_loss, "nan_steps": nan_steps, "preempted": preempted}
+
     try:
         while step < args.steps:
             loss_sum = torch.zeros((), device=env.device)
@@ -246,16 +250,16 @@ def train(args: TrainArgs) -> dict:
                 save(is_eval=True)
             if stopping:
                 logger.warning("preempted: checkpoint saved at step %d, exiting", step)
-                return {"step": step, "loss": last_loss, "nan_steps": nan_steps, "preempted": True}
+                return summary(preempted=True)
         save()
         if args.eval_at_end:
             evaluator.run(distributed.unwrap(model), step)
             if distributed.any_rank(preemption.requested, env):  # the checkpoint is saved; a rerun redoes the rest
                 logger.warning("preempted during the final evaluation: exiting without the export")
-                return {"step": step, "loss": last_loss, "nan_steps": nan_steps, "preempted": True}
+                return summary(preempted=True)
         if args.export_at_end:
             export_consolidated(model, args, run_dir / "export")
-        return {"step": step, "loss": last_loss, "nan_steps": nan_steps, "preempted": False}
+        return summary(preempted=False)
     finally:
         gc.enable()
         profiler.close()
