@@ -46,6 +46,7 @@ from apps.attamba.args import AttambaArgs  # noqa: E402
 from apps.attamba.model import AttambaLM  # noqa: E402
 from apps.main.model import TransformerArgs, TransformerLM  # noqa: E402
 from lingua.generate import DTYPES, DecodeStep, cache_support  # noqa: E402
+from profile_step import kernel_totals  # noqa: E402  (this folder is on the path: a sibling script)
 
 # The paper's 60M models (apps/attamba/configs/attamba_60m.yaml, apps/main/configs/transformer_60m.yaml).
 SHARED = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000)
@@ -124,9 +125,7 @@ def write_kernel_profile(step: DecodeStep, tokens: torch.Tensor, path: Path, ste
         for _ in range(steps):
             tokens = step(tokens).argmax(-1)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    launches = sum(e.count for e in kernels) / steps
-    gpu_us = sum(e.self_device_time_total for e in kernels) / steps
+    launches, gpu_us = kernel_totals(prof.key_averages(), steps)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"per step: {launches:.0f} kernels, {gpu_us:.1f} us of kernel time\n{table}\n")

@@ -32,6 +32,15 @@ from lingua.registry import get_model_spec  # noqa: E402
 from lingua.train import cross_entropy, load_train_args  # noqa: E402
 
 
+def kernel_totals(averages, steps: int) -> tuple[float, float]:
+    """(kernels launched, µs of kernel time) per step from a profiler's ``key_averages()``.
+
+    Only kernel (device-side) events count: an operator row also carries the time of the kernels
+    it launched, so summing every row counts custom ops' and cuDNN's kernels twice."""
+    kernels = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.count for e in kernels) / steps, sum(e.self_device_time_total for e in kernels) / steps
+
+
 def random_doc_ids(batch: int, n: int, mean_doc: int, device) -> torch.Tensor | None:
     """[batch, n] document numbers of geometric-length documents (None when mean_doc is 0)."""
     if mean_doc <= 0:
@@ -111,10 +120,8 @@ def main() -> None:
         print(averages.table(sort_by="self_cuda_time_total", row_limit=options.rows, max_name_column_width=70))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=options.cpu_rows, max_name_column_width=70))
     # Kernel time per step against the step's wall time: a large gap means the host is the limit.
-    # Only kernel (device-side) events: an operator row also carries the time of the kernels it
-    # launched, so summing every row counts custom ops' and cuDNN's kernels twice.
-    kernels = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_ms = sum(event.self_device_time_total for event in kernels) / 1e3 / options.profile_steps
+    _, gpu_us = kernel_totals(averages, options.profile_steps)
+    gpu_ms = gpu_us / 1e3
     print(f"GPU (kernel) time per step {gpu_ms:.2f} ms of a {ms:.2f} ms step (profiled steps are slower)")
 
 
