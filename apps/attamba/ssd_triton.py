@@ -93,6 +93,27 @@ def _block_scan_terms(dt_ptr, start_ptr, A_h, bi, hi, blk, n, stride_dt_b, strid
     return t, in_seq, dt, L, e, w, f
 
 
+# The decay gradients sum each exponent's gradient over the a_i = dt_i·A it spans directly. The
+# shorter forms, per-token +/- terms with one cumsum, or an inclusive cumsum minus its own term,
+# cancel: they lost fp32 precision over long blocks, and on the GPU left ~1e-7 residues where the
+# gradient is exactly 0 (the compiler may recompute a term in another layout, rounded differently).
+
+
+@triton.jit
+def _spanned_sum(dE, BLOCK_Q: tl.constexpr):
+    """[Q] Σ_{t >= i} Σ_{j < i} dE[t, j] for every i: the gradient of a_i from exponents cs_t - cs_j."""
+    offs = tl.arange(0, BLOCK_Q)
+    from_i = tl.cumsum(dE, axis=0, reverse=True)  # [i, j]: Σ_{t >= i} dE[t, j]
+    return tl.sum(tl.where(offs[None, :] < offs[:, None], from_i, 0.0), axis=1)
+
+
+@triton.jit
+def _sum_before(x, BLOCK_Q: tl.constexpr):
+    """[Q] Σ_{j < i} x_j for every i (an exclusive cumsum that never subtracts)."""
+    offs = tl.arange(0, BLOCK_Q)
+    return tl.sum(tl.where(offs[None, :] < offs[:, None], x[None, :], 0.0), axis=1)
+
+
 @triton.jit
 def _this_block(A_ptr, dt_ptr, start_ptr, n, h, stride_dt_b, stride_dt_n, BLOCK_Q: tl.constexpr):
     """The (head, block, batch row) of a block kernel's program, its b·h index, A of its head,
@@ -282,16 +303,14 @@ def _block_grad_kernel(
     dx = tl.dot(tl.trans(G * L), dy, input_precision=PRECISION) + w[:, None] * B_dexit
     dG = tl.dot(dy, tl.trans(x), input_precision=PRECISION) * L  # [Q, Q]
     dL_L = dG * G  # dLoss/dL ∘ L, the gradient reaching (cs_t - cs_j)
-    d_cs = tl.sum(dL_L, axis=1) - tl.sum(dL_L, axis=0)
-    # Entering state read by the tokens before the first segment start: e_t (S_in C_t).
-    d_cs += tl.sum(dy * C_entering, axis=1) * e
-    # Exit state f S_in + Σ_j w_j x_j ⊗ B_j.
-    dw_w = tl.sum(x * B_dexit, axis=1) * w
-    d_cs -= dw_w
-    d_cs_last = tl.sum(dw_w, axis=0) + f * tl.sum(dexit_entering, axis=0)
-    d_cs += tl.where(tl.arange(0, BLOCK_Q) == BLOCK_Q - 1, d_cs_last, 0.0)
-    # cs is the cumsum of a = dt·A, so da_i = Σ_{t >= i} d_cs_t.
-    d_a = tl.cumsum(d_cs, axis=0, reverse=True)
+    # cs is the cumsum of a = dt·A, so a_i enters every exponent that spans it. Each exponent's
+    # gradient is summed over the a_i it spans directly: per-token +/- terms and one cumsum over
+    # the block (the same sum) cancel across segments and lost fp32 precision at Q = 128.
+    d_a = _spanned_sum(dL_L, BLOCK_Q)  # intra-block cs_t - cs_j spans j < i <= t
+    # Entering state read by the tokens before the first segment start: e_t = exp(cs_t) spans i <= t.
+    d_a += tl.cumsum(tl.sum(dy * C_entering, axis=1) * e, axis=0, reverse=True)
+    # Exit state f S_in + Σ_j w_j x_j ⊗ B_j: w_j = exp(cs_last - cs_j) spans i > j, f every i.
+    d_a += _sum_before(tl.sum(x * B_dexit, axis=1) * w, BLOCK_Q) + f * tl.sum(dexit_entering, axis=0)
     ddt = tl.sum(dx * u, axis=1) + d_a * A_h
     du = dx * dt[:, None] + D_h * dy
 

@@ -15,8 +15,8 @@ is written, read or passed between programs, unlike the chunked kernels of
 
 The decay gradient: a_i = dt_i·A enters every exponent cs_t - cs_j with j < i <= t, so its
 gradient sums the exponent's gradient over those pairs; each program sums them for its own tokens
-from the same three tiles (summing +/- per-token terms and a cumsum instead lost precision in
-fp32, as the terms of a segment cancel).
+from the same three tiles, never subtracting (see the note above ``_spanned_sum`` in
+:mod:`apps.attamba.ssd_triton`).
 
 Callers guarantee the segment bound (``max_segment_len``); :func:`supports` says whether these
 kernels apply. Runs on CUDA tensors, or under the Triton interpreter (``TRITON_INTERPRET=1``).
@@ -39,6 +39,8 @@ from apps.attamba.ssd_triton import (
     _last_dim_contiguous,
     _load_rows,
     _padded,
+    _spanned_sum,
+    _sum_before,
     _sum_group_heads,
     ssd_segmented_triton,
 )
@@ -189,19 +191,13 @@ def _window_bwd_kernel(
     dG_cc = tl.dot(dy_c, tl.trans(x_c), input_precision=PRECISION) * L_cc
     dG_nc = tl.dot(dy_n, tl.trans(x_c), input_precision=PRECISION) * L_nc
     # The gradient of a_i = dt_i·A is Σ dE[t, j] over the pairs (t, j) that decay across i,
-    # j < i <= t; for i in this block those pairs sit in the three tiles. Summing them directly
-    # (no +dE / -dE pairs that cancel) keeps fp32 accurate.
-    dE_cp = dG_cp * G_cp
-    dE_cc = dG_cc * G_cc
-    dE_nc = dG_nc * G_nc
-    at_or_after = offs[:, None] >= offs[None, :]  # [t, i]: t >= i
+    # j < i <= t; for i in this block those pairs sit in the three tiles (dE = dG ∘ G).
     # Keys in the previous block: every i <= t of this block.
-    d_a = tl.cumsum(tl.sum(dE_cp, axis=1), axis=0, reverse=True)
+    d_a = tl.cumsum(tl.sum(dG_cp * G_cp, axis=1), axis=0, reverse=True)
     # Both in this block: Σ_{t >= i} Σ_{j < i} dE[t, j].
-    before_i = tl.cumsum(dE_cc, axis=1) - dE_cc  # [t, i]: Σ_{j < i} dE[t, j]
-    d_a += tl.sum(tl.where(at_or_after, before_i, 0.0), axis=0)
-    # Queries in the next block: every t there is after i.
-    d_a += tl.sum(tl.cumsum(dE_nc, axis=1) - dE_nc, axis=0)
+    d_a += _spanned_sum(dG_cc * G_cc, BLOCK_Q)
+    # Queries in the next block: every t there is after i, so every key j < i counts.
+    d_a += _sum_before(tl.sum(dG_nc * G_nc, axis=0), BLOCK_Q)
 
     dx = tl.dot(tl.trans(G_cc * L_cc), dy_c, input_precision=PRECISION)
     dx = tl.dot(tl.trans(G_nc * L_nc), dy_n, acc=dx, input_precision=PRECISION)

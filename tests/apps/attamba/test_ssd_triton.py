@@ -171,6 +171,20 @@ def test_ssd_per_head_groups_padded_dims_and_block_sizes(monkeypatch, block_q, m
     assert_ssd_matches(ssd_reference, inputs, starts, 1e-5)
 
 
+def test_decay_gradient_stays_accurate_over_long_blocks(monkeypatch):
+    # 128-token blocks of ~8-token segments: summing per-token +/- terms with one cumsum over the
+    # block (the old backward) lost fp32 precision as segments cancelled: dA 5.7e-6 here, and the
+    # GPU config test failed at 1.06e-5. Summing each exponent over the a_i it spans: 1.1e-6.
+    monkeypatch.setattr(ssd_triton, "DEFAULT_BLOCK_Q", 128)
+    monkeypatch.setattr(ssd_triton, "DEFAULT_NUM_WARPS", 8)
+    b, n, h, p, g, s = 1, 200, 2, 32, 1, 128
+    inputs = ssd_inputs(b, n, h, p, g, s)
+    starts = random_length_starts(b, n, 8, seed=12).to(DEVICE)
+    errors = {}
+    assert_ssd_matches(ssd_reference, inputs, starts, 1e-5, lambda name, error: errors.__setitem__(name, error))
+    assert errors["dA"] < 3e-6, errors
+
+
 @pytest.mark.parametrize("contiguous_C", [False, True])
 def test_ssd_reads_strided_inputs(contiguous_C):
     # u, B and C as slices of one projection, the way the KV-SSM splits its conv output; or C
