@@ -135,6 +135,15 @@ def _progress(iterable, total: int, description: str, enabled: bool):
     return tqdm(iterable, total=total, desc=description, disable=not enabled)
 
 
+def _batch_tokens(batch: Sequence[Window], longest: int, pad_id: int, pad_multiple: int) -> torch.Tensor:
+    """[len(batch), width] right-padded inputs, width a multiple of ``pad_multiple`` (or ``longest``)."""
+    width = min(longest, -(-max(len(w.inputs) for w in batch) // pad_multiple) * pad_multiple)
+    tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    for row, window in enumerate(batch):
+        tokens[row, : len(window.inputs)] = torch.tensor(window.inputs)
+    return tokens
+
+
 @torch.no_grad()
 def score_windows(
     model: nn.Module, windows: Sequence[Window], batch_size: int, pad_id: int = 0, pad_multiple: int = 64, progress: bool = True
@@ -144,28 +153,46 @@ def score_windows(
     Windows are sorted by length so padding is small; rows are right-padded (a causal model never
     sees the padding from the scored positions) to a multiple of ``pad_multiple`` tokens, or to
     the longest window, so that a compiled model or cached block masks meet few shapes.
+
+    Under torchrun every rank passes the same windows and scores every world-size-th of them
+    (alike in length); the scores are then gathered, so every rank returns all of them. Every rank
+    makes as many forward passes as the busiest one (repeating a batch whose scores it drops):
+    FSDP's forward passes and the per-batch interrupt vote are collective.
     """
     device = model_device(model)
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].inputs))
-    longest = max((len(w.inputs) for w in windows), default=0)
-    results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
-    starts = range(0, len(order), batch_size)
-    for first in _progress(starts, len(starts), "scoring windows", progress):
+    rank, world = _rank_and_world()
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].inputs))[rank::world]
+    longest = max((len(w.inputs) for w in windows), default=1)
+    batches = [order[first : first + batch_size] for first in range(0, len(order), batch_size)]
+    passes = len(batches) if world == 1 else _most_on_any_rank(len(batches), device)
+    scores: dict[int, tuple[float, bool]] = {}
+    for index in _progress(range(passes), passes, "scoring windows", progress):
         check_interrupt()
-        batch = [windows[i] for i in order[first : first + batch_size]]
-        width = min(longest, -(-max(len(w.inputs) for w in batch) // pad_multiple) * pad_multiple)
-        tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        for row, window in enumerate(batch):
-            tokens[row, : len(window.inputs)] = torch.tensor(window.inputs)
-        logits = model(tokens.to(device))  # [B, width, V]
+        if index >= len(batches):  # this rank is done; the others still need it in their passes
+            idle = [windows[i] for i in batches[0]] if batches else [Window([pad_id], [pad_id])]
+            model(_batch_tokens(idle, longest, pad_id, pad_multiple).to(device))
+            continue
+        batch = [windows[i] for i in batches[index]]
+        logits = model(_batch_tokens(batch, longest, pad_id, pad_multiple).to(device))  # [B, width, V]
         for row, window in enumerate(batch):
             n, k = len(window.inputs), len(window.targets)
             log_probs = F.log_softmax(logits[row, n - k : n].float(), dim=-1)  # [k, V]
             targets = torch.tensor(window.targets, device=device)
             total = log_probs.gather(-1, targets[:, None]).sum().item()
             greedy = bool((log_probs.argmax(-1) == targets).all())
-            results[order[first + row]] = (total, greedy)
-    return results
+            scores[batches[index][row]] = (total, greedy)
+    if world > 1:
+        every_rank: list[Optional[dict]] = [None] * world
+        torch.distributed.all_gather_object(every_rank, scores)
+        scores = {index: score for part in every_rank for index, score in part.items()}
+    return [scores[index] for index in range(len(windows))]
+
+
+def _most_on_any_rank(count: int, device: torch.device) -> int:
+    """The largest ``count`` over the torchrun ranks."""
+    total = torch.tensor(count, device=device)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
+    return int(total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +381,8 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, args: EvalArgs) -> dict[str, d
         bootstrap_iters=args.bootstrap_iters,
         log_samples=False,
     )
-    # Every rank ran every request (the LM reports rank 0 of 1, so under FSDP all ranks make the
-    # same forward passes), but under torchrun lm-eval returns results on local rank 0 only.
+    # The LM reports rank 0 of 1, so lm-eval hands every rank all requests (score_windows shares
+    # the forward passes out), but under torchrun it returns results on local rank 0 only.
     scores = None if results is None else {
         task: {key: float(value) for key, value in metrics.items() if "," in key and isinstance(value, (int, float))}
         for task, metrics in results["results"].items()

@@ -58,8 +58,8 @@ class TrainArgs:
     """Run Python's garbage collector every this many steps (automatic collection is off)."""
     eval_every: int = 0
     """Evaluate (lm-eval tasks and validation perplexity, see `eval`) every this many steps; 0 = off.
-    Under torchrun every rank takes part (validation batches shared out, lm-eval tasks whole on
-    every rank); rank 0 writes the results.
+    Under torchrun every rank takes part (validation batches and lm-eval's scoring passes shared
+    out); rank 0 writes the results.
     Compiled blocks run eagerly during evaluation (no recompiles for eval mode or new shapes)."""
     eval_at_end: bool = True
     export_at_end: bool = True
@@ -286,9 +286,8 @@ class _Evaluator:
         from lingua.interrupt import EvaluationInterrupted, interruptible
 
         # run_evaluation switches the model to eval mode (eval-time chunking) and back. Validation
-        # batches are shared out across ranks; lm-eval tasks run whole on every rank (the same
-        # numbers everywhere; their rolling windows differ per document, so sharing them out
-        # would need padding to equal forward counts). Compiled blocks run eagerly here: eval
+        # batches and lm-eval's scoring passes are shared out across ranks (generation tasks run
+        # whole on every rank). Compiled blocks run eagerly here: eval
         # mode and evaluation's batch shapes would each recompile every block (minutes for
         # Attamba, whose layers compile separately) and use up dynamo's recompile limit.
         results = None

@@ -102,3 +102,17 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert "rank 0 stopped at step 2 preempted=True" in result.stdout
     assert "rank 1 stopped at step 2 preempted=True" in result.stdout
     assert sorted(p.name for p in (run / "checkpoints" / "0000000002").glob("train_state_*.pt")) == ["train_state_0.pt", "train_state_1.pt"]
+
+
+@pytest.mark.slow
+def test_ranks_share_out_the_lm_eval_forward_passes(tmp_path):
+    worker = str(ROOT / "tests" / "lingua" / "eval_worker.py")
+    subprocess.run([sys.executable, worker, str(tmp_path / "one"), "none"], cwd=ROOT, env=_env(), check=True, timeout=120)
+    expected = json.loads((tmp_path / "one.0.json").read_text())
+    assert expected["passes"] == 5
+    _torchrun(worker, str(tmp_path / "two"), "fsdp")
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"two.{rank}.json").read_text())
+        # Every rank returns every score; each made 3 passes (one of them idle on rank 1).
+        assert got["scores"] == pytest.approx(expected["scores"], rel=1e-5), rank
+        assert got["passes"] == 3, rank
