@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--mean-doc", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-steps", type=int, default=3, help="0: time the steps only")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--cpu-rows", type=int, default=15, help="rows of the host-time table")
     parser.add_argument("--no-compile", action="store_true")
@@ -107,6 +107,8 @@ def main() -> None:
     print(f"{args.model_type} n={n} batch={batch} mean_doc={options.mean_doc}: "
           f"{ms:.2f} ms/step, {batch * n / ms * 1e3:,.0f} tok/s (median of last {len(steady)})")
 
+    if options.profile_steps < 1:
+        return
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Device-machine training-step times (benchmarks/profile_step.py, no profiler) over a grid of
+# model, sequence length, compile mode and Attamba ssm_impl, with the tokens per step fixed at 16k
+# (batch = 16384 / n). Each run has its own time limit, so one slow compile costs that row only;
+# the table is printed last and kept in $OUT/step_grid.txt.
+#
+#   OUT=/tmp/grid GRID="attamba:1024:reduce-overhead:triton transformer:1024:reduce-overhead" \
+#       bash scripts/device_step_grid.sh
+# Entries are model:n[:compile_mode[:ssm_impl]]; RUN_TIMEOUT (default 200 s) caps each run.
+set -u
+OUT="${OUT:-/tmp/device_step_grid}"
+GRID="${GRID:-transformer:1024:reduce-overhead attamba:1024:reduce-overhead:triton attamba:1024:reduce-overhead:triton_window}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+source scripts/device_env.sh
+rows=()
+for entry in $GRID; do
+  IFS=: read -r model n mode impl <<< "$entry"
+  mode=${mode:-default}
+  if [ "$model" = transformer ]; then config=apps/main/configs/transformer_60m.yaml; extra=""
+  else config=apps/attamba/configs/attamba_60m.yaml; extra=${impl:+model.ssm_impl=$impl}; fi
+  log="$OUT/${model}_${n}_${mode}${impl:+_$impl}.log"
+  timeout -k 10 "${RUN_TIMEOUT:-200}" python benchmarks/profile_step.py config=$config --seq-len "$n" \
+    --batch $((16384 / n)) --mean-doc 512 --profile-steps 0 distributed.compile_mode=$mode $extra > "$log" 2>&1
+  code=$?
+  result=$(grep -o "[0-9.]* ms/step, [0-9,]* tok/s" "$log" | tail -1)
+  rows+=("$(printf '%-12s %6s %-16s %-14s %s' "$model" "$n" "$mode" "${impl:--}" "${result:-failed (exit $code, see $log)}")")
+  echo "${rows[-1]}"
+done
+{ echo; printf '%-12s %6s %-16s %-14s %s\n' model n compile_mode ssm_impl result; printf '%s\n' "${rows[@]}"; } | tee "$OUT/step_grid.txt"
