@@ -11,7 +11,9 @@ segment: the keys of a query in block k lie in blocks k-1 and k, so one program 
 outputs from two [Q, Q] score tiles, and its backward from three (queries of block k over keys of
 blocks k-1 and k, and queries of block k+1 over keys of block k). Nothing of size [p, s] per block
 is written, read or passed between programs, unlike the chunked kernels of
-:mod:`apps.attamba.ssd_triton`.
+:mod:`apps.attamba.ssd_triton`. The score tiles C Bᵀ depend on the head group only, so a program
+takes every head of one group: the tiles are computed once per group, and the heads' gradients
+of them are summed before they become dB and dC (written once per group, no per-head copies).
 
 The decay gradient: a_i = dt_i·A enters every exponent cs_t - cs_j with j < i <= t, so its
 gradient sums the exponent's gradient over those pairs; each program sums them for its own tokens
@@ -41,7 +43,6 @@ from apps.attamba.ssd_triton import (
     _padded,
     _spanned_sum,
     _sum_before,
-    _sum_group_heads,
     ssd_segmented_triton,
 )
 
@@ -88,12 +89,8 @@ def _decay(cs_q, seg_q, cs_k, seg_k, key_valid, SAME_BLOCK: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _program(A_ptr, D_ptr, BLOCK_Q: tl.constexpr):
-    """This program's head, block and batch row, its head's A and D, and arange(BLOCK_Q)."""
-    hi = tl.program_id(0)
-    A_h = tl.load(A_ptr + hi).to(tl.float32)
-    D_h = tl.load(D_ptr + hi).to(tl.float32)
-    return hi, tl.program_id(1), tl.program_id(2).to(tl.int64), A_h, D_h, tl.arange(0, BLOCK_Q)
+def _head_terms(A_ptr, D_ptr, hi):
+    return tl.load(A_ptr + hi).to(tl.float32), tl.load(D_ptr + hi).to(tl.float32)
 
 
 @triton.jit
@@ -104,16 +101,16 @@ def _window_fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One (head, block, batch row): y of the block's tokens from keys in this and the previous block."""
-    hi, blk, bi, A_h, D_h, offs = _program(A_ptr, D_ptr, BLOCK_Q)
+    """One (head group, block, batch row): y of the block's tokens, for every head of the group,
+    from keys in this and the previous block. The group's heads share B and C, so the score
+    tiles C Bᵀ are computed once for all of them."""
+    gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs = tl.arange(0, BLOCK_Q)
     t_c = blk * BLOCK_Q + offs  # this block: queries, and keys of the diagonal tile
     t_p = t_c - BLOCK_Q  # the previous block: keys
-    valid_p, dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
-        dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
-    valid_c, dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
-        dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+    valid_p, valid_c = (t_p >= 0) & (t_p < n), t_c < n
 
-    bc_col = (hi // heads_per_group) * stride_bc_g
+    bc_col = gi * stride_bc_g
     G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
     G_c = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_cᵀ
     for s0 in range(0, BLOCK_S, TILE):
@@ -123,46 +120,51 @@ def _window_fwd_kernel(
         G_p = tl.dot(C_c, tl.trans(B_p), acc=G_p, input_precision=PRECISION)
         G_c = tl.dot(C_c, tl.trans(B_c), acc=G_c, input_precision=PRECISION)
 
-    u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
-    u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
-    P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
-    P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
-    y = tl.dot(P_p, u_p * dt_p[:, None], input_precision=PRECISION)
-    y = tl.dot(P_c, u_c * dt_c[:, None], acc=y, input_precision=PRECISION) + D_h * u_c
     offs_p = tl.arange(0, BLOCK_P)
-    y_offs = (bi * n + t_c.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
-    tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
+    for j in range(heads_per_group):
+        hi = gi * heads_per_group + j
+        A_h, D_h = _head_terms(A_ptr, D_ptr, hi)
+        _, dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
+            dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
+        _, dt_c, cs_c, seg_c, _, _ = _block_terms(
+            dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+        u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
+        u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
+        P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
+        P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
+        y = tl.dot(P_p, u_p * dt_p[:, None], input_precision=PRECISION)
+        y = tl.dot(P_c, u_c * dt_c[:, None], acc=y, input_precision=PRECISION) + D_h * u_c
+        y_offs = (bi * n + t_c.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
+        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
 
 
 @triton.jit
 def _window_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, dy_ptr,
     du_ptr, ddt_ptr, da_ptr, dB_ptr, dC_ptr,
-    n, h, p, s, heads_per_group,
+    n, h, p, s, g, heads_per_group,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     stride_dy_b, stride_dy_n, stride_dy_h,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One (head, block, batch row): the gradients of the block's tokens, as queries (over keys of
-    blocks k-1 and k) and as keys (for queries of blocks k and k+1).
+    """One (head group, block, batch row): the gradients of the block's tokens, as queries (over
+    keys of blocks k-1 and k) and as keys (for queries of blocks k and k+1), for every head of
+    the group.
 
-    Writes du; ddt without its decay part (Σ_p dx·u); the gradient of a = dt·A; and dB, dC of
-    this head (the caller sums a group's heads).
+    Writes du; ddt without its decay part (Σ_p dx·u); the gradient of a = dt·A; and dB, dC of the
+    group: its heads share B and C, so their score gradients are summed before the one pass over
+    the state that turns them into dB and dC.
     """
-    hi, blk, bi, A_h, D_h, offs = _program(A_ptr, D_ptr, BLOCK_Q)
+    gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs = tl.arange(0, BLOCK_Q)
     t_c = blk * BLOCK_Q + offs
     t_p = t_c - BLOCK_Q
     t_n = t_c + BLOCK_Q
-    valid_p, dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
-        dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
-    valid_c, dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
-        dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
-    valid_n, _, cs_n, seg_n, _, _ = _block_terms(
-        dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+    valid_p, valid_c, valid_n = (t_p >= 0) & (t_p < n), t_c < n, t_n < n
 
     # Score tiles, named query block then key block: G_cp = C_c B_pᵀ, G_cc = C_c B_cᵀ, G_nc = C_n B_cᵀ.
-    bc_col = (hi // heads_per_group) * stride_bc_g
+    bc_col = gi * stride_bc_g
     G_cp = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
@@ -174,57 +176,72 @@ def _window_bwd_kernel(
         G_cp = tl.dot(C_c, tl.trans(B_p), acc=G_cp, input_precision=PRECISION)
         G_cc = tl.dot(C_c, tl.trans(B_c), acc=G_cc, input_precision=PRECISION)
         G_nc = tl.dot(C_n, tl.trans(B_c), acc=G_nc, input_precision=PRECISION)
-    L_cp = _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
-    L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
-    L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
 
-    u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
-    u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
-    dy_c = _load_rows(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P)
-    dy_n = _load_rows(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P)
-    x_p = u_p * dt_p[:, None]
-    x_c = u_c * dt_c[:, None]
-
-    # y_t = Σ_j (G ∘ L)[t, j] x_j: the gradient reaching G is (dy xᵀ) ∘ L, and the one reaching
-    # the exponent cs_t - cs_j is that times G.
-    dG_cp = tl.dot(dy_c, tl.trans(x_p), input_precision=PRECISION) * L_cp
-    dG_cc = tl.dot(dy_c, tl.trans(x_c), input_precision=PRECISION) * L_cc
-    dG_nc = tl.dot(dy_n, tl.trans(x_c), input_precision=PRECISION) * L_nc
-    # The gradient of a_i = dt_i·A is Σ dE[t, j] over the pairs (t, j) that decay across i,
-    # j < i <= t; for i in this block those pairs sit in the three tiles (dE = dG ∘ G).
-    # Keys in the previous block: every i <= t of this block.
-    d_a = tl.cumsum(tl.sum(dG_cp * G_cp, axis=1), axis=0, reverse=True)
-    # Both in this block: Σ_{t >= i} Σ_{j < i} dE[t, j].
-    d_a += _spanned_sum(dG_cc * G_cc, BLOCK_Q)
-    # Queries in the next block: every t there is after i, so every key j < i counts.
-    d_a += _sum_before(tl.sum(dG_nc * G_nc, axis=0), BLOCK_Q)
-
-    dx = tl.dot(tl.trans(G_cc * L_cc), dy_c, input_precision=PRECISION)
-    dx = tl.dot(tl.trans(G_nc * L_nc), dy_n, acc=dx, input_precision=PRECISION)
-    du = dx * dt_c[:, None] + D_h * dy_c
-    ddt_part = tl.sum(dx * u_c, axis=1)
-
+    # Σ over the group's heads of the gradient reaching each score tile.
+    dG_cp_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    dG_cc_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    dG_nc_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     t64 = t_c.to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
-    du_offs = (bi * n + t64[:, None]) * h * p + hi * p + offs_p[None, :]
-    tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
-    tl.store(ddt_ptr + (bi * n + t64) * h + hi, ddt_part, mask=valid_c)
-    tl.store(da_ptr + (bi * n + t64) * h + hi, d_a, mask=valid_c)
+    for j in range(heads_per_group):
+        hi = gi * heads_per_group + j
+        A_h, D_h = _head_terms(A_ptr, D_ptr, hi)
+        _, dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
+            dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
+        _, dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
+            dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+        _, _, cs_n, seg_n, _, _ = _block_terms(
+            dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+        L_cp = _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
+        L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
+        L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
+
+        u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
+        u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
+        dy_c = _load_rows(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P)
+        dy_n = _load_rows(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P)
+        x_p = u_p * dt_p[:, None]
+        x_c = u_c * dt_c[:, None]
+
+        # y_t = Σ_j (G ∘ L)[t, j] x_j: the gradient reaching G is (dy xᵀ) ∘ L, and the one reaching
+        # the exponent cs_t - cs_j is that times G.
+        dG_cp = tl.dot(dy_c, tl.trans(x_p), input_precision=PRECISION) * L_cp
+        dG_cc = tl.dot(dy_c, tl.trans(x_c), input_precision=PRECISION) * L_cc
+        dG_nc = tl.dot(dy_n, tl.trans(x_c), input_precision=PRECISION) * L_nc
+        dG_cp_sum += dG_cp
+        dG_cc_sum += dG_cc
+        dG_nc_sum += dG_nc
+        # The gradient of a_i = dt_i·A is Σ dE[t, j] over the pairs (t, j) that decay across i,
+        # j < i <= t; for i in this block those pairs sit in the three tiles (dE = dG ∘ G).
+        # Keys in the previous block: every i <= t of this block.
+        d_a = tl.cumsum(tl.sum(dG_cp * G_cp, axis=1), axis=0, reverse=True)
+        # Both in this block: Σ_{t >= i} Σ_{j < i} dE[t, j].
+        d_a += _spanned_sum(dG_cc * G_cc, BLOCK_Q)
+        # Queries in the next block: every t there is after i, so every key j < i counts.
+        d_a += _sum_before(tl.sum(dG_nc * G_nc, axis=0), BLOCK_Q)
+
+        dx = tl.dot(tl.trans(G_cc * L_cc), dy_c, input_precision=PRECISION)
+        dx = tl.dot(tl.trans(G_nc * L_nc), dy_n, acc=dx, input_precision=PRECISION)
+        du = dx * dt_c[:, None] + D_h * dy_c
+        du_offs = (bi * n + t64[:, None]) * h * p + hi * p + offs_p[None, :]
+        tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
+        tl.store(ddt_ptr + (bi * n + t64) * h + hi, tl.sum(dx * u_c, axis=1), mask=valid_c)
+        tl.store(da_ptr + (bi * n + t64) * h + hi, d_a, mask=valid_c)
 
     offs_s = tl.arange(0, TILE)
-    dG_cc_t = tl.trans(dG_cc)
-    dG_nc_t = tl.trans(dG_nc)
+    dG_cc_t = tl.trans(dG_cc_sum)
+    dG_nc_t = tl.trans(dG_nc_sum)
     for s0 in range(0, BLOCK_S, TILE):
         B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
         B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
         C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
         C_n = _load_rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE)
-        dC = tl.dot(dG_cc, B_c, acc=tl.dot(dG_cp, B_p, input_precision=PRECISION), input_precision=PRECISION)
+        dC = tl.dot(dG_cc_sum, B_c, acc=tl.dot(dG_cp_sum, B_p, input_precision=PRECISION), input_precision=PRECISION)
         dB = tl.dot(dG_nc_t, C_n, acc=tl.dot(dG_cc_t, C_c, input_precision=PRECISION), input_precision=PRECISION)
-        offs_out = ((bi * n + t64[:, None]) * h + hi) * s + s0 + offs_s[None, :]
+        offs_out = ((bi * n + t64[:, None]) * g + gi) * s + s0 + offs_s[None, :]
         out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
-        tl.store(dB_ptr + offs_out, dB, mask=out_mask)
-        tl.store(dC_ptr + offs_out, dC, mask=out_mask)
+        tl.store(dB_ptr + offs_out, dB.to(dB_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(dC_ptr + offs_out, dC.to(dC_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _strides(u, dt, B):
@@ -240,7 +257,7 @@ def _window_forward(
     g, s = B.shape[2], B.shape[3]
     u, dt, B, C = _kernel_inputs(u, dt, B, C)
     y = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
-    _window_fwd_kernel[(h, triton.cdiv(n, block_q), b)](
+    _window_fwd_kernel[(g, triton.cdiv(n, block_q), b)](
         u, dt, A, B, C, D, starts, y, n, h, p, s, h // g, *_strides(u, dt, B),
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
         PRECISION=_dot_precision(u.dtype), num_warps=NUM_WARPS,
@@ -266,18 +283,18 @@ def _window_backward(
     du = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
     ddt_part = torch.empty((b, n, h), device=u.device, dtype=torch.float32)
     d_a = torch.empty((b, n, h), device=u.device, dtype=torch.float32)
-    dB_heads = torch.empty((b, n, h, s), device=u.device, dtype=torch.float32)
-    dC_heads = torch.empty((b, n, h, s), device=u.device, dtype=torch.float32)
-    _window_bwd_kernel[(h, triton.cdiv(n, block_q), b)](
-        u, dt, A, B, C, D, starts, dy, du, ddt_part, d_a, dB_heads, dC_heads,
-        n, h, p, s, h // g, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
+    dB = torch.empty((b, n, g, s), device=u.device, dtype=B.dtype)
+    dC = torch.empty((b, n, g, s), device=u.device, dtype=C.dtype)
+    _window_bwd_kernel[(g, triton.cdiv(n, block_q), b)](
+        u, dt, A, B, C, D, starts, dy, du, ddt_part, d_a, dB, dC,
+        n, h, p, s, g, h // g, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
         PRECISION=_dot_precision(u.dtype), num_warps=NUM_WARPS,
     )
     ddt = (ddt_part + d_a * A.float()).to(dt.dtype)
     dA = (d_a * dt.float()).sum((0, 1)).to(A.dtype)
     dD = (dy.float() * u.float()).sum((0, 1, 3)).to(D.dtype)
-    return du, ddt, dA, _sum_group_heads(dB_heads, g, B.dtype), _sum_group_heads(dC_heads, g, C.dtype), dD
+    return du, ddt, dA, dB, dC, dD
 
 
 @_window_backward.register_fake
