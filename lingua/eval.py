@@ -216,6 +216,10 @@ def _bos_id(tokenizer: Any) -> int:
     raise ValueError("the tokenizer has neither bos_id nor eos_id; rolling log-likelihood needs one as the prefix")
 
 
+WINDOW_WIDTHS = 16
+"""Most distinct padded window widths the adapter makes (see LinguaLM.pad_multiple)."""
+
+
 @_register_lm("attamba-lm", "lingua")
 class LinguaLM(_LMBase):
     """lm-eval's view of a framework model: text in, log-likelihoods and generations out.
@@ -246,6 +250,9 @@ class LinguaLM(_LMBase):
             raise ValueError(f"rolling_stride must be in [1, {self.max_context}], got {self.rolling_stride}")
         self.max_gen_tokens, self.temperature = max_gen_tokens, temperature
         self.prefix_id = _bos_id(tokenizer)
+        # Windows are padded to at most WINDOW_WIDTHS widths: each width (and batch size) is a
+        # FlexAttention compile on CUDA, and dynamo gives up compiling after 64 shapes.
+        self.pad_multiple = 64 * -(-self.max_context // (64 * WINDOW_WIDTHS))
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "LinguaLM":
@@ -282,7 +289,7 @@ class LinguaLM(_LMBase):
             for request in requests
         ]
         flat = [window for windows in per_request for window in windows]
-        scores = iter(score_windows(self.model, flat, self.batch_size, progress=not disable_tqdm))
+        scores = iter(score_windows(self.model, flat, self.batch_size, pad_multiple=self.pad_multiple, progress=not disable_tqdm))
         totals = [sum(next(scores)[0] for _ in windows) for windows in per_request]
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -307,7 +314,7 @@ class LinguaLM(_LMBase):
             stream = [self.prefix_id, *context_ids, *continuation_ids]
             inputs = stream[:-1][-self.max_context :]
             windows.append(Window(inputs, continuation_ids[-len(inputs) :]))
-        results = score_windows(self.model, windows, self.batch_size, progress=not disable_tqdm)
+        results = score_windows(self.model, windows, self.batch_size, pad_multiple=self.pad_multiple, progress=not disable_tqdm)
         for request, result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", request.args, result)
         return results

@@ -3,6 +3,7 @@ boolean tensors (for SDPA and tests) and as FlexAttention block masks."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -48,9 +49,35 @@ def causal_block_mask(
 
 def build_block_mask(mask_mod, batch: Optional[int], q_len: int, kv_len: int, device) -> BlockMask:
     """``create_block_mask``, compiled on CUDA: masks that depend on the batch (documents) are
-    rebuilt every step, and the eager build costs milliseconds of host time each."""
-    compile_build = torch.device(device).type == "cuda"
-    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device, _compile=compile_build)
+    rebuilt every step, and the eager build costs milliseconds of host time and materialises the
+    whole [B, q_len, kv_len] mask."""
+    if not _compiled_on(torch.device(device)):
+        return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+    with _compiling_allowed():
+        return _compiled_create_block_mask()(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_create_block_mask():
+    return torch.compile(create_block_mask)
+
+
+def _compiled_on(device: torch.device) -> bool:
+    """Whether FlexAttention and its masks run compiled on ``device`` (CUDA: eager there is slow
+    and memory-hungry; CPU tests stay eager)."""
+    return device.type == "cuda"
+
+
+@contextlib.contextmanager
+def _compiling_allowed():
+    """Compile here even under ``torch.compiler.set_stance("force_eager")``, which evaluation
+    during training uses so that its new shapes do not recompile every block: eager FlexAttention
+    materialises the [B, H, n, n_keys] scores, gigabytes at long context."""
+    if torch.compiler.is_compiling():  # traced inside a compiled block: already compiled
+        yield
+        return
+    with torch.compiler.set_stance("default"):
+        yield
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,6 +90,7 @@ def _compiled_flex_attention():
 
 def flex_attention(q, k, v, block_mask: BlockMask, **kwargs) -> torch.Tensor:
     """FlexAttention, compiled on CUDA (where eager is slow and memory-hungry), eager on CPU."""
-    if q.is_cuda:
+    if not _compiled_on(q.device):
+        return _eager_flex_attention(q, k, v, block_mask=block_mask, **kwargs)
+    with _compiling_allowed():
         return _compiled_flex_attention()(q, k, v, block_mask=block_mask, **kwargs)
-    return _eager_flex_attention(q, k, v, block_mask=block_mask, **kwargs)

@@ -60,7 +60,8 @@ class TrainArgs:
     """Evaluate (lm-eval tasks and validation perplexity, see `eval`) every this many steps; 0 = off.
     Under torchrun every rank takes part (validation batches and lm-eval's scoring passes shared
     out); rank 0 writes the results.
-    Compiled blocks run eagerly during evaluation (no recompiles for eval mode or new shapes)."""
+    Compiled blocks run eagerly during evaluation (no recompiles for eval mode or new shapes);
+    FlexAttention stays compiled."""
     eval_at_end: bool = True
     export_at_end: bool = True
     """Write a consolidated safetensors export to <dump_dir>/export at the end."""
@@ -287,9 +288,10 @@ class _Evaluator:
 
         # run_evaluation switches the model to eval mode (eval-time chunking) and back. Validation
         # batches and lm-eval's scoring passes are shared out across ranks (generation tasks run
-        # whole on every rank). Compiled blocks run eagerly here: eval
-        # mode and evaluation's batch shapes would each recompile every block (minutes for
-        # Attamba, whose layers compile separately) and use up dynamo's recompile limit.
+        # whole on every rank). Compiled blocks run eagerly here: eval mode and evaluation's batch
+        # shapes would each recompile every block (minutes for Attamba, whose layers compile
+        # separately) and use up dynamo's recompile limit. FlexAttention and its block masks stay
+        # compiled on CUDA (lingua.masks): eagerly they would materialise the whole score matrix.
         results = None
         try:
             with torch.no_grad(), torch.compiler.set_stance("force_eager"), interruptible(self._should_stop):

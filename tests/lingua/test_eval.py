@@ -269,3 +269,16 @@ def test_rounds_share_batches_out_one_per_rank():
     assert list(rounds(range(4), 2)) == [[0, 1], [2, 3]]
     assert list(rounds([], 3)) == []
     assert list(rounds(range(3), 1)) == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize("max_context", [100, 1024, 4096, 16384])
+def test_windows_are_padded_to_few_widths(max_context):
+    # Each padded width is a FlexAttention compile on CUDA, and dynamo stops compiling after 64.
+    from lingua.eval import WINDOW_WIDTHS, Window, _batch_tokens
+
+    lm = LinguaLM(tiny_model(), ByteTokenizer(), max_context=max_context)
+    widths = {
+        _batch_tokens([Window([0] * length, [0])], max_context, 0, lm.pad_multiple).shape[1]
+        for length in range(1, max_context + 1)
+    }
+    assert len(widths) <= WINDOW_WIDTHS + 1 and max(widths) == max_context
