@@ -89,8 +89,17 @@ def _decay(cs_q, seg_q, cs_k, seg_k, key_valid, SAME_BLOCK: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _head_terms(A_ptr, D_ptr, hi):
-    return tl.load(A_ptr + hi).to(tl.float32), tl.load(D_ptr + hi).to(tl.float32)
+def _group_head(A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n):
+    """Head j of group gi: its index, A and D, and the decay terms (_block_terms) of the previous
+    and this block, with the running cs and segment number at this block's end."""
+    hi = gi * heads_per_group + j
+    A_h = tl.load(A_ptr + hi).to(tl.float32)
+    D_h = tl.load(D_ptr + hi).to(tl.float32)
+    _, dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
+        dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
+    _, dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
+        dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+    return hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end
 
 
 @triton.jit
@@ -122,12 +131,8 @@ def _window_fwd_kernel(
 
     offs_p = tl.arange(0, BLOCK_P)
     for j in range(heads_per_group):
-        hi = gi * heads_per_group + j
-        A_h, D_h = _head_terms(A_ptr, D_ptr, hi)
-        _, dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
-            dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
-        _, dt_c, cs_c, seg_c, _, _ = _block_terms(
-            dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+        hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, _, _ = _group_head(
+            A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
         u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
         u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
         P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
@@ -184,12 +189,8 @@ def _window_bwd_kernel(
     t64 = t_c.to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
     for j in range(heads_per_group):
-        hi = gi * heads_per_group + j
-        A_h, D_h = _head_terms(A_ptr, D_ptr, hi)
-        _, dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
-            dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
-        _, dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
-            dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+        hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end = _group_head(
+            A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
         _, _, cs_n, seg_n, _, _ = _block_terms(
             dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
         L_cp = _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
