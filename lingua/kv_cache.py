@@ -76,6 +76,14 @@ class KVSlots:
         """Store k, v [B, Hkv, 1, d] of one token per row at ``position`` [B]."""
         write_entries(self.buffers, self.first + position % self.slots, k[:, :, 0], v[:, :, 0], position)
 
+    def first_slots(self, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v [B, Hkv, span, d] and positions [B, span] of slots 0 .. span - 1, sliced from the
+        whole buffers: a compiled step that writes through the buffers and then reads
+        ``self.k`` (a second view of them) copies the whole buffers every step."""
+        k_buffer, v_buffer, positions = self.buffers
+        chosen = slice(self.first, self.first + span)
+        return k_buffer[:, :, chosen], v_buffer[:, :, chosen], positions[:, chosen]
+
     def write_many(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor) -> None:
         """Store k, v [B, Hkv, m, d] of positions start[b] + i for i < lengths[b].
 
