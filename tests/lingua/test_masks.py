@@ -26,3 +26,18 @@ def test_flex_attention_compiles_even_under_force_eager(monkeypatch):
         out = masks.flex_attention(q, k, v, block_mask=block_mask)
     assert len(compiled_graphs) == 1, "the flex call ran eagerly under force_eager"
     torch.testing.assert_close(out, masks._eager_flex_attention(q, k, v, block_mask=block_mask))
+
+    # As in training: a compiled block traces the call into its own graph; under force_eager the
+    # block runs eagerly and the call still goes through its compiled wrapper.
+    class Block(torch.nn.Module):
+        def forward(self, q, k, v):
+            return masks.flex_attention(2 * q, k, v, block_mask=block_mask) + 1
+
+    block = torch.compile(Block(), backend=counting_backend, dynamic=False)
+    more_heads = [torch.randn(1, 4, 32, 16) for _ in range(3)]  # a new shape: a new compile if compiled
+    with torch.no_grad():
+        block(q, k, v)
+        assert len(compiled_graphs) == 2, "the block's own graph"
+        with torch.compiler.set_stance("force_eager"):
+            block(*more_heads)
+    assert len(compiled_graphs) == 3, "under force_eager the block ran eagerly and its flex call compiled"
