@@ -55,8 +55,10 @@ class KVSlots:
     the most recent ``slots`` positions. The slots may be a range ``first .. first + slots - 1``
     of larger buffers (the Attamba cache keeps its compressed keys and its window in one tensor so
     attention needs no concatenation): ``k``, ``v`` ([B, Hkv, slots, d]) and ``positions``
-    ([B, slots]) are views of that range. A decode step writes through the whole buffers
-    (:func:`write_entries`).
+    ([B, slots]) are views of that range, sliced from the whole buffers on every access. A decode
+    step writes through the whole buffers (:func:`write_entries`); were the views kept as tensors
+    of their own, a compiled step that writes and then reads them would see two aliased inputs,
+    and Inductor copies the whole buffers every step.
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, first: int = 0):
@@ -64,7 +66,18 @@ class KVSlots:
         self.buffers = (k, v, positions)
         self.first = first
         self.slots = k.shape[2] - first
-        self.k, self.v, self.positions = k[:, :, first:], v[:, :, first:], positions[:, first:]
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.buffers[0][:, :, self.first :]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.buffers[1][:, :, self.first :]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.buffers[2][:, self.first :]
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, device, dtype) -> "KVSlots":
@@ -75,14 +88,6 @@ class KVSlots:
     def write_one(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
         """Store k, v [B, Hkv, 1, d] of one token per row at ``position`` [B]."""
         write_entries(self.buffers, self.first + position % self.slots, k[:, :, 0], v[:, :, 0], position)
-
-    def first_slots(self, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v [B, Hkv, span, d] and positions [B, span] of slots 0 .. span - 1, sliced from the
-        whole buffers: a compiled step that writes through the buffers and then reads
-        ``self.k`` (a second view of them) copies the whole buffers every step."""
-        k_buffer, v_buffer, positions = self.buffers
-        chosen = slice(self.first, self.first + span)
-        return k_buffer[:, :, chosen], v_buffer[:, :, chosen], positions[:, chosen]
 
     def write_many(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor) -> None:
         """Store k, v [B, Hkv, m, d] of positions start[b] + i for i < lengths[b].

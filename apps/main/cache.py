@@ -87,9 +87,8 @@ def forward_cached(
         q, k, v = layer.attention.split_rotate(*qkv(layer.attention_norm(x)), cos, sin)
         if decode:
             slots.write_one(k, v, start)
-            keys, values, key_positions = slots.first_slots(span)
-            allowed = causal_allowed(key_positions, query_positions, cache.window)
-            out = attend_slots(q, keys, values, allowed, cache.static_shapes)
+            allowed = causal_allowed(slots.positions[:, :span], query_positions, cache.window)
+            out = attend_slots(q, slots.k[:, :, :span], slots.v[:, :, :span], allowed, cache.static_shapes)
         else:
             key_positions = torch.cat([slots.positions, query_positions], dim=1)
             allowed = causal_allowed(key_positions, query_positions, cache.window)

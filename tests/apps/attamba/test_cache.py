@@ -231,7 +231,8 @@ def test_compiled_decode_step_never_runs_over_a_whole_cache_buffer(name):
     """The whole compiled decode step (write, then attend) updates its caches in place.
 
     The transformer's step read its keys through a second view of the buffers it had just written
-    (``KVSlots.k``), and Inductor then copied the K, V and position buffers every step: its
+    (``KVSlots.k``, then a tensor of its own), and Inductor copied the K, V and position buffers
+    every step: its
     ``compile`` decode mode was 4x slower than a CUDA graph of the eager step (docs/benchmarks.md).
     """
     from torch._inductor.utils import run_and_get_code
