@@ -7,7 +7,7 @@ Per layer (DESIGN.md, "Inference cache"):
 - a ring of the most recent (k, v): the last L positions, or with ``leading_tokens: chunk`` the
   current partial chunk (the ring holds the longest chunk; older entries are masked);
 - the K- and V-SSM states (conv tail and state per head), which reset after every boundary; they
-  are kept side by side in one state, which one recurrence steps (``ssm.paired_step_projected``).
+  are kept side by side in one state, which one recurrence steps (``ssm.paired_step``).
 
 A decode step at position t computes k_t, v_t by one SSM step, moves the position e leaving the
 window (t - L, or t - 1 when t starts a new chunk) from the ring to the compressed list iff e is
@@ -38,7 +38,7 @@ import torch
 from apps.attamba.attention import attamba_attention
 from apps.attamba.chunking import LayerBoundaries, segment_starts, window_starts
 from apps.attamba.model import AttambaLM
-from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step_projected
+from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step
 from lingua.decode_weights import PairedLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import (
     EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill, read_entries, right_aligned_columns, write_entries,
@@ -120,7 +120,7 @@ class AttambaLayerCache:
         self.positions = torch.full((batch, total), EMPTY, dtype=torch.long, device=device)
         self.ring = KVSlots(self.k, self.v, self.positions, first=self.compressed_slots + 1)
         self.is_ring_slot = torch.arange(total, device=device) > self.compressed_slots  # [total]
-        # The K and V SSM states side by side: one recurrence steps both (ssm.paired_step_projected).
+        # The K and V SSM states side by side: one recurrence steps both (ssm.paired_step).
         self.ssm_kv = init_paired_state(attention.ssm_k, batch, device, dtype)
         self.weights = LayerDecodeWeights(block, self.ssm_kv.ssm.dtype)
 
@@ -294,7 +294,7 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
         weights = layer_cache.weights
         q, k_in, v_in, k_projected, v_projected = weights.project(layer.attention_norm(x)[:, 0])  # [B, ...]
         q = apply_rotary(attention.split_heads(q[:, None]), cos, sin)
-        k_out, v_out, state = paired_step_projected(weights.ssm, k_projected, v_projected, layer_cache.ssm_kv, segment_start)
+        k_out, v_out, state = paired_step(weights.ssm, k_projected, v_projected, layer_cache.ssm_kv, segment_start)
         layer_cache.ssm_kv.copy_(state)
         k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)[:, None]), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out)[:, None])

@@ -470,48 +470,11 @@ def init_paired_state(first: KVSSM, batch: int, device, dtype) -> SSMState:
     return SSMState(single.conv.repeat(1, 2, 1), single.ssm.repeat(1, 2, 1, 1))
 
 
-def paired_step(
-    first: KVSSM,
-    second: KVSSM,
-    x_first: torch.Tensor,
-    x_second: torch.Tensor,
-    state: SSMState,
-    segment_start: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, SSMState]:
-    """``first.step`` and ``second.step`` for one token, as one recurrence over both (decode's
-    counterpart of :func:`paired_forward`): half the small kernels of two steps, which dominate
-    a decode step. ``state`` comes from :func:`init_paired_state` or :func:`paired_state`.
-    -> (first's y [B, dim_out], second's y, the new paired state)."""
-    params = _PairParameters.of(first, second, state.ssm.dtype)
-    (y_1, z_1), (y_2, z_2), state = _paired_recurrence(
-        first, params, first.in_proj(x_first), second.in_proj(x_second), state, segment_start
-    )
-    return first._output(y_1, z_1), second._output(y_2, z_2), state
-
-
-def _paired_recurrence(
-    first: KVSSM,
-    params: _PairParameters,
-    projected_first: torch.Tensor,
-    projected_second: torch.Tensor,
-    state: SSMState,
-    segment_start: Optional[torch.Tensor],
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], SSMState]:
-    """Both SSMs' in_proj outputs [B, width] -> each SSM's (y, z) [B, hidden] and the new state."""
-    pair = _PairInputs.of(first, params, projected_first, projected_second)
-    y, state = _recurrent_step(
-        pair.conv_in, pair.dt, params.A, params.D, params.conv_weight, params.conv_bias, state, segment_start,
-        _ScanSizes.of(first, copies=2),
-    )
-    y_1, y_2 = y.flatten(-2).to(projected_first.dtype).chunk(2, dim=-1)
-    return (y_1, pair.z[0]), (y_2, pair.z[1]), state
-
-
 @dataclass
 class PairedStepWeights:
-    """Two KV-SSMs' parameters as a cache's decode steps read them, prepared once (a snapshot):
-    side by side (:class:`_PairParameters`), and both out_proj as one batched matmul. It spares
-    every step the concatenations, which are kernels of their own."""
+    """Two KV-SSMs' parameters as decode steps read them, prepared once (a snapshot): side by
+    side (:class:`_PairParameters`), and both out_proj as one batched matmul. It spares every step
+    the concatenations, which are kernels of their own."""
 
     first: KVSSM
     second: KVSSM
@@ -524,18 +487,26 @@ class PairedStepWeights:
         return PairedStepWeights(first, second, _PairParameters.of(first, second, dtype), PairedLinear(first.out_proj, second.out_proj))
 
 
-def paired_step_projected(
+def paired_step(
     weights: PairedStepWeights,
     projected_first: torch.Tensor,
     projected_second: torch.Tensor,
     state: SSMState,
     segment_start: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, SSMState]:
-    """:func:`paired_step` from the two SSMs' in_proj outputs [B, width] and prepared weights."""
-    (y_1, z_1), (y_2, z_2), state = _paired_recurrence(
-        weights.first, weights.params, projected_first, projected_second, state, segment_start
+    """``first.step`` and ``second.step`` for one token, as one recurrence over both (decode's
+    counterpart of :func:`paired_forward`): half the small kernels of two steps, which dominate
+    a decode step. Takes both SSMs' in_proj outputs [B, width] (a cache computes them with other
+    matmuls that read the same input); ``state`` comes from :func:`init_paired_state` or
+    :func:`paired_state`. -> (first's y [B, dim_out], second's y, the new paired state)."""
+    first, second = weights.first, weights.second
+    pair = _PairInputs.of(first, weights.params, projected_first, projected_second)
+    y, state = _recurrent_step(
+        pair.conv_in, pair.dt, weights.params.A, weights.params.D, weights.params.conv_weight,
+        weights.params.conv_bias, state, segment_start, _ScanSizes.of(first, copies=2),
     )
-    return (*weights.out_proj(weights.first._gate(y_1, z_1), weights.second._gate(y_2, z_2)), state)
+    y_1, y_2 = y.flatten(-2).to(projected_first.dtype).chunk(2, dim=-1)
+    return (*weights.out_proj(first._gate(y_1, pair.z[0]), second._gate(y_2, pair.z[1])), state)
 
 
 def _check_pair(first: KVSSM, second: KVSSM) -> None:

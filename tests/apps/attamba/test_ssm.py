@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from apps.attamba.ssd_torch import causal_conv_segmented, ssd_segmented
-from apps.attamba.ssm import KVSSM, SSMArgs, SSMState, init_paired_state, load_backend, paired_forward, paired_state, paired_step
+from apps.attamba.ssm import (
+    KVSSM, PairedStepWeights, SSMArgs, SSMState, init_paired_state, load_backend, paired_forward, paired_state, paired_step,
+)
 
 DIM_IN, DIM_OUT = 6, 8
 
@@ -113,6 +115,12 @@ def test_paired_forward_equals_two_calls(impl, overrides):
         assert_close(got, expected, 1e-12)
 
 
+def step_pair(first, second, x_first, x_second, state, segment_start):
+    """One paired decode step of two SSMs from their inputs (as a cache takes it, prepared)."""
+    weights = PairedStepWeights.of(first, second, state.ssm.dtype)
+    return paired_step(weights, first.in_proj(x_first), second.in_proj(x_second), state, segment_start)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"n_groups": 2, "conv_size": 2}, {"conv_size": 1, "dt_bias": False}])
 def test_paired_step_equals_two_steps(overrides):
     first, second = tiny_ssm(seed=0, **overrides), tiny_ssm(seed=5, **overrides)
@@ -125,7 +133,7 @@ def test_paired_step_equals_two_steps(overrides):
     for t in range(x.shape[1]):
         y_1, state_1 = first.step(x[:, t], state_1, segment_start[:, t])
         y_2, state_2 = second.step(x_second[:, t], state_2, segment_start[:, t])
-        got_1, got_2, state = paired_step(first, second, x[:, t], x_second[:, t], state, segment_start[:, t])
+        got_1, got_2, state = step_pair(first, second, x[:, t], x_second[:, t], state, segment_start[:, t])
         assert_close(got_1, y_1, 1e-12)
         assert_close(got_2, y_2, 1e-12)
     expected = paired_state(first, state_1, state_2)
@@ -139,7 +147,7 @@ def test_paired_decode_from_zero_state_equals_forward():
     expected_1, expected_2 = paired_forward(first, second, x, 2 * x, segment_start)
     state = init_paired_state(first, 2, x.device, x.dtype)
     for t in range(x.shape[1]):
-        y_1, y_2, state = paired_step(first, second, x[:, t], 2 * x[:, t], state, segment_start[:, t])
+        y_1, y_2, state = step_pair(first, second, x[:, t], 2 * x[:, t], state, segment_start[:, t])
         assert_close(y_1, expected_1[:, t], 1e-10)
         assert_close(y_2, expected_2[:, t], 1e-10)
 
