@@ -154,45 +154,36 @@ def score_windows(
     sees the padding from the scored positions) to a multiple of ``pad_multiple`` tokens, or to
     the longest window, so that a compiled model or cached block masks meet few shapes.
 
-    Under torchrun every rank passes the same windows and scores every world-size-th of them
-    (alike in length); the scores are then gathered, so every rank returns all of them. Every rank
-    makes as many forward passes as the busiest one (repeating a batch whose scores it drops):
-    FSDP's forward passes and the per-batch interrupt vote are collective.
+    Under torchrun every rank passes the same windows; the batches are shared out in rounds, as
+    :func:`validation_perplexity` shares its batches, and the scores gathered, so every rank
+    returns all of them.
     """
     device = model_device(model)
     rank, world = _rank_and_world()
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].inputs))[rank::world]
-    longest = max((len(w.inputs) for w in windows), default=1)
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].inputs))
+    longest = max((len(w.inputs) for w in windows), default=0)
     batches = [order[first : first + batch_size] for first in range(0, len(order), batch_size)]
-    passes = len(batches) if world == 1 else _most_on_any_rank(len(batches), device)
     scores: dict[int, tuple[float, bool]] = {}
-    for index in _progress(range(passes), passes, "scoring windows", progress):
+    groups = list(rounds(batches, world))
+    for group in _progress(groups, len(groups), "scoring windows", progress):
         check_interrupt()
-        if index >= len(batches):  # this rank is done; the others still need it in their passes
-            idle = [windows[i] for i in batches[0]] if batches else [Window([pad_id], [pad_id])]
-            model(_batch_tokens(idle, longest, pad_id, pad_multiple).to(device))
-            continue
-        batch = [windows[i] for i in batches[index]]
+        indices, mine = my_share(group, rank)
+        batch = [windows[i] for i in indices]
         logits = model(_batch_tokens(batch, longest, pad_id, pad_multiple).to(device))  # [B, width, V]
+        if not mine:
+            continue
         for row, window in enumerate(batch):
             n, k = len(window.inputs), len(window.targets)
             log_probs = F.log_softmax(logits[row, n - k : n].float(), dim=-1)  # [k, V]
             targets = torch.tensor(window.targets, device=device)
             total = log_probs.gather(-1, targets[:, None]).sum().item()
             greedy = bool((log_probs.argmax(-1) == targets).all())
-            scores[batches[index][row]] = (total, greedy)
+            scores[indices[row]] = (total, greedy)
     if world > 1:
         every_rank: list[Optional[dict]] = [None] * world
         torch.distributed.all_gather_object(every_rank, scores)
         scores = {index: score for part in every_rank for index, score in part.items()}
     return [scores[index] for index in range(len(windows))]
-
-
-def _most_on_any_rank(count: int, device: torch.device) -> int:
-    """The largest ``count`` over the torchrun ranks."""
-    total = torch.tensor(count, device=device)
-    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
-    return int(total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,14 +416,19 @@ def rounds(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield group
 
 
+def my_share(group: list[Any], rank: int) -> tuple[Any, bool]:
+    """Rank ``rank``'s item of a round, and whether it is its own: a rank past the end of the
+    last round repeats the first item and drops the result, since every rank runs one forward
+    pass per round (FSDP's forward passes and the per-batch interrupt vote are collective)."""
+    return (group[rank], True) if rank < len(group) else (group[0], False)
+
+
 @torch.no_grad()
 def validation_perplexity(model: nn.Module, tokenizer: Any, path: str, seq_len: int, batch_size: int, max_batches: Optional[int]) -> float:
     """exp(mean next-token loss) over the labelled tokens of a held-out jsonl file.
 
     Under torchrun the batches are shared out: in each round of world-size batches, rank r scores
-    the r-th, and the sums are added up across ranks. Every rank runs one forward pass per round
-    (a rank past the end of the last round repeats a batch with weight 0), as FSDP's collective
-    forward passes and the per-batch interrupt vote need.
+    the r-th (:func:`my_share`), and the sums are added up across ranks.
     """
     from lingua.data import iter_eval_batches
 
@@ -441,7 +437,8 @@ def validation_perplexity(model: nn.Module, tokenizer: Any, path: str, seq_len: 
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, labelled tokens
     for group in rounds(iter_eval_batches(path, tokenizer, seq_len, batch_size, max_batches), world):
         check_interrupt()
-        batch, weight = (group[rank], 1.0) if rank < len(group) else (group[0], 0.0)
+        batch, mine = my_share(group, rank)
+        weight = 1.0 if mine else 0.0
         doc_ids = None if batch.doc_ids is None else batch.doc_ids.to(device)
         logits = model(batch.tokens.to(device), doc_ids)  # [B, n, V]
         labels = batch.labels.to(device)
