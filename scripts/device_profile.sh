@@ -7,9 +7,7 @@
 # NO_DOCS=false skips the Attamba profile without documents.
 set -u
 OUT="${OUT:-/tmp/device_profile}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-source scripts/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 attamba=apps/attamba/configs/attamba_60m.yaml
 transformer=apps/main/configs/transformer_60m.yaml
 args="${PROFILE_ARGS:-}"

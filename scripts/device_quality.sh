@@ -18,9 +18,7 @@ OUT="${OUT:-/tmp/device_quality}"
 QUALITY_STEPS="${QUALITY_STEPS:-300}"
 RECALL_STEPS="${RECALL_STEPS:-1500}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-200}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-source scripts/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 export PYTHONUNBUFFERED=1
 data=.devdata/english
 

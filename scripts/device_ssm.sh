@@ -8,9 +8,7 @@
 set -u
 budget="${SSM_DEVICE_BUDGET_S:-285}"
 OUT="${OUT:-/tmp/device_ssm}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-source scripts/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; \
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \

@@ -10,9 +10,7 @@
 set -u
 OUT="${OUT:-/tmp/device_step_grid}"
 GRID="${GRID:-transformer:1024:reduce-overhead attamba:1024:reduce-overhead:triton attamba:1024:reduce-overhead:triton_window}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-source scripts/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 rows=()
 for entry in $GRID; do
   IFS=: read -r model n mode impl <<< "$entry"

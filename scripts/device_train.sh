@@ -11,9 +11,7 @@ RUNS="${RUNS:-transformer:1024 attamba:1024}"
 STEPS="${STEPS:-60}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-420}"
 EXTRA="${EXTRA:-}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-source scripts/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 export PYTHONUNBUFFERED=1
 data=.devdata/english/train.jsonl
 tok=.devdata/sp32k.model
