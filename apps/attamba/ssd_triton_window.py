@@ -65,9 +65,9 @@ def supports(max_segment_len, return_final_state: bool) -> bool:
 
 @triton.jit
 def _block_terms(dt_ptr, start_ptr, bi, hi, t, n, stride_dt_b, stride_dt_n, A_h, cs_before, seg_before):
-    """Per token of one block: validity, dt, the running log-decay cs (cumsum of dt·A) and the
-    running segment number, both continuing from the previous block's ``cs_before`` and
-    ``seg_before``; also their values at the block's end, for the next block."""
+    """Per token of one block (tokens outside 0 .. n-1 read as dt 0, no start): dt, the running
+    log-decay cs (cumsum of dt·A) and the running segment number, both continuing from the
+    previous block's ``cs_before`` and ``seg_before``; also their values at the block's end."""
     valid = (t >= 0) & (t < n)
     dt = tl.load(dt_ptr + bi * stride_dt_b + t.to(tl.int64) * stride_dt_n + hi, mask=valid, other=0.0).to(tl.float32)
     starts = tl.load(start_ptr + bi * n + t, mask=valid, other=0).to(tl.int32)
@@ -75,7 +75,7 @@ def _block_terms(dt_ptr, start_ptr, bi, hi, t, n, stride_dt_b, stride_dt_n, A_h,
     a = dt * A_h
     cs = cs_before + tl.cumsum(a, axis=0)
     seg = seg_before + tl.cumsum(starts, axis=0)
-    return valid, dt, cs, seg, cs_before + tl.sum(a, axis=0), seg_before + tl.sum(starts, axis=0)
+    return dt, cs, seg, cs_before + tl.sum(a, axis=0), seg_before + tl.sum(starts, axis=0)
 
 
 @triton.jit
@@ -95,9 +95,9 @@ def _group_head(A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p
     hi = gi * heads_per_group + j
     A_h = tl.load(A_ptr + hi).to(tl.float32)
     D_h = tl.load(D_ptr + hi).to(tl.float32)
-    _, dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
+    dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
         dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
-    _, dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
+    dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
         dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
     return hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end
 
@@ -191,7 +191,7 @@ def _window_bwd_kernel(
     for j in range(heads_per_group):
         hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end = _group_head(
             A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
-        _, _, cs_n, seg_n, _, _ = _block_terms(
+        _, cs_n, seg_n, _, _ = _block_terms(
             dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
         L_cp = _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
         L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
