@@ -303,9 +303,8 @@ def _block_grad_kernel(
     dx = tl.dot(tl.trans(G * L), dy, input_precision=PRECISION) + w[:, None] * B_dexit
     dG = tl.dot(dy, tl.trans(x), input_precision=PRECISION) * L  # [Q, Q]
     dL_L = dG * G  # dLoss/dL ∘ L, the gradient reaching (cs_t - cs_j)
-    # cs is the cumsum of a = dt·A, so a_i enters every exponent that spans it. Each exponent's
-    # gradient is summed over the a_i it spans directly: per-token +/- terms and one cumsum over
-    # the block (the same sum) cancel across segments and lost fp32 precision at Q = 128.
+    # cs is the cumsum of a = dt·A, so a_i gets the gradient of every exponent that spans it
+    # (summed directly: see the note above _spanned_sum).
     d_a = _spanned_sum(dL_L, BLOCK_Q)  # intra-block cs_t - cs_j spans j < i <= t
     # Entering state read by the tokens before the first segment start: e_t = exp(cs_t) spans i <= t.
     d_a += tl.cumsum(tl.sum(dy * C_entering, axis=1) * e, axis=0, reverse=True)
