@@ -17,8 +17,8 @@ from lingua import distributed
 from lingua.eval import LinguaLM
 from lingua.tokenizer import ByteTokenizer
 
-# 3 + 2 + 3 + 1 = 9 windows of at most 16 bytes: one process makes 5 passes of 2; of two ranks,
-# one scores 5 windows (3 passes), the other 4 (2 passes, then an idle one).
+# 3 + 2 + 3 + 1 = 9 windows of at most 16 bytes: one process makes 5 passes of 2; two ranks share
+# the 5 batches in 3 rounds, so rank 0 scores 3 batches and rank 1 scores 2, then idles a pass.
 TEXTS = ["a" * 40, "The quick brown fox.", "jumps over the lazy dog " * 2, "z"]
 
 

@@ -271,6 +271,13 @@ def test_rounds_share_batches_out_one_per_rank():
     assert list(rounds(range(3), 1)) == [[0], [1], [2]]
 
 
+def test_a_rank_past_the_last_round_repeats_its_first_item_and_drops_it():
+    from lingua.eval import my_share
+
+    assert my_share([7, 8], 1) == (8, True)
+    assert my_share([7], 1) == (7, False)
+
+
 @pytest.mark.parametrize("max_context", [100, 1024, 4096, 16384])
 def test_windows_are_padded_to_few_widths(max_context):
     # Each padded width is a FlexAttention compile on CUDA, and dynamo stops compiling after 64.
