@@ -5,7 +5,10 @@ keys, values (and SSM states) laid out exactly as a prefill of n tokens would le
 prefill of 128k tokens would take longer than the measurement and changes nothing in a decode
 step's work. Then ``--steps`` decode steps (one token per row each) are timed through
 ``lingua.generate.DecodeStep`` in each of ``--modes``: a replayed CUDA graph of the eager step
-(``cuda_graph``), of the step compiled by torch.compile (``compile``), or ``eager``.
+(``cuda_graph``), of the step compiled by torch.compile (``compile``), or ``eager``. Attention runs
+as each cache chooses (Attamba: the split-key Triton kernel of ``lingua.decode_attention``; the
+transformer: SDPA, cuDNN, over a materialized mask); a mode ending in ``+sdpa`` or ``+kernel``
+(say ``compile+sdpa``) forces one of the two.
 
 Reports decode tokens/s (B tokens per step), ms per step, the cache's allocated bytes and its
 live bytes (the DESIGN count: n/P + L entries per layer plus SSM states for Attamba, n for the
@@ -46,6 +49,7 @@ from apps.attamba.args import AttambaArgs  # noqa: E402
 from apps.attamba.model import AttambaLM  # noqa: E402
 from apps.main.model import TransformerArgs, TransformerLM  # noqa: E402
 from lingua.generate import DTYPES, DecodeStep, cache_support  # noqa: E402
+from lingua.kv_cache import load_decode_attention  # noqa: E402
 from profile_step import kernel_totals  # noqa: E402  (this folder is on the path: a sibling script)
 
 # The paper's 60M models (apps/attamba/configs/attamba_60m.yaml, apps/main/configs/transformer_60m.yaml).
@@ -89,7 +93,10 @@ def measure(
     support = cache_support(model)
     cache = support.new_cache(model, batch, max_len, device, dtype)
     cache.pretend_filled(context)
-    step = DecodeStep(support, model, cache, batch, device, mode)
+    step_mode, _, attention = mode.partition("+")
+    if attention:  # else the cache's own choice
+        cache.decode_attention = load_decode_attention(device) if attention == "kernel" else None
+    step = DecodeStep(support, model, cache, batch, device, step_mode)
     tokens = torch.randint(0, SHARED["vocab_size"], (batch,), device=device)
     for _ in range(warmup):  # the first call also captures the graph
         step(tokens)
@@ -161,19 +168,20 @@ def run_isolated(
 
 
 RESULT_PREFIX = "RESULT "
+MODES = [f"{mode}{attention}" for mode in ("cuda_graph", "compile", "eager") for attention in ("", "+sdpa", "+kernel")]
 
 
 def gib(value: Optional[int]) -> str:
     return f"{value / 2**30:9.3f}" if value is not None else f"{'-':>9}"
 
 
-HEADER = (f"{'model':<12}{'context':>9}{'batch':>6}{'mode':>12}{'tok/s':>12}{'ms/step':>9}"
+HEADER = (f"{'model':<12}{'context':>9}{'batch':>6}{'mode':>16}{'tok/s':>12}{'ms/step':>9}"
           f"{'cache GiB':>10}{'live GiB':>10}{'peak GiB':>10}  note")
 
 
 def format_row(r: Measurement) -> str:
     speed = f"{r.tokens_per_second:12.1f}{r.ms_per_step:9.3f}" if r.tokens_per_second else f"{'-':>12}{'-':>9}"
-    return (f"{r.model:<12}{r.context:>9}{r.batch:>6}{r.mode:>12}{speed}"
+    return (f"{r.model:<12}{r.context:>9}{r.batch:>6}{r.mode:>16}{speed}"
             f"{gib(r.cache_bytes)} {gib(r.live_cache_bytes)} {gib(r.peak_memory_bytes)}  {r.note}")
 
 
@@ -203,7 +211,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--models", nargs="+", default=["attamba", "transformer"], choices=["attamba", "transformer"])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--modes", nargs="+", default=["cuda_graph", "compile"], choices=["cuda_graph", "compile", "eager"])
+    parser.add_argument("--modes", nargs="+", default=["cuda_graph", "compile"], choices=MODES,
+                        help="'+sdpa' / '+kernel': attention through SDPA (cuDNN) / lingua.decode_attention's kernel "
+                             "instead of the cache's default (the kernel for Attamba, SDPA for the transformer)")
     parser.add_argument("--out", type=Path, help="also write the measurements as JSON")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per configuration (isolated runs)")
     parser.add_argument("--in-process", action="store_true", help="run every configuration in this process")

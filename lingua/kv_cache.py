@@ -9,7 +9,7 @@ with fewer it is a ring (a sliding window, or Attamba's window of recent tokens)
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,33 @@ def attend_slots(
         )
 
 
+def load_decode_attention(device) -> Optional[Callable[..., torch.Tensor]]:
+    """:func:`lingua.decode_attention.decode_attention` for CUDA devices where Triton imports; None
+    otherwise (decode then runs SDPA over a materialized mask)."""
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        from lingua.decode_attention import decode_attention
+    except ImportError:
+        return None
+    return decode_attention
+
+
+def attend_one_query(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, lowest: torch.Tensor,
+    windowed_from: int, cache: "PositionedCache",
+) -> torch.Tensor:
+    """A decode step's attention: q [B, H, 1, d] over cached k, v [B, Hkv, S, d] whose slots hold
+    ``positions`` [B, S]. A filled slot is visible when it lies before ``windowed_from`` or holds a
+    position >= ``lowest`` [B]. Runs ``cache.decode_attention`` when set (a Triton kernel that
+    splits the keys over programs), else SDPA."""
+    if cache.decode_attention is not None:
+        return cache.decode_attention(q, k, v, positions, lowest, windowed_from)
+    slot = torch.arange(positions.shape[1], device=positions.device)
+    allowed = (positions >= 0) & ((slot < windowed_from) | (positions >= lowest[:, None]))
+    return attend_slots(q, k, v, allowed[:, None], cache.static_shapes)
+
+
 def causal_allowed(
     key_positions: torch.Tensor, query_positions: torch.Tensor, window: Optional[int]
 ) -> torch.Tensor:
@@ -180,11 +207,14 @@ class PositionedCache:
     ``horizon`` bounds the positions written so far without a device sync, so a cache detects
     overflow, and eager decoding of a full KV-cache attends only over its filled part. With
     ``static_shapes`` (set by lingua.generate.DecodeStep before capturing a CUDA graph) every step
-    has the same shapes and DecodeStep advances ``horizon``. Subclasses fill ``layers``.
+    has the same shapes and DecodeStep advances ``horizon``. ``decode_attention``: the kernel
+    decode steps attend with (see :func:`attend_one_query`), or None for SDPA; a subclass sets it
+    where the kernel was measured faster. Subclasses fill ``layers``.
     """
 
     def __init__(self, batch: int, max_len: int, device):
         self.max_len = max_len
+        self.decode_attention: Optional[Callable[..., torch.Tensor]] = None
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # next position per row
         self.horizon = 0
         self.static_shapes = False

@@ -41,7 +41,7 @@ from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step
 from lingua.decode_weights import PairedLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import (
-    EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill, read_entries, right_aligned_columns, write_entries,
+    EMPTY, KVSlots, PositionedCache, attend_one_query, check_prefill, load_decode_attention, read_entries, right_aligned_columns, write_entries,
 )
 from lingua.generate import register_cache_support
 from lingua.transformer import apply_rotary
@@ -186,6 +186,10 @@ class AttambaCache(PositionedCache):
     def __init__(self, model: AttambaLM, batch: int, max_len: int, device, dtype):
         check_decodable(model)
         super().__init__(batch, max_len, device)
+        # Split-key attention: cuDNN runs one program per (row, head), too few to stream caches this
+        # short at full bandwidth. The transformer's long caches keep cuDNN, measured faster there
+        # (docs/benchmarks.md, which also says what was not compared).
+        self.decode_attention = load_decode_attention(device)
         self.leading_tokens = model.chunking.leading_tokens
         self.pseudo_chunk = model.args.pseudo_chunk
         self.layers = [
@@ -294,14 +298,15 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
         weights = layer_cache.weights
         q, k_in, v_in, k_projected, v_projected = weights.project(layer.attention_norm(x)[:, 0])  # [B, ...]
         q = apply_rotary(attention.split_heads(q[:, None]), cos, sin)
-        k_out, v_out, state = paired_step(weights.ssm, k_projected, v_projected, layer_cache.ssm_kv, segment_start)
-        layer_cache.ssm_kv.copy_(state)
+        k_out, v_out, _ = paired_step(weights.ssm, k_projected, v_projected, layer_cache.ssm_kv, segment_start, in_place=True)
         k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)[:, None]), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out)[:, None])
         if layer_cache.compressed_slots:
             layer_cache.move_to_compressed(leaving)
         layer_cache.ring.write_one(k, v, t)
-        attended = attend_slots(q, layer_cache.k, layer_cache.v, layer_cache.allowed(t[:, None]), cache.static_shapes)
+        attended = attend_one_query(
+            q, layer_cache.k, layer_cache.v, layer_cache.positions, tables.window_start[t], layer_cache.ring.first, cache
+        )
         x = x + attention.output(attended)
         x = x + weights.feed_forward(layer.ffn_norm(x))
     cache.positions.add_(1)

@@ -129,7 +129,8 @@ class SSMState:
         No data-dependent indexing, so a captured decode step can do it."""
         if rows is None:
             self.conv.copy_(other.conv)
-            self.ssm.copy_(other.ssm)
+            if other.ssm is not self.ssm:  # a step that updated the state in place
+                self.ssm.copy_(other.ssm)
             return
         self.conv.copy_(torch.where(rows[:, None, None], other.conv, self.conv))
         self.ssm.copy_(torch.where(rows[:, None, None, None], other.ssm, self.ssm))
@@ -225,24 +226,45 @@ def _recurrent_step(
     state: SSMState,
     segment_start: Optional[torch.Tensor],
     sizes: _ScanSizes,
+    fused_step: Optional[Callable[..., torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, SSMState]:
     """The conv and the SSM recurrence for one token: conv inputs [B, channels], dt [B, heads]
-    (after the softplus) -> y [B, heads, head_dim] in the state's dtype, and the new state."""
-    if segment_start is not None:
-        state = state.reset(segment_start)
-    window = torch.cat([state.conv, conv_in.to(state.conv.dtype)[..., None]], dim=-1)  # [B, c, conv_size]
+    (after the softplus) -> y [B, heads, head_dim] in the state's dtype, and the new state.
+
+    With ``fused_step`` (:func:`apps.attamba.ssm_step_triton.ssm_step_`) and an fp32 state, the
+    recurrence is one kernel that updates ``state.ssm`` in place: the returned state holds that
+    same tensor."""
+    keep = None if segment_start is None else ~segment_start.to(torch.bool)
+    conv = state.conv if keep is None else state.conv * keep[:, None, None]
+    window = torch.cat([conv, conv_in.to(conv.dtype)[..., None]], dim=-1)  # [B, c, conv_size]
     conv_out = F.silu((window * conv_weight).sum(-1) + conv_bias)
+    if fused_step is not None and state.ssm.dtype == torch.float32:
+        starts = torch.zeros_like(dt[:, 0], dtype=torch.bool) if keep is None else ~keep
+        y = fused_step(conv_out, dt, A, D, starts, state.ssm, sizes.groups)
+        return y, SSMState(window[..., 1:], state.ssm)
     ssm_dtype = state.ssm.dtype
+    previous = state.ssm if keep is None else state.ssm * keep[:, None, None, None]
     u, B, C = (t.to(ssm_dtype) for t in sizes.split_conv_output(conv_out))
     # Heads of a group read the same B and C: view the heads as [groups, heads_per_group].
     grouped = (sizes.groups, sizes.heads // sizes.groups)
     decay = torch.exp(dt * A)  # [B, heads]
     x = dt[..., None] * u  # [B, heads, head_dim]
-    ssm = (decay[..., None, None] * state.ssm).unflatten(1, grouped) + (
+    ssm = (decay[..., None, None] * previous).unflatten(1, grouped) + (
         x.unflatten(1, grouped)[..., None] * B[:, :, None, None, :]
     )  # [B, groups, heads_per_group, head_dim, state_dim]
     y = torch.einsum("bgkps,bgs->bgkp", ssm, C).flatten(1, 2) + D.to(ssm_dtype)[:, None] * u
     return y, SSMState(window[..., 1:], ssm.flatten(1, 2))
+
+
+def _fused_step_for(parameter: torch.Tensor) -> Optional[Callable[..., torch.Tensor]]:
+    """The Triton decode step for parameters on CUDA where Triton imports; None otherwise."""
+    if parameter.device.type != "cuda":
+        return None
+    try:
+        from apps.attamba.ssm_step_triton import ssm_step_
+    except ImportError:
+        return None
+    return ssm_step_
 
 
 class KVSSM(nn.Module):
@@ -474,17 +496,22 @@ def init_paired_state(first: KVSSM, batch: int, device, dtype) -> SSMState:
 class PairedStepWeights:
     """Two KV-SSMs' parameters as decode steps read them, prepared once (a snapshot): side by
     side (:class:`_PairParameters`), and both out_proj as one batched matmul. It spares every step
-    the concatenations, which are kernels of their own."""
+    the concatenations, which are kernels of their own. ``fused_step``: the Triton recurrence
+    (:mod:`apps.attamba.ssm_step_triton`) when the parameters live on CUDA, else None."""
 
     first: KVSSM
     second: KVSSM
     params: _PairParameters
     out_proj: PairedLinear
+    fused_step: Optional[Callable[..., torch.Tensor]] = None
 
     @staticmethod
     @torch.no_grad()
     def of(first: KVSSM, second: KVSSM, dtype: torch.dtype) -> "PairedStepWeights":
-        return PairedStepWeights(first, second, _PairParameters.of(first, second, dtype), PairedLinear(first.out_proj, second.out_proj))
+        return PairedStepWeights(
+            first, second, _PairParameters.of(first, second, dtype), PairedLinear(first.out_proj, second.out_proj),
+            _fused_step_for(first.A_log),
+        )
 
 
 def paired_step(
@@ -493,20 +520,28 @@ def paired_step(
     projected_second: torch.Tensor,
     state: SSMState,
     segment_start: Optional[torch.Tensor],
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, SSMState]:
     """``first.step`` and ``second.step`` for one token, as one recurrence over both (decode's
     counterpart of :func:`paired_forward`): half the small kernels of two steps, which dominate
     a decode step. Takes both SSMs' in_proj outputs [B, width] (a cache computes them with other
     matmuls that read the same input); ``state`` comes from :func:`init_paired_state` or
-    :func:`paired_state`. -> (first's y [B, dim_out], second's y, the new paired state)."""
+    :func:`paired_state`. -> (first's y [B, dim_out], second's y, the new paired state).
+
+    ``in_place``: overwrite ``state`` with the new state (and return it); then the recurrence
+    runs as one Triton kernel where ``weights.fused_step`` is set."""
     first, second = weights.first, weights.second
     pair = _PairInputs.of(first, weights.params, projected_first, projected_second)
-    y, state = _recurrent_step(
+    y, new_state = _recurrent_step(
         pair.conv_in, pair.dt, weights.params.A, weights.params.D, weights.params.conv_weight,
         weights.params.conv_bias, state, segment_start, _ScanSizes.of(first, copies=2),
+        fused_step=weights.fused_step if in_place else None,
     )
+    if in_place:
+        state.copy_(new_state)
+        new_state = state
     y_1, y_2 = y.flatten(-2).to(projected_first.dtype).chunk(2, dim=-1)
-    return (*weights.out_proj(first._gate(y_1, pair.z[0]), second._gate(y_2, pair.z[1])), state)
+    return (*weights.out_proj(first._gate(y_1, pair.z[0]), second._gate(y_2, pair.z[1])), new_state)
 
 
 def _check_pair(first: KVSSM, second: KVSSM) -> None:

@@ -23,7 +23,7 @@ import torch
 from apps.main.model import TransformerLM
 from lingua.generate import register_cache_support
 from lingua.decode_weights import StackedLinear, StackedSwiGLU
-from lingua.kv_cache import KVSlots, PositionedCache, attend_slots, causal_allowed, check_prefill
+from lingua.kv_cache import KVSlots, PositionedCache, attend_one_query, attend_slots, causal_allowed, check_prefill
 
 class TransformerCache(PositionedCache):
     """Per-layer KV slots (key and value buffers; positions bookkeeping is not counted in nbytes)."""
@@ -82,13 +82,14 @@ def forward_cached(
     query_positions = start[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, m]
     cos, sin = model.rope(query_positions)
     span = cache.layers[0].slots if cache.static_shapes else min(cache.horizon, cache.layers[0].slots)
+    # The oldest position a decode query sees (every cached position is at or before its own).
+    lowest = start - cache.window + 1 if cache.window is not None else torch.zeros_like(start)
     x = model.tok_embeddings(tokens)
     for layer, slots, qkv, feed_forward in zip(model.layers, cache.layers, cache.qkv, cache.feed_forwards):
         q, k, v = layer.attention.split_rotate(*qkv(layer.attention_norm(x)), cos, sin)
         if decode:
             slots.write_one(k, v, start)
-            allowed = causal_allowed(slots.positions[:, :span], query_positions, cache.window)
-            out = attend_slots(q, slots.k[:, :, :span], slots.v[:, :, :span], allowed, cache.static_shapes)
+            out = attend_one_query(q, slots.k[:, :, :span], slots.v[:, :, :span], slots.positions[:, :span], lowest, 0, cache)
         else:
             key_positions = torch.cat([slots.positions, query_positions], dim=1)
             allowed = causal_allowed(key_positions, query_positions, cache.window)

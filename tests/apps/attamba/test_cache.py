@@ -28,11 +28,11 @@ def tiny_attamba(seed: int = 0, **overrides) -> AttambaLM:
     return model.eval()
 
 
-def assert_decode_matches_forward(model, n: int, lengths: list[int]) -> None:
-    tokens = torch.randint(0, VOCAB, (len(lengths), n))
+def assert_decode_matches_forward(model, n: int, lengths: list[int], device: str = "cpu") -> None:
+    tokens = torch.randint(0, VOCAB, (len(lengths), n)).to(device)
     with torch.no_grad():
         full = model(tokens)
-    cached = prefill_decode_logits(model, tokens, torch.tensor(lengths))
+    cached = prefill_decode_logits(model, tokens, torch.tensor(lengths, device=device))
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
 
 
@@ -59,6 +59,17 @@ MIXED_LENGTHS = [1, 6, 19]
 def test_prefill_then_decode_equals_full_forward(strategy, chunk, leading):
     model = tiny_attamba(chunk_strategy=strategy, token_chunk=chunk, leading_tokens=leading)
     assert_decode_matches_forward(model, n=22, lengths=MIXED_LENGTHS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy,chunk,leading", [("cyclic", 4, 3), ("random", 8, "chunk")])
+def test_decode_on_cuda_equals_full_forward(strategy, chunk, leading):
+    """On CUDA the decode step runs the Triton recurrence (apps.attamba.ssm_step_triton)."""
+    # Head dim 16: compiled FlexAttention (the forward's attention on CUDA) needs at least 16.
+    model = tiny_attamba(chunk_strategy=strategy, token_chunk=chunk, leading_tokens=leading, dim=64, ssm_impl="triton").cuda()
+    assert model.layers[0].attention.ssm_k.impl == "triton"
+    assert_decode_matches_forward(model, n=22, lengths=MIXED_LENGTHS, device="cuda")
 
 
 @pytest.mark.parametrize(

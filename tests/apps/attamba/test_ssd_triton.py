@@ -6,14 +6,12 @@ CUDA the same tests run compiled, and the ``gpu`` tests add model-sized shapes a
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Read when the kernels are decorated, so before apps.attamba.ssd_triton is first imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_interpreter import allow_one_element_index_in_interpreter, interpret_without_cuda
+
+interpret_without_cuda()  # before apps.attamba.ssd_triton is first imported
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
@@ -35,25 +33,8 @@ if DEVICE == "cpu" and not ssd_triton._INTERPRETED:
     )
 
 
-def _allow_one_element_index_in_interpreter() -> None:
-    """Triton 3.6's interpreter turns loop bounds into Python ints with ``int(array)``, which
-    numpy >= 2.4 refuses for the one-element arrays it holds; read the element instead."""
-    import triton.runtime.interpreter as interpreter
-
-    if getattr(interpreter._patch_lang_tensor, "_reads_element", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch_lang_tensor._reads_element = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
 if ssd_triton._INTERPRETED:
-    _allow_one_element_index_in_interpreter()
+    allow_one_element_index_in_interpreter()
 
 
 # Chunkings, as segment_start [b, n] bool.
@@ -540,3 +521,71 @@ def test_attamba_with_windowed_ssm_matches_the_torch_ssm(strategy):
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
     for grad, grad_ref in zip(grads, grads_ref):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups, state_dim, head_dim", [(1, 16, 8), (2, 12, 20)])
+def test_fused_decode_step_matches_the_torch_recurrence(groups, state_dim, head_dim):
+    # state_dim 12 and head_dim 20 leave partly filled tiles (16 rows a program, 16 state columns).
+    from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMArgs, init_paired_state, paired_step
+    from apps.attamba.ssm_step_triton import ssm_step_
+
+    torch.manual_seed(0)
+    args = SSMArgs(state_dim=state_dim, ssm_heads=2, n_groups=groups, conv_size=3, impl="torch")
+    first, second = (KVSSM(16, 2 * head_dim, args).to(DEVICE) for _ in range(2))
+    reference = PairedStepWeights.of(first, second, torch.float32)
+    fused = PairedStepWeights.of(first, second, torch.float32)
+    fused.fused_step = ssm_step_
+    batch = 3
+    state = init_paired_state(first, batch, DEVICE, torch.float32)
+    state.conv.normal_()
+    state.ssm.normal_()
+    state.ssm[1] = 1e30  # row 1 starts a segment first: nothing of this may survive
+    expected_state = init_paired_state(first, batch, DEVICE, torch.float32)
+    expected_state.copy_(state)
+    storage = state.ssm.data_ptr()
+    starts = torch.tensor([[False, True, False], [False, False, True], [True, False, False]], device=DEVICE)
+    with torch.no_grad():
+        for t in range(starts.shape[0]):
+            x_1, x_2 = torch.randn(2, batch, 16, device=DEVICE)
+            k_1, k_2 = first.in_proj(x_1), second.in_proj(x_2)
+            expected = paired_step(reference, k_1, k_2, expected_state, starts[t])
+            got = paired_step(fused, k_1, k_2, state, starts[t], in_place=True)
+            expected_state = expected[2]
+            for got_y, expected_y in zip(got[:2], expected[:2]):
+                torch.testing.assert_close(got_y, expected_y, rtol=1e-5, atol=1e-5)
+            assert got[2] is state and state.ssm.data_ptr() == storage
+            torch.testing.assert_close(state.ssm, expected_state.ssm, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(state.conv, expected_state.conv)
+
+
+def test_fused_decode_step_refuses_bad_shapes():
+    from apps.attamba.ssm_step_triton import ssm_step_
+
+    state = torch.zeros(2, 4, 8, 16, device=DEVICE)
+    xbc = torch.zeros(2, 4 * 8 + 2 * 16, device=DEVICE)
+    dt, A, D, starts = torch.zeros(2, 4, device=DEVICE), torch.zeros(4, device=DEVICE), torch.zeros(4, device=DEVICE), torch.zeros(2, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="float32"):
+        ssm_step_(xbc, dt, A, D, starts, state.double(), 1)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        ssm_step_(xbc, dt, A, D, starts, state, 3)
+    with pytest.raises(ValueError, match="expected xbc"):
+        ssm_step_(xbc[:, 1:], dt, A, D, starts, state, 1)
+
+
+def test_fused_decode_step_op_passes_opcheck_and_compiles():
+    from apps.attamba.ssm_step_triton import ssm_step_
+
+    torch.manual_seed(0)
+    heads, head_dim, state_dim = 4, 8, 16
+    xbc = torch.randn(2, heads * head_dim + 2 * state_dim, device=DEVICE)
+    dt, A, D = torch.rand(2, heads, device=DEVICE), -torch.rand(heads, device=DEVICE), torch.randn(heads, device=DEVICE)
+    starts = torch.tensor([True, False], device=DEVICE)
+    state = torch.randn(2, heads, head_dim, state_dim, device=DEVICE)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.attamba.ssm_step_.default, (xbc, dt, A, D, starts, state.clone(), 1), test_utils=checks)
+    torch._dynamo.reset()
+    compiled_state, eager_state = state.clone(), state.clone()
+    compiled = torch.compile(lambda s: ssm_step_(xbc, dt, A, D, starts, s, 1) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(compiled_state), ssm_step_(xbc, dt, A, D, starts, eager_state, 1) * 2)
+    torch.testing.assert_close(compiled_state, eager_state)
+    assert not torch.equal(compiled_state, state)

@@ -1,0 +1,161 @@
+"""Attention of one new query per row over a slot cache, split over the keys (flash-decoding).
+
+A decode step's attention reads the whole cache once and does little arithmetic, so its speed is
+the memory bandwidth it reaches. Fused attention kernels built for prefill run one program per
+(row, head): at batch 16 and 8 heads that is 128 programs for 132 SMs, each streaming its keys
+alone (measured on an H200 for Attamba's 4k-slot caches at 32k tokens: cuDNN read them at ~2.35 TB/s
+of the card's 4.8). Here each (row, head) splits its keys over several programs, which write a
+partial softmax (running max, sum and weighted values), and a second kernel merges them.
+
+Which slots a query sees comes from the positions the cache records (slot s of row b holds
+``positions[b, s]``, negative when empty): a filled slot is visible when it lies before
+``windowed_from`` (Attamba's compressed boundaries) or holds a position >= ``lowest[b]`` (the
+window). Every cached position is at or before the query's own, so nothing else is needed.
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
+before import), which the CPU tests use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BLOCK_KEYS = 64  # keys per loop iteration of a program
+PROGRAMS_PER_SM = 4  # enough programs in flight per SM to keep its loads streaming
+
+
+@triton.jit
+def _partial_kernel(
+    q_ptr, k_ptr, v_ptr, positions_ptr, lowest_ptr, acc_ptr, max_ptr, sum_ptr,
+    slots, windowed_from, heads, queries_per_kv, keys_per_split, splits, scale_log2,
+    stride_q_b, stride_q_h, stride_k_b, stride_k_h, stride_k_s, stride_v_b, stride_v_h, stride_v_s, stride_pos_b,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row_head = tl.program_id(0)
+    split = tl.program_id(1)
+    b = row_head // heads
+    h = row_head % heads
+    kv_h = h // queries_per_kv
+    d = tl.arange(0, BLOCK_D)
+    d_in = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + d, mask=d_in, other=0.0).to(tl.float32) * scale_log2
+    lowest = tl.load(lowest_ptr + b)
+    running_max = -float("inf")
+    running_sum = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, slots)
+    for first in range(start, end, BLOCK_N):
+        n = first + tl.arange(0, BLOCK_N)
+        n_in = n < end
+        position = tl.load(positions_ptr + b * stride_pos_b + n, mask=n_in, other=-1)
+        visible = n_in & (position >= 0) & ((n < windowed_from) | (position >= lowest))
+        tile_mask = visible[:, None] & d_in[None, :]
+        k = tl.load(k_ptr + b * stride_k_b + kv_h * stride_k_h + n[:, None] * stride_k_s + d[None, :], mask=tile_mask, other=0.0)
+        scores = tl.where(visible, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+        # Until a visible key turns up the max is -inf; shift by 0 then, so no inf - inf.
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        weights = tl.exp2(scores - shift)
+        rescale = tl.exp2(running_max - shift)
+        v = tl.load(v_ptr + b * stride_v_b + kv_h * stride_v_h + n[:, None] * stride_v_s + d[None, :], mask=tile_mask, other=0.0)
+        acc = acc * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
+        running_sum = running_sum * rescale + tl.sum(weights, axis=0)
+        running_max = new_max
+    slot = row_head * splits + split
+    tl.store(acc_ptr + slot * BLOCK_D + d, acc)
+    tl.store(max_ptr + slot, running_max)
+    tl.store(sum_ptr + slot, running_sum)
+
+
+@triton.jit
+def _merge_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, splits, heads, stride_o_b, stride_o_h,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+    row_head = tl.program_id(0)
+    split = tl.arange(0, BLOCK_SPLITS)
+    split_in = split < splits
+    d = tl.arange(0, BLOCK_D)
+    maxes = tl.load(max_ptr + row_head * splits + split, mask=split_in, other=-float("inf"))
+    total_max = tl.max(maxes, axis=0)
+    shift = tl.where(total_max == -float("inf"), 0.0, total_max)
+    weight = tl.exp2(maxes - shift)  # 0 for splits that saw no visible key
+    sums = tl.load(sum_ptr + row_head * splits + split, mask=split_in, other=0.0)
+    acc = tl.load(acc_ptr + (row_head * splits + split)[:, None] * BLOCK_D + d[None, :], mask=split_in[:, None], other=0.0)
+    numerator = tl.sum(acc * weight[:, None], axis=0)
+    denominator = tl.sum(sums * weight, axis=0)
+    out = tl.where(denominator > 0, numerator / tl.where(denominator > 0, denominator, 1.0), 0.0)
+    b, h = row_head // heads, row_head % heads
+    tl.store(out_ptr + b * stride_o_b + h * stride_o_h + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _splits(device: torch.device, row_heads: int, slots: int) -> int:
+    processors = 4 if device.type != "cuda" else _multiprocessors(device.index or 0)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * processors, row_heads)
+    return max(1, min(wanted, triton.cdiv(slots, BLOCK_KEYS)))
+
+
+@torch.library.custom_op("lingua::decode_attention", mutates_args=())
+def _decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, lowest: torch.Tensor, windowed_from: int,
+) -> torch.Tensor:
+    batch, heads, _, head_dim = q.shape
+    slots = k.shape[2]
+    block_d = triton.next_power_of_2(head_dim)
+    splits = _splits(q.device, batch * heads, slots)
+    keys_per_split = triton.cdiv(triton.cdiv(slots, splits), BLOCK_KEYS) * BLOCK_KEYS
+    partial_acc = torch.empty(batch * heads * splits, block_d, device=q.device, dtype=torch.float32)
+    partial_max = torch.empty(batch * heads * splits, device=q.device, dtype=torch.float32)
+    partial_sum = torch.empty_like(partial_max)
+    _partial_kernel[(batch * heads, splits)](
+        q, k, v, positions, lowest, partial_acc, partial_max, partial_sum,
+        slots, windowed_from, heads, heads // k.shape[1], keys_per_split, splits, math.log2(math.e) / math.sqrt(head_dim),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        positions.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=BLOCK_KEYS,
+    )
+    out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
+    _merge_kernel[(batch * heads,)](
+        partial_acc, partial_max, partial_sum, out, splits, heads, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=triton.next_power_of_2(splits),
+    )
+    return out
+
+
+@_decode_attention.register_fake
+def _(q, k, v, positions, lowest, windowed_from):
+    return torch.empty_like(q)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, lowest: torch.Tensor,
+    windowed_from: int = 0,
+) -> torch.Tensor:
+    """Attention of q [B, H, 1, d] over k, v [B, Hkv, S, d] (H a multiple of Hkv) -> [B, H, 1, d].
+
+    Slot s of row b is visible when ``positions[b, s] >= 0`` and either ``s < windowed_from`` or
+    ``positions[b, s] >= lowest[b]``; a row that sees no slot gets zeros.
+    """
+    batch, heads, queries, head_dim = q.shape
+    if queries != 1:
+        raise ValueError(f"decode_attention takes one query per row, got {queries}")
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or heads % k.shape[1]:
+        raise ValueError(f"k and v must be [{batch}, Hkv dividing {heads}, S, {head_dim}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if positions.shape != (batch, k.shape[2]) or lowest.shape != (batch,):
+        raise ValueError(f"positions must be [{batch}, {k.shape[2]}] and lowest [{batch}]")
+    if q.device.type != "cuda" and not _INTERPRETED:
+        raise RuntimeError("decode_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _decode_attention(q, k, v, positions.contiguous(), lowest.to(positions.dtype).contiguous(), windowed_from)
