@@ -1,9 +1,14 @@
-"""Shared test fixtures: tiny jsonl corpora written to a temporary directory."""
+"""Shared test fixtures: tiny jsonl corpora written to a temporary directory.
+
+Without CUDA the Triton kernels run under Triton's interpreter: ``TRITON_INTERPRET`` is read when a
+kernel is decorated, so it is set here, before any test imports a kernel module.
+"""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Union
@@ -15,6 +20,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+try:
+    import torch
+except ImportError:  # only the tests that need torch fail then
+    torch = None
+if torch is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 Record = Union[str, dict, bytes]
 

@@ -1,20 +1,7 @@
-"""Running Triton kernels on CPU tensors under Triton's interpreter, for the kernel tests.
-
-``TRITON_INTERPRET=1`` is read when a kernel is decorated, so a test module calls
-:func:`interpret_without_cuda` before it imports the module that defines the kernels.
-"""
+"""Running Triton kernels on CPU tensors under Triton's interpreter, for the kernel tests
+(tests/conftest.py sets ``TRITON_INTERPRET=1`` when there is no CUDA)."""
 
 from __future__ import annotations
-
-import os
-
-import torch
-
-
-def interpret_without_cuda() -> None:
-    """Without CUDA, run kernels under the interpreter (kernel modules imported after this)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def allow_one_element_index_in_interpreter() -> None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.triton_interpreter import allow_one_element_index_in_interpreter, interpret_without_cuda
-
-interpret_without_cuda()  # before lingua.decode_attention is first imported
+from tests.triton_interpreter import allow_one_element_index_in_interpreter
 
 triton = pytest.importorskip("triton", reason="the decode attention kernel needs the triton package")
 
@@ -18,7 +16,7 @@ from lingua.kv_cache import EMPTY, attend_slots  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not kernel_module._INTERPRETED:
-    pytest.skip("lingua.decode_attention was imported before TRITON_INTERPRET=1 was set; run this file on its own",
+    pytest.skip("lingua.decode_attention was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it without CUDA)",
                 allow_module_level=True)
 if kernel_module._INTERPRETED:
     allow_one_element_index_in_interpreter()

@@ -9,9 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.triton_interpreter import allow_one_element_index_in_interpreter, interpret_without_cuda
-
-interpret_without_cuda()  # before apps.attamba.ssd_triton is first imported
+from tests.triton_interpreter import allow_one_element_index_in_interpreter
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
@@ -27,8 +25,8 @@ requires_cuda = pytest.mark.skipif(
 
 if DEVICE == "cpu" and not ssd_triton._INTERPRETED:
     pytest.skip(
-        "apps.attamba.ssd_triton was imported before TRITON_INTERPRET=1 was set; run this file "
-        "on its own (or with TRITON_INTERPRET=1) to test the kernels on CPU",
+        "apps.attamba.ssd_triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py "
+        "sets it without CUDA)",
         allow_module_level=True,
     )
 
