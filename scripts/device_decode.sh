@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Device-machine check of decoding (issue 5), in one call so that every row compares: the GPU tests
+# of the decode kernels (apps/attamba/ssm_step_triton.py, lingua/decode_attention.py) and of CUDA
+# decoding against the full forward pass, then benchmarks/bench_decode.py for both 60M models with
+# torch.compile: Attamba with the split-key attention kernel (its default) and with cuDNN
+# (`compile+sdpa`), the transformer with cuDNN (its default). Logs and JSON go under $OUT; the
+# test summary and the bench's tables are printed last.
+#
+#   OUT=/tmp/decode bash scripts/device_decode.sh
+# CONTEXTS (default "32768 131072") and BATCHES (default "1 16") pick the rows; TEST_TIMEOUT
+# (default 240 s) caps the tests. About 8 minutes with the defaults on an H100.
+set -u
+OUT="${OUT:-/tmp/device_decode}"
+CONTEXTS="${CONTEXTS:-32768 131072}"
+BATCHES="${BATCHES:-1 16}"
+source "$(dirname "$0")/device_env.sh"
+
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/environment.txt" 2>&1
+timeout -k 10 "${TEST_TIMEOUT:-240}" python -m pytest -q -rfE -p no:cacheprovider \
+  tests/lingua/test_decode_attention.py tests/apps/attamba/test_ssd_triton.py tests/apps/attamba/test_cache.py \
+  tests/lingua/test_generate.py -k "decode or cuda" > "$OUT/pytest.txt" 2>&1
+echo "pytest exit code $?" >> "$OUT/pytest.txt"
+
+bench() {  # name, then bench_decode arguments
+  local name=$1
+  shift
+  python benchmarks/bench_decode.py --contexts $CONTEXTS --batches $BATCHES --steps 64 --timeout 100 \
+    --out "$OUT/$name.json" "$@" > "$OUT/$name.txt" 2>&1
+}
+bench attamba --models attamba --modes compile compile+sdpa
+bench transformer --models transformer --modes compile
+
+cat "$OUT/environment.txt"
+grep -E "^(FAILED|ERROR)|passed|failed|exit code" "$OUT/pytest.txt" | tail -15
+python - "$OUT/attamba.json" "$OUT/transformer.json" <<'PY'
+import json, sys
+rows = [row for path in sys.argv[1:] for row in json.load(open(path))]
+print(f"{'model':<12}{'context':>9}{'batch':>6}{'mode':>15}{'ms/step':>9}{'tok/s':>11}  note")
+for r in rows:
+    ms = f"{r['ms_per_step']:9.3f}{r['tokens_per_second']:11.1f}" if r["ms_per_step"] else f"{'-':>9}{'-':>11}"
+    print(f"{r['model']:<12}{r['context']:>9}{r['batch']:>6}{r['mode']:>15}{ms}  {r['note']}")
+best = {}
+for r in rows:
+    key = (r["context"], r["batch"], r["model"])
+    if r["tokens_per_second"] and r["tokens_per_second"] > best.get(key, {}).get("tokens_per_second", 0):
+        best[key] = r
+for context, batch in sorted({(c, b) for c, b, _ in best}):
+    a, t = best.get((context, batch, "attamba")), best.get((context, batch, "transformer"))
+    if a and t:
+        print(f"{context:>7} x {batch:>2}: Attamba ({a['mode']}) / transformer ({t['mode']}) = "
+              f"{a['tokens_per_second'] / t['tokens_per_second']:.2f}x")
+PY
