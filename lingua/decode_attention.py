@@ -27,8 +27,11 @@ import triton
 import triton.language as tl
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK_KEYS = 64  # keys per loop iteration of a program
-PROGRAMS_PER_SM = 4  # enough programs in flight per SM to keep its loads streaming
+# Launch settings; benchmarks/bench_decode_attention.py sweeps them. Keys per loop iteration of a
+# program, warps per program, and programs per SM (enough in flight to keep the loads streaming).
+BLOCK_KEYS = 64
+NUM_WARPS = 4
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -100,21 +103,22 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _splits(device: torch.device, row_heads: int, slots: int) -> int:
+def _splits(device: torch.device, row_heads: int, slots: int, block_keys: int, programs_per_sm: int) -> int:
     processors = 4 if device.type != "cuda" else _multiprocessors(device.index or 0)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * processors, row_heads)
-    return max(1, min(wanted, triton.cdiv(slots, BLOCK_KEYS)))
+    wanted = triton.cdiv(programs_per_sm * processors, row_heads)
+    return max(1, min(wanted, triton.cdiv(slots, block_keys)))
 
 
 @torch.library.custom_op("lingua::decode_attention", mutates_args=())
 def _decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, lowest: torch.Tensor, windowed_from: int,
+    block_keys: int, num_warps: int, programs_per_sm: int,
 ) -> torch.Tensor:
     batch, heads, _, head_dim = q.shape
     slots = k.shape[2]
     block_d = triton.next_power_of_2(head_dim)
-    splits = _splits(q.device, batch * heads, slots)
-    keys_per_split = triton.cdiv(triton.cdiv(slots, splits), BLOCK_KEYS) * BLOCK_KEYS
+    splits = _splits(q.device, batch * heads, slots, block_keys, programs_per_sm)
+    keys_per_split = triton.cdiv(triton.cdiv(slots, splits), block_keys) * block_keys
     partial_acc = torch.empty(batch * heads * splits, block_d, device=q.device, dtype=torch.float32)
     partial_max = torch.empty(batch * heads * splits, device=q.device, dtype=torch.float32)
     partial_sum = torch.empty_like(partial_max)
@@ -123,7 +127,7 @@ def _decode_attention(
         slots, windowed_from, heads, heads // k.shape[1], keys_per_split, splits, math.log2(math.e) / math.sqrt(head_dim),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         positions.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=BLOCK_KEYS,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_keys, num_warps=num_warps,
     )
     out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
     _merge_kernel[(batch * heads,)](
@@ -134,18 +138,20 @@ def _decode_attention(
 
 
 @_decode_attention.register_fake
-def _(q, k, v, positions, lowest, windowed_from):
+def _(q, k, v, positions, lowest, windowed_from, block_keys, num_warps, programs_per_sm):
     return torch.empty_like(q)
 
 
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, lowest: torch.Tensor,
-    windowed_from: int = 0,
+    windowed_from: int = 0, *, block_keys: int = BLOCK_KEYS, num_warps: int = NUM_WARPS,
+    programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> torch.Tensor:
     """Attention of q [B, H, 1, d] over k, v [B, Hkv, S, d] (H a multiple of Hkv) -> [B, H, 1, d].
 
     Slot s of row b is visible when ``positions[b, s] >= 0`` and either ``s < windowed_from`` or
-    ``positions[b, s] >= lowest[b]``; a row that sees no slot gets zeros.
+    ``positions[b, s] >= lowest[b]``; a row that sees no slot gets zeros. The keyword arguments
+    are launch settings (``block_keys`` a power of two, at least 16).
     """
     batch, heads, queries, head_dim = q.shape
     if queries != 1:
@@ -158,4 +164,9 @@ def decode_attention(
         raise RuntimeError("decode_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _decode_attention(q, k, v, positions.contiguous(), lowest.to(positions.dtype).contiguous(), windowed_from)
+    if block_keys < 16 or block_keys & (block_keys - 1):
+        raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
+    return _decode_attention(
+        q, k, v, positions.contiguous(), lowest.to(positions.dtype).contiguous(), windowed_from,
+        block_keys, num_warps, programs_per_sm,
+    )

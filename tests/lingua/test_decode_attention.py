@@ -29,12 +29,13 @@ def reference(q, k, v, positions, lowest, windowed_from):
     return torch.where(allowed.any(-1)[:, None, None, None], out, 0.0)
 
 
-@pytest.mark.parametrize("slots, heads, kv_heads, head_dim, windowed_from", [
-    (37, 2, 2, 16, 0),     # fewer keys than a block: one split
-    (300, 2, 1, 24, 130),  # several splits, grouped queries, a head dim that is not a power of two
-    (1000, 1, 1, 8, 990),  # one (row, head): many splits, most of them over compressed slots
+@pytest.mark.parametrize("slots, heads, kv_heads, head_dim, windowed_from, launch", [
+    (37, 2, 2, 16, 0, {}),     # fewer keys than a block: one split
+    (300, 2, 1, 24, 130, {}),  # several splits, grouped queries, a head dim that is not a power of two
+    (1000, 1, 1, 8, 990, {}),  # one (row, head): many splits, most of them over compressed slots
+    (300, 2, 2, 16, 100, dict(block_keys=16, num_warps=2, programs_per_sm=1)),
 ])
-def test_decode_attention_matches_sdpa_over_the_mask(slots, heads, kv_heads, head_dim, windowed_from):
+def test_decode_attention_matches_sdpa_over_the_mask(slots, heads, kv_heads, head_dim, windowed_from, launch):
     generator = torch.Generator().manual_seed(slots)
     batch = 3
     q = torch.randn(batch, heads, 1, head_dim, generator=generator).to(DEVICE)
@@ -43,7 +44,7 @@ def test_decode_attention_matches_sdpa_over_the_mask(slots, heads, kv_heads, hea
     positions[torch.rand(batch, slots, generator=generator) < 0.3] = EMPTY
     positions[2] = EMPTY  # a row that sees nothing gets zeros
     positions, lowest = positions.to(DEVICE), torch.tensor([0, 1500, 0], device=DEVICE)
-    got = decode_attention(q, k, v, positions, lowest, windowed_from)
+    got = decode_attention(q, k, v, positions, lowest, windowed_from, **launch)
     torch.testing.assert_close(got, reference(q, k, v, positions, lowest, windowed_from), rtol=1e-5, atol=1e-5)
     assert torch.equal(got[2], torch.zeros_like(got[2]))
 
@@ -67,12 +68,14 @@ def test_decode_attention_refuses_bad_shapes():
         decode_attention(q, k, k, positions, lowest)
     with pytest.raises(ValueError, match="positions must be"):
         decode_attention(q[:, :, :1], k, k, positions[:, :4], lowest)
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention(q[:, :, :1], k, k, positions, lowest, block_keys=48)
 
 
 def test_decode_attention_op_passes_opcheck():
     q, k, v = torch.randn(1, 2, 1, 8, device=DEVICE), torch.randn(1, 2, 70, 8, device=DEVICE), torch.randn(1, 2, 70, 8, device=DEVICE)
     positions, lowest = torch.arange(70, device=DEVICE)[None], torch.tensor([3], device=DEVICE)
-    torch.library.opcheck(torch.ops.lingua.decode_attention.default, (q, k, v, positions, lowest, 0),
+    torch.library.opcheck(torch.ops.lingua.decode_attention.default, (q, k, v, positions, lowest, 0, 64, 4, 4),
                           test_utils=("test_schema", "test_faketensor"))
 
 
