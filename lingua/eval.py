@@ -331,16 +331,31 @@ class LinguaLM(_LMBase):
             temperature = float(gen_kwargs.get("temperature", self.temperature)) if sampling else 0.0
             key = (tuple(until), int(gen_kwargs.get("max_gen_toks", self.max_gen_tokens)), temperature)
             groups.setdefault(key, []).append(index)
-        outputs: list[str] = [""] * len(requests)
-        for (until, max_tokens, temperature), indices in groups.items():
+        batches = [
+            (key, indices[first : first + self.batch_size])
+            for key, indices in groups.items()
+            for first in range(0, len(indices), self.batch_size)
+        ]
+        # Under torchrun the batches are shared out in rounds, as the scoring passes are. Generation
+        # makes no collective call (FSDP is refused above), so a rank without a batch in the last
+        # round just waits for the next interrupt vote.
+        rank, world = _rank_and_world()
+        texts: dict[int, str] = {}
+        rounds_of_batches = list(rounds(batches, world))
+        for group in _progress(rounds_of_batches, len(rounds_of_batches), "generating", not disable_tqdm):
+            check_interrupt()
+            ((until, max_tokens, temperature), indices), mine = my_share(group, rank)
+            if not mine:
+                continue
             args = GenerateArgs(max_new_tokens=max_tokens, temperature=temperature, stop=list(until))
-            for first in range(0, len(indices), self.batch_size):
-                check_interrupt()
-                chunk = indices[first : first + self.batch_size]
-                texts = generate_text(self.model, self.tokenizer, [requests[i].args[0] for i in chunk], args)
-                for index, text in zip(chunk, texts):
-                    outputs[index] = text
-                    self.cache_hook.add_partial("generate_until", requests[index].args, text)
+            texts.update(zip(indices, generate_text(self.model, self.tokenizer, [requests[i].args[0] for i in indices], args)))
+        if world > 1:
+            every_rank: list[Optional[dict]] = [None] * world
+            torch.distributed.all_gather_object(every_rank, texts)
+            texts = {index: text for part in every_rank for index, text in part.items()}
+        outputs = [texts[index] for index in range(len(requests))]
+        for request, text in zip(requests, outputs):
+            self.cache_hook.add_partial("generate_until", request.args, text)
         return outputs
 
 

@@ -7,7 +7,7 @@ it, a preemption signal that arrives during an evaluation of many minutes would 
 of the evaluation, past the grace period of most schedulers.
 
 Under torchrun every rank must call the check equally often when it is a collective vote: they
-do, since work shared out across ranks goes in rounds of one forward pass per rank
+do, since work shared out across ranks goes in rounds of one batch per rank
 (``lingua.eval.my_share``), and the rest runs whole on every rank.
 """
 

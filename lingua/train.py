@@ -287,8 +287,8 @@ class _Evaluator:
         from lingua.interrupt import EvaluationInterrupted, interruptible
 
         # run_evaluation switches the model to eval mode (eval-time chunking) and back. Validation
-        # batches and lm-eval's scoring passes are shared out across ranks (generation tasks run
-        # whole on every rank). Compiled blocks run eagerly here: eval mode and evaluation's batch
+        # batches, lm-eval's scoring passes and its generation batches are shared out across ranks.
+        # Compiled blocks run eagerly here: eval mode and evaluation's batch
         # shapes would each recompile every block (minutes for Attamba, whose layers compile
         # separately) and use up dynamo's recompile limit. FlexAttention and its block masks stay
         # compiled on CUDA (lingua.masks): eagerly they would materialise the whole score matrix.

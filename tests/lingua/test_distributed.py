@@ -116,3 +116,18 @@ def test_ranks_share_out_the_lm_eval_forward_passes(tmp_path):
         # Every rank returns every score; each made 3 passes (one of them idle on rank 1).
         assert got["scores"] == pytest.approx(expected["scores"], rel=1e-5), rank
         assert got["passes"] == 3, rank
+
+
+@pytest.mark.slow
+def test_ranks_share_out_the_lm_eval_generation_batches(tmp_path):
+    worker = str(ROOT / "tests" / "lingua" / "eval_worker.py")
+    subprocess.run([sys.executable, worker, str(tmp_path / "one"), "none", "generate"], cwd=ROOT, env=_env(), check=True, timeout=120)
+    expected = json.loads((tmp_path / "one.0.json").read_text())
+    assert expected["batches"] == 5 and len(expected["texts"]) == 5
+    _torchrun(worker, str(tmp_path / "two"), "ddp", "generate")
+    generated = []
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"two.{rank}.json").read_text())
+        assert got["texts"] == expected["texts"], rank  # every rank returns every text, in order
+        generated.append(got["batches"])
+    assert generated == [3, 2]
