@@ -1,5 +1,8 @@
 """Decode speed and cache size: the 60M Attamba (P=8, L=16) against the 60M transformer.
 
+``--models mamba`` adds the 60M Mamba2 baseline (apps/mamba/configs/mamba_60m.yaml: 16 blocks, one
+recurrent state per layer whatever the context; its step runs the PyTorch recurrence).
+
 For each model, context length n and batch size B, the cache is filled with n tokens of RANDOM
 keys, values (and SSM states) laid out exactly as a prefill of n tokens would leave them: a real
 prefill of 128k tokens would take longer than the measurement and changes nothing in a decode
@@ -54,9 +57,15 @@ from profile_step import kernel_totals  # noqa: E402  (this folder is on the pat
 
 # The paper's 60M models (apps/attamba/configs/attamba_60m.yaml, apps/main/configs/transformer_60m.yaml).
 SHARED = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000)
+MODELS = ("attamba", "transformer", "mamba")
 
 
 def build_model(name: str, max_len: int) -> torch.nn.Module:
+    if name == "mamba":
+        from apps.mamba.args import MambaArgs
+        from apps.mamba.model import MambaLM
+
+        return MambaLM(MambaArgs(dim=512, n_layers=16, vocab_size=32000, max_seqlen=max_len, state_dim=128, ssm_heads=16, conv_size=4))
     if name == "attamba":
         args = AttambaArgs(
             **SHARED, max_seqlen=max_len, token_chunk=8, leading_tokens=16, chunk_strategy="cyclic",
@@ -208,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--models", nargs="+", default=["attamba", "transformer"], choices=["attamba", "transformer"])
+    parser.add_argument("--models", nargs="+", default=["attamba", "transformer"], choices=MODELS)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--modes", nargs="+", default=["cuda_graph", "compile"], choices=MODES,

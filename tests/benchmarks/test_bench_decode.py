@@ -23,3 +23,22 @@ def test_speedups_compare_each_models_fastest_mode_and_skip_failed_rows():
     assert speedups(rows) == [
         "context    4096 batch   1: Attamba 300.0 tok/s (compile) / transformer 200.0 (cuda_graph) = 1.50x"
     ]
+
+
+def test_every_benchmarked_model_builds_and_decodes_a_pretended_context():
+    """The bench's models at its 60M sizes, cut to a small max_len: a cache filled without a
+    prefill takes one decode step (on CPU, eagerly)."""
+    import torch
+
+    from bench_decode import MODELS, build_model
+    from lingua.generate import cache_support
+
+    for name in MODELS:
+        model = build_model(name, 64).eval()
+        support = cache_support(model)
+        cache = support.new_cache(model, 2, 64, "cpu", torch.float32)
+        cache.pretend_filled(40)
+        with torch.no_grad():
+            logits = support.forward_cached(model, torch.zeros(2, 1, dtype=torch.long), cache)
+        assert logits.shape == (2, 1, 32000) and torch.isfinite(logits).all(), name
+        assert cache.live_nbytes() <= cache.nbytes()
