@@ -81,7 +81,8 @@ def measure_shape(
     positions = torch.arange(slots, device=device).expand(batch, slots).contiguous()
     if windowed_from:
         positions[:, windowed_from - 1] = -1  # Attamba's trash slot holds nothing
-    lowest = torch.zeros(batch, dtype=torch.long, device=device)
+    # The window starts after the compressed positions: every filled slot is visible.
+    lowest = torch.full((batch,), windowed_from, dtype=torch.long, device=device)
     allowed = (positions >= 0)[:, None, :]  # [B, 1 query, S]
     kv_bytes = 2 * k.nbytes
     reference = attend_slots(q, k, v, allowed, static_shapes=True)

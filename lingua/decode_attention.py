@@ -8,9 +8,10 @@ of the card's 4.8). Here each (row, head) splits its keys over several programs,
 partial softmax (running max, sum and weighted values), and a second kernel merges them.
 
 Which slots a query sees comes from the positions the cache records (slot s of row b holds
-``positions[b, s]``, negative when empty): a filled slot is visible when it lies before
-``windowed_from`` (Attamba's compressed boundaries) or holds a position >= ``lowest[b]`` (the
-window). Every cached position is at or before the query's own, so nothing else is needed.
+``positions[b, s]``, negative when empty): a filled slot before ``windowed_from`` (Attamba's
+compressed boundaries) is visible when its position is below ``lowest[b]`` (the window's start),
+a slot from ``windowed_from`` on (the window) when its position is at least ``lowest[b]``. Every
+cached position is at or before the query's own, so nothing else is needed.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before import), which the CPU tests use.
@@ -59,7 +60,7 @@ def _partial_kernel(
         n = first + tl.arange(0, BLOCK_N)
         n_in = n < end
         position = tl.load(positions_ptr + b * stride_pos_b + n, mask=n_in, other=-1)
-        visible = n_in & (position >= 0) & ((n < windowed_from) | (position >= lowest))
+        visible = n_in & (position >= 0) & tl.where(n < windowed_from, position < lowest, position >= lowest)
         tile_mask = visible[:, None] & d_in[None, :]
         k = tl.load(k_ptr + b * stride_k_b + kv_h * stride_k_h + n[:, None] * stride_k_s + d[None, :], mask=tile_mask, other=0.0)
         scores = tl.where(visible, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
@@ -149,8 +150,9 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of q [B, H, 1, d] over k, v [B, Hkv, S, d] (H a multiple of Hkv) -> [B, H, 1, d].
 
-    Slot s of row b is visible when ``positions[b, s] >= 0`` and either ``s < windowed_from`` or
-    ``positions[b, s] >= lowest[b]``; a row that sees no slot gets zeros. The keyword arguments
+    Slot s of row b is visible when ``positions[b, s] >= 0`` and, for s < ``windowed_from``,
+    ``positions[b, s] < lowest[b]``, for the other slots ``positions[b, s] >= lowest[b]``; a row
+    that sees no slot gets zeros. The keyword arguments
     are launch settings (``block_keys`` a power of two, at least 16).
     """
     batch, heads, queries, head_dim = q.shape

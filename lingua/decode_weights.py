@@ -42,8 +42,12 @@ class PairedLinear:
 
     def __call__(self, x_1: torch.Tensor, x_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x_1, x_2 [B, in] -> [B, out] each."""
-        y = torch.bmm(torch.stack([x_1, x_2]), self.weight_t)
+        y = self.stacked(torch.stack([x_1, x_2]))
         return y[0], y[1]
+
+    def stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """Both inputs stacked, [2, B, in] -> [2, B, out]."""
+        return torch.bmm(x, self.weight_t)
 
 
 class StackedSwiGLU:

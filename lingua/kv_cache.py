@@ -19,33 +19,22 @@ EMPTY = -1
 """Position recorded in a slot that holds nothing."""
 
 
-def _row_head_index(k_buffer: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices of slot[b] [B] in every head of k_buffer [B, H, S, d]: an [B, H] entry grid."""
-    rows = torch.arange(k_buffer.shape[0], device=slot.device)[:, None]
-    heads = torch.arange(k_buffer.shape[1], device=slot.device)[None, :]
-    return rows, heads, slot[:, None]
-
-
-def read_entries(buffers: tuple[torch.Tensor, ...], slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v [B, H, d] held in slot[b] [B] of (k, v, positions) buffers [B, H, S, d]."""
-    k_buffer, v_buffer, _ = buffers
-    index = _row_head_index(k_buffer, slot)
-    return k_buffer[index], v_buffer[index]
-
-
-def write_entries(
-    buffers: tuple[torch.Tensor, ...], slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor
+def write_slots(
+    buffers: tuple[torch.Tensor, ...], slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
 ) -> None:
-    """Store k, v [B, H, d] and ``position`` [B] in slot[b] [B] of each row of (k, v, positions).
+    """Store k, v [B, H, m, d] and ``positions`` [B, m] in slots[b, i] [B, m] of each row of the
+    (k, v, positions) buffers ([B, H, S, d] twice, [B, S]); a row's m slots must differ.
 
     Written with ``index_put_`` on the whole buffers: compiled by Inductor that updates the written
     entries in place, whereas a ``scatter_`` (or any write through a view) becomes a copy of the
-    whole buffer every step (gigabytes at long context)."""
+    whole buffer every step (gigabytes at long context). One call per buffer, whatever m."""
     k_buffer, v_buffer, positions_buffer = buffers
-    index = _row_head_index(k_buffer, slot)
+    rows = torch.arange(k_buffer.shape[0], device=slots.device)[:, None, None]
+    heads = torch.arange(k_buffer.shape[1], device=slots.device)[None, :, None]
+    index = (rows, heads, slots[:, None, :])  # an [B, H, m] grid of entries
     k_buffer[index] = k
     v_buffer[index] = v
-    positions_buffer[index[0][:, 0], slot] = position
+    positions_buffer[rows[:, :, 0], slots] = positions
 
 
 class KVSlots:
@@ -56,7 +45,7 @@ class KVSlots:
     of larger buffers (the Attamba cache keeps its compressed keys and its window in one tensor so
     attention needs no concatenation): ``k``, ``v`` ([B, Hkv, slots, d]) and ``positions``
     ([B, slots]) are views of that range, sliced from the whole buffers on every access. A decode
-    step writes through the whole buffers (:func:`write_entries`); were the views kept as tensors
+    step writes through the whole buffers (:func:`write_slots`); were the views kept as tensors
     of their own, a compiled step that writes and then reads them would see two aliased inputs,
     and Inductor copies the whole buffers every step.
     """
@@ -87,7 +76,7 @@ class KVSlots:
 
     def write_one(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
         """Store k, v [B, Hkv, 1, d] of one token per row at ``position`` [B]."""
-        write_entries(self.buffers, self.first + position % self.slots, k[:, :, 0], v[:, :, 0], position)
+        write_slots(self.buffers, (self.first + position % self.slots)[:, None], k, v, position[:, None])
 
     def write_many(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor) -> None:
         """Store k, v [B, Hkv, m, d] of positions start[b] + i for i < lengths[b].
@@ -159,13 +148,14 @@ def attend_one_query(
     windowed_from: int, cache: "PositionedCache",
 ) -> torch.Tensor:
     """A decode step's attention: q [B, H, 1, d] over cached k, v [B, Hkv, S, d] whose slots hold
-    ``positions`` [B, S]. A filled slot is visible when it lies before ``windowed_from`` or holds a
-    position >= ``lowest`` [B]. Runs ``cache.decode_attention`` when set (a Triton kernel that
-    splits the keys over programs), else SDPA."""
+    ``positions`` [B, S]. A filled slot before ``windowed_from`` (Attamba's compressed boundaries)
+    is visible when its position is < ``lowest`` [B], one from ``windowed_from`` on (the window)
+    when it is >= ``lowest``. Runs ``cache.decode_attention`` when set (a Triton kernel that splits
+    the keys over programs), else SDPA."""
     if cache.decode_attention is not None:
         return cache.decode_attention(q, k, v, positions, lowest, windowed_from)
     slot = torch.arange(positions.shape[1], device=positions.device)
-    allowed = (positions >= 0) & ((slot < windowed_from) | (positions >= lowest[:, None]))
+    allowed = (positions >= 0) & torch.where(slot < windowed_from, positions < lowest[:, None], positions >= lowest[:, None])
     return attend_slots(q, k, v, allowed[:, None], cache.static_shapes)
 
 

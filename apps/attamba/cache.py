@@ -2,19 +2,22 @@
 
 Per layer (DESIGN.md, "Inference cache"):
 
-- the compressed (k, v) of chunk boundaries that have left the window, at their true positions'
-  RoPE;
+- the compressed (k, v) of chunk boundaries, seen once they have left the window, at their true
+  positions' RoPE;
 - a ring of the most recent (k, v): the last L positions, or with ``leading_tokens: chunk`` the
   current partial chunk (the ring holds the longest chunk; older entries are masked);
 - the K- and V-SSM states (conv tail and state per head), which reset after every boundary; they
   are kept side by side in one state, which one recurrence steps (``ssm.paired_step``).
 
-A decode step at position t computes k_t, v_t by one SSM step, moves the position e leaving the
-window (t - L, or t - 1 when t starts a new chunk) from the ring to the compressed list iff e is
-a boundary, writes t into the ring and attends q_t over [compressed ; window]. The compressed
-list and the ring share one buffer ``[compressed C | trash 1 | ring S]`` per layer, so attention
-needs no concatenation and every shape is fixed: a step can be captured in a CUDA graph. (A step
-with nothing to move writes into the trash slot, which is always masked.)
+A decode step at position t computes k_t, v_t by one SSM step, writes them into the ring and,
+iff t is a boundary, into t's compressed slot too, and attends q_t over [compressed ; window]. A
+compressed entry is seen only by queries whose window starts after it, so a boundary written
+early stays hidden until it leaves the window: DESIGN's move of the evicted position into the
+compressed list, without reading it back from the ring (one write of two slots per buffer instead
+of a read and two writes). The compressed list and the ring share one buffer
+``[compressed C | trash 1 | ring S]`` per layer, so attention needs no concatenation and every
+shape is fixed: a step can be captured in a CUDA graph. (A token that is no boundary writes its
+second copy into the trash slot, which is always masked.)
 
 Boundaries are absolute positions shared by every row (uniform, cyclic, and evaluation's seeded
 random chunks, whose prefix does not depend on the sequence length), tabulated once for
@@ -41,7 +44,7 @@ from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step
 from lingua.decode_weights import PairedLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import (
-    EMPTY, KVSlots, PositionedCache, attend_one_query, check_prefill, load_decode_attention, read_entries, right_aligned_columns, write_entries,
+    EMPTY, KVSlots, PositionedCache, attend_one_query, check_prefill, load_decode_attention, right_aligned_columns, write_slots,
 )
 from lingua.generate import register_cache_support
 from lingua.transformer import apply_rotary
@@ -125,29 +128,28 @@ class AttambaLayerCache:
         self.weights = LayerDecodeWeights(block, self.ssm_kv.ssm.dtype)
 
     def allowed(self, query_positions: torch.Tensor) -> torch.Tensor:
-        """[B, m, total] bool: compressed entries, plus ring entries inside the query's window."""
-        window_start = self.tables.window_start[query_positions]  # [B, m]
-        filled = self.positions[:, None, :] >= 0
-        in_window = self.positions[:, None, :] >= window_start[:, :, None]
-        return filled & (~self.is_ring_slot | in_window)
+        """[B, m, total] bool: compressed entries before the query's window, ring entries in it."""
+        window_start = self.tables.window_start[query_positions][:, :, None]  # [B, m, 1]
+        positions = self.positions[:, None, :]
+        filled = positions >= 0
+        return filled & torch.where(self.is_ring_slot, positions >= window_start, positions < window_start)
 
-    def move_to_compressed(self, leaving: torch.Tensor) -> None:
-        """Copy position ``leaving`` [B] from the ring to its compressed slot where it is a boundary."""
-        safe = leaving.clamp(min=0)
-        moves = (leaving >= 0) & self.tables.is_boundary[safe]  # [B]
-        destination = torch.where(moves, self.tables.compressed_slot[safe], self.trash)  # [B]
-        k, v = read_entries(self.ring.buffers, self.ring.first + safe % self.ring.slots)
-        write_entries(self.ring.buffers, destination, k, v, torch.where(moves, leaving, EMPTY))
+    def write_token(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> None:
+        """Store position t's k, v [B, H, d] (t [B]) in the ring and, where t is a boundary, in its
+        compressed slot, hidden there until t leaves the window (see :meth:`allowed`)."""
+        compressed = self.tables.compressed_slot[t]  # [B]: the trash slot where t is no boundary
+        slots = torch.stack([self.ring.first + t % self.ring.slots, compressed], dim=1)  # [B, 2]
+        positions = torch.stack([t, torch.where(compressed != self.trash, t, EMPTY)], dim=1)
+        write_slots(self.ring.buffers, slots, k[:, :, None].expand(-1, -1, 2, -1), v[:, :, None].expand(-1, -1, 2, -1), positions)
 
     def fill_from_prompt(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
         """Build the cache from a prompt's rotated k, v [B, H, m, d] (rows start at position 0)."""
         m = k.shape[2]
         zero = torch.zeros_like(lengths)
         self.ring.write_many(k, v, zero, lengths)
-        # Compressed: the boundaries before the window of each row's last token.
-        last_window_start = torch.where(lengths > 0, self.tables.window_start[(lengths - 1).clamp(min=0)], 0)
+        # Compressed: every boundary of the prompt (those still in the window stay hidden).
         boundary = self.tables.boundary_positions  # [C]
-        compressed = boundary[None, :] < last_window_start[:, None]  # [B, C]
+        compressed = boundary[None, :] < lengths[:, None]  # [B, C]
         index = boundary.clamp(max=m - 1)[None, None, :, None].expand(k.shape[0], k.shape[1], -1, k.shape[3])
         self.k[:, :, : self.compressed_slots] = k.gather(2, index)
         self.v[:, :, : self.compressed_slots] = v.gather(2, index)
@@ -160,8 +162,7 @@ class AttambaLayerCache:
         batch = self.k.shape[0]
         self.ring.pretend_filled(torch.full((batch,), n, dtype=torch.long, device=self.k.device))
         boundary = self.tables.boundary_positions
-        compressed = boundary < self.tables.window_start[n - 1] if n > 0 else torch.zeros_like(boundary, dtype=torch.bool)
-        self.positions[:, : self.compressed_slots] = torch.where(compressed, boundary, EMPTY)
+        self.positions[:, : self.compressed_slots] = torch.where(boundary < n, boundary, EMPTY)
         self.positions[:, self.trash] = EMPTY
         self.ssm_kv.conv.normal_()
         self.ssm_kv.ssm.normal_()
@@ -196,14 +197,6 @@ class AttambaCache(PositionedCache):
             AttambaLayerCache(layer_tables(model, index, max_len, device), layer, batch, device, dtype)
             for index, layer in enumerate(model.layers)
         ]
-
-    def leaving_position(self, t: torch.Tensor) -> torch.Tensor:
-        """[B]: the position that leaves the window when t arrives (negative: none)."""
-        if self.pseudo_chunk:
-            return torch.full_like(t, -1)
-        if self.leading_tokens == "chunk":
-            return t - 1  # moves only if it ends a chunk, i.e. when t starts a new one
-        return t - int(self.leading_tokens)
 
     def live_nbytes(self) -> int:
         """Bytes of the live entries (DESIGN's count: n/P + L per layer) plus the SSM states."""
@@ -290,7 +283,6 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
     """One token per row (tokens [B, 1]) at each row's own position."""
     t = cache.positions  # [B]
     cos, sin = model.rope(t[:, None])
-    leaving = cache.leaving_position(t)
     x = model.tok_embeddings(tokens)  # [B, 1, E]
     for layer, layer_cache in zip(model.layers, cache.layers):
         attention, tables = layer.attention, layer_cache.tables
@@ -301,9 +293,7 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
         k_out, v_out, _ = paired_step(weights.ssm, k_projected, v_projected, layer_cache.ssm_kv, segment_start, in_place=True)
         k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)[:, None]), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out)[:, None])
-        if layer_cache.compressed_slots:
-            layer_cache.move_to_compressed(leaving)
-        layer_cache.ring.write_one(k, v, t)
+        layer_cache.write_token(k[:, :, 0], v[:, :, 0], t)
         attended = attend_one_query(
             q, layer_cache.k, layer_cache.v, layer_cache.positions, tables.window_start[t], layer_cache.ring.first, cache
         )

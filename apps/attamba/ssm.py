@@ -503,15 +503,26 @@ class PairedStepWeights:
     second: KVSSM
     params: _PairParameters
     out_proj: PairedLinear
+    norm_weight: torch.Tensor
+    """[2, 1, hidden]: both gates' RMSNorm weights, so one reduction normalises both."""
     fused_step: Optional[Callable[..., torch.Tensor]] = None
 
     @staticmethod
     @torch.no_grad()
     def of(first: KVSSM, second: KVSSM, dtype: torch.dtype) -> "PairedStepWeights":
+        if first.norm.eps != second.norm.eps:
+            raise ValueError("a KV-SSM pair needs gate norms of the same eps")
         return PairedStepWeights(
             first, second, _PairParameters.of(first, second, dtype), PairedLinear(first.out_proj, second.out_proj),
-            _fused_step_for(first.A_log),
+            torch.stack([first.norm.weight, second.norm.weight])[:, None], _fused_step_for(first.A_log),
         )
+
+    def gate(self, y: torch.Tensor, z_1: torch.Tensor, z_2: torch.Tensor) -> torch.Tensor:
+        """Both SSMs' ``_gate`` at once: y [2, B, hidden] and their z [B, hidden] -> [2, B, hidden]."""
+        gated = y * F.silu(torch.stack([z_1, z_2]))
+        x32 = gated.float()  # as lingua.transformer.RMSNorm does it
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.first.norm.eps)
+        return (normed * self.norm_weight.float()).type_as(gated)
 
 
 def paired_step(
@@ -540,8 +551,10 @@ def paired_step(
     if in_place:
         state.copy_(new_state)
         new_state = state
-    y_1, y_2 = y.flatten(-2).to(projected_first.dtype).chunk(2, dim=-1)
-    return (*weights.out_proj(first._gate(y_1, pair.z[0]), second._gate(y_2, pair.z[1])), new_state)
+    # [B, 2·heads, head_dim] -> [2, B, hidden]: the first SSM's heads come first.
+    y = y.to(projected_first.dtype).unflatten(1, (2, -1)).flatten(2).transpose(0, 1)
+    out = weights.out_proj.stacked(weights.gate(y, *pair.z))
+    return out[0], out[1], new_state
 
 
 def _check_pair(first: KVSSM, second: KVSSM) -> None:

@@ -24,7 +24,7 @@ if kernel_module._INTERPRETED:
 
 def reference(q, k, v, positions, lowest, windowed_from):
     slot = torch.arange(positions.shape[1], device=positions.device)
-    allowed = (positions >= 0) & ((slot < windowed_from) | (positions >= lowest[:, None]))
+    allowed = (positions >= 0) & torch.where(slot < windowed_from, positions < lowest[:, None], positions >= lowest[:, None])
     out = attend_slots(q, k, v, allowed[:, None])
     return torch.where(allowed.any(-1)[:, None, None, None], out, 0.0)
 

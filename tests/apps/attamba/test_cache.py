@@ -214,22 +214,21 @@ def test_compiled_cache_writes_touch_only_the_written_entries():
     layer = cache.layers[0]
     buffers = (layer.k, layer.v, layer.positions)
     before = [buffer.clone() for buffer in buffers]
-    t = torch.tensor([300, 302])
-    leaving = cache.leaving_position(t)
-    assert layer.tables.is_boundary[leaving].any(), "a row must move a boundary to the compressed part"
-    k = torch.randn(2, layer.k.shape[1], 1, layer.k.shape[3])
+    t = torch.tensor([300, 303])
+    assert layer.tables.is_boundary[t].tolist() == [False, True], "one row writes a boundary's compressed slot too"
+    k = torch.randn(2, layer.k.shape[1], layer.k.shape[3])
     v = torch.randn_like(k)
 
-    def step(leaving: torch.Tensor, positions: torch.Tensor) -> None:
-        layer.move_to_compressed(leaving)
-        layer.ring.write_one(k, v, positions)
+    def step(positions: torch.Tensor) -> None:
+        layer.write_token(k, v, positions)
 
-    step(leaving, t)  # eager: the expected result
+    step(t)  # eager: the expected result
     expected = [buffer.clone() for buffer in buffers]
+    assert not torch.equal(expected[2], before[2])
     for buffer, old in zip(buffers, before):
         buffer.copy_(old)
     torch._dynamo.reset()
-    _, code = run_and_get_code(torch.compile(step, dynamic=False, fullgraph=True), leaving, t)
+    _, code = run_and_get_code(torch.compile(step, dynamic=False, fullgraph=True), t)
     for buffer, want in zip(buffers, expected):
         torch.testing.assert_close(buffer, want, atol=0, rtol=0)
     whole_buffer = layer.k[0].numel()  # one row's keys: any kernel this long touches everything
