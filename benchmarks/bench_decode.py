@@ -1,7 +1,8 @@
 """Decode speed and cache size: the 60M Attamba (P=8, L=16) against the 60M transformer.
 
 ``--models mamba`` adds the 60M Mamba2 baseline (apps/mamba/configs/mamba_60m.yaml: 16 blocks, one
-recurrent state per layer whatever the context; its step runs the PyTorch recurrence).
+recurrent state per layer whatever the context; on CUDA its step's recurrence is the Triton kernel
+of apps/attamba/ssm_step_triton.py, as Attamba's).
 
 For each model, context length n and batch size B, the cache is filled with n tokens of RANDOM
 keys, values (and SSM states) laid out exactly as a prefill of n tokens would leave them: a real

@@ -256,9 +256,10 @@ def _recurrent_step(
     return y, SSMState(window[..., 1:], ssm.flatten(1, 2))
 
 
-def _fused_step_for(parameter: torch.Tensor) -> Optional[Callable[..., torch.Tensor]]:
-    """The Triton decode step for parameters on CUDA where Triton imports; None otherwise."""
-    if parameter.device.type != "cuda":
+def fused_step_for(device) -> Optional[Callable[..., torch.Tensor]]:
+    """The Triton decode step (:mod:`apps.attamba.ssm_step_triton`) for a CUDA device where Triton
+    imports; None otherwise."""
+    if torch.device(device).type != "cuda":
         return None
     try:
         from apps.attamba.ssm_step_triton import ssm_step_
@@ -383,18 +384,23 @@ class KVSSM(nn.Module):
         ssm = torch.zeros(batch, self.heads, self.head_dim, self.args.state_dim, device=device, dtype=_state_dtype(dtype))
         return SSMState(conv, ssm)
 
-    def step(self, x: torch.Tensor, state: SSMState, segment_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, SSMState]:
+    def step(
+        self, x: torch.Tensor, state: SSMState, segment_start: Optional[torch.Tensor],
+        fused_step: Optional[Callable[..., torch.Tensor]] = None,
+    ) -> tuple[torch.Tensor, SSMState]:
         """One token: x [B, dim_in] -> (y [B, dim_out], new state).
 
         Rows with ``segment_start`` [B] True start a new segment: their state is zeroed before
         the token is read, so the token sees no earlier conv inputs and no earlier SSM state.
+        With ``fused_step`` (:func:`fused_step_for`) and an fp32 state, the recurrence is one
+        Triton kernel that updates ``state.ssm`` in place (the new state holds that tensor).
         """
         z, conv_in, dt = self._split_projection(self.in_proj(x))
         ssm_dtype = state.ssm.dtype
         A = -torch.exp(self.A_log.to(ssm_dtype))
         y, state = _recurrent_step(
             conv_in, self._dt(dt, ssm_dtype), A, self.D, self.conv_weight, self.conv_bias, state, segment_start,
-            _ScanSizes.of(self),
+            _ScanSizes.of(self), fused_step,
         )
         return self._output(y.flatten(-2).to(x.dtype), z), state
 
@@ -514,7 +520,7 @@ class PairedStepWeights:
             raise ValueError("a KV-SSM pair needs gate norms of the same eps")
         return PairedStepWeights(
             first, second, _PairParameters.of(first, second, dtype), PairedLinear(first.out_proj, second.out_proj),
-            torch.stack([first.norm.weight, second.norm.weight])[:, None], _fused_step_for(first.A_log),
+            torch.stack([first.norm.weight, second.norm.weight])[:, None], fused_step_for(first.A_log.device),
         )
 
     def gate(self, y: torch.Tensor, z_1: torch.Tensor, z_2: torch.Tensor) -> torch.Tensor:

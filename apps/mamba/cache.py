@@ -2,8 +2,9 @@
 
 Per layer the mixer's :class:`~apps.attamba.ssm.SSMState` (the last conv_size - 1 conv inputs
 and the state per head), whatever the context length: a decode step reads it, runs one
-``KVSSM.step`` and writes it back in place, so every shape is fixed and a step can be captured
-in a CUDA graph.
+``KVSSM.step`` and writes it back in place (on CUDA the recurrence is one Triton kernel that
+updates the state where it lies), so every shape is fixed and a step can be captured in a CUDA
+graph.
 
 Prompts of different lengths are RIGHT-padded with ``lengths`` as for the transformer. Prefill is
 one forward pass (``KVSSM.forward_with_state``) over the prompts rotated so that every row ends
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from apps.attamba.ssm import SSMState
+from apps.attamba.ssm import SSMState, fused_step_for
 from apps.mamba.model import MambaLM
 from lingua.generate import register_cache_support
 from lingua.kv_cache import PositionedCache, check_prefill, right_aligned_columns
@@ -45,6 +46,8 @@ class MambaCache(PositionedCache):
     def __init__(self, model: MambaLM, batch: int, max_len: int, device, dtype):
         super().__init__(batch, max_len, device)
         self.layers = [LayerState(layer.mixer.init_state(batch, device, dtype)) for layer in model.layers]
+        # On CUDA a decode step's recurrence is one Triton kernel that updates the state in place.
+        self.fused_step = fused_step_for(device)
 
     def live_nbytes(self) -> int:
         """The whole state is live from the first token on: the same as :meth:`nbytes`."""
@@ -86,8 +89,10 @@ def _prefill(model: MambaLM, tokens: torch.Tensor, cache: MambaCache, lengths: t
 def _decode(model: MambaLM, tokens: torch.Tensor, cache: MambaCache, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row (tokens [B, 1]); with ``rows`` [B] (bool) only those rows advance."""
     x = model.tok_embeddings(tokens[:, 0])  # [B, E]
+    # Only a step that advances every row may update the states in place.
+    fused_step = cache.fused_step if rows is None else None
     for layer, layer_cache in zip(model.layers, cache.layers):
-        x, state = layer.step(x, layer_cache.state)
+        x, state = layer.step(x, layer_cache.state, fused_step=fused_step)
         layer_cache.store(state, rows)
     cache.positions.add_(1 if rows is None else rows.long())
     return model.output(model.norm(x))[:, None]

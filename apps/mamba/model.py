@@ -12,7 +12,7 @@ state (``step``); apps/mamba/cache.py builds generation on the last two.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -49,10 +49,12 @@ class MambaBlock(nn.Module):
         return self._mlp(x + mixed), state
 
     def step(
-        self, x: torch.Tensor, state: SSMState, segment_start: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, state: SSMState, segment_start: Optional[torch.Tensor] = None,
+        fused_step: Optional[Callable[..., torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, SSMState]:
-        """One token per row: x [B, E] and the state before it -> (output [B, E], state after it)."""
-        mixed, state = self.mixer.step(self.mixer_norm(x), state, segment_start)
+        """One token per row: x [B, E] and the state before it -> (output [B, E], state after it).
+        ``fused_step``: see :meth:`apps.attamba.ssm.KVSSM.step` (it updates ``state`` in place)."""
+        mixed, state = self.mixer.step(self.mixer_norm(x), state, segment_start, fused_step)
         return self._mlp(x + mixed), state
 
     @torch.no_grad()

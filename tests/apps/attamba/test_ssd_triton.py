@@ -587,3 +587,31 @@ def test_fused_decode_step_op_passes_opcheck_and_compiles():
     torch.testing.assert_close(compiled(compiled_state), ssm_step_(xbc, dt, A, D, starts, eager_state, 1) * 2)
     torch.testing.assert_close(compiled_state, eager_state)
     assert not torch.equal(compiled_state, state)
+
+
+def test_mamba_decodes_with_the_fused_step_like_the_full_forward(monkeypatch):
+    from apps.attamba.ssm_step_triton import ssm_step_
+    from apps.mamba.cache import MambaCache
+    from lingua.generate import prefill_decode_logits
+    from tests.apps.mamba.test_model import VOCAB, tiny_mamba
+
+    calls = []
+
+    def counting_step(*args):
+        calls.append(1)
+        return ssm_step_(*args)
+
+    original = MambaCache.__init__
+
+    def with_fused_step(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.fused_step = counting_step  # what a CUDA cache picks; here under the interpreter
+
+    monkeypatch.setattr(MambaCache, "__init__", with_fused_step)
+    model = tiny_mamba().eval().to(DEVICE)
+    tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        full = model(tokens)
+        cached = prefill_decode_logits(model, tokens, torch.tensor([1, 5, 12], device=DEVICE))
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
+    assert calls, "the decode steps ran the Triton recurrence"
