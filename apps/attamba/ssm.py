@@ -547,7 +547,7 @@ def paired_step(
 
     ``in_place``: overwrite ``state`` with the new state (and return it); then the recurrence
     runs as one Triton kernel where ``weights.fused_step`` is set."""
-    first, second = weights.first, weights.second
+    first = weights.first
     pair = _PairInputs.of(first, weights.params, projected_first, projected_second)
     y, new_state = _recurrent_step(
         pair.conv_in, pair.dt, weights.params.A, weights.params.D, weights.params.conv_weight,
