@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch._inductor.config  # --pdl sets an option of it
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -124,6 +125,7 @@ def measure(
         cache_bytes=cache.nbytes(),
         live_cache_bytes=cache.live_nbytes(),
         peak_memory_bytes=torch.cuda.max_memory_allocated(),
+        note="pdl" if torch._inductor.config.triton.enable_pdl else "",
     )
     if profile_dir is not None:
         print(RESULT_PREFIX + json.dumps(asdict(row)), flush=True)  # kept should the profile fail
@@ -160,12 +162,14 @@ def run_one(
 
 def run_isolated(
     name: str, context: int, batch: int, steps: int, dtype: str, mode: str, timeout: float,
-    profile_dir: Optional[Path] = None,
+    profile_dir: Optional[Path] = None, pdl: bool = False,
 ) -> Measurement:
     """One configuration in a child process; a crash or a hang becomes the row's note."""
     command = [sys.executable, __file__, "--one", name, str(context), str(batch), mode, "--steps", str(steps), "--dtype", dtype]
     if profile_dir is not None:
         command += ["--profile", str(profile_dir)]
+    if pdl:
+        command.append("--pdl")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -228,11 +232,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=240, help="seconds per configuration (isolated runs)")
     parser.add_argument("--in-process", action="store_true", help="run every configuration in this process")
     parser.add_argument("--profile", type=Path, help="write each configuration's kernel profile into this folder")
+    parser.add_argument("--pdl", action="store_true",
+                        help="compiled steps launch Inductor's kernels with Programmatic Dependent Launch (Hopper): "
+                             "each may start while the one before it finishes (rows noted 'pdl')")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "CONTEXT", "BATCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode: needs CUDA (decode speed on CPU is not what this measures); skipping.")
         return 0
+    torch._inductor.config.triton.enable_pdl = args.pdl
     if args.one:  # a child of run_isolated
         name, context, batch, mode = args.one
         row = run_one(name, int(context), int(batch), args.steps, DTYPES[args.dtype], mode, args.profile)
@@ -250,7 +258,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         row = run_one(name, context, batch, args.steps, DTYPES[args.dtype], mode, args.profile)
                     else:
                         row = run_isolated(
-                            name, context, batch, args.steps, args.dtype, mode, args.timeout, args.profile
+                            name, context, batch, args.steps, args.dtype, mode, args.timeout, args.profile, args.pdl
                         )
                     rows.append(row)
                     print(format_row(row), flush=True)
