@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apps.attamba.args import AttambaArgs  # noqa: E402
 from apps.attamba.model import AttambaLM  # noqa: E402
 from apps.main.model import TransformerArgs, TransformerLM  # noqa: E402
-from lingua.generate import DTYPES, DecodeStep, cache_support  # noqa: E402
+from lingua.generate import DTYPES, FAST_DECODE_MODES, DecodeStep, cache_support  # noqa: E402
 from lingua.kv_cache import load_decode_attention  # noqa: E402
 from profile_step import kernel_totals  # noqa: E402  (this folder is on the path: a sibling script)
 
@@ -182,20 +182,20 @@ def run_isolated(
 
 
 RESULT_PREFIX = "RESULT "
-MODES = [f"{mode}{attention}" for mode in ("cuda_graph", "compile", "eager") for attention in ("", "+sdpa", "+kernel")]
+MODES = [f"{mode}{attention}" for mode in FAST_DECODE_MODES for attention in ("", "+sdpa", "+kernel")]
 
 
 def gib(value: Optional[int]) -> str:
     return f"{value / 2**30:9.3f}" if value is not None else f"{'-':>9}"
 
 
-HEADER = (f"{'model':<12}{'context':>9}{'batch':>6}{'mode':>16}{'tok/s':>12}{'ms/step':>9}"
+HEADER = (f"{'model':<12}{'context':>9}{'batch':>6}{'mode':>22}{'tok/s':>12}{'ms/step':>9}"
           f"{'cache GiB':>10}{'live GiB':>10}{'peak GiB':>10}  note")
 
 
 def format_row(r: Measurement) -> str:
     speed = f"{r.tokens_per_second:12.1f}{r.ms_per_step:9.3f}" if r.tokens_per_second else f"{'-':>12}{'-':>9}"
-    return (f"{r.model:<12}{r.context:>9}{r.batch:>6}{r.mode:>16}{speed}"
+    return (f"{r.model:<12}{r.context:>9}{r.batch:>6}{r.mode:>22}{speed}"
             f"{gib(r.cache_bytes)} {gib(r.live_cache_bytes)} {gib(r.peak_memory_bytes)}  {r.note}")
 
 

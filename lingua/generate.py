@@ -37,7 +37,7 @@ ForwardCached = Callable[[nn.Module, torch.Tensor, Any, Optional[torch.Tensor]],
 StopCheck = Callable[[int, list[int]], bool]
 """Called as ``stop_check(row, new_tokens_of_row)`` after each step; True ends that row."""
 
-FAST_DECODE_MODES = ("cuda_graph", "compile", "eager")
+FAST_DECODE_MODES = ("cuda_graph", "compile", "compile_max_autotune", "eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,7 +61,9 @@ class GenerateArgs:
     """Device the command line loads the model on; falls back to cpu without CUDA."""
     fast_decode: str = "cuda_graph"
     """Static-shape decode path on CUDA: 'cuda_graph' (capture one step, replay it), 'compile'
-    (capture one step compiled by torch.compile) or 'eager'. CPU always runs eager."""
+    (capture one step compiled by torch.compile), 'compile_max_autotune' (the same, with Inductor
+    choosing each matmul among cuBLAS and its own Triton kernels, which can take in the
+    surrounding pointwise work: slower to compile) or 'eager'. CPU always runs eager."""
     use_cache: bool = True
     """False re-runs the full forward pass every step even for models with a cache (for checks)."""
 
@@ -198,7 +200,9 @@ class DecodeStep:
     """One decode step ``tokens [B] -> last logits [B, V]``: eager, or replayed from a CUDA graph.
 
     ``cuda_graph`` captures one eager step; ``compile`` captures one step of the step compiled by
-    torch.compile (fused kernels, then the graph removes the launch cost). Both need a cache with
+    torch.compile (fused kernels, then the graph removes the launch cost); ``compile_max_autotune``
+    compiles with Inductor's "max-autotune-no-cudagraphs" mode (this class captures the graph).
+    All need a cache with
     ``static_shapes``, ``horizon`` and ``advance_horizon`` (see apps/main/cache.py): the captured
     step cannot run Python, so the cache's host-side position bound is advanced here instead.
     """
@@ -213,11 +217,12 @@ class DecodeStep:
         if self.mode != "eager":
             cache.static_shapes = True
         self._step = self._eager
-        if self.mode == "compile":
+        if self.mode in ("compile", "compile_max_autotune"):
             # Every cache shape compiles anew (dynamic=False); past dynamo's recompile limit (8) the
             # step would silently run uncompiled.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._step = torch.compile(self._eager, dynamic=False)
+            compile_mode = "max-autotune-no-cudagraphs" if self.mode == "compile_max_autotune" else None
+            self._step = torch.compile(self._eager, dynamic=False, mode=compile_mode)
 
     def _eager(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.support.forward_cached(self.model, tokens, self.cache, None)[:, -1]
