@@ -7,8 +7,10 @@
 # test summary and the bench's tables are printed last.
 #
 #   OUT=/tmp/decode bash scripts/device_decode.sh
-# CONTEXTS (default "32768 131072") and BATCHES (default "1 16") pick the rows; TEST_TIMEOUT
-# (default 240 s) caps the tests. About 8 minutes with the defaults on an H100.
+# CONTEXTS (default "32768 131072") and BATCHES (default "1 16") pick the rows, ATTAMBA_MODES
+# (default "compile compile+sdpa") and TRANSFORMER_MODES (default "compile") the bench_decode modes,
+# BENCH_FLAGS extra flags for both (say --pdl); TEST_TIMEOUT (default 240 s) caps the tests. About
+# 8 minutes with the defaults on an H100.
 set -u
 OUT="${OUT:-/tmp/device_decode}"
 CONTEXTS="${CONTEXTS:-32768 131072}"
@@ -25,10 +27,10 @@ bench() {  # name, then bench_decode arguments
   local name=$1
   shift
   python benchmarks/bench_decode.py --contexts $CONTEXTS --batches $BATCHES --steps 64 --timeout 100 \
-    --out "$OUT/$name.json" "$@" > "$OUT/$name.txt" 2>&1
+    ${BENCH_FLAGS:-} --out "$OUT/$name.json" "$@" > "$OUT/$name.txt" 2>&1
 }
-bench attamba --models attamba --modes compile compile+sdpa
-bench transformer --models transformer --modes compile
+bench attamba --models attamba --modes ${ATTAMBA_MODES:-compile compile+sdpa}
+bench transformer --models transformer --modes ${TRANSFORMER_MODES:-compile}
 
 cat "$OUT/environment.txt"
 grep -E "^(FAILED|ERROR)|passed|failed|exit code" "$OUT/pytest.txt" | tail -15
