@@ -3,7 +3,7 @@
 A decode step's attention reads the whole cache once and does little arithmetic, so its speed is
 the memory bandwidth it reaches. Fused attention kernels built for prefill run one program per
 (row, head): at batch 16 and 8 heads that is 128 programs for 132 SMs, each streaming its keys
-alone (measured on an H200 for Attamba's 4k-slot caches at 32k tokens: cuDNN read them at ~2.35 TB/s
+alone (measured on an H200 for Attamba's 4k-slot caches at 32k tokens: cuDNN read them at ~2.5 TB/s
 of the card's 4.8). Here each (row, head) splits its keys over several programs, which write a
 partial softmax (running max, sum and weighted values), and a second kernel merges them.
 
