@@ -195,10 +195,11 @@ def _state_pass_kernel(
         blk = num_blocks - 1 - step if REVERSE else step
         following = blk - 1 if REVERSE else blk + 1
         # Fetch the next block's tile before this one's arithmetic: the loop is latency-bound.
+        # (The mask is a comparison of offs: Triton 3.9's interpreter refuses a scalar and-ed in.)
         has_next = (following >= 0) & (following < num_blocks)
         upcoming = tl.load(
             states_ptr + (bh * num_blocks + following) * state_size + offs,
-            mask=(offs >= 0) & has_next,
+            mask=offs < tl.where(has_next, state_size, 0),
             other=0.0,
         )
         tl.store(states_ptr + (bh * num_blocks + blk) * state_size + offs, carried)
