@@ -9,6 +9,7 @@ with fewer it is a ring (a sliding window, or Attamba's window of recent tokens)
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Optional
 
 import torch
@@ -131,16 +132,22 @@ def attend_slots(
         )
 
 
-def load_decode_attention(device) -> Optional[Callable[..., torch.Tensor]]:
-    """:func:`lingua.decode_attention.decode_attention` for CUDA devices where Triton imports; None
-    otherwise (decode then runs SDPA over a materialized mask)."""
+def cuda_kernel(device, module: str, name: str) -> Optional[Callable[..., torch.Tensor]]:
+    """``module.name``, a Triton kernel's entry point, for a CUDA ``device`` where the module (and
+    Triton) imports; None otherwise, and the caller runs its PyTorch path. Caches resolve their
+    decode kernels with it once, outside any compiled step."""
     if torch.device(device).type != "cuda":
         return None
     try:
-        from lingua.decode_attention import decode_attention
+        return getattr(importlib.import_module(module), name)
     except ImportError:
         return None
-    return decode_attention
+
+
+def load_decode_attention(device) -> Optional[Callable[..., torch.Tensor]]:
+    """:func:`lingua.decode_attention.decode_attention` on CUDA, else None (decode then runs SDPA
+    over a materialized mask)."""
+    return cuda_kernel(device, "lingua.decode_attention", "decode_attention")
 
 
 def attend_one_query(

@@ -29,6 +29,7 @@ from torch import nn
 
 from apps.attamba.ssd_torch import positions_in_segment
 from lingua.decode_weights import PairedLinear
+from lingua.kv_cache import cuda_kernel
 from lingua.transformer import RMSNorm
 
 logger = logging.getLogger(__name__)
@@ -257,15 +258,8 @@ def _recurrent_step(
 
 
 def fused_step_for(device) -> Optional[Callable[..., torch.Tensor]]:
-    """The Triton decode step (:mod:`apps.attamba.ssm_step_triton`) for a CUDA device where Triton
-    imports; None otherwise."""
-    if torch.device(device).type != "cuda":
-        return None
-    try:
-        from apps.attamba.ssm_step_triton import ssm_step_
-    except ImportError:
-        return None
-    return ssm_step_
+    """The Triton decode step (:func:`apps.attamba.ssm_step_triton.ssm_step_`) on CUDA, else None."""
+    return cuda_kernel(device, "apps.attamba.ssm_step_triton", "ssm_step_")
 
 
 class KVSSM(nn.Module):

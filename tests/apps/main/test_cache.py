@@ -117,3 +117,11 @@ def test_pretend_filled_lays_out_the_cache_like_a_prefill(sliding_window):
     for real, fake in zip(prefilled.layers, pretended.layers):
         assert torch.equal(real.positions, fake.positions)
     assert pretended.entries_per_layer().tolist() == prefilled.entries_per_layer().tolist()
+
+
+def test_cuda_kernels_resolve_only_for_cuda_devices_that_import_them():
+    from lingua.kv_cache import attend_slots, cuda_kernel
+
+    assert cuda_kernel("cpu", "lingua.kv_cache", "attend_slots") is None
+    assert cuda_kernel("cuda:0", "lingua.kv_cache", "attend_slots") is attend_slots
+    assert cuda_kernel("cuda", "lingua.no_such_kernel_module", "run") is None  # e.g. no Triton
