@@ -7,11 +7,10 @@ alone (measured on an H200 for Attamba's 4k-slot caches at 32k tokens: cuDNN rea
 of the card's 4.8). Here each (row, head) splits its keys over several programs, which write a
 partial softmax (running max, sum and weighted values), and a second kernel merges them.
 
-Which slots a query sees comes from the positions the cache records (slot s of row b holds
-``positions[b, s]``, negative when empty): a filled slot before ``windowed_from`` (Attamba's
-compressed boundaries) is visible when its position is below ``lowest[b]`` (the window's start),
-a slot from ``windowed_from`` on (the window) when its position is at least ``lowest[b]``. Every
-cached position is at or before the query's own, so nothing else is needed.
+Which slots a query sees comes from the positions the cache records, by the rule of
+:func:`lingua.kv_cache.visible_slots` (compressed slots before the window start ``lowest[b]``,
+window slots from it on); every cached position is at or before the query's own, so nothing else
+is needed.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before import), which the CPU tests use.
@@ -150,9 +149,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of q [B, H, 1, d] over k, v [B, Hkv, S, d] (H a multiple of Hkv) -> [B, H, 1, d].
 
-    Slot s of row b is visible when ``positions[b, s] >= 0`` and, for s < ``windowed_from``,
-    ``positions[b, s] < lowest[b]``, for the other slots ``positions[b, s] >= lowest[b]``; a row
-    that sees no slot gets zeros. The keyword arguments
+    Slots are visible as :func:`lingua.kv_cache.visible_slots` says (positions [B, S], window
+    start ``lowest`` [B]); a row that sees no slot gets zeros. The keyword arguments
     are launch settings (``block_keys`` a power of two, at least 16).
     """
     batch, heads, queries, head_dim = q.shape

@@ -150,19 +150,27 @@ def load_decode_attention(device) -> Optional[Callable[..., torch.Tensor]]:
     return cuda_kernel(device, "lingua.decode_attention", "decode_attention")
 
 
+def visible_slots(positions: torch.Tensor, lowest: torch.Tensor, windowed_from: int) -> torch.Tensor:
+    """Bool like ``positions`` [..., S] (slot s holds position ``positions[..., s]``, negative when
+    empty): a filled slot before ``windowed_from`` (Attamba's compressed boundaries) is visible when
+    its position is < ``lowest`` (broadcast to positions: the query's window start), one from
+    ``windowed_from`` on (the window) when its position is >= ``lowest``. The rule
+    :mod:`lingua.decode_attention`'s kernel applies."""
+    slot = torch.arange(positions.shape[-1], device=positions.device)
+    return (positions >= 0) & torch.where(slot < windowed_from, positions < lowest, positions >= lowest)
+
+
 def attend_one_query(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, lowest: torch.Tensor,
     windowed_from: int, cache: "PositionedCache",
 ) -> torch.Tensor:
     """A decode step's attention: q [B, H, 1, d] over cached k, v [B, Hkv, S, d] whose slots hold
-    ``positions`` [B, S]. A filled slot before ``windowed_from`` (Attamba's compressed boundaries)
-    is visible when its position is < ``lowest`` [B], one from ``windowed_from`` on (the window)
-    when it is >= ``lowest``. Runs ``cache.decode_attention`` when set (a Triton kernel that splits
-    the keys over programs), else SDPA."""
+    ``positions`` [B, S], visible as :func:`visible_slots` says for window start ``lowest`` [B].
+    Runs ``cache.decode_attention`` when set (a Triton kernel that splits the keys over programs),
+    else SDPA."""
     if cache.decode_attention is not None:
         return cache.decode_attention(q, k, v, positions, lowest, windowed_from)
-    slot = torch.arange(positions.shape[1], device=positions.device)
-    allowed = (positions >= 0) & torch.where(slot < windowed_from, positions < lowest[:, None], positions >= lowest[:, None])
+    allowed = visible_slots(positions, lowest[:, None], windowed_from)  # [B, S]
     return attend_slots(q, k, v, allowed[:, None], cache.static_shapes)
 
 

@@ -44,7 +44,8 @@ from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step
 from lingua.decode_weights import PairedLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import (
-    EMPTY, KVSlots, PositionedCache, attend_one_query, check_prefill, load_decode_attention, right_aligned_columns, write_slots,
+    EMPTY, KVSlots, PositionedCache, attend_one_query, check_prefill, load_decode_attention, right_aligned_columns,
+    visible_slots, write_slots,
 )
 from lingua.generate import register_cache_support
 from lingua.transformer import apply_rotary
@@ -122,7 +123,6 @@ class AttambaLayerCache:
         self.v = torch.zeros_like(self.k)
         self.positions = torch.full((batch, total), EMPTY, dtype=torch.long, device=device)
         self.ring = KVSlots(self.k, self.v, self.positions, first=self.compressed_slots + 1)
-        self.is_ring_slot = torch.arange(total, device=device) > self.compressed_slots  # [total]
         # The K and V SSM states side by side: one recurrence steps both (ssm.paired_step).
         self.ssm_kv = init_paired_state(attention.ssm_k, batch, device, dtype)
         self.weights = LayerDecodeWeights(block, self.ssm_kv.ssm.dtype)
@@ -130,9 +130,7 @@ class AttambaLayerCache:
     def allowed(self, query_positions: torch.Tensor) -> torch.Tensor:
         """[B, m, total] bool: compressed entries before the query's window, ring entries in it."""
         window_start = self.tables.window_start[query_positions][:, :, None]  # [B, m, 1]
-        positions = self.positions[:, None, :]
-        filled = positions >= 0
-        return filled & torch.where(self.is_ring_slot, positions >= window_start, positions < window_start)
+        return visible_slots(self.positions[:, None, :], window_start, self.ring.first)
 
     def write_token(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> None:
         """Store position t's k, v [B, H, d] (t [B]) in the ring and, where t is a boundary, in its
