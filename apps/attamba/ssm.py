@@ -30,7 +30,7 @@ from torch import nn
 from apps.attamba.ssd_torch import positions_in_segment
 from lingua.decode_weights import PairedLinear
 from lingua.kv_cache import cuda_kernel
-from lingua.transformer import RMSNorm
+from lingua.transformer import RMSNorm, rms_norm
 
 logger = logging.getLogger(__name__)
 
@@ -519,10 +519,7 @@ class PairedStepWeights:
 
     def gate(self, y: torch.Tensor, z_1: torch.Tensor, z_2: torch.Tensor) -> torch.Tensor:
         """Both SSMs' ``_gate`` at once: y [2, B, hidden] and their z [B, hidden] -> [2, B, hidden]."""
-        gated = y * F.silu(torch.stack([z_1, z_2]))
-        x32 = gated.float()  # as lingua.transformer.RMSNorm does it
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.first.norm.eps)
-        return (normed * self.norm_weight.float()).type_as(gated)
+        return rms_norm(y * F.silu(torch.stack([z_1, z_2])), self.norm_weight, self.first.norm.eps)
 
 
 def paired_step(
