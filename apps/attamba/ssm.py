@@ -240,7 +240,7 @@ def _recurrent_step(
     window = torch.cat([conv, conv_in.to(conv.dtype)[..., None]], dim=-1)  # [B, c, conv_size]
     conv_out = F.silu((window * conv_weight).sum(-1) + conv_bias)
     if fused_step is not None and state.ssm.dtype == torch.float32:
-        starts = torch.zeros_like(dt[:, 0], dtype=torch.bool) if keep is None else ~keep
+        starts = torch.zeros_like(dt[:, 0], dtype=torch.bool) if segment_start is None else segment_start.to(torch.bool)
         y = fused_step(conv_out, dt, A, D, starts, state.ssm, sizes.groups)
         return y, SSMState(window[..., 1:], state.ssm)
     ssm_dtype = state.ssm.dtype
