@@ -2,11 +2,11 @@
 
 One query per row over the cache of one layer of the 60M models (8 heads of 64, bf16): Attamba's
 (n/8 compressed slots, a trash slot and a ring of 16, as P=8, L=16 leave them) and the
-transformer's (n slots), at n = 32k and 128k tokens, batch 1 and 16. Every call is timed from a CUDA
-graph of ``--calls`` calls (no launch cost in the figure). Reports microseconds per call and the
-bandwidth reached reading K and V, for SDPA and for each launch setting of
-``lingua.decode_attention`` (keys per iteration, warps, programs per SM); the fastest setting per
-shape is printed last.
+transformer's (n slots), at n = 32k and 128k tokens, batch 1 and 16. Every call is timed from a
+CUDA graph of many calls (``triton.testing.do_bench_cudagraph``: no launch cost in the figure).
+Reports microseconds per call and the bandwidth reached reading K and V, for SDPA and for each
+launch setting of ``lingua.decode_attention`` (keys per iteration, warps, programs per SM); the
+fastest setting per shape is printed last.
 
     python benchmarks/bench_decode_attention.py [--contexts 32768 131072] [--batches 1 16] [--out results.json]
 
@@ -44,33 +44,16 @@ def cache_slots(model: str, context: int) -> tuple[int, int]:
     return context, 0
 
 
-def time_per_call(fn: Callable[[], torch.Tensor], calls: int) -> float:
-    """Microseconds per call, replaying a CUDA graph of ``calls`` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up: compiles kernels, builds cuDNN plans
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return sorted(times)[len(times) // 2]
+def time_per_call(fn: Callable[[], torch.Tensor]) -> float:
+    """Median microseconds per call, from a replayed CUDA graph of many calls (no launch cost)."""
+    from triton.testing import do_bench_cudagraph
+
+    return 1000 * do_bench_cudagraph(fn, return_mode="median")
 
 
 def measure_shape(
-    model: str, context: int, batch: int, calls: int, launches: list[dict],
-    timer: Callable[[Callable[[], torch.Tensor], int], float] = time_per_call, device: str = "cuda",
+    model: str, context: int, batch: int, launches: list[dict],
+    timer: Callable[[Callable[[], torch.Tensor]], float] = time_per_call, device: str = "cuda",
 ) -> list[dict]:
     """Rows for SDPA and every launch in ``launches``; each launch's output is checked against SDPA's."""
     from lingua.decode_attention import decode_attention
@@ -91,14 +74,14 @@ def measure_shape(
         return dict(model=model, context=context, batch=batch, slots=slots, impl=impl, launch=launch,
                     microseconds=microseconds, tb_per_s=kv_bytes / microseconds / 1e6)
 
-    rows = [row("sdpa", timer(lambda: attend_slots(q, k, v, allowed, static_shapes=True), calls))]
+    rows = [row("sdpa", timer(lambda: attend_slots(q, k, v, allowed, static_shapes=True)))]
     for launch in launches:
         out = decode_attention(q, k, v, positions, lowest, windowed_from, **launch)
         error = (out.float() - reference.float()).abs().max().item()
         if error > 2e-2:
             raise AssertionError(f"{model} {context} x {batch} {launch}: max error {error:.3g} against SDPA")
         fn = lambda launch=launch: decode_attention(q, k, v, positions, lowest, windowed_from, **launch)  # noqa: E731
-        rows.append(row("kernel", timer(fn, calls), launch))
+        rows.append(row("kernel", timer(fn), launch))
     return rows
 
 
@@ -113,7 +96,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--models", nargs="+", default=["attamba", "transformer"], choices=["attamba", "transformer"])
-    parser.add_argument("--calls", type=int, default=20, help="calls per CUDA graph replay")
     parser.add_argument("--defaults-only", action="store_true", help="time only the kernel's default launch")
     parser.add_argument("--out", type=Path, help="also write the measurements as JSON")
     args = parser.parse_args(argv)
@@ -125,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{'model':<12}{'context':>8}{'batch':>6}{'slots':>8}  {'impl':<7}{'us/call':>10}{'TB/s':>8}  launch", flush=True)
     rows = []
     for model, context, batch in itertools.product(args.models, args.contexts, args.batches):
-        shape_rows = measure_shape(model, context, batch, args.calls, launches)
+        shape_rows = measure_shape(model, context, batch, launches)
         rows += shape_rows
         for r in shape_rows:
             print(format_row(r), flush=True)

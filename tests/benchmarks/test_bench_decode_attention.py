@@ -32,12 +32,12 @@ def test_cache_slots_follow_the_60m_models_caches():
 def test_every_launch_is_checked_against_sdpa_and_reported(model):
     calls = []
 
-    def timer(fn, n):
+    def timer(fn):
         calls.append(fn().shape)
         return 10.0
 
     launches = [{}, dict(block_keys=32, num_warps=4, programs_per_sm=2)]
-    rows = bench.measure_shape(model, 256, 2, 1, launches, timer=timer, device="cpu")
+    rows = bench.measure_shape(model, 256, 2, launches, timer=timer, device="cpu")
     assert [r["impl"] for r in rows] == ["sdpa", "kernel", "kernel"] and len(calls) == 3
     slots = bench.cache_slots(model, 256)[0]
     assert all(r["slots"] == slots and r["tb_per_s"] == 2 * 2 * 8 * slots * 64 * 2 / 10.0 / 1e6 for r in rows)
