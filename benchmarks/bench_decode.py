@@ -240,7 +240,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not torch.cuda.is_available():
         print("bench_decode: needs CUDA (decode speed on CPU is not what this measures); skipping.")
         return 0
-    torch._inductor.config.triton.enable_pdl = args.pdl
+    if args.pdl:  # (else Inductor's own setting, TORCHINDUCTOR_ENABLE_PDL)
+        torch._inductor.config.triton.enable_pdl = True
     if args.one:  # a child of run_isolated
         name, context, batch, mode = args.one
         row = run_one(name, int(context), int(batch), args.steps, DTYPES[args.dtype], mode, args.profile)
