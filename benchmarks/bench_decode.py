@@ -9,10 +9,11 @@ keys, values (and SSM states) laid out exactly as a prefill of n tokens would le
 prefill of 128k tokens would take longer than the measurement and changes nothing in a decode
 step's work. Then ``--steps`` decode steps (one token per row each) are timed through
 ``lingua.generate.DecodeStep`` in each of ``--modes``: a replayed CUDA graph of the eager step
-(``cuda_graph``), of the step compiled by torch.compile (``compile``), or ``eager``. Attention runs
-as each cache chooses (Attamba: the split-key Triton kernel of ``lingua.decode_attention``; the
-transformer: SDPA, cuDNN, over a materialized mask); a mode ending in ``+sdpa`` or ``+kernel``
-(say ``compile+sdpa``) forces one of the two.
+(``cuda_graph``), of the step compiled by torch.compile (``compile``; ``compile_pdl`` with
+Programmatic Dependent Launch; ``compile_max_autotune``), or ``eager``. Attention runs as each
+cache chooses (SDPA over a mask built from the cached positions: cuDNN on the H100); a mode ending
+in ``+kernel`` (say ``compile_pdl+kernel``) runs the split-key Triton kernel of
+``lingua.decode_attention`` instead, ``+sdpa`` forces SDPA.
 
 Reports decode tokens/s (B tokens per step), ms per step, the cache's allocated bytes and its
 live bytes (the DESIGN count: n/P + L entries per layer plus SSM states for Attamba, n for the
@@ -46,7 +47,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch._inductor.config  # --pdl sets an option of it
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -125,7 +125,6 @@ def measure(
         cache_bytes=cache.nbytes(),
         live_cache_bytes=cache.live_nbytes(),
         peak_memory_bytes=torch.cuda.max_memory_allocated(),
-        note="pdl" if torch._inductor.config.triton.enable_pdl else "",
     )
     if profile_dir is not None:
         print(RESULT_PREFIX + json.dumps(asdict(row)), flush=True)  # kept should the profile fail
@@ -162,14 +161,12 @@ def run_one(
 
 def run_isolated(
     name: str, context: int, batch: int, steps: int, dtype: str, mode: str, timeout: float,
-    profile_dir: Optional[Path] = None, pdl: bool = False,
+    profile_dir: Optional[Path] = None,
 ) -> Measurement:
     """One configuration in a child process; a crash or a hang becomes the row's note."""
     command = [sys.executable, __file__, "--one", name, str(context), str(batch), mode, "--steps", str(steps), "--dtype", dtype]
     if profile_dir is not None:
         command += ["--profile", str(profile_dir)]
-    if pdl:
-        command.append("--pdl")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -227,21 +224,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--modes", nargs="+", default=["cuda_graph", "compile"], choices=MODES,
                         help="'+sdpa' / '+kernel': attention through SDPA (cuDNN) / lingua.decode_attention's kernel "
-                             "instead of the cache's default (the kernel for Attamba, SDPA for the transformer)")
+                             "instead of the cache's default (SDPA for both)")
     parser.add_argument("--out", type=Path, help="also write the measurements as JSON")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per configuration (isolated runs)")
     parser.add_argument("--in-process", action="store_true", help="run every configuration in this process")
     parser.add_argument("--profile", type=Path, help="write each configuration's kernel profile into this folder")
-    parser.add_argument("--pdl", action="store_true",
-                        help="compiled steps launch Inductor's kernels with Programmatic Dependent Launch (Hopper): "
-                             "each may start while the one before it finishes (rows noted 'pdl')")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "CONTEXT", "BATCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode: needs CUDA (decode speed on CPU is not what this measures); skipping.")
         return 0
-    if args.pdl:  # (else Inductor's own setting, TORCHINDUCTOR_ENABLE_PDL)
-        torch._inductor.config.triton.enable_pdl = True
     if args.one:  # a child of run_isolated
         name, context, batch, mode = args.one
         row = run_one(name, int(context), int(batch), args.steps, DTYPES[args.dtype], mode, args.profile)
@@ -259,7 +251,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         row = run_one(name, context, batch, args.steps, DTYPES[args.dtype], mode, args.profile)
                     else:
                         row = run_isolated(
-                            name, context, batch, args.steps, args.dtype, mode, args.timeout, args.profile, args.pdl
+                            name, context, batch, args.steps, args.dtype, mode, args.timeout, args.profile
                         )
                     rows.append(row)
                     print(format_row(row), flush=True)

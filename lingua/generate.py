@@ -37,7 +37,7 @@ ForwardCached = Callable[[nn.Module, torch.Tensor, Any, Optional[torch.Tensor]],
 StopCheck = Callable[[int, list[int]], bool]
 """Called as ``stop_check(row, new_tokens_of_row)`` after each step; True ends that row."""
 
-FAST_DECODE_MODES = ("cuda_graph", "compile", "compile_max_autotune", "eager")
+FAST_DECODE_MODES = ("cuda_graph", "compile", "compile_pdl", "compile_max_autotune", "eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,7 +61,9 @@ class GenerateArgs:
     """Device the command line loads the model on; falls back to cpu without CUDA."""
     fast_decode: str = "cuda_graph"
     """Static-shape decode path on CUDA: 'cuda_graph' (capture one step, replay it), 'compile'
-    (capture one step compiled by torch.compile), 'compile_max_autotune' (the same, with Inductor
+    (capture one step compiled by torch.compile), 'compile_pdl' (the same, with Programmatic
+    Dependent Launch: each of Inductor's kernels may start while the one before it finishes, which
+    pays where a step is hundreds of small kernels, as at batch 1), 'compile_max_autotune' (Inductor
     choosing each matmul among cuBLAS and its own Triton kernels, which can take in the
     surrounding pointwise work: slower to compile) or 'eager'. CPU always runs eager."""
     use_cache: bool = True
@@ -200,7 +202,8 @@ class DecodeStep:
     """One decode step ``tokens [B] -> last logits [B, V]``: eager, or replayed from a CUDA graph.
 
     ``cuda_graph`` captures one eager step; ``compile`` captures one step of the step compiled by
-    torch.compile (fused kernels, then the graph removes the launch cost); ``compile_max_autotune``
+    torch.compile (fused kernels, then the graph removes the launch cost); ``compile_pdl`` turns on
+    Inductor's Programmatic Dependent Launch (Hopper and later); ``compile_max_autotune``
     compiles with Inductor's "max-autotune-no-cudagraphs" mode (this class captures the graph).
     All need a cache with
     ``static_shapes``, ``horizon`` and ``advance_horizon`` (see apps/main/cache.py): the captured
@@ -217,12 +220,15 @@ class DecodeStep:
         if self.mode != "eager":
             cache.static_shapes = True
         self._step = self._eager
-        if self.mode in ("compile", "compile_max_autotune"):
+        if self.mode.startswith("compile"):
             # Every cache shape compiles anew (dynamic=False); past dynamo's recompile limit (8) the
             # step would silently run uncompiled.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            compile_mode = "max-autotune-no-cudagraphs" if self.mode == "compile_max_autotune" else None
-            self._step = torch.compile(self._eager, dynamic=False, mode=compile_mode)
+            if self.mode == "compile_pdl":
+                self._step = torch.compile(self._eager, dynamic=False, options={"triton.enable_pdl": True})
+            else:
+                compile_mode = "max-autotune-no-cudagraphs" if self.mode == "compile_max_autotune" else None
+                self._step = torch.compile(self._eager, dynamic=False, mode=compile_mode)
 
     def _eager(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.support.forward_cached(self.model, tokens, self.cache, None)[:, -1]

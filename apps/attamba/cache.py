@@ -44,7 +44,7 @@ from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step
 from lingua.decode_weights import PairedLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import (
-    EMPTY, KVSlots, PositionedCache, attend_one_query, check_prefill, load_decode_attention, right_aligned_columns,
+    EMPTY, KVSlots, PositionedCache, attend_one_query, check_prefill, right_aligned_columns,
     visible_slots, write_slots,
 )
 from lingua.generate import register_cache_support
@@ -185,10 +185,10 @@ class AttambaCache(PositionedCache):
     def __init__(self, model: AttambaLM, batch: int, max_len: int, device, dtype):
         check_decodable(model)
         super().__init__(batch, max_len, device)
-        # Split-key attention: cuDNN runs one program per (row, head), too few to stream caches this
-        # short at full bandwidth. The transformer's long caches keep cuDNN, measured faster there
-        # (docs/benchmarks.md, which also says what was not compared).
-        self.decode_attention = load_decode_attention(device)
+        # Attention runs SDPA (cuDNN on the H100): once a boundary's k, v were written into its slot
+        # when computed, cuDNN beat the split-key kernel (lingua.decode_attention) at every measured
+        # context and batch (docs/benchmarks.md, seventh session). Set ``decode_attention`` to
+        # ``load_decode_attention(device)`` for the kernel.
         self.leading_tokens = model.chunking.leading_tokens
         self.pseudo_chunk = model.args.pseudo_chunk
         self.layers = [

@@ -240,7 +240,7 @@ def _recurrent_step(
     window = torch.cat([conv, conv_in.to(conv.dtype)[..., None]], dim=-1)  # [B, c, conv_size]
     conv_out = F.silu((window * conv_weight).sum(-1) + conv_bias)
     if fused_step is not None and state.ssm.dtype == torch.float32:
-        starts = torch.zeros_like(dt[:, 0], dtype=torch.bool) if segment_start is None else segment_start.to(torch.bool)
+        starts = _segment_starts(segment_start, dt)
         y = fused_step(conv_out, dt, A, D, starts, state.ssm, sizes.groups)
         return y, SSMState(window[..., 1:], state.ssm)
     ssm_dtype = state.ssm.dtype
@@ -506,15 +506,20 @@ class PairedStepWeights:
     norm_weight: torch.Tensor
     """[2, 1, hidden]: both gates' RMSNorm weights, so one reduction normalises both."""
     fused_step: Optional[Callable[..., torch.Tensor]] = None
+    fused_conv: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
+    """The Triton conv and dt (:func:`apps.attamba.ssm_step_triton.conv_step_`) that feed
+    ``fused_step``, on CUDA; else None."""
 
     @staticmethod
     @torch.no_grad()
     def of(first: KVSSM, second: KVSSM, dtype: torch.dtype) -> "PairedStepWeights":
         if first.norm.eps != second.norm.eps:
             raise ValueError("a KV-SSM pair needs gate norms of the same eps")
+        device = first.A_log.device
         return PairedStepWeights(
             first, second, _PairParameters.of(first, second, dtype), PairedLinear(first.out_proj, second.out_proj),
-            torch.stack([first.norm.weight, second.norm.weight])[:, None], fused_step_for(first.A_log.device),
+            torch.stack([first.norm.weight, second.norm.weight])[:, None], fused_step_for(device),
+            cuda_kernel(device, "apps.attamba.ssm_step_triton", "conv_step_"),
         )
 
     def gate(self, y: torch.Tensor, z_1: torch.Tensor, z_2: torch.Tensor) -> torch.Tensor:
@@ -537,21 +542,40 @@ def paired_step(
     :func:`paired_state`. -> (first's y [B, dim_out], second's y, the new paired state).
 
     ``in_place``: overwrite ``state`` with the new state (and return it); then the recurrence
-    runs as one Triton kernel where ``weights.fused_step`` is set."""
-    first = weights.first
-    pair = _PairInputs.of(first, weights.params, projected_first, projected_second)
-    y, new_state = _recurrent_step(
-        pair.conv_in, pair.dt, weights.params.A, weights.params.D, weights.params.conv_weight,
-        weights.params.conv_bias, state, segment_start, _ScanSizes.of(first, copies=2),
-        fused_step=weights.fused_step if in_place else None,
-    )
-    if in_place:
-        state.copy_(new_state)
+    runs as one Triton kernel where ``weights.fused_step`` is set, and the conv and dt before it
+    as another where ``weights.fused_conv`` is set too."""
+    first, params = weights.first, weights.params
+    sizes = _ScanSizes.of(first, copies=2)
+    if in_place and weights.fused_conv is not None and weights.fused_step is not None and state.ssm.dtype == torch.float32:
+        starts = _segment_starts(segment_start, projected_first)
+        conv_out, dt = weights.fused_conv(
+            projected_first, projected_second, params.conv_weight, params.conv_bias, params.dt_bias, starts,
+            state.conv, first.hidden_dim, first.bc_dim, first.heads, params.A.dtype,
+        )
+        y = weights.fused_step(conv_out, dt, params.A, params.D, starts, state.ssm, sizes.groups)
+        z = (projected_first[..., : first.hidden_dim], projected_second[..., : first.hidden_dim])
         new_state = state
+    else:
+        pair = _PairInputs.of(first, params, projected_first, projected_second)
+        y, new_state = _recurrent_step(
+            pair.conv_in, pair.dt, params.A, params.D, params.conv_weight, params.conv_bias, state, segment_start,
+            sizes, fused_step=weights.fused_step if in_place else None,
+        )
+        z = pair.z
+        if in_place:
+            state.copy_(new_state)
+            new_state = state
     # [B, 2·heads, head_dim] -> [2, B, hidden]: the first SSM's heads come first.
     y = y.to(projected_first.dtype).unflatten(1, (2, -1)).flatten(2).transpose(0, 1)
-    out = weights.out_proj.stacked(weights.gate(y, *pair.z))
+    out = weights.out_proj.stacked(weights.gate(y, *z))
     return out[0], out[1], new_state
+
+
+def _segment_starts(segment_start: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """segment_start [B] as bool, all False where None (no row starts a segment)."""
+    if segment_start is None:
+        return torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+    return segment_start.to(torch.bool)
 
 
 def _check_pair(first: KVSSM, second: KVSSM) -> None:

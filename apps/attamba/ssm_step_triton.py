@@ -7,8 +7,13 @@ For each row b and head h (rows that start a segment begin from a zero state):
 In PyTorch the step is several kernels at decode time (the decayed state written out, read back by
 a batched matrix-vector product for y, then copied into the cache): at batch 16 and 64 heads' worth
 of [head_dim, state_dim] fp32 states they moved the state three times. Here each program reads its
-slice of the state once, writes it back once and reduces y on the way. The conv that precedes the
-recurrence stays in PyTorch (torch.compile fuses it into one pointwise kernel).
+slice of the state once, writes it back once and reduces y on the way.
+
+The conv and dt that precede the recurrence are a second kernel (:func:`conv_step_`): compiled
+PyTorch split them, the paired concatenation and the conv state's shift into four or five small
+kernels a layer, and at batch 1 a decode step is made of such launches. It cannot be folded into
+the recurrence's kernel: every head of a group reads the group's B and C channels, whose conv
+state one program would have to shift while the others still read it.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before import), which the CPU tests use.
@@ -17,6 +22,7 @@ before import), which the CPU tests use.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -58,6 +64,130 @@ def _ssm_step_kernel(
     tl.store(tile, state.to(state_ptr.dtype.element_ty), mask=tile_in)
     y = tl.sum(state * C[None, :], axis=1) + D * u
     tl.store(y_ptr + b * stride_y_b + h * head_dim + p, y.to(y_ptr.dtype.element_ty), mask=p_in)
+
+
+@triton.jit
+def _conv_step_kernel(
+    first_ptr, second_ptr, weight_ptr, bias_ptr, dt_bias_ptr, start_ptr, conv_state_ptr, conv_out_ptr, dt_out_ptr,
+    hidden, bc_width, heads, copies, z_width,
+    stride_first_b, stride_second_b, stride_state_b, stride_state_c, stride_out_b, stride_dt_b,
+    HAS_DT_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    b = tl.program_id(0)
+    which = tl.program_id(1)  # 0: the first SSM's projection, 1: the second's
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # the SSM's own conv channel: u, B, C
+    channels = hidden + 2 * bc_width
+    c_in = c < channels
+    # The same channel in the side-by-side order [u_1, u_2, B_1, B_2, C_1, C_2] of the state.
+    paired = tl.where(
+        c < hidden, which * hidden + c,
+        tl.where(c < hidden + bc_width, copies * hidden + which * bc_width + c - hidden,
+                 copies * (hidden + bc_width) + which * bc_width + c - hidden - bc_width),
+    )
+    from_first, from_second = c_in & (which == 0), c_in & (which == 1)
+    x = (tl.load(first_ptr + b * stride_first_b + z_width + c, mask=from_first, other=0.0)
+         + tl.load(second_ptr + b * stride_second_b + z_width + c, mask=from_second, other=0.0)).to(tl.float32)
+    keep = tl.load(start_ptr + b) == 0
+
+    k = tl.arange(0, BLOCK_K)
+    taps = conv_state_ptr + b * stride_state_b + paired[:, None] * stride_state_c
+    stored = k[None, :] < KERNEL - 1
+    older = tl.load(taps + k[None, :], mask=c_in[:, None] & stored, other=0.0).to(tl.float32)
+    # The window [state..., x], oldest first; a segment start forgets the state.
+    window = tl.where(k[None, :] == KERNEL - 1, x[:, None], tl.where(keep, older, 0.0))
+    weight = tl.load(weight_ptr + paired[:, None] * KERNEL + k[None, :], mask=c_in[:, None] & (k[None, :] < KERNEL), other=0.0)
+    out = tl.sum(window * weight.to(tl.float32), axis=1) + tl.load(bias_ptr + paired, mask=c_in, other=0.0).to(tl.float32)
+    out = out / (1.0 + tl.exp(-out))  # SiLU
+    tl.store(conv_out_ptr + b * stride_out_b + paired, out.to(conv_out_ptr.dtype.element_ty), mask=c_in)
+
+    newer = tl.load(taps + k[None, :] + 1, mask=c_in[:, None] & (k[None, :] < KERNEL - 2), other=0.0).to(tl.float32)
+    shifted = tl.where(k[None, :] == KERNEL - 2, x[:, None], tl.where(keep, newer, 0.0))
+    # Other threads of this program read the taps that the stores below overwrite.
+    tl.debug_barrier()
+    tl.store(taps + k[None, :], shifted.to(conv_state_ptr.dtype.element_ty), mask=c_in[:, None] & stored)
+
+    if tl.program_id(2) == 0:  # dt = softplus(raw + bias) of this SSM's heads
+        h = tl.arange(0, BLOCK_H)
+        h_in = h < heads
+        raw_at = z_width + channels + h
+        raw = (tl.load(first_ptr + b * stride_first_b + raw_at, mask=h_in & (which == 0), other=0.0)
+               + tl.load(second_ptr + b * stride_second_b + raw_at, mask=h_in & (which == 1), other=0.0)).to(tl.float32)
+        if HAS_DT_BIAS:
+            raw += tl.load(dt_bias_ptr + which * heads + h, mask=h_in, other=0.0).to(tl.float32)
+        e = tl.exp(raw)
+        grown = 1.0 + e
+        # log1p(e) without a log1p: exact where 1 + e rounds, as torch's softplus above 20 is raw.
+        log1p = tl.where(grown == 1.0, e, tl.log(grown) * (e / (grown - 1.0)))
+        dt = tl.where(raw > 20.0, raw, log1p)
+        tl.store(dt_out_ptr + b * stride_dt_b + which * heads + h, dt.to(dt_out_ptr.dtype.element_ty), mask=h_in)
+
+
+@torch.library.custom_op("attamba::conv_step_", mutates_args=("conv_state",))
+def _conv_step(
+    first: torch.Tensor, second: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    dt_bias: Optional[torch.Tensor], segment_start: torch.Tensor, conv_state: torch.Tensor,
+    hidden: int, bc_width: int, heads: int, dt_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, paired_channels, _ = conv_state.shape
+    copies = paired_channels // (hidden + 2 * bc_width)
+    conv_out = torch.empty(batch, paired_channels, device=conv_state.device, dtype=conv_state.dtype)
+    dt = torch.empty(batch, copies * heads, device=conv_state.device, dtype=dt_dtype)
+    block_c = 128
+    grid = (batch, copies, triton.cdiv(hidden + 2 * bc_width, block_c))
+    _conv_step_kernel[grid](
+        first, second, weight, bias, dt_bias, segment_start, conv_state, conv_out, dt,
+        hidden, bc_width, heads, copies, hidden,
+        first.stride(0), second.stride(0), conv_state.stride(0), conv_state.stride(1), conv_out.stride(0), dt.stride(0),
+        HAS_DT_BIAS=dt_bias is not None, KERNEL=weight.shape[1], BLOCK_C=block_c,
+        BLOCK_K=triton.next_power_of_2(weight.shape[1]), BLOCK_H=triton.next_power_of_2(heads),
+    )
+    return conv_out, dt
+
+
+@_conv_step.register_fake
+def _(first, second, weight, bias, dt_bias, segment_start, conv_state, hidden, bc_width, heads, dt_dtype):
+    batch, paired_channels, _ = conv_state.shape
+    copies = paired_channels // (hidden + 2 * bc_width)
+    return conv_state.new_empty(batch, paired_channels), conv_state.new_empty(batch, copies * heads, dtype=dt_dtype)
+
+
+def conv_step_(
+    first: torch.Tensor, second: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    dt_bias: Optional[torch.Tensor], segment_start: torch.Tensor, conv_state: torch.Tensor,
+    hidden: int, bc_width: int, heads: int, dt_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conv and dt of two KV-SSMs side by side for one token, from their in_proj outputs.
+
+    first, second [B, hidden + conv channels + heads] (z, then u B C, then raw dt; rows may be
+    strided views of one matmul's output); weight [2·channels, conv_size] and bias [2·channels]
+    in the side-by-side order [u_1, u_2, B_1, B_2, C_1, C_2] that ``conv_state`` [B, 2·channels,
+    conv_size - 1] (updated in place) uses too; dt_bias [2·heads] or None; segment_start [B]
+    (bool): rows whose conv forgets its state before this token.
+    -> (SiLU(conv) [B, 2·channels] in the state's dtype, softplus(dt + dt_bias) [B, 2·heads] in
+    ``dt_dtype``): what :func:`ssm_step_` reads.
+    """
+    channels = hidden + 2 * bc_width
+    batch, paired_channels, taps = conv_state.shape
+    width = channels + hidden + heads
+    if paired_channels != 2 * channels or weight.shape != (paired_channels, taps + 1) or bias.shape != (paired_channels,):
+        raise ValueError(
+            f"expected conv_state [B, {2 * channels}, K-1], weight [{2 * channels}, K] and bias [{2 * channels}], "
+            f"got {tuple(conv_state.shape)}, {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    if first.shape != (batch, width) or second.shape != (batch, width):
+        raise ValueError(f"expected both projections [{batch}, {width}], got {tuple(first.shape)} and {tuple(second.shape)}")
+    if dt_bias is not None and dt_bias.shape != (2 * heads,):
+        raise ValueError(f"expected dt_bias [{2 * heads}], got {tuple(dt_bias.shape)}")
+    if not conv_state.is_contiguous() or segment_start.shape != (batch,):
+        raise ValueError(f"expected a contiguous conv_state and segment_start [{batch}]")
+    if conv_state.device.type != "cuda" and not _INTERPRETED:
+        raise RuntimeError("conv_step_ needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+    first, second = (p if p.stride(-1) == 1 else p.contiguous() for p in (first, second))
+    return _conv_step(
+        first, second, weight.contiguous(), bias.contiguous(), None if dt_bias is None else dt_bias.contiguous(),
+        segment_start.to(torch.bool).contiguous(), conv_state, hidden, bc_width, heads, dt_dtype,
+    )
 
 
 @torch.library.custom_op("attamba::ssm_step_", mutates_args=("state",))

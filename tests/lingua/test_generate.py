@@ -153,7 +153,7 @@ def test_command_line_generates_from_an_export(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["transformer", "attamba"])
-@pytest.mark.parametrize("mode", ["cuda_graph", "compile", "compile_max_autotune"])
+@pytest.mark.parametrize("mode", ["cuda_graph", "compile", "compile_pdl", "compile_max_autotune"])
 def test_static_shape_decode_on_cuda_matches_eager(family, mode):
     if family == "attamba":
         from apps.attamba.args import AttambaArgs

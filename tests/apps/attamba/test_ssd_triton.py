@@ -521,18 +521,26 @@ def test_attamba_with_windowed_ssm_matches_the_torch_ssm(strategy):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("groups, state_dim, head_dim", [(1, 16, 8), (2, 12, 20)])
-def test_fused_decode_step_matches_the_torch_recurrence(groups, state_dim, head_dim):
-    # state_dim 12 and head_dim 20 leave partly filled tiles (16 rows a program, 16 state columns).
+@pytest.mark.parametrize(
+    "groups, state_dim, head_dim, conv_size, dt_bias, fused_conv",
+    [(1, 16, 8, 3, True, False), (2, 12, 20, 3, True, False), (1, 16, 8, 4, True, True),
+     (2, 12, 20, 2, False, True), (1, 80, 72, 4, True, True)],
+)
+def test_fused_decode_step_matches_the_torch_recurrence(groups, state_dim, head_dim, conv_size, dt_bias, fused_conv):
+    # state_dim 12 and head_dim 20 leave partly filled tiles (16 rows a program, 16 state columns);
+    # state 80 and head dim 72 give 2·72 + 4·80 = 464 conv channels: conv programs of 128 channels
+    # cross the u | B | C borders, and the last is partly filled.
     from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMArgs, init_paired_state, paired_step
-    from apps.attamba.ssm_step_triton import ssm_step_
+    from apps.attamba.ssm_step_triton import conv_step_, ssm_step_
 
     torch.manual_seed(0)
-    args = SSMArgs(state_dim=state_dim, ssm_heads=2, n_groups=groups, conv_size=3, impl="torch")
+    args = SSMArgs(state_dim=state_dim, ssm_heads=2, n_groups=groups, conv_size=conv_size, dt_bias=dt_bias, impl="torch")
     first, second = (KVSSM(16, 2 * head_dim, args).to(DEVICE) for _ in range(2))
     reference = PairedStepWeights.of(first, second, torch.float32)
     fused = PairedStepWeights.of(first, second, torch.float32)
     fused.fused_step = ssm_step_
+    fused.fused_conv = conv_step_ if fused_conv else None
+    width = first.in_proj.out_features
     batch = 3
     state = init_paired_state(first, batch, DEVICE, torch.float32)
     state.conv.normal_()
@@ -545,7 +553,11 @@ def test_fused_decode_step_matches_the_torch_recurrence(groups, state_dim, head_
     with torch.no_grad():
         for t in range(starts.shape[0]):
             x_1, x_2 = torch.randn(2, batch, 16, device=DEVICE)
-            k_1, k_2 = first.in_proj(x_1), second.in_proj(x_2)
+            # Strided views of one output, as a decode step's stacked matmul gives them.
+            stacked = torch.randn(batch, 3 + 2 * width, device=DEVICE)
+            k_1, k_2 = stacked[:, 3 : 3 + width], stacked[:, 3 + width :]
+            k_1.copy_(first.in_proj(x_1))
+            k_2.copy_(second.in_proj(x_2))
             expected = paired_step(reference, k_1, k_2, expected_state, starts[t])
             got = paired_step(fused, k_1, k_2, state, starts[t], in_place=True)
             expected_state = expected[2]
@@ -554,6 +566,44 @@ def test_fused_decode_step_matches_the_torch_recurrence(groups, state_dim, head_
             assert got[2] is state and state.ssm.data_ptr() == storage
             torch.testing.assert_close(state.ssm, expected_state.ssm, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(state.conv, expected_state.conv)
+
+
+def test_fused_conv_step_refuses_bad_shapes():
+    from apps.attamba.ssm_step_triton import conv_step_
+
+    hidden, bc, heads, batch = 8, 4, 2, 2
+    channels, width = hidden + 2 * bc, 2 * hidden + 2 * bc + heads
+    projected = torch.zeros(batch, width, device=DEVICE)
+    weight, bias = torch.zeros(2 * channels, 4, device=DEVICE), torch.zeros(2 * channels, device=DEVICE)
+    state, starts = torch.zeros(batch, 2 * channels, 3, device=DEVICE), torch.zeros(batch, dtype=torch.bool, device=DEVICE)
+    conv_step_(projected, projected, weight, bias, None, starts, state, hidden, bc, heads)  # fits
+    with pytest.raises(ValueError, match="expected conv_state"):
+        conv_step_(projected, projected, weight[:, :3], bias, None, starts, state, hidden, bc, heads)
+    with pytest.raises(ValueError, match="both projections"):
+        conv_step_(projected[:, 1:], projected, weight, bias, None, starts, state, hidden, bc, heads)
+    with pytest.raises(ValueError, match="dt_bias"):
+        conv_step_(projected, projected, weight, bias, bias, starts, state, hidden, bc, heads)
+
+
+def test_fused_conv_step_op_passes_opcheck_and_compiles():
+    from apps.attamba.ssm_step_triton import conv_step_
+
+    torch.manual_seed(0)
+    hidden, bc, heads, batch = 8, 4, 2, 2
+    channels, width = hidden + 2 * bc, 2 * hidden + 2 * bc + heads
+    first, second = torch.randn(2, batch, width, device=DEVICE)
+    weight, bias = torch.randn(2 * channels, 4, device=DEVICE), torch.randn(2 * channels, device=DEVICE)
+    dt_bias, starts = torch.randn(2 * heads, device=DEVICE), torch.tensor([True, False], device=DEVICE)
+    state = torch.randn(batch, 2 * channels, 3, device=DEVICE)
+    arguments = (first, second, weight, bias, dt_bias, starts, state, hidden, bc, heads, torch.float32)
+    torch.library.opcheck(torch.ops.attamba.conv_step_.default, arguments, test_utils=("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+    compiled_state, eager_state = state.clone(), state.clone()
+    compiled = torch.compile(lambda s: conv_step_(*arguments[:6], s, *arguments[7:]), backend="aot_eager", fullgraph=True)
+    for got, expected in zip(compiled(compiled_state), conv_step_(*arguments[:6], eager_state, *arguments[7:])):
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(compiled_state, eager_state)
+    assert not torch.equal(compiled_state, state)
 
 
 def test_fused_decode_step_refuses_bad_shapes():
@@ -615,3 +665,31 @@ def test_mamba_decodes_with_the_fused_step_like_the_full_forward(monkeypatch):
         cached = prefill_decode_logits(model, tokens, torch.tensor([1, 5, 12], device=DEVICE))
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
     assert calls, "the decode steps ran the Triton recurrence"
+
+
+@pytest.mark.parametrize("overrides", [dict(token_chunk=4, leading_tokens=3), dict(kv_proj=True, token_chunk=8, leading_tokens=16, conv_size=2)])
+def test_attamba_decodes_with_the_fused_conv_and_step_like_the_full_forward(monkeypatch, overrides):
+    from apps.attamba.ssm import PairedStepWeights
+    from apps.attamba.ssm_step_triton import conv_step_, ssm_step_
+    from tests.apps.attamba.test_cache import MIXED_LENGTHS, assert_decode_matches_forward, tiny_attamba
+
+    calls = []
+
+    def counting(kernel):
+        def run(*args):
+            calls.append(kernel.__name__)
+            return kernel(*args)
+        return run
+
+    original = PairedStepWeights.of
+
+    def with_kernels(*args, **kwargs):
+        weights = original(*args, **kwargs)
+        # What a CUDA cache picks; here under the interpreter.
+        weights.fused_step, weights.fused_conv = counting(ssm_step_), counting(conv_step_)
+        return weights
+
+    monkeypatch.setattr(PairedStepWeights, "of", staticmethod(with_kernels))
+    model = tiny_attamba(**overrides).to(DEVICE)
+    assert_decode_matches_forward(model, n=22, lengths=MIXED_LENGTHS, device=DEVICE)
+    assert "conv_step_" in calls and "ssm_step_" in calls
