@@ -7,6 +7,10 @@ alone (measured on an H200 for Attamba's 4k-slot caches at 32k tokens: cuDNN rea
 of the card's 4.8). Here each (row, head) splits its keys over several programs, which write a
 partial softmax (running max, sum and weighted values), and a second kernel merges them.
 
+Neither model's cache picks it by default: once Attamba's boundaries were written into their slots
+when computed, cuDNN was faster for its caches too (docs/benchmarks.md, seventh session). A cache
+uses it when ``cache.decode_attention = lingua.kv_cache.load_decode_attention(device)``.
+
 Which slots a query sees comes from the positions the cache records, by the rule of
 :func:`lingua.kv_cache.visible_slots` (compressed slots before the window start ``lowest[b]``,
 window slots from it on); every cached position is at or before the query's own, so nothing else
