@@ -195,6 +195,12 @@ class AttambaCache(PositionedCache):
             AttambaLayerCache(layer_tables(model, index, max_len, device), layer, batch, device, dtype)
             for index, layer in enumerate(model.layers)
         ]
+        # [n_layers, max_len]: whether position t starts a segment (t = 0 or t - 1 a boundary) in
+        # each layer. A decode step gathers every layer's column at once: one kernel, not one a layer.
+        self.segment_starts = torch.stack([
+            torch.cat([torch.ones(1, dtype=torch.bool, device=device), layer.tables.is_boundary[:-1]])
+            for layer in self.layers
+        ])
 
     def live_nbytes(self) -> int:
         """Bytes of the live entries (DESIGN's count: n/P + L per layer) plus the SSM states."""
@@ -282,9 +288,9 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
     t = cache.positions  # [B]
     cos, sin = model.rope(t[:, None])
     x = model.tok_embeddings(tokens)  # [B, 1, E]
-    for layer, layer_cache in zip(model.layers, cache.layers):
+    segment_starts = cache.segment_starts[:, t]  # [n_layers, B]
+    for layer, layer_cache, segment_start in zip(model.layers, cache.layers, segment_starts):
         attention, tables = layer.attention, layer_cache.tables
-        segment_start = (t == 0) | tables.is_boundary[(t - 1).clamp(min=0)]  # [B]
         weights = layer_cache.weights
         q, k_in, v_in, k_projected, v_projected = weights.project(layer.attention_norm(x)[:, 0])  # [B, ...]
         q = apply_rotary(attention.split_heads(q[:, None]), cos, sin)
