@@ -64,7 +64,9 @@ def _partial_kernel(
         n_in = n < end
         position = tl.load(positions_ptr + b * stride_pos_b + n, mask=n_in, other=-1)
         visible = n_in & (position >= 0) & tl.where(n < windowed_from, position < lowest, position >= lowest)
-        tile_mask = visible[:, None] & d_in[None, :]
+        # The key and value loads do not wait for the positions: masked by the slot range only, all
+        # three are in flight at once (the cache's slots are nearly all visible anyway).
+        tile_mask = n_in[:, None] & d_in[None, :]
         k = tl.load(k_ptr + b * stride_k_b + kv_h * stride_k_h + n[:, None] * stride_k_s + d[None, :], mask=tile_mask, other=0.0)
         scores = tl.where(visible, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=0))
@@ -73,7 +75,9 @@ def _partial_kernel(
         weights = tl.exp2(scores - shift)
         rescale = tl.exp2(running_max - shift)
         v = tl.load(v_ptr + b * stride_v_b + kv_h * stride_v_h + n[:, None] * stride_v_s + d[None, :], mask=tile_mask, other=0.0)
-        acc = acc * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
+        # A hidden slot's value may be anything, inf or nan included: a zero weight would not cancel it.
+        v = tl.where(visible[:, None], v.to(tl.float32), 0.0)
+        acc = acc * rescale + tl.sum(weights[:, None] * v, axis=0)
         running_sum = running_sum * rescale + tl.sum(weights, axis=0)
         running_max = new_max
     slot = row_head * splits + split

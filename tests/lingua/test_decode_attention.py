@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton", reason="the decode attention kernel needs
 
 from lingua import decode_attention as kernel_module  # noqa: E402
 from lingua.decode_attention import decode_attention  # noqa: E402
-from lingua.kv_cache import EMPTY, attend_slots  # noqa: E402
+from lingua.kv_cache import EMPTY, attend_slots, visible_slots  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not kernel_module._INTERPRETED:
@@ -44,8 +44,12 @@ def test_decode_attention_matches_sdpa_over_the_mask(slots, heads, kv_heads, hea
     positions[torch.rand(batch, slots, generator=generator) < 0.3] = EMPTY
     positions[2] = EMPTY  # a row that sees nothing gets zeros
     positions, lowest = positions.to(DEVICE), torch.tensor([0, 1500, 0], device=DEVICE)
+    expected = reference(q, k, v, positions, lowest, windowed_from)
+    # Whatever a hidden slot holds, nan and inf included, must not reach the output.
+    hidden = ~visible_slots(positions, lowest[:, None], windowed_from)[:, None, :, None].expand_as(k)
+    k, v = k.masked_fill(hidden, float("nan")), v.masked_fill(hidden, float("inf"))
     got = decode_attention(q, k, v, positions, lowest, windowed_from, **launch)
-    torch.testing.assert_close(got, reference(q, k, v, positions, lowest, windowed_from), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[2], torch.zeros_like(got[2]))
 
 
