@@ -30,12 +30,18 @@ def write_slots(
     entries in place, whereas a ``scatter_`` (or any write through a view) becomes a copy of the
     whole buffer every step (gigabytes at long context). One call per buffer, whatever m."""
     k_buffer, v_buffer, positions_buffer = buffers
+    write_kv_slots(k_buffer, v_buffer, slots, k, v)
+    positions_buffer[torch.arange(k_buffer.shape[0], device=slots.device)[:, None], slots] = positions
+
+
+def write_kv_slots(k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """:func:`write_slots` without the positions: k, v [B, H, m, d] into slots [B, m] of the
+    [B, H, S, d] buffers."""
     rows = torch.arange(k_buffer.shape[0], device=slots.device)[:, None, None]
     heads = torch.arange(k_buffer.shape[1], device=slots.device)[None, :, None]
     index = (rows, heads, slots[:, None, :])  # an [B, H, m] grid of entries
     k_buffer[index] = k
     v_buffer[index] = v
-    positions_buffer[rows[:, :, 0], slots] = positions
 
 
 class KVSlots:

@@ -17,7 +17,11 @@ compressed list, without reading it back from the ring (one write of two slots p
 of a read and two writes). The compressed list and the ring share one buffer
 ``[compressed C | trash 1 | ring S]`` per layer, so attention needs no concatenation and every
 shape is fixed: a step can be captured in a CUDA graph. (A token that is no boundary writes its
-second copy into the trash slot, which is always masked.)
+second copy into the trash slot, which is always masked.) Every layer's buffer has the same
+length: layers with fewer boundaries (cyclic offsets) pad theirs with trash slots that stay empty,
+so the slots' positions of all layers form one tensor, which a decode step writes and turns into
+every layer's attention mask at once, before the layers run (what a step writes there depends only
+on the position, not on the layers' outputs).
 
 Boundaries are absolute positions shared by every row (uniform, cyclic, and evaluation's seeded
 random chunks, whose prefix does not depend on the sequence length), tabulated once for
@@ -44,8 +48,8 @@ from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step
 from lingua.decode_weights import PairedLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import (
-    EMPTY, KVSlots, PositionedCache, attend_one_query, check_prefill, right_aligned_columns,
-    visible_slots, write_slots,
+    EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill, right_aligned_columns, visible_slots,
+    write_kv_slots,
 )
 from lingua.generate import register_cache_support
 from lingua.transformer import apply_rotary
@@ -110,21 +114,23 @@ class LayerDecodeWeights:
 
 
 class AttambaLayerCache:
-    """Buffers of one layer: [compressed | trash | ring] keys and values, and the SSM states."""
+    """Buffers of one layer: [compressed | trash | ring] keys and values, and the SSM states.
 
-    def __init__(self, tables: LayerTables, block, batch: int, device, dtype):
+    ``positions`` [B, total] is this layer's view of the cache's slot positions (AttambaCache);
+    the ring starts at slot ``ring_first`` and holds ``ring_slots`` entries in every layer."""
+
+    def __init__(self, tables: LayerTables, block, positions: torch.Tensor, ring_first: int, dtype):
         attention = block.attention
         self.tables = tables
         self.compressed_slots = tables.boundary_positions.numel()
-        self.trash = self.compressed_slots
-        heads, head_dim = attention.n_heads, attention.head_dim
-        total = self.compressed_slots + 1 + tables.ring_slots
-        self.k = torch.zeros(batch, heads, total, head_dim, device=device, dtype=dtype)
+        self.trash = self.compressed_slots  # slots after it, up to the ring, stay empty
+        batch, total = positions.shape
+        self.k = torch.zeros(batch, attention.n_heads, total, attention.head_dim, device=positions.device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.positions = torch.full((batch, total), EMPTY, dtype=torch.long, device=device)
-        self.ring = KVSlots(self.k, self.v, self.positions, first=self.compressed_slots + 1)
+        self.positions = positions
+        self.ring = KVSlots(self.k, self.v, self.positions, first=ring_first)
         # The K and V SSM states side by side: one recurrence steps both (ssm.paired_step).
-        self.ssm_kv = init_paired_state(attention.ssm_k, batch, device, dtype)
+        self.ssm_kv = init_paired_state(attention.ssm_k, batch, positions.device, dtype)
         self.weights = LayerDecodeWeights(block, self.ssm_kv.ssm.dtype)
 
     def allowed(self, query_positions: torch.Tensor) -> torch.Tensor:
@@ -132,13 +138,11 @@ class AttambaLayerCache:
         window_start = self.tables.window_start[query_positions][:, :, None]  # [B, m, 1]
         return visible_slots(self.positions[:, None, :], window_start, self.ring.first)
 
-    def write_token(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> None:
-        """Store position t's k, v [B, H, d] (t [B]) in the ring and, where t is a boundary, in its
-        compressed slot, hidden there until t leaves the window (see :meth:`allowed`)."""
-        compressed = self.tables.compressed_slot[t]  # [B]: the trash slot where t is no boundary
-        slots = torch.stack([self.ring.first + t % self.ring.slots, compressed], dim=1)  # [B, 2]
-        positions = torch.stack([t, torch.where(compressed != self.trash, t, EMPTY)], dim=1)
-        write_slots(self.ring.buffers, slots, k[:, :, None].expand(-1, -1, 2, -1), v[:, :, None].expand(-1, -1, 2, -1), positions)
+    def write_token(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store a token's k, v [B, H, d] in its two ``slots`` [B, 2] (AttambaCache.token_slots):
+        the ring and its compressed slot (the trash where it is no boundary). Its positions are
+        the cache's to write."""
+        write_kv_slots(self.k, self.v, slots, k[:, :, None].expand(-1, -1, 2, -1), v[:, :, None].expand(-1, -1, 2, -1))
 
     def fill_from_prompt(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
         """Build the cache from a prompt's rotated k, v [B, H, m, d] (rows start at position 0)."""
@@ -191,16 +195,48 @@ class AttambaCache(PositionedCache):
         # ``load_decode_attention(device)`` for the kernel.
         self.leading_tokens = model.chunking.leading_tokens
         self.pseudo_chunk = model.args.pseudo_chunk
+        tables = [layer_tables(model, index, max_len, device) for index in range(len(model.layers))]
+        # One slot layout for every layer: the most boundaries any layer has, a trash slot, the
+        # longest ring (a longer ring than a layer needs keeps entries its window masks anyway).
+        self.ring_first = max(table.boundary_positions.numel() for table in tables) + 1
+        self.ring_slots = max(table.ring_slots for table in tables)
+        total = self.ring_first + self.ring_slots
+        self.slot_positions = torch.full((len(tables), batch, total), EMPTY, dtype=torch.long, device=device)
+        """[n_layers, B, total]: the position each slot holds (EMPTY when none)."""
         self.layers = [
-            AttambaLayerCache(layer_tables(model, index, max_len, device), layer, batch, device, dtype)
-            for index, layer in enumerate(model.layers)
+            AttambaLayerCache(table, layer, self.slot_positions[index], self.ring_first, dtype)
+            for index, (table, layer) in enumerate(zip(tables, model.layers))
         ]
-        # [n_layers, max_len]: whether position t starts a segment (t = 0 or t - 1 a boundary) in
-        # each layer. A decode step gathers every layer's column at once: one kernel, not one a layer.
+        # Per layer and position, what a decode step looks up for every layer at once (one kernel
+        # each, not one a layer): whether t starts a segment (t = 0 or t - 1 a boundary), t's
+        # compressed slot (the layer's trash slot where t is no boundary), t's window start.
         self.segment_starts = torch.stack([
-            torch.cat([torch.ones(1, dtype=torch.bool, device=device), layer.tables.is_boundary[:-1]])
-            for layer in self.layers
+            torch.cat([torch.ones(1, dtype=torch.bool, device=device), table.is_boundary[:-1]]) for table in tables
         ])
+        self.compressed_slots = torch.stack([table.compressed_slot for table in tables])
+        self.trash_slots = torch.tensor([layer.trash for layer in self.layers], device=device)
+        self.window_starts = torch.stack([table.window_start for table in tables])
+
+    def token_slots(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a token at positions t [B] goes in every layer: slots [n_layers, B, 2] (its ring
+        slot, then its compressed or trash slot) and the positions they then hold."""
+        compressed = self.compressed_slots[:, t]  # [n_layers, B]
+        ring = (self.ring_first + t % self.ring_slots).expand_as(compressed)
+        slots = torch.stack([ring, compressed], dim=2)
+        positions = torch.stack([t.expand_as(compressed), torch.where(compressed != self.trash_slots[:, None], t, EMPTY)], dim=2)
+        return slots, positions
+
+    def write_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record ``positions`` [n_layers, B, m] in ``slots`` [n_layers, B, m] of every layer
+        (one ``index_put_`` on the whole tensor, which Inductor updates in place)."""
+        layers = torch.arange(slots.shape[0], device=slots.device)[:, None, None]
+        rows = torch.arange(slots.shape[1], device=slots.device)[None, :, None]
+        self.slot_positions[layers, rows, slots] = positions
+
+    def visible(self, window_start: torch.Tensor) -> torch.Tensor:
+        """[n_layers, B, total] bool: the slots each layer's query sees, for its window starts
+        [n_layers, B] (see AttambaLayerCache.allowed)."""
+        return visible_slots(self.slot_positions, window_start[:, :, None], self.ring_first)
 
     def live_nbytes(self) -> int:
         """Bytes of the live entries (DESIGN's count: n/P + L per layer) plus the SSM states."""
@@ -288,19 +324,25 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
     t = cache.positions  # [B]
     cos, sin = model.rope(t[:, None])
     x = model.tok_embeddings(tokens)  # [B, 1, E]
-    segment_starts = cache.segment_starts[:, t]  # [n_layers, B]
-    for layer, layer_cache, segment_start in zip(model.layers, cache.layers, segment_starts):
-        attention, tables = layer.attention, layer_cache.tables
+    segment_starts, window_starts = cache.segment_starts[:, t], cache.window_starts[:, t]  # [n_layers, B]
+    slots, positions = cache.token_slots(t)
+    cache.write_positions(slots, positions)
+    visible = cache.visible(window_starts) if cache.decode_attention is None else None
+    for index, (layer, layer_cache) in enumerate(zip(model.layers, cache.layers)):
+        attention, segment_start = layer.attention, segment_starts[index]
         weights = layer_cache.weights
         q, k_in, v_in, k_projected, v_projected = weights.project(layer.attention_norm(x)[:, 0])  # [B, ...]
         q = apply_rotary(attention.split_heads(q[:, None]), cos, sin)
         k_out, v_out, _ = paired_step(weights.ssm, k_projected, v_projected, layer_cache.ssm_kv, segment_start, in_place=True)
         k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)[:, None]), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out)[:, None])
-        layer_cache.write_token(k[:, :, 0], v[:, :, 0], t)
-        attended = attend_one_query(
-            q, layer_cache.k, layer_cache.v, layer_cache.positions, tables.window_start[t], layer_cache.ring.first, cache
-        )
+        layer_cache.write_token(k[:, :, 0], v[:, :, 0], slots[index])
+        if visible is not None:
+            attended = attend_slots(q, layer_cache.k, layer_cache.v, visible[index][:, None], cache.static_shapes)
+        else:  # the cache's kernel, which reads the positions itself
+            attended = cache.decode_attention(
+                q, layer_cache.k, layer_cache.v, cache.slot_positions[index], window_starts[index], cache.ring_first
+            )
         x = x + attention.output(attended)
         x = x + weights.feed_forward(layer.ffn_norm(x))
     cache.positions.add_(1)
