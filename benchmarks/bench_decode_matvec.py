@@ -8,10 +8,12 @@ Programmatic Dependent Launch (Inductor leaves cuBLAS calls and its matmul templ
 This measures whether that is faster, for the shapes of both 60M models' steps, before any cache
 is changed to use it.
 
-Every variant runs as a CUDA graph of ``--calls`` back-to-back calls (launch gaps included, as in
-a captured decode step); microseconds per call, and the bandwidth reached reading the weights.
+Every variant is timed as bench_decode_attention.py times its kernels: a CUDA graph of many
+back-to-back calls (``triton.testing.do_bench_cudagraph``: no host launch cost, the GPU's gaps
+between kernels included, as in a captured decode step). Reports microseconds per call and the bandwidth reached reading the
+weights.
 
-    python benchmarks/bench_decode_matvec.py [--batches 1 2] [--calls 64] [--out results.json]
+    python benchmarks/bench_decode_matvec.py [--batches 1 2] [--out results.json]
 
 Needs CUDA; on CPU it says so and exits with status 0.
 """
@@ -21,12 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_decode_attention import time_per_call  # noqa: E402  (a sibling script)
 
 # (name, in_features, out_features): the 60M models' decode matmuls (dim 512, SwiGLU hidden 1536).
 SHAPES = [
@@ -44,29 +49,7 @@ def linear_by_reduction(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x[:, None, :].float() * weight[None].float()).sum(-1).to(x.dtype)
 
 
-def time_graph(fn: Callable[[], torch.Tensor], calls: int, repeats: int = 20) -> float:
-    """Median microseconds per call of ``fn``, replayed from a CUDA graph of ``calls`` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(times)[len(times) // 2]
-
-
-def measure(batches: list[int], calls: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+def measure(batches: list[int], dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     rows = []
     # Each shape and batch compiles anew (dynamic=False): past dynamo's default limit of 8 the
     # function would silently run uncompiled.
@@ -87,7 +70,7 @@ def measure(batches: list[int], calls: int, dtype: torch.dtype = torch.bfloat16)
                 variants[variant] = lambda fn=fn: fn(x, weight)
             megabytes = weight.numel() * weight.element_size() / 1e6
             for variant, fn in variants.items():
-                microseconds = time_graph(fn, calls)
+                microseconds = time_per_call(fn)
                 rows.append(dict(shape=name, batch=batch, variant=variant, us_per_call=microseconds,
                                  weight_mb=megabytes, tb_per_s=megabytes / microseconds))
                 print(f"{name:<32}{batch:>6}{variant:>16}{microseconds:10.2f}{megabytes / microseconds:9.2f}", flush=True)
@@ -97,7 +80,6 @@ def measure(batches: list[int], calls: int, dtype: torch.dtype = torch.bfloat16)
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--calls", type=int, default=64, help="calls per captured graph")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -105,7 +87,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16")
     print(f"{'matmul':<32}{'batch':>6}{'variant':>16}{'us/call':>10}{'TB/s':>9}")
-    rows = measure(args.batches, args.calls)
+    rows = measure(args.batches)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
     return 0
