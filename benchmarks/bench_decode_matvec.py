@@ -10,8 +10,8 @@ is changed to use it.
 
 Every variant is timed as bench_decode_attention.py times its kernels: a CUDA graph of many
 back-to-back calls (``triton.testing.do_bench_cudagraph``: no host launch cost, the GPU's gaps
-between kernels included, as in a captured decode step). Reports microseconds per call and the bandwidth reached reading the
-weights.
+between kernels included, as in a captured decode step). Reports microseconds per call and the
+bandwidth reached reading the weights.
 
     python benchmarks/bench_decode_matvec.py [--batches 1 2] [--out results.json]
 
