@@ -69,7 +69,7 @@ def _ssm_step_kernel(
 @triton.jit
 def _conv_step_kernel(
     first_ptr, second_ptr, weight_ptr, bias_ptr, dt_bias_ptr, start_ptr, conv_state_ptr, conv_out_ptr, dt_out_ptr,
-    hidden, bc_width, heads, copies, z_width,
+    hidden, bc_width, heads,
     stride_first_b, stride_second_b, stride_state_b, stride_state_c, stride_out_b, stride_dt_b,
     HAS_DT_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -78,12 +78,13 @@ def _conv_step_kernel(
     which = tl.program_id(1)  # 0: the first SSM's projection, 1: the second's
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # the SSM's own conv channel: u, B, C
     channels = hidden + 2 * bc_width
+    z_width = hidden  # a projection row is [z | u B C | dt]
     c_in = c < channels
     # The same channel in the side-by-side order [u_1, u_2, B_1, B_2, C_1, C_2] of the state.
     paired = tl.where(
         c < hidden, which * hidden + c,
-        tl.where(c < hidden + bc_width, copies * hidden + which * bc_width + c - hidden,
-                 copies * (hidden + bc_width) + which * bc_width + c - hidden - bc_width),
+        tl.where(c < hidden + bc_width, 2 * hidden + which * bc_width + c - hidden,
+                 2 * (hidden + bc_width) + which * bc_width + c - hidden - bc_width),
     )
     from_first, from_second = c_in & (which == 0), c_in & (which == 1)
     x = (tl.load(first_ptr + b * stride_first_b + z_width + c, mask=from_first, other=0.0)
@@ -130,14 +131,13 @@ def _conv_step(
     hidden: int, bc_width: int, heads: int, dt_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, paired_channels, _ = conv_state.shape
-    copies = paired_channels // (hidden + 2 * bc_width)
     conv_out = torch.empty(batch, paired_channels, device=conv_state.device, dtype=conv_state.dtype)
-    dt = torch.empty(batch, copies * heads, device=conv_state.device, dtype=dt_dtype)
+    dt = torch.empty(batch, 2 * heads, device=conv_state.device, dtype=dt_dtype)
     block_c = 128
-    grid = (batch, copies, triton.cdiv(hidden + 2 * bc_width, block_c))
+    grid = (batch, 2, triton.cdiv(hidden + 2 * bc_width, block_c))  # rows, the two SSMs, channels
     _conv_step_kernel[grid](
         first, second, weight, bias, dt_bias, segment_start, conv_state, conv_out, dt,
-        hidden, bc_width, heads, copies, hidden,
+        hidden, bc_width, heads,
         first.stride(0), second.stride(0), conv_state.stride(0), conv_state.stride(1), conv_out.stride(0), dt.stride(0),
         HAS_DT_BIAS=dt_bias is not None, KERNEL=weight.shape[1], BLOCK_C=block_c,
         BLOCK_K=triton.next_power_of_2(weight.shape[1]), BLOCK_H=triton.next_power_of_2(heads),
@@ -147,9 +147,7 @@ def _conv_step(
 
 @_conv_step.register_fake
 def _(first, second, weight, bias, dt_bias, segment_start, conv_state, hidden, bc_width, heads, dt_dtype):
-    batch, paired_channels, _ = conv_state.shape
-    copies = paired_channels // (hidden + 2 * bc_width)
-    return conv_state.new_empty(batch, paired_channels), conv_state.new_empty(batch, copies * heads, dtype=dt_dtype)
+    return conv_state.new_empty(conv_state.shape[:2]), conv_state.new_empty(conv_state.shape[0], 2 * heads, dtype=dt_dtype)
 
 
 def conv_step_(
