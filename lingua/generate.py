@@ -198,6 +198,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# torch.compile's arguments for each compiled fast_decode mode (this class captures the graph).
+_COMPILE_SETTINGS = {
+    "compile": {},
+    "compile_pdl": {"options": {"triton.enable_pdl": True}},
+    "compile_max_autotune": {"mode": "max-autotune-no-cudagraphs"},
+}
+
+
 class DecodeStep:
     """One decode step ``tokens [B] -> last logits [B, V]``: eager, or replayed from a CUDA graph.
 
@@ -220,15 +228,11 @@ class DecodeStep:
         if self.mode != "eager":
             cache.static_shapes = True
         self._step = self._eager
-        if self.mode.startswith("compile"):
+        if self.mode in _COMPILE_SETTINGS:
             # Every cache shape compiles anew (dynamic=False); past dynamo's recompile limit (8) the
             # step would silently run uncompiled.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            if self.mode == "compile_pdl":
-                self._step = torch.compile(self._eager, dynamic=False, options={"triton.enable_pdl": True})
-            else:
-                compile_mode = "max-autotune-no-cudagraphs" if self.mode == "compile_max_autotune" else None
-                self._step = torch.compile(self._eager, dynamic=False, mode=compile_mode)
+            self._step = torch.compile(self._eager, dynamic=False, **_COMPILE_SETTINGS[self.mode])
 
     def _eager(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.support.forward_cached(self.model, tokens, self.cache, None)[:, -1]
