@@ -553,7 +553,7 @@ def paired_step(
             state.conv, first.hidden_dim, first.bc_dim, first.heads, params.A.dtype,
         )
         y = weights.fused_step(conv_out, dt, params.A, params.D, starts, state.ssm, sizes.groups)
-        z = (projected_first[..., : first.hidden_dim], projected_second[..., : first.hidden_dim])
+        z = (first._split_projection(projected_first)[0], first._split_projection(projected_second)[0])
         new_state = state
     else:
         pair = _PairInputs.of(first, params, projected_first, projected_second)
