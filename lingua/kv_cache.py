@@ -81,9 +81,13 @@ class KVSlots:
         positions = torch.full((batch, slots), EMPTY, dtype=torch.long, device=device)
         return cls(k, torch.zeros_like(k), positions)
 
+    def slot_of(self, position: torch.Tensor) -> torch.Tensor:
+        """The slot of the whole buffers that ``position`` (any shape) goes to."""
+        return self.first + position % self.slots
+
     def write_one(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
         """Store k, v [B, Hkv, 1, d] of one token per row at ``position`` [B]."""
-        write_slots(self.buffers, (self.first + position % self.slots)[:, None], k, v, position[:, None])
+        write_slots(self.buffers, self.slot_of(position)[:, None], k, v, position[:, None])
 
     def write_many(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor) -> None:
         """Store k, v [B, Hkv, m, d] of positions start[b] + i for i < lengths[b].
@@ -168,16 +172,17 @@ def visible_slots(positions: torch.Tensor, lowest: torch.Tensor, windowed_from: 
 
 def attend_one_query(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, lowest: torch.Tensor,
-    windowed_from: int, cache: "PositionedCache",
+    windowed_from: int, cache: "PositionedCache", visible: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A decode step's attention: q [B, H, 1, d] over cached k, v [B, Hkv, S, d] whose slots hold
     ``positions`` [B, S], visible as :func:`visible_slots` says for window start ``lowest`` [B].
     Runs ``cache.decode_attention`` when set (a Triton kernel that splits the keys over programs),
-    else SDPA."""
+    else SDPA over ``visible`` [B, S] (that rule's mask, when the caller built it already)."""
     if cache.decode_attention is not None:
         return cache.decode_attention(q, k, v, positions, lowest, windowed_from)
-    allowed = visible_slots(positions, lowest[:, None], windowed_from)  # [B, S]
-    return attend_slots(q, k, v, allowed[:, None], cache.static_shapes)
+    if visible is None:
+        visible = visible_slots(positions, lowest[:, None], windowed_from)  # [B, S]
+    return attend_slots(q, k, v, visible[:, None], cache.static_shapes)
 
 
 def causal_allowed(

@@ -48,7 +48,7 @@ from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step
 from lingua.decode_weights import PairedLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import (
-    EMPTY, KVSlots, PositionedCache, attend_slots, check_prefill, right_aligned_columns, visible_slots,
+    EMPTY, KVSlots, PositionedCache, attend_one_query, check_prefill, right_aligned_columns, visible_slots,
     write_kv_slots,
 )
 from lingua.generate import register_cache_support
@@ -117,7 +117,7 @@ class AttambaLayerCache:
     """Buffers of one layer: [compressed | trash | ring] keys and values, and the SSM states.
 
     ``positions`` [B, total] is this layer's view of the cache's slot positions (AttambaCache);
-    the ring starts at slot ``ring_first`` and holds ``ring_slots`` entries in every layer."""
+    the ring fills the slots from ``ring_first`` on, the same layout in every layer."""
 
     def __init__(self, tables: LayerTables, block, positions: torch.Tensor, ring_first: int, dtype):
         attention = block.attention
@@ -199,8 +199,7 @@ class AttambaCache(PositionedCache):
         # One slot layout for every layer: the most boundaries any layer has, a trash slot, the
         # longest ring (a longer ring than a layer needs keeps entries its window masks anyway).
         self.ring_first = max(table.boundary_positions.numel() for table in tables) + 1
-        self.ring_slots = max(table.ring_slots for table in tables)
-        total = self.ring_first + self.ring_slots
+        total = self.ring_first + max(table.ring_slots for table in tables)
         self.slot_positions = torch.full((len(tables), batch, total), EMPTY, dtype=torch.long, device=device)
         """[n_layers, B, total]: the position each slot holds (EMPTY when none)."""
         self.layers = [
@@ -221,7 +220,7 @@ class AttambaCache(PositionedCache):
         """Where a token at positions t [B] goes in every layer: slots [n_layers, B, 2] (its ring
         slot, then its compressed or trash slot) and the positions they then hold."""
         compressed = self.compressed_slots[:, t]  # [n_layers, B]
-        ring = (self.ring_first + t % self.ring_slots).expand_as(compressed)
+        ring = self.layers[0].ring.slot_of(t).expand_as(compressed)  # the same in every layer
         slots = torch.stack([ring, compressed], dim=2)
         positions = torch.stack([t.expand_as(compressed), torch.where(compressed != self.trash_slots[:, None], t, EMPTY)], dim=2)
         return slots, positions
@@ -337,12 +336,10 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
         k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)[:, None]), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out)[:, None])
         layer_cache.write_token(k[:, :, 0], v[:, :, 0], slots[index])
-        if visible is not None:
-            attended = attend_slots(q, layer_cache.k, layer_cache.v, visible[index][:, None], cache.static_shapes)
-        else:  # the cache's kernel, which reads the positions itself
-            attended = cache.decode_attention(
-                q, layer_cache.k, layer_cache.v, cache.slot_positions[index], window_starts[index], cache.ring_first
-            )
+        attended = attend_one_query(
+            q, layer_cache.k, layer_cache.v, cache.slot_positions[index], window_starts[index], cache.ring_first, cache,
+            None if visible is None else visible[index],
+        )
         x = x + attention.output(attended)
         x = x + weights.feed_forward(layer.ffn_norm(x))
     cache.positions.add_(1)
