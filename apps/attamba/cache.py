@@ -18,7 +18,8 @@ of a read and two writes). The compressed list and the ring share one buffer
 ``[compressed C | trash 1 | ring S]`` per layer, so attention needs no concatenation and every
 shape is fixed: a step can be captured in a CUDA graph. (A token that is no boundary writes its
 second copy into the trash slot, which is always masked.) Every layer's buffer has the same
-length: layers with fewer boundaries (cyclic offsets) pad theirs with trash slots that stay empty,
+length, a multiple of SLOT_ALIGNMENT: layers with fewer boundaries (cyclic offsets), and every
+layer up to that multiple, pad theirs with trash slots that stay empty,
 so the slots' positions of all layers form one tensor, which a decode step writes and turns into
 every layer's attention mask at once, before the layers run (what a step writes there depends only
 on the position, not on the layers' outputs).
@@ -46,7 +47,7 @@ from apps.attamba.attention import attamba_attention
 from apps.attamba.chunking import LayerBoundaries, segment_starts, window_starts
 from apps.attamba.model import AttambaLM
 from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMState, init_paired_state, paired_state, paired_step
-from lingua.decode_weights import PairedLinear, StackedLinear, StackedSwiGLU
+from lingua.decode_weights import DecodeLinear, PairedLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import (
     EMPTY, KVSlots, PositionedCache, attend_one_query, check_prefill, right_aligned_columns, visible_slots,
     write_kv_slots,
@@ -93,7 +94,7 @@ def layer_tables(model: AttambaLM, layer: int, max_len: int, device) -> LayerTab
 class LayerDecodeWeights:
     """One layer's weights as a decode step reads them (see lingua.decode_weights): the query
     projection stacked with what else reads the normed input (the SSMs' in_proj, or W_k and W_v
-    with ``kv_proj``), the pair's step weights, and SwiGLU's w1 and w3 as one matmul."""
+    with ``kv_proj``), the pair's step weights, SwiGLU's w1 and w3 as one matmul, and W_o."""
 
     def __init__(self, block, state_dtype: torch.dtype):
         attention = block.attention
@@ -104,6 +105,11 @@ class LayerDecodeWeights:
         self.ssm_in = PairedLinear(ssm_k.in_proj, ssm_v.in_proj) if self.kv_proj else None
         self.ssm = PairedStepWeights.of(ssm_k, ssm_v, state_dtype)
         self.feed_forward = StackedSwiGLU(block.feed_forward)
+        self.wo = DecodeLinear(attention.wo)
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """The attention block's output projection (AttambaAttention.output) of attended [B, H, 1, d]."""
+        return self.wo(attended.transpose(1, 2).flatten(2))
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Normed input h [B, E] -> (queries [B, E], K-SSM input, V-SSM input, both in_proj outputs)."""
@@ -111,6 +117,10 @@ class LayerDecodeWeights:
         if self.ssm_in is None:  # both SSMs read h itself; first and second are their in_proj outputs
             return q, h, h, first, second
         return q, first, second, *self.ssm_in(first, second)
+
+
+SLOT_ALIGNMENT = 16
+"""Slots per row of every layer's buffers are a multiple of this (see AttambaCache)."""
 
 
 class AttambaLayerCache:
@@ -198,8 +208,13 @@ class AttambaCache(PositionedCache):
         tables = [layer_tables(model, index, max_len, device) for index in range(len(model.layers))]
         # One slot layout for every layer: the most boundaries any layer has, a trash slot, the
         # longest ring (a longer ring than a layer needs keeps entries its window masks anyway).
-        self.ring_first = max(table.boundary_positions.numel() for table in tables) + 1
-        total = self.ring_first + max(table.ring_slots for table in tables)
+        # More trash slots round the length up to a multiple of SLOT_ALIGNMENT, so that each
+        # layer's rows of the all-layers mask start 16-byte aligned, as SDPA's fused kernels
+        # want their mask; a misaligned slice costs a copy or a slower kernel.
+        ring_slots = max(table.ring_slots for table in tables)
+        compressed = max(table.boundary_positions.numel() for table in tables)
+        total = -(-(compressed + 1 + ring_slots) // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+        self.ring_first = total - ring_slots
         self.slot_positions = torch.full((len(tables), batch, total), EMPTY, dtype=torch.long, device=device)
         """[n_layers, B, total]: the position each slot holds (EMPTY when none)."""
         self.layers = [
@@ -340,7 +355,7 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
             q, layer_cache.k, layer_cache.v, cache.slot_positions[index], window_starts[index], cache.ring_first, cache,
             None if visible is None else visible[index],
         )
-        x = x + attention.output(attended)
+        x = x + weights.output(attended)
         x = x + weights.feed_forward(layer.ffn_norm(x))
     cache.positions.add_(1)
     return model.output(model.norm(x))

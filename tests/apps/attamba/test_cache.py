@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from apps.attamba.args import AttambaArgs
-from apps.attamba.cache import forward_cached, new_cache
+from apps.attamba.cache import SLOT_ALIGNMENT, forward_cached, new_cache
 from apps.attamba.model import AttambaLM
 from apps.main.cache import new_cache as new_transformer_cache
 from apps.main.model import TransformerArgs, TransformerLM
@@ -152,8 +152,10 @@ def test_cache_is_smaller_than_the_transformers():
     # Per layer, K and V SSMs: conv taps [channels, conv_size - 1] and state [heads, head_dim, state_dim], fp32.
     per_ssm = ssm.conv_channels * (ssm.args.conv_size - 1) + ssm.heads * ssm.head_dim * ssm.args.state_dim
     states = 3 * 2 * per_ssm * 4
-    # Allocated: 32 compressed slots, 1 trash slot and a ring of 16 per layer.
-    assert cache.nbytes() == 3 * (32 + 1 + 16) * entry_bytes + states
+    # Allocated: 32 compressed slots, 1 trash slot and a ring of 16 per layer, padded with trash
+    # slots to a multiple of SLOT_ALIGNMENT.
+    slots = -(-(32 + 1 + 16) // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+    assert cache.nbytes() == 3 * slots * entry_bytes + states
     assert baseline.nbytes() == 3 * 256 * entry_bytes
     assert cache.nbytes() < baseline.nbytes() / 3
 
