@@ -5,8 +5,10 @@ and cuBLAS took 3.1–3.9 µs for each on the H100 (~0.8 TB/s; docs/benchmarks.m
 five a layer, a third of Attamba's step. Written as a multiply and a sum, the same product
 compiles to one of Inductor's Triton reduction kernels, which can also start early under
 Programmatic Dependent Launch (Inductor leaves cuBLAS calls and its matmul templates out of it).
-This measures whether that is faster, for the shapes of both 60M models' steps, before any cache
-is changed to use it.
+This measures whether that is faster, for the shapes of both 60M models' steps. It was, at one
+row (eighth session, docs/benchmarks.md), and both models' caches now decode one row with it
+(lingua.decode_weights.decode_linear); the timings repeat one matmul whose weights stay in L2,
+so only a whole step (bench_decode.py) tells what it saves.
 
 Every variant is timed as bench_decode_attention.py times its kernels: a CUDA graph of many
 back-to-back calls (``triton.testing.do_bench_cudagraph``: no host launch cost, the GPU's gaps
@@ -29,9 +31,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decode_attention import time_per_call  # noqa: E402  (a sibling script)
+from lingua.decode_weights import linear_by_reduction  # noqa: E402
 
 # (name, in_features, out_features): the 60M models' decode matmuls (dim 512, SwiGLU hidden 1536).
 SHAPES = [
@@ -41,12 +45,6 @@ SHAPES = [
     ("SwiGLU w1 + w3", 512, 2 * 1536),
     ("SwiGLU w2", 1536, 512),
 ]
-
-
-def linear_by_reduction(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for x [B, in] and weight [out, in], as a multiply and a sum over
-    ``in`` (which torch.compile makes one reduction kernel rather than a matmul call)."""
-    return (x[:, None, :].float() * weight[None].float()).sum(-1).to(x.dtype)
 
 
 def measure(batches: list[int], dtype: torch.dtype = torch.bfloat16) -> list[dict]:

@@ -7,6 +7,13 @@ query and key/value projections; SwiGLU's w1 and w3) makes one matmul of each gr
 
 The stacked weights are a snapshot taken when a cache is made (every generation makes its own
 cache): a cache must not outlive an update of the weights it decodes with.
+
+At one row per matmul, inside a compiled CUDA step, :func:`decode_linear` writes the product as a
+multiply and a sum, which Inductor makes one of its reduction kernels: on the H100 these took
+1.5–2.2 µs where cuBLAS took 2.9–4.3 µs for the 60M models' shapes
+(benchmarks/bench_decode_matvec.py, docs/benchmarks.md, eighth session). From two rows on cuBLAS
+was as fast or faster, and outside torch.compile the product would be materialized, so everything
+else stays F.linear.
 """
 
 from __future__ import annotations
@@ -14,6 +21,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def linear_by_reduction(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` (x [..., in], weight [..., out, in], batch dims broadcasting) as a
+    multiply and an fp32 sum over ``in``: one reduction kernel under torch.compile."""
+    return (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for x [..., in]: :func:`linear_by_reduction` where x is one row on
+    CUDA and torch.compile is tracing (see the module docstring), else F.linear."""
+    if x.is_cuda and x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+        return linear_by_reduction(x, weight)
+    return F.linear(x, weight)
+
+
+class DecodeLinear:
+    """A bias-free linear layer as a decode step runs it (:func:`decode_linear`)."""
+
+    def __init__(self, linear: nn.Linear):
+        if linear.bias is not None:
+            raise ValueError("DecodeLinear takes bias-free linear layers only")
+        self.weight = linear.weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight)
 
 
 class StackedLinear:
@@ -27,7 +60,7 @@ class StackedLinear:
         self.sizes = [linear.out_features for linear in linears]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight).split(self.sizes, dim=-1)
+        return decode_linear(x, self.weight).split(self.sizes, dim=-1)
 
 
 class PairedLinear:
@@ -38,7 +71,7 @@ class PairedLinear:
         if first.bias is not None or second.bias is not None or first.weight.shape != second.weight.shape:
             raise ValueError("PairedLinear pairs bias-free linear layers of the same shape")
         with torch.no_grad():
-            self.weight_t = torch.stack([first.weight.t(), second.weight.t()]).contiguous()  # [2, in, out]
+            self.weight = torch.stack([first.weight, second.weight])  # [2, out, in]
 
     def __call__(self, x_1: torch.Tensor, x_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x_1, x_2 [B, in] -> [B, out] each."""
@@ -47,7 +80,9 @@ class PairedLinear:
 
     def stacked(self, x: torch.Tensor) -> torch.Tensor:
         """Both inputs stacked, [2, B, in] -> [2, B, out]."""
-        return torch.bmm(x, self.weight_t)
+        if x.is_cuda and x.shape[1] == 1 and torch.compiler.is_compiling():
+            return linear_by_reduction(x, self.weight[:, None])  # see decode_linear
+        return torch.bmm(x, self.weight.mT)
 
 
 class StackedSwiGLU:
@@ -55,7 +90,7 @@ class StackedSwiGLU:
 
     def __init__(self, feed_forward: nn.Module):
         self.gate_and_up = StackedLinear(feed_forward.w1, feed_forward.w3)
-        self.down = feed_forward.w2
+        self.down = DecodeLinear(feed_forward.w2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_and_up(x)

@@ -22,7 +22,7 @@ import torch
 
 from apps.main.model import TransformerLM
 from lingua.generate import register_cache_support
-from lingua.decode_weights import StackedLinear, StackedSwiGLU
+from lingua.decode_weights import DecodeLinear, StackedLinear, StackedSwiGLU
 from lingua.kv_cache import KVSlots, PositionedCache, attend_one_query, attend_slots, causal_allowed, check_prefill
 
 class TransformerCache(PositionedCache):
@@ -36,9 +36,10 @@ class TransformerCache(PositionedCache):
         self.layers = [
             KVSlots.empty(batch, args.kv_heads, slots, args.head_dim, device, dtype) for _ in range(args.n_layers)
         ]
-        # Decode-time weights (lingua.decode_weights): q, k and v as one matmul, w1 and w3 as one.
+        # Decode-time weights (lingua.decode_weights): q, k and v as one matmul, w1 and w3 as one, W_o.
         self.qkv = [StackedLinear(layer.attention.wq, layer.attention.wk, layer.attention.wv) for layer in model.layers]
         self.feed_forwards = [StackedSwiGLU(layer.feed_forward) for layer in model.layers]
+        self.outputs = [DecodeLinear(layer.attention.wo) for layer in model.layers]
 
     def live_nbytes(self) -> int:
         """Bytes of the (k, v) entries a next query can see (equals nbytes() once full)."""
@@ -85,7 +86,7 @@ def forward_cached(
     # The oldest position a decode query sees (every cached position is at or before its own).
     lowest = start - cache.window + 1 if cache.window is not None else torch.zeros_like(start)
     x = model.tok_embeddings(tokens)
-    for layer, slots, qkv, feed_forward in zip(model.layers, cache.layers, cache.qkv, cache.feed_forwards):
+    for layer, slots, qkv, output, feed_forward in zip(model.layers, cache.layers, cache.qkv, cache.outputs, cache.feed_forwards):
         q, k, v = layer.attention.split_rotate(*qkv(layer.attention_norm(x)), cos, sin)
         if decode:
             slots.write_one(k, v, start)
@@ -95,7 +96,7 @@ def forward_cached(
             allowed = causal_allowed(key_positions, query_positions, cache.window)
             out = attend_slots(q, torch.cat([slots.k, k], dim=2), torch.cat([slots.v, v], dim=2), allowed)
             slots.write_many(k, v, start, lengths)
-        x = x + layer.attention.wo(out.transpose(1, 2).flatten(2))
+        x = x + output(out.transpose(1, 2).flatten(2))
         x = x + feed_forward(layer.ffn_norm(x))
     cache.positions.add_(1 if decode else lengths)
     return model.output(model.norm(x))
