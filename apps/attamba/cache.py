@@ -221,9 +221,10 @@ class AttambaCache(PositionedCache):
             AttambaLayerCache(table, layer, self.slot_positions[index], self.ring_first, dtype)
             for index, (table, layer) in enumerate(zip(tables, model.layers))
         ]
-        # Per layer and position, what a decode step looks up for every layer at once (one kernel
-        # each, not one a layer): whether t starts a segment (t = 0 or t - 1 a boundary), t's
-        # compressed slot (the layer's trash slot where t is no boundary), t's window start.
+        # Per layer and position, what a decode step looks up: whether t starts a segment (t = 0
+        # or t - 1 a boundary; the SSM kernels read it at t themselves, see paired_step), and, for
+        # every layer at once (one kernel each, not one a layer), t's compressed slot (the layer's
+        # trash slot where t is no boundary) and t's window start.
         self.segment_starts = torch.stack([
             torch.cat([torch.ones(1, dtype=torch.bool, device=device), table.is_boundary[:-1]]) for table in tables
         ])
@@ -338,16 +339,18 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
     t = cache.positions  # [B]
     cos, sin = model.rope(t[:, None])
     x = model.tok_embeddings(tokens)  # [B, 1, E]
-    segment_starts, window_starts = cache.segment_starts[:, t], cache.window_starts[:, t]  # [n_layers, B]
+    window_starts = cache.window_starts[:, t]  # [n_layers, B]
     slots, positions = cache.token_slots(t)
     cache.write_positions(slots, positions)
     visible = cache.visible(window_starts) if cache.decode_attention is None else None
     for index, (layer, layer_cache) in enumerate(zip(model.layers, cache.layers)):
-        attention, segment_start = layer.attention, segment_starts[index]
+        attention = layer.attention
         weights = layer_cache.weights
         q, k_in, v_in, k_projected, v_projected = weights.project(layer.attention_norm(x)[:, 0])  # [B, ...]
         q = apply_rotary(attention.split_heads(q[:, None]), cos, sin)
-        k_out, v_out, _ = paired_step(weights.ssm, k_projected, v_projected, layer_cache.ssm_kv, segment_start, in_place=True)
+        k_out, v_out, _ = paired_step(
+            weights.ssm, k_projected, v_projected, layer_cache.ssm_kv, cache.segment_starts[index], in_place=True, positions=t
+        )
         k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)[:, None]), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out)[:, None])
         layer_cache.write_token(k[:, :, 0], v[:, :, 0], slots[index])

@@ -534,6 +534,7 @@ def paired_step(
     state: SSMState,
     segment_start: Optional[torch.Tensor],
     in_place: bool = False,
+    positions: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SSMState]:
     """``first.step`` and ``second.step`` for one token, as one recurrence over both (decode's
     counterpart of :func:`paired_forward`): half the small kernels of two steps, which dominate
@@ -543,19 +544,26 @@ def paired_step(
 
     ``in_place``: overwrite ``state`` with the new state (and return it); then the recurrence
     runs as one Triton kernel where ``weights.fused_step`` is set, and the conv and dt before it
-    as another where ``weights.fused_conv`` is set too."""
+    as another where ``weights.fused_conv`` is set too.
+
+    ``positions`` [B]: ``segment_start`` is then a table [T] of whether each position starts a
+    segment, read at these positions (inside the kernels, where they run; see
+    :func:`apps.attamba.ssm_step_triton.ssm_step_`)."""
     first, params = weights.first, weights.params
     sizes = _ScanSizes.of(first, copies=2)
     if in_place and weights.fused_conv is not None and weights.fused_step is not None and state.ssm.dtype == torch.float32:
-        starts = _segment_starts(segment_start, projected_first)
+        if positions is None:
+            segment_start = _segment_starts(segment_start, projected_first)
         conv_out, dt = weights.fused_conv(
-            projected_first, projected_second, params.conv_weight, params.conv_bias, params.dt_bias, starts,
-            state.conv, first.hidden_dim, first.bc_dim, first.heads, params.A.dtype,
+            projected_first, projected_second, params.conv_weight, params.conv_bias, params.dt_bias, segment_start,
+            state.conv, first.hidden_dim, first.bc_dim, first.heads, params.A.dtype, positions=positions,
         )
-        y = weights.fused_step(conv_out, dt, params.A, params.D, starts, state.ssm, sizes.groups)
+        y = weights.fused_step(conv_out, dt, params.A, params.D, segment_start, state.ssm, sizes.groups, positions=positions)
         z = (first._split_projection(projected_first)[0], first._split_projection(projected_second)[0])
         new_state = state
     else:
+        if positions is not None:
+            segment_start = segment_start[positions]
         pair = _PairInputs.of(first, params, projected_first, projected_second)
         y, new_state = _recurrent_step(
             pair.conv_in, pair.dt, params.A, params.D, params.conv_weight, params.conv_bias, state, segment_start,

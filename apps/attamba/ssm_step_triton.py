@@ -34,11 +34,19 @@ BLOCK_HEAD_DIM = 16
 
 
 @triton.jit
+def _start_flag(start_ptr, positions_ptr, b, BY_POSITION: tl.constexpr):
+    """Row b's segment-start flag: start[b], or start[positions[b]] from a table by position."""
+    if BY_POSITION:
+        return tl.load(start_ptr + tl.load(positions_ptr + b))
+    return tl.load(start_ptr + b)
+
+
+@triton.jit
 def _ssm_step_kernel(
-    xbc_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, state_ptr, y_ptr,
+    xbc_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, positions_ptr, state_ptr, y_ptr,
     u_width, bc_width, heads_per_group, head_dim, state_dim,
     stride_xbc_b, stride_dt_b, stride_state_b, stride_state_h, stride_state_p, stride_y_b,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    BY_POSITION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -53,7 +61,7 @@ def _ssm_step_kernel(
     dt = tl.load(dt_ptr + b * stride_dt_b + h).to(tl.float32)
     A = tl.load(A_ptr + h).to(tl.float32)
     D = tl.load(D_ptr + h).to(tl.float32)
-    starts = tl.load(start_ptr + b) != 0
+    starts = _start_flag(start_ptr, positions_ptr, b, BY_POSITION) != 0
 
     tile = state_ptr + b * stride_state_b + h * stride_state_h + p[:, None] * stride_state_p + s[None, :]
     tile_in = p_in[:, None] & s_in[None, :]
@@ -68,11 +76,11 @@ def _ssm_step_kernel(
 
 @triton.jit
 def _conv_step_kernel(
-    first_ptr, second_ptr, weight_ptr, bias_ptr, dt_bias_ptr, start_ptr, conv_state_ptr, conv_out_ptr, dt_out_ptr,
+    first_ptr, second_ptr, weight_ptr, bias_ptr, dt_bias_ptr, start_ptr, positions_ptr, conv_state_ptr, conv_out_ptr, dt_out_ptr,
     hidden, bc_width, heads,
     stride_first_b, stride_second_b, stride_state_b, stride_state_c, stride_out_b, stride_dt_b,
-    HAS_DT_BIAS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, BY_POSITION: tl.constexpr, KERNEL: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     b = tl.program_id(0)
     which = tl.program_id(1)  # 0: the first SSM's projection, 1: the second's
@@ -89,7 +97,7 @@ def _conv_step_kernel(
     from_first, from_second = c_in & (which == 0), c_in & (which == 1)
     x = (tl.load(first_ptr + b * stride_first_b + z_width + c, mask=from_first, other=0.0)
          + tl.load(second_ptr + b * stride_second_b + z_width + c, mask=from_second, other=0.0)).to(tl.float32)
-    keep = tl.load(start_ptr + b) == 0
+    keep = _start_flag(start_ptr, positions_ptr, b, BY_POSITION) == 0
 
     k = tl.arange(0, BLOCK_K)
     taps = conv_state_ptr + b * stride_state_b + paired[:, None] * stride_state_c
@@ -127,8 +135,8 @@ def _conv_step_kernel(
 @torch.library.custom_op("attamba::conv_step_", mutates_args=("conv_state",))
 def _conv_step(
     first: torch.Tensor, second: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    dt_bias: Optional[torch.Tensor], segment_start: torch.Tensor, conv_state: torch.Tensor,
-    hidden: int, bc_width: int, heads: int, dt_dtype: torch.dtype,
+    dt_bias: Optional[torch.Tensor], segment_start: torch.Tensor, positions: Optional[torch.Tensor],
+    conv_state: torch.Tensor, hidden: int, bc_width: int, heads: int, dt_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, paired_channels, _ = conv_state.shape
     conv_out = torch.empty(batch, paired_channels, device=conv_state.device, dtype=conv_state.dtype)
@@ -136,17 +144,17 @@ def _conv_step(
     block_c = 128
     grid = (batch, 2, triton.cdiv(hidden + 2 * bc_width, block_c))  # rows, the two SSMs, channels
     _conv_step_kernel[grid](
-        first, second, weight, bias, dt_bias, segment_start, conv_state, conv_out, dt,
+        first, second, weight, bias, dt_bias, segment_start, positions, conv_state, conv_out, dt,
         hidden, bc_width, heads,
         first.stride(0), second.stride(0), conv_state.stride(0), conv_state.stride(1), conv_out.stride(0), dt.stride(0),
-        HAS_DT_BIAS=dt_bias is not None, KERNEL=weight.shape[1], BLOCK_C=block_c,
+        HAS_DT_BIAS=dt_bias is not None, BY_POSITION=positions is not None, KERNEL=weight.shape[1], BLOCK_C=block_c,
         BLOCK_K=triton.next_power_of_2(weight.shape[1]), BLOCK_H=triton.next_power_of_2(heads),
     )
     return conv_out, dt
 
 
 @_conv_step.register_fake
-def _(first, second, weight, bias, dt_bias, segment_start, conv_state, hidden, bc_width, heads, dt_dtype):
+def _(first, second, weight, bias, dt_bias, segment_start, positions, conv_state, hidden, bc_width, heads, dt_dtype):
     return conv_state.new_empty(conv_state.shape[:2]), conv_state.new_empty(conv_state.shape[0], 2 * heads, dtype=dt_dtype)
 
 
@@ -154,14 +162,15 @@ def conv_step_(
     first: torch.Tensor, second: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     dt_bias: Optional[torch.Tensor], segment_start: torch.Tensor, conv_state: torch.Tensor,
     hidden: int, bc_width: int, heads: int, dt_dtype: torch.dtype = torch.float32,
+    positions: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The conv and dt of two KV-SSMs side by side for one token, from their in_proj outputs.
 
     first, second [B, hidden + conv channels + heads] (z, then u B C, then raw dt; rows may be
     strided views of one matmul's output); weight [2·channels, conv_size] and bias [2·channels]
     in the side-by-side order [u_1, u_2, B_1, B_2, C_1, C_2] that ``conv_state`` [B, 2·channels,
-    conv_size - 1] (updated in place) uses too; dt_bias [2·heads] or None; segment_start [B]
-    (bool): rows whose conv forgets its state before this token.
+    conv_size - 1] (updated in place) uses too; dt_bias [2·heads] or None; segment_start: rows
+    whose conv forgets its state before this token (see :func:`ssm_step_`).
     -> (SiLU(conv) [B, 2·channels] in the state's dtype, softplus(dt + dt_bias) [B, 2·heads] in
     ``dt_dtype``): what :func:`ssm_step_` reads.
     """
@@ -177,49 +186,53 @@ def conv_step_(
         raise ValueError(f"expected both projections [{batch}, {width}], got {tuple(first.shape)} and {tuple(second.shape)}")
     if dt_bias is not None and dt_bias.shape != (2 * heads,):
         raise ValueError(f"expected dt_bias [{2 * heads}], got {tuple(dt_bias.shape)}")
-    if not conv_state.is_contiguous() or segment_start.shape != (batch,):
-        raise ValueError(f"expected a contiguous conv_state and segment_start [{batch}]")
+    if not conv_state.is_contiguous():
+        raise ValueError("expected a contiguous conv_state")
+    segment_start, positions = _checked_starts(segment_start, positions, batch)
     if conv_state.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("conv_step_ needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
     first, second = (p if p.stride(-1) == 1 else p.contiguous() for p in (first, second))
     return _conv_step(
         first, second, weight.contiguous(), bias.contiguous(), None if dt_bias is None else dt_bias.contiguous(),
-        segment_start.to(torch.bool).contiguous(), conv_state, hidden, bc_width, heads, dt_dtype,
+        segment_start, positions, conv_state, hidden, bc_width, heads, dt_dtype,
     )
 
 
 @torch.library.custom_op("attamba::ssm_step_", mutates_args=("state",))
 def _ssm_step(
     xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, segment_start: torch.Tensor,
-    state: torch.Tensor, groups: int,
+    positions: Optional[torch.Tensor], state: torch.Tensor, groups: int,
 ) -> torch.Tensor:
     batch, heads, head_dim, state_dim = state.shape
     y = torch.empty(batch, heads, head_dim, device=state.device, dtype=state.dtype)
     grid = (batch, heads, triton.cdiv(head_dim, BLOCK_HEAD_DIM))
     _ssm_step_kernel[grid](
-        xbc, dt, A, D, segment_start, state, y,
+        xbc, dt, A, D, segment_start, positions, state, y,
         heads * head_dim, groups * state_dim, heads // groups, head_dim, state_dim,
         xbc.stride(0), dt.stride(0), state.stride(0), state.stride(1), state.stride(2), y.stride(0),
-        BLOCK_P=BLOCK_HEAD_DIM, BLOCK_S=triton.next_power_of_2(state_dim),
+        BY_POSITION=positions is not None, BLOCK_P=BLOCK_HEAD_DIM, BLOCK_S=triton.next_power_of_2(state_dim),
     )
     return y
 
 
 @_ssm_step.register_fake
-def _(xbc, dt, A, D, segment_start, state, groups):
+def _(xbc, dt, A, D, segment_start, positions, state, groups):
     return state.new_empty(state.shape[:3])
 
 
 def ssm_step_(
     xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, segment_start: torch.Tensor,
-    state: torch.Tensor, groups: int,
+    state: torch.Tensor, groups: int, positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Advance ``state`` [B, heads, head_dim, state_dim] (fp32, updated in place) by one token;
     return y [B, heads, head_dim] in the state's dtype.
 
     xbc [B, heads·head_dim + 2·groups·state_dim]: the conv outputs (u, then B, then C; heads of a
     group share its B and C); dt [B, heads] after the softplus; A, D [heads]; segment_start [B]
-    (bool): rows whose state resets before this token.
+    (bool): rows whose state resets before this token, or, with ``positions`` [B], a table [T]
+    of whether each position starts a segment, read at the rows' positions inside the kernel
+    (a decode step passes its cache's table: a compiled step then makes no per-layer copy of
+    the looked-up flags, which on CUDA cost a kernel launch per op and layer).
     """
     batch, heads, head_dim, state_dim = state.shape
     if state.dtype != torch.float32 or not state.is_contiguous():
@@ -231,10 +244,26 @@ def ssm_step_(
             f"expected xbc [{batch}, {heads * head_dim + 2 * groups * state_dim}] and dt [{batch}, {heads}], "
             f"got {tuple(xbc.shape)} and {tuple(dt.shape)}"
         )
-    if A.shape != (heads,) or D.shape != (heads,) or segment_start.shape != (batch,):
-        raise ValueError(f"expected A, D [{heads}] and segment_start [{batch}]")
+    if A.shape != (heads,) or D.shape != (heads,):
+        raise ValueError(f"expected A, D [{heads}]")
+    segment_start, positions = _checked_starts(segment_start, positions, batch)
     if state.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("ssm_step_ needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
     if xbc.stride(-1) != 1 or dt.stride(-1) != 1:
         xbc, dt = xbc.contiguous(), dt.contiguous()
-    return _ssm_step(xbc, dt, A.contiguous(), D.contiguous(), segment_start.to(torch.bool).contiguous(), state, groups)
+    return _ssm_step(xbc, dt, A.contiguous(), D.contiguous(), segment_start, positions, state, groups)
+
+
+def _checked_starts(
+    segment_start: torch.Tensor, positions: Optional[torch.Tensor], batch: int
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """segment_start [B] (or a table [T] with positions [B]) as the kernels read them."""
+    if positions is None:
+        if segment_start.shape != (batch,):
+            raise ValueError(f"expected segment_start [{batch}], got {tuple(segment_start.shape)}")
+    elif segment_start.dim() != 1 or positions.shape != (batch,):
+        raise ValueError(
+            f"expected a segment_start table [T] and positions [{batch}], got {tuple(segment_start.shape)} "
+            f"and {tuple(positions.shape)}"
+        )
+    return segment_start.to(torch.bool).contiguous(), None if positions is None else positions.contiguous()

@@ -522,14 +522,17 @@ def test_attamba_with_windowed_ssm_matches_the_torch_ssm(strategy):
 
 
 @pytest.mark.parametrize(
-    "groups, state_dim, head_dim, conv_size, dt_bias, fused_conv",
-    [(1, 16, 8, 3, True, False), (2, 12, 20, 3, True, False), (1, 16, 8, 4, True, True),
-     (2, 12, 20, 2, False, True), (1, 80, 72, 4, True, True)],
+    "groups, state_dim, head_dim, conv_size, dt_bias, fused_conv, by_position",
+    [(1, 16, 8, 3, True, False, False), (2, 12, 20, 3, True, False, True), (1, 16, 8, 4, True, True, False),
+     (2, 12, 20, 2, False, True, True), (1, 80, 72, 4, True, True, False)],
 )
-def test_fused_decode_step_matches_the_torch_recurrence(groups, state_dim, head_dim, conv_size, dt_bias, fused_conv):
+def test_fused_decode_step_matches_the_torch_recurrence(
+    groups, state_dim, head_dim, conv_size, dt_bias, fused_conv, by_position
+):
     # state_dim 12 and head_dim 20 leave partly filled tiles (16 rows a program, 16 state columns);
     # state 80 and head dim 72 give 2·72 + 4·80 = 464 conv channels: conv programs of 128 channels
-    # cross the u | B | C borders, and the last is partly filled.
+    # cross the u | B | C borders, and the last is partly filled. by_position: the kernels read
+    # the segment starts from a table at each row's position, as a cache's decode step has them.
     from apps.attamba.ssm import KVSSM, PairedStepWeights, SSMArgs, init_paired_state, paired_step
     from apps.attamba.ssm_step_triton import conv_step_, ssm_step_
 
@@ -559,7 +562,13 @@ def test_fused_decode_step_matches_the_torch_recurrence(groups, state_dim, head_
             k_1.copy_(first.in_proj(x_1))
             k_2.copy_(second.in_proj(x_2))
             expected = paired_step(reference, k_1, k_2, expected_state, starts[t])
-            got = paired_step(fused, k_1, k_2, state, starts[t], in_place=True)
+            if by_position:  # a table whose entries at the rows' positions are starts[t]
+                positions = torch.tensor([5, 2, 7], device=DEVICE)
+                table = torch.zeros(9, dtype=torch.bool, device=DEVICE).index_put((positions,), starts[t])
+                table[[0, 1, 3]] = ~table[[0, 1, 3]].any()  # entries no row reads differ from the rest
+                got = paired_step(fused, k_1, k_2, state, table, in_place=True, positions=positions)
+            else:
+                got = paired_step(fused, k_1, k_2, state, starts[t], in_place=True)
             expected_state = expected[2]
             for got_y, expected_y in zip(got[:2], expected[:2]):
                 torch.testing.assert_close(got_y, expected_y, rtol=1e-5, atol=1e-5)
@@ -583,6 +592,12 @@ def test_fused_conv_step_refuses_bad_shapes():
         conv_step_(projected[:, 1:], projected, weight, bias, None, starts, state, hidden, bc, heads)
     with pytest.raises(ValueError, match="dt_bias"):
         conv_step_(projected, projected, weight, bias, bias, starts, state, hidden, bc, heads)
+    with pytest.raises(ValueError, match="segment_start"):
+        conv_step_(projected, projected, weight, bias, None, starts[:1], state, hidden, bc, heads)
+    positions = torch.tensor([0, 1], device=DEVICE)
+    conv_step_(projected, projected, weight, bias, None, starts, state, hidden, bc, heads, positions=positions)  # fits
+    with pytest.raises(ValueError, match="table"):
+        conv_step_(projected, projected, weight, bias, None, starts, state, hidden, bc, heads, positions=positions[:1])
 
 
 def test_fused_conv_step_op_passes_opcheck_and_compiles():
@@ -595,8 +610,11 @@ def test_fused_conv_step_op_passes_opcheck_and_compiles():
     weight, bias = torch.randn(2 * channels, 4, device=DEVICE), torch.randn(2 * channels, device=DEVICE)
     dt_bias, starts = torch.randn(2 * heads, device=DEVICE), torch.tensor([True, False], device=DEVICE)
     state = torch.randn(batch, 2 * channels, 3, device=DEVICE)
+    checks = ("test_schema", "test_faketensor")
+    for positions in (None, torch.tensor([1, 0], device=DEVICE)):
+        arguments = (first, second, weight, bias, dt_bias, starts, positions, state, hidden, bc, heads, torch.float32)
+        torch.library.opcheck(torch.ops.attamba.conv_step_.default, arguments, test_utils=checks)
     arguments = (first, second, weight, bias, dt_bias, starts, state, hidden, bc, heads, torch.float32)
-    torch.library.opcheck(torch.ops.attamba.conv_step_.default, arguments, test_utils=("test_schema", "test_faketensor"))
     torch._dynamo.reset()
     compiled_state, eager_state = state.clone(), state.clone()
     compiled = torch.compile(lambda s: conv_step_(*arguments[:6], s, *arguments[7:]), backend="aot_eager", fullgraph=True)
@@ -618,6 +636,10 @@ def test_fused_decode_step_refuses_bad_shapes():
         ssm_step_(xbc, dt, A, D, starts, state, 3)
     with pytest.raises(ValueError, match="expected xbc"):
         ssm_step_(xbc[:, 1:], dt, A, D, starts, state, 1)
+    with pytest.raises(ValueError, match="segment_start"):
+        ssm_step_(xbc, dt, A, D, starts[:1], state, 1)
+    with pytest.raises(ValueError, match="table"):
+        ssm_step_(xbc, dt, A, D, starts[:, None], state, 1, positions=torch.zeros(2, dtype=torch.long, device=DEVICE))
 
 
 def test_fused_decode_step_op_passes_opcheck_and_compiles():
@@ -630,7 +652,9 @@ def test_fused_decode_step_op_passes_opcheck_and_compiles():
     starts = torch.tensor([True, False], device=DEVICE)
     state = torch.randn(2, heads, head_dim, state_dim, device=DEVICE)
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.attamba.ssm_step_.default, (xbc, dt, A, D, starts, state.clone(), 1), test_utils=checks)
+    for positions in (None, torch.tensor([1, 1], device=DEVICE)):
+        arguments = (xbc, dt, A, D, starts, positions, state.clone(), 1)
+        torch.library.opcheck(torch.ops.attamba.ssm_step_.default, arguments, test_utils=checks)
     torch._dynamo.reset()
     compiled_state, eager_state = state.clone(), state.clone()
     compiled = torch.compile(lambda s: ssm_step_(xbc, dt, A, D, starts, s, 1) * 2, backend="aot_eager", fullgraph=True)
@@ -676,9 +700,9 @@ def test_attamba_decodes_with_the_fused_conv_and_step_like_the_full_forward(monk
     calls = []
 
     def counting(kernel):
-        def run(*args):
+        def run(*args, **kwargs):
             calls.append(kernel.__name__)
-            return kernel(*args)
+            return kernel(*args, **kwargs)
         return run
 
     original = PairedStepWeights.of
