@@ -7,9 +7,11 @@ alone (measured on an H200 for Attamba's 4k-slot caches at 32k tokens: cuDNN rea
 of the card's 4.8). Here each (row, head) splits its keys over several programs, which write a
 partial softmax (running max, sum and weighted values), and a second kernel merges them.
 
-Neither model's cache picks it by default: once Attamba's boundaries were written into their slots
-when computed, cuDNN was faster for its caches too (docs/benchmarks.md, seventh session). A cache
-uses it when ``cache.decode_attention = lingua.kv_cache.load_decode_attention(device)``.
+Attamba's cache uses it on CUDA (``cache.decode_attention``, from
+:func:`lingua.kv_cache.load_decode_attention`): on the H100, with 128 keys an iteration and its
+loads decoupled, it read Attamba's 128k caches 1.3x (batch 1) and 1.5x (batch 16) faster than
+cuDNN (docs/benchmarks.md, eighth session). The transformer's cache keeps SDPA (cuDNN), measured
+faster for its full caches; the benchmarks' ``+kernel`` / ``+sdpa`` modes switch either.
 
 Which slots a query sees comes from the positions the cache records, by the rule of
 :func:`lingua.kv_cache.visible_slots` (compressed slots before the window start ``lowest[b]``,
@@ -66,17 +68,18 @@ def _partial_kernel(
         n_in = n < end
         position = tl.load(positions_ptr + b * stride_pos_b + n, mask=n_in, other=-1)
         visible = n_in & (position >= 0) & tl.where(n < windowed_from, position < lowest, position >= lowest)
-        # The key and value loads do not wait for the positions: masked by the slot range only, all
-        # three are in flight at once (the cache's slots are nearly all visible anyway).
+        # The key and value loads do not wait for the positions, nor the values for the scores:
+        # masked by the slot range only, all three are in flight at once (the cache's slots are
+        # nearly all visible anyway).
         tile_mask = n_in[:, None] & d_in[None, :]
         k = tl.load(k_ptr + b * stride_k_b + kv_h * stride_k_h + n[:, None] * stride_k_s + d[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(v_ptr + b * stride_v_b + kv_h * stride_v_h + n[:, None] * stride_v_s + d[None, :], mask=tile_mask, other=0.0)
         scores = tl.where(visible, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=0))
         # Until a visible key turns up the max is -inf; shift by 0 then, so no inf - inf.
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)
         weights = tl.exp2(scores - shift)
         rescale = tl.exp2(running_max - shift)
-        v = tl.load(v_ptr + b * stride_v_b + kv_h * stride_v_h + n[:, None] * stride_v_s + d[None, :], mask=tile_mask, other=0.0)
         # A hidden slot's value may be anything, inf or nan included: a zero weight would not cancel it.
         v = tl.where(visible[:, None], v.to(tl.float32), 0.0)
         acc = acc * rescale + tl.sum(weights[:, None] * v, axis=0)
@@ -119,13 +122,20 @@ def _splits(device: torch.device, row_heads: int, slots: int, block_keys: int, p
     return max(1, min(wanted, triton.cdiv(slots, block_keys)))
 
 
-@torch.library.custom_op("lingua::decode_attention", mutates_args=())
+# The kernels read q, k, v through their strides (only the head dim must be dense), so the op
+# takes its inputs in whatever layout a compiled step has them instead of Inductor copying
+# them to eager's strides (see apps.attamba.ssm_step_triton).
+@torch.library.custom_op("lingua::decode_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, lowest: torch.Tensor, windowed_from: int,
     block_keys: int, num_warps: int, programs_per_sm: int,
 ) -> torch.Tensor:
     batch, heads, _, head_dim = q.shape
     slots = k.shape[2]
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    positions = positions if positions.stride(-1) == 1 else positions.contiguous()
+    lowest = lowest.contiguous()
     block_d = triton.next_power_of_2(head_dim)
     splits = _splits(q.device, batch * heads, slots, block_keys, programs_per_sm)
     keys_per_split = triton.cdiv(triton.cdiv(slots, splits), block_keys) * block_keys
@@ -172,11 +182,9 @@ def decode_attention(
         raise ValueError(f"positions must be [{batch}, {k.shape[2]}] and lowest [{batch}]")
     if q.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("decode_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if block_keys < 16 or block_keys & (block_keys - 1):
         raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
     return _decode_attention(
-        q, k, v, positions.contiguous(), lowest.to(positions.dtype).contiguous(), windowed_from,
+        q, k, v, positions, lowest.to(positions.dtype), windowed_from,
         block_keys, num_warps, programs_per_sm,
     )

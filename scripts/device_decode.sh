@@ -2,13 +2,14 @@
 # Device-machine check of decoding (issue 5), in one call so that every row compares: the GPU tests
 # of the decode kernels (apps/attamba/ssm_step_triton.py, lingua/decode_attention.py) and of CUDA
 # decoding against the full forward pass, then benchmarks/bench_decode.py for both 60M models with
-# torch.compile: Attamba with Programmatic Dependent Launch (`compile_pdl`), the transformer without
-# (`compile`: PDL did not change its step, docs/benchmarks.md), attention by SDPA (cuDNN) for both.
+# torch.compile and Programmatic Dependent Launch (`compile_pdl`; since one-row matmuls run as
+# Inductor kernels, PDL speeds the transformer's step up too), each cache's default attention
+# (Attamba: the split-key kernel; the transformer: SDPA, cuDNN).
 # Logs and JSON go under $OUT; the test summary and the bench's tables are printed last.
 #
 #   OUT=/tmp/decode bash scripts/device_decode.sh
 # CONTEXTS (default "32768 131072") and BATCHES (default "1 16") pick the rows, ATTAMBA_MODES
-# (default "compile_pdl") and TRANSFORMER_MODES (default "compile") the bench_decode modes (say
+# and TRANSFORMER_MODES (default "compile_pdl" both) the bench_decode modes (say
 # compile_pdl+kernel), BENCH_FLAGS extra flags for both; TEST_FILES and TEST_FILTER (pytest's -k;
 # default: the decode tests of the GPU paths but max-autotune's slow compiles) and TEST_TIMEOUT (default 200 s) the tests. A row
 # takes about 45 s on an H100 (a process, a compile, 64 steps): 8 rows and the tests fit one
@@ -20,9 +21,9 @@ BATCHES="${BATCHES:-1 16}"
 source "$(dirname "$0")/device_env.sh"
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/environment.txt" 2>&1
-TEST_FILES="${TEST_FILES:-tests/lingua/test_decode_attention.py tests/apps/attamba/test_ssd_triton.py tests/apps/attamba/test_cache.py tests/lingua/test_generate.py}"
+TEST_FILES="${TEST_FILES:-tests/lingua/test_decode_attention.py tests/lingua/test_decode_weights.py tests/apps/attamba/test_ssd_triton.py tests/apps/attamba/test_cache.py tests/lingua/test_generate.py}"
 timeout -k 10 "${TEST_TIMEOUT:-200}" python -m pytest -q -rfE -p no:cacheprovider $TEST_FILES \
-  -k "${TEST_FILTER:-(decode or cuda) and not max_autotune}" > "$OUT/pytest.txt" 2>&1
+  -k "${TEST_FILTER:-(decode or cuda or one_row) and not max_autotune}" > "$OUT/pytest.txt" 2>&1
 echo "pytest exit code $?" >> "$OUT/pytest.txt"
 
 bench() {  # name, then bench_decode arguments
@@ -32,7 +33,7 @@ bench() {  # name, then bench_decode arguments
     ${BENCH_FLAGS:-} --out "$OUT/$name.json" "$@" > "$OUT/$name.txt" 2>&1
 }
 bench attamba --models attamba --modes ${ATTAMBA_MODES:-compile_pdl}
-bench transformer --models transformer --modes ${TRANSFORMER_MODES:-compile}
+bench transformer --models transformer --modes ${TRANSFORMER_MODES:-compile_pdl}
 
 cat "$OUT/environment.txt"
 grep -E "^(FAILED|ERROR)|passed|failed|exit code" "$OUT/pytest.txt" | tail -15

@@ -132,13 +132,28 @@ def _conv_step_kernel(
         tl.store(dt_out_ptr + b * stride_dt_b + which * heads + h, dt.to(dt_out_ptr.dtype.element_ty), mask=h_in)
 
 
-@torch.library.custom_op("attamba::conv_step_", mutates_args=("conv_state",))
+# The kernels read every row through its stride, so the ops take their inputs in whatever layout
+# a compiled step has them (flexible_layout): by default Inductor copies an input whose strides
+# differ from eager's, and it pads the rows of matmul outputs (the projections these ops read),
+# which cost two copy kernels a layer on the H100. Only the last dimension must be dense: the ops
+# make it so where it is not.
+_ANY_ROW_STRIDE = (torch.Tag.flexible_layout,)
+
+
+def _dense_rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("attamba::conv_step_", mutates_args=("conv_state",), tags=_ANY_ROW_STRIDE)
 def _conv_step(
     first: torch.Tensor, second: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     dt_bias: Optional[torch.Tensor], segment_start: torch.Tensor, positions: Optional[torch.Tensor],
     conv_state: torch.Tensor, hidden: int, bc_width: int, heads: int, dt_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, paired_channels, _ = conv_state.shape
+    first, second = _dense_rows(first), _dense_rows(second)
+    weight, bias, segment_start = weight.contiguous(), bias.contiguous(), segment_start.contiguous()
+    dt_bias, positions = (None if x is None else x.contiguous() for x in (dt_bias, positions))
     conv_out = torch.empty(batch, paired_channels, device=conv_state.device, dtype=conv_state.dtype)
     dt = torch.empty(batch, 2 * heads, device=conv_state.device, dtype=dt_dtype)
     block_c = 128
@@ -191,19 +206,20 @@ def conv_step_(
     segment_start, positions = _checked_starts(segment_start, positions, batch)
     if conv_state.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("conv_step_ needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    first, second = (p if p.stride(-1) == 1 else p.contiguous() for p in (first, second))
     return _conv_step(
-        first, second, weight.contiguous(), bias.contiguous(), None if dt_bias is None else dt_bias.contiguous(),
-        segment_start, positions, conv_state, hidden, bc_width, heads, dt_dtype,
+        first, second, weight, bias, dt_bias, segment_start, positions, conv_state, hidden, bc_width, heads, dt_dtype,
     )
 
 
-@torch.library.custom_op("attamba::ssm_step_", mutates_args=("state",))
+@torch.library.custom_op("attamba::ssm_step_", mutates_args=("state",), tags=_ANY_ROW_STRIDE)
 def _ssm_step(
     xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, segment_start: torch.Tensor,
     positions: Optional[torch.Tensor], state: torch.Tensor, groups: int,
 ) -> torch.Tensor:
     batch, heads, head_dim, state_dim = state.shape
+    xbc, dt = _dense_rows(xbc), _dense_rows(dt)
+    A, D, segment_start = A.contiguous(), D.contiguous(), segment_start.contiguous()
+    positions = None if positions is None else positions.contiguous()
     y = torch.empty(batch, heads, head_dim, device=state.device, dtype=state.dtype)
     grid = (batch, heads, triton.cdiv(head_dim, BLOCK_HEAD_DIM))
     _ssm_step_kernel[grid](
@@ -249,9 +265,7 @@ def ssm_step_(
     segment_start, positions = _checked_starts(segment_start, positions, batch)
     if state.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("ssm_step_ needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    if xbc.stride(-1) != 1 or dt.stride(-1) != 1:
-        xbc, dt = xbc.contiguous(), dt.contiguous()
-    return _ssm_step(xbc, dt, A.contiguous(), D.contiguous(), segment_start, positions, state, groups)
+    return _ssm_step(xbc, dt, A, D, segment_start, positions, state, groups)
 
 
 def _checked_starts(
@@ -266,4 +280,4 @@ def _checked_starts(
             f"expected a segment_start table [T] and positions [{batch}], got {tuple(segment_start.shape)} "
             f"and {tuple(positions.shape)}"
         )
-    return segment_start.to(torch.bool).contiguous(), None if positions is None else positions.contiguous()
+    return segment_start.to(torch.bool), positions

@@ -624,6 +624,24 @@ def test_fused_conv_step_op_passes_opcheck_and_compiles():
     assert not torch.equal(compiled_state, state)
 
 
+def test_decode_step_ops_take_any_row_stride():
+    """The ops leave the layout to Inductor (no copy to eager's strides) and make a dense last
+    dimension themselves where they are given none."""
+    torch.manual_seed(0)
+    for op in (torch.ops.attamba.conv_step_.default, torch.ops.attamba.ssm_step_.default):
+        assert torch.Tag.flexible_layout in op.tags
+    heads, head_dim, state_dim = 2, 8, 16
+    width = heads * head_dim + 2 * state_dim
+    xbc = torch.randn(width, 2, device=DEVICE).t()  # [2, width] with a last stride of 2
+    dt, A, D = torch.rand(2, heads, device=DEVICE), -torch.rand(heads, device=DEVICE), torch.randn(heads, device=DEVICE)
+    starts = torch.tensor([True, False], device=DEVICE)
+    state = torch.randn(2, heads, head_dim, state_dim, device=DEVICE)
+    dense_state = state.clone()
+    got = torch.ops.attamba.ssm_step_.default(xbc, dt, A, D, starts, None, state, 1)
+    torch.testing.assert_close(got, torch.ops.attamba.ssm_step_.default(xbc.contiguous(), dt, A, D, starts, None, dense_state, 1))
+    torch.testing.assert_close(state, dense_state)
+
+
 def test_fused_decode_step_refuses_bad_shapes():
     from apps.attamba.ssm_step_triton import ssm_step_
 
