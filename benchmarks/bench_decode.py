@@ -109,8 +109,11 @@ def measure(
         cache.decode_attention = load_decode_attention(device) if attention == "kernel" else None
     step = DecodeStep(support, model, cache, batch, device, step_mode)
     tokens = torch.randint(0, SHARED["vocab_size"], (batch,), device=device)
-    for _ in range(warmup):  # the first call also captures the graph
-        step(tokens)
+    # The warm-up runs what the timed loop runs: the first call captures the graph, and the first
+    # argmax loads its kernel, which cost ~7 ms once inside the timed loop before (docs/benchmarks.md,
+    # eighth session: 64 steps then measured every step ~0.05 ms slower than 128 steps did).
+    for _ in range(warmup):
+        tokens = step(tokens).argmax(-1)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
