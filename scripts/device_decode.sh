@@ -11,9 +11,11 @@
 # CONTEXTS (default "32768 131072") and BATCHES (default "1 16") pick the rows, ATTAMBA_MODES
 # and TRANSFORMER_MODES (default "compile_pdl" both) the bench_decode modes (say
 # compile_pdl+kernel), BENCH_FLAGS extra flags for both; TEST_FILES and TEST_FILTER (pytest's -k;
-# default: the decode tests of the GPU paths but max-autotune's slow compiles) and TEST_TIMEOUT (default 200 s) the tests. A row
-# takes about 45 s on an H100 (a process, a compile, 64 steps): 8 rows and the tests fit one
-# 10-minute device call, with little to spare.
+# default: the decode tests of the GPU paths but max-autotune's slow compiles) and TEST_TIMEOUT
+# (default 200 s) the tests. A row takes about 45 s on an H100 (a process, a compile, 64 steps).
+# The default tests took ~320 s there (eighth session: 49 passed in the 200 s, the last 8 in 138 s
+# more), so the tests and all 8 rows do not fit one 10-minute device call: run the rows alone with
+# TEST_FILTER=no_such_test_name, and the tests with TEST_TIMEOUT=400 CONTEXTS=131072 BATCHES=1.
 set -u
 OUT="${OUT:-/tmp/device_decode}"
 CONTEXTS="${CONTEXTS:-32768 131072}"
