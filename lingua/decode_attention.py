@@ -10,8 +10,10 @@ partial softmax (running max, sum and weighted values), and a second kernel merg
 Attamba's cache uses it on CUDA (``cache.decode_attention``, from
 :func:`lingua.kv_cache.load_decode_attention`): on the H100, with 128 keys an iteration and its
 loads decoupled, it read Attamba's 128k caches 1.3x (batch 1) and 1.5x (batch 16) faster than
-cuDNN (docs/benchmarks.md, eighth session). The transformer's cache keeps SDPA (cuDNN), measured
-faster for its full caches; the benchmarks' ``+kernel`` / ``+sdpa`` modes switch either.
+cuDNN (docs/benchmarks.md, eighth session). The transformer's cache keeps SDPA (cuDNN): with the
+kernel its compiled step was slower at 128k tokens and batch 1 (0.968 against 0.933 ms) and 2.6%
+faster at batch 16 (11.69 against 12.00 ms). The benchmarks' ``+kernel`` / ``+sdpa`` modes switch
+either cache.
 
 Which slots a query sees comes from the positions the cache records, by the rule of
 :func:`lingua.kv_cache.visible_slots` (compressed slots before the window start ``lowest[b]``,
@@ -36,7 +38,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Launch settings; benchmarks/bench_decode_attention.py sweeps them. Keys per loop iteration of a
 # program, warps per program, and programs per SM (enough in flight to keep the loads streaming).
 # 128 / 4 / 4 was the fastest of the sweep for Attamba's 128k caches at batch 1 and 16 (H100,
-# eighth session): 208 µs against 240 with 64 keys at batch 16.
+# eighth session, caches out of L2): 18.8 µs against 23.2 with 64 keys at batch 1, 184.7 against
+# 234.9 at batch 16.
 BLOCK_KEYS = 128
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 4

@@ -38,7 +38,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class DecodeLinear:
-    """A bias-free linear layer as a decode step runs it (:func:`decode_linear`)."""
+    """A bias-free linear layer as a decode step runs it (:func:`decode_linear`); it reads the
+    layer's own weight, no copy."""
 
     def __init__(self, linear: nn.Linear):
         if linear.bias is not None:

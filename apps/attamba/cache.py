@@ -199,11 +199,11 @@ class AttambaCache(PositionedCache):
     def __init__(self, model: AttambaLM, batch: int, max_len: int, device, dtype):
         check_decodable(model)
         super().__init__(batch, max_len, device)
-        self.decode_attention = load_decode_attention(device)
         # Attention runs the split-key kernel (lingua.decode_attention) on CUDA: with its loads
         # decoupled and 128 keys an iteration it read the 128k caches 1.3x (batch 1) and 1.5x
         # (batch 16) faster than cuDNN, and it needs no mask (docs/benchmarks.md, eighth session).
         # None selects SDPA; off CUDA it is None.
+        self.decode_attention = load_decode_attention(device)
         self.leading_tokens = model.chunking.leading_tokens
         self.pseudo_chunk = model.args.pseudo_chunk
         tables = [layer_tables(model, index, max_len, device) for index in range(len(model.layers))]

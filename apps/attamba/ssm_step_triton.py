@@ -247,8 +247,8 @@ def ssm_step_(
     group share its B and C); dt [B, heads] after the softplus; A, D [heads]; segment_start [B]
     (bool): rows whose state resets before this token, or, with ``positions`` [B], a table [T]
     of whether each position starts a segment, read at the rows' positions inside the kernel
-    (a decode step passes its cache's table: a compiled step then makes no per-layer copy of
-    the looked-up flags, which on CUDA cost a kernel launch per op and layer).
+    (a decode step passes its cache's table, so that a compiled step need not materialize each
+    layer's looked-up flags for the op: a buffer, and a kernel filling it, per layer).
     """
     batch, heads, head_dim, state_dim = state.shape
     if state.dtype != torch.float32 or not state.is_contiguous():
