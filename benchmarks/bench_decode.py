@@ -11,9 +11,9 @@ step's work. Then ``--steps`` decode steps (one token per row each) are timed th
 ``lingua.generate.DecodeStep`` in each of ``--modes``: a replayed CUDA graph of the eager step
 (``cuda_graph``), of the step compiled by torch.compile (``compile``; ``compile_pdl`` with
 Programmatic Dependent Launch; ``compile_max_autotune``), or ``eager``. Attention runs as each
-cache chooses (SDPA over a mask built from the cached positions: cuDNN on the H100); a mode ending
-in ``+kernel`` (say ``compile_pdl+kernel``) runs the split-key Triton kernel of
-``lingua.decode_attention`` instead, ``+sdpa`` forces SDPA.
+cache chooses on CUDA (Attamba: the split-key Triton kernel of ``lingua.decode_attention``; the
+transformer: SDPA, cuDNN on the H100); a mode ending in ``+kernel`` (say ``compile_pdl+kernel``)
+runs the kernel, ``+sdpa`` SDPA over a mask built from the cached positions.
 
 Reports decode tokens/s (B tokens per step), ms per step, the cache's allocated bytes and its
 live bytes (the DESIGN count: n/P + L entries per layer plus SSM states for Attamba, n for the
@@ -227,13 +227,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--modes", nargs="+", default=["cuda_graph", "compile"], choices=MODES,
                         help="'+sdpa' / '+kernel': attention through SDPA (cuDNN) / lingua.decode_attention's kernel "
-                             "instead of the cache's default (SDPA for both)")
+                             "instead of the cache's default (Attamba: the kernel; transformer: SDPA)")
     parser.add_argument("--out", type=Path, help="also write the measurements as JSON")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per configuration (isolated runs)")
     parser.add_argument("--in-process", action="store_true", help="run every configuration in this process")
     parser.add_argument("--profile", type=Path, help="write each configuration's kernel profile into this folder")
+    parser.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",
+                        help="print the summary of earlier runs' --out files (no GPU needed) and exit")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "CONTEXT", "BATCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.summarize:
+        print_summary([Measurement(**row) for path in args.summarize for row in json.loads(path.read_text())])
+        return 0
     if not torch.cuda.is_available():
         print("bench_decode: needs CUDA (decode speed on CPU is not what this measures); skipping.")
         return 0
@@ -260,6 +265,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                     print(format_row(row), flush=True)
                     if args.out:  # rewritten after every row, so that a cut-short run keeps what it measured
                         args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    print_summary(rows)
+    return 0
+
+
+def print_summary(rows: list[Measurement]) -> None:
+    """Every row, then each model's fastest mode and the speed-up per context and batch."""
     print("\n" + HEADER)
     for row in rows:
         print(format_row(row))
@@ -267,7 +278,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if ratios:
         print("\nfastest mode of each model:")
         print("\n".join(ratios))
-    return 0
 
 
 if __name__ == "__main__":

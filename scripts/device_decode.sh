@@ -39,21 +39,4 @@ bench transformer --models transformer --modes ${TRANSFORMER_MODES:-compile_pdl}
 
 cat "$OUT/environment.txt"
 grep -E "^(FAILED|ERROR)|passed|failed|exit code" "$OUT/pytest.txt" | tail -15
-python - "$OUT/attamba.json" "$OUT/transformer.json" <<'PY'
-import json, sys
-rows = [row for path in sys.argv[1:] for row in json.load(open(path))]
-print(f"{'model':<12}{'context':>9}{'batch':>6}{'mode':>15}{'ms/step':>9}{'tok/s':>11}  note")
-for r in rows:
-    ms = f"{r['ms_per_step']:9.3f}{r['tokens_per_second']:11.1f}" if r["ms_per_step"] else f"{'-':>9}{'-':>11}"
-    print(f"{r['model']:<12}{r['context']:>9}{r['batch']:>6}{r['mode']:>15}{ms}  {r['note']}")
-best = {}
-for r in rows:
-    key = (r["context"], r["batch"], r["model"])
-    if r["tokens_per_second"] and r["tokens_per_second"] > best.get(key, {}).get("tokens_per_second", 0):
-        best[key] = r
-for context, batch in sorted({(c, b) for c, b, _ in best}):
-    a, t = best.get((context, batch, "attamba")), best.get((context, batch, "transformer"))
-    if a and t:
-        print(f"{context:>7} x {batch:>2}: Attamba ({a['mode']}) / transformer ({t['mode']}) = "
-              f"{a['tokens_per_second'] / t['tokens_per_second']:.2f}x")
-PY
+python benchmarks/bench_decode.py --summarize "$OUT/attamba.json" "$OUT/transformer.json"

@@ -42,3 +42,19 @@ def test_every_benchmarked_model_builds_and_decodes_a_pretended_context():
             logits = support.forward_cached(model, torch.zeros(2, 1, dtype=torch.long), cache)
         assert logits.shape == (2, 1, 32000) and torch.isfinite(logits).all(), name
         assert cache.live_nbytes() <= cache.nbytes()
+
+
+def test_summarize_reads_earlier_runs_out_files(tmp_path, capsys):
+    """scripts/device_decode.sh benchmarks each model in its own run and summarizes both files."""
+    import json
+    from dataclasses import asdict
+
+    from bench_decode import main
+
+    measured = {"a": Measurement("attamba", 4096, 1, "compile_pdl", 300.0, 3.33, 1, 1, 1),
+                "t": Measurement("transformer", 4096, 1, "compile_pdl", 100.0, 10.0, 8, 8, 8)}
+    for name, measurement in measured.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps([asdict(measurement)]))
+    assert main(["--summarize", str(tmp_path / "a.json"), str(tmp_path / "t.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "compile_pdl) / transformer 100.0 (compile_pdl) = 3.00x" in printed
