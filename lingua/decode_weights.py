@@ -29,10 +29,16 @@ def linear_by_reduction(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
 
 
+def _by_reduction(x: torch.Tensor, rows: int) -> bool:
+    """Whether a product of ``rows`` rows of x runs as a reduction: one row, on CUDA, while
+    torch.compile traces (see the module docstring)."""
+    return rows == 1 and x.is_cuda and torch.compiler.is_compiling()
+
+
 def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for x [..., in]: :func:`linear_by_reduction` where x is one row on
-    CUDA and torch.compile is tracing (see the module docstring), else F.linear."""
-    if x.is_cuda and x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+    """``F.linear(x, weight)`` for x [..., in]: :func:`linear_by_reduction` for one row of x on
+    CUDA under torch.compile, else F.linear."""
+    if _by_reduction(x, x.numel() // x.shape[-1]):
         return linear_by_reduction(x, weight)
     return F.linear(x, weight)
 
@@ -81,8 +87,8 @@ class PairedLinear:
 
     def stacked(self, x: torch.Tensor) -> torch.Tensor:
         """Both inputs stacked, [2, B, in] -> [2, B, out]."""
-        if x.is_cuda and x.shape[1] == 1 and torch.compiler.is_compiling():
-            return linear_by_reduction(x, self.weight[:, None])  # see decode_linear
+        if _by_reduction(x, x.shape[1]):
+            return linear_by_reduction(x, self.weight[:, None])
         return torch.bmm(x, self.weight.mT)
 
 
