@@ -4,13 +4,15 @@ Times forward+backward (median ms over CUDA-event-timed iterations, after warm-u
 and measures peak extra memory of the attention alone, given rotated q and SSM keys/values, at
 a fixed token budget (batch = tokens / n). Backends:
 
-- ``flex``: the gathered layout [K_c ; K] under a cached FlexAttention block mask (compiled);
+- ``triton``: the Triton kernels for periodic boundaries (``apps/attamba/attention_triton.py``);
+- ``flex``: the gathered layout [K_c ; K] under a cached FlexAttention block mask (compiled
+  FlexAttention; the gather itself runs eagerly here, fused into the compiled block in training);
 - ``sdpa_gathered``: the same layout with a materialized mask through SDPA;
 - ``sdpa_dense``: a full-length boolean mask through SDPA (the seed's way);
 - ``causal``: full causal attention, ``F.scaled_dot_product_attention(is_causal=True)`` (flash).
 
     python benchmarks/bench_attention.py [--seq-lens 1024 4096 16384 32768] [--tokens 65536]
-        [--chunk 8] [--leading 16] [--impls flex sdpa_dense causal] [--out results.json]
+        [--chunk 8] [--leading 16] [--impls triton flex sdpa_dense causal] [--out results.json]
 
 Needs CUDA (bf16); on a CPU it says so and exits.
 """
@@ -34,7 +36,7 @@ from apps.attamba import accounting  # noqa: E402
 from apps.attamba.attention import attamba_attention  # noqa: E402
 from apps.attamba.chunking import periodic_boundaries  # noqa: E402
 
-IMPLS = ("flex", "sdpa_gathered", "sdpa_dense", "causal")
+IMPLS = ("triton", "flex", "sdpa_gathered", "sdpa_dense", "causal")
 
 
 @dataclass
@@ -119,7 +121,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=8, help="chunk size P")
     parser.add_argument("--leading", type=int, default=16, help="leading tokens L")
-    parser.add_argument("--impls", nargs="+", default=["flex", "sdpa_dense", "causal"], choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", default=["triton", "flex", "sdpa_dense", "causal"], choices=IMPLS)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", type=Path, help="also write the measurements as JSON")

@@ -15,7 +15,7 @@ from apps.attamba.chunking import STRATEGIES, Chunking, LeadingTokens
 from apps.attamba.ssm import SSMArgs
 from lingua.transformer import BaseTransformerArgs
 
-ATTN_IMPLS = ("auto", "flex", "sdpa_gathered", "sdpa_dense", "reference")
+ATTN_IMPLS = ("auto", "triton", "flex", "sdpa_gathered", "sdpa_dense", "reference")
 
 
 def parse_leading_tokens(value: Any, key: str) -> LeadingTokens:
@@ -116,7 +116,8 @@ class AttambaArgs(SSMFields, BaseTransformerArgs):
     fssm_split_count: Optional[int] = None
     """'fssm': how many chunks to split in two; None splits half of them."""
     attn_impl: str = "auto"
-    """'auto' (flex on CUDA, sdpa_gathered on CPU), 'flex' (gathered keys, FlexAttention),
+    """'auto' (triton on CUDA, sdpa_gathered on CPU), 'triton' (Triton kernels for periodic
+    boundaries, flex for the others), 'flex' (gathered keys, FlexAttention),
     'sdpa_gathered' (gathered keys, materialized mask; trains on CPU), 'sdpa_dense' (full-length
     boolean mask, the seed's way) or 'reference' (naive softmax; for tests)."""
 

@@ -15,6 +15,10 @@ Backends, all with the same result:
   block mask per (P, offset, n, L). Forward only on CPU (FlexAttention has no CPU backward).
 - ``sdpa_gathered``: the gathered layout with the same mask predicate evaluated densely, through
   SDPA: how CPU trains.
+- ``triton``: with periodic boundaries (uniform, cyclic), the kernels of
+  :mod:`apps.attamba.attention_triton`, which read the boundary keys straight from K (no gathered
+  copy) and skip everything outside the two visible parts; other boundaries (random, fattn, fssm)
+  and head sizes the kernels do not take go through ``flex``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
+from apps.attamba import attention_triton
 from apps.attamba.chunking import LayerBoundaries, LeadingTokens, window_starts
 from lingua import masks
 from lingua.transformer import attend as causal_attention
@@ -39,10 +44,20 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """'auto' is FlexAttention on CUDA and the gathered SDPA path elsewhere."""
+    """'auto' is the Triton kernels on CUDA and the gathered SDPA path elsewhere."""
     if impl == "auto":
-        return "flex" if device.type == "cuda" else "sdpa_gathered"
+        return "triton" if device.type == "cuda" else "sdpa_gathered"
     return impl
+
+
+def periodic_mask(boundaries: LayerBoundaries, leading_tokens: LeadingTokens) -> Optional[attention_triton.PeriodicMask]:
+    """The Triton kernels' description of this layer's mask; None for non-periodic boundaries."""
+    if boundaries.period is None:
+        return None
+    chunk_size, offset = boundaries.period
+    if leading_tokens == "chunk":
+        return attention_triton.PeriodicMask(chunk_size, offset, 0, chunk_window=True)
+    return attention_triton.PeriodicMask(chunk_size, offset, int(leading_tokens))
 
 
 def reference_mask(
@@ -221,13 +236,17 @@ class PreparedAttention:
     """
 
     impl: str
-    """Resolved backend: reference, sdpa_dense, flex or sdpa_gathered."""
+    """Resolved backend: reference, sdpa_dense, flex, sdpa_gathered or triton."""
     causal: bool = False
     mask: object = None
     """Dense bool mask (reference, sdpa_dense, sdpa_gathered), a BlockMask (flex), or the causal
     mask of lingua.transformer.attention_mask when ``causal``."""
     layout: Optional[GatheredLayout] = None
     """Gathered layout (flex, sdpa_gathered)."""
+    periodic: Optional[attention_triton.PeriodicMask] = None
+    """The mask as the Triton kernels take it (triton)."""
+    doc_ids: Optional[torch.Tensor] = None
+    """Packed documents' numbers [B, n] (triton, which masks documents itself)."""
 
 
 def prepare_attention(
@@ -238,12 +257,20 @@ def prepare_attention(
     batch: int,
     impl: str = "auto",
     causal: bool = False,
+    head_dim: Optional[int] = None,
 ) -> PreparedAttention:
-    """The masks (and gathered layout) of one layer's attention over n tokens of ``batch`` rows."""
+    """The masks (and gathered layout) of one layer's attention over n tokens of ``batch`` rows.
+
+    ``head_dim`` lets ``triton`` fall back to ``flex`` for heads its kernels do not take."""
     device = boundaries.is_boundary.device
     impl = resolve_impl(impl, device)
-    if impl not in ("reference", "sdpa_dense", "flex", "sdpa_gathered"):
+    if impl not in ("reference", "sdpa_dense", "flex", "sdpa_gathered", "triton"):
         raise ValueError(f"unknown Attamba attention impl '{impl}'")
+    if impl == "triton":
+        periodic = None if causal else periodic_mask(boundaries, leading_tokens)
+        if periodic is not None and (head_dim is None or attention_triton.supports(head_dim)):
+            return PreparedAttention(impl, False, periodic=periodic, doc_ids=doc_ids)
+        impl = "flex"  # what the kernels do not take
     if impl in ("reference", "sdpa_dense"):
         return PreparedAttention(impl, causal, reference_mask(boundaries, leading_tokens, doc_ids, n, causal))
     if causal:
@@ -262,6 +289,8 @@ def attend_prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.mask)
     if prepared.causal:
         return causal_attention(q, k, v, prepared.mask)
+    if prepared.impl == "triton":
+        return attention_triton.periodic_attention(q, k, v, prepared.periodic, prepared.doc_ids)
     keys, values = prepared.layout.gather(k), prepared.layout.gather(v)  # [B, H, nc + n, d]
     if prepared.impl == "flex":
         return masks.flex_attention(q, keys, values, block_mask=prepared.mask)
@@ -282,7 +311,7 @@ def attamba_attention(
 
     ``boundaries`` are this layer's chunk ends; ``causal`` (pseudo-chunking) attends all j <= t.
     """
-    prepared = prepare_attention(boundaries, leading_tokens, doc_ids, q.shape[2], q.shape[0], impl, causal)
+    prepared = prepare_attention(boundaries, leading_tokens, doc_ids, q.shape[2], q.shape[0], impl, causal, q.shape[-1])
     return attend_prepared(q, k, v, prepared)
 
 

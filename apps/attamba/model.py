@@ -198,7 +198,9 @@ class AttambaLM(TransformerLMBase):
         leading_tokens = self.chunking.leading_tokens
         causal = causal or self.args.pseudo_chunk
         n = boundaries.is_boundary.shape[1]
-        attention = prepare_attention(boundaries, leading_tokens, doc_ids, n, batch, self.args.attn_impl, causal)
+        attention = prepare_attention(
+            boundaries, leading_tokens, doc_ids, n, batch, self.args.attn_impl, causal, self.args.head_dim
+        )
         return LayerPlan(boundaries, starts, leading_tokens, attention, self._segment_bound(boundaries, n))
 
     def _segment_bound(self, boundaries: LayerBoundaries, n: int) -> Optional[int]:

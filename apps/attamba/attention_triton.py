@@ -1,0 +1,529 @@
+"""Triton kernels for Attamba attention over periodic chunk boundaries, forward and backward.
+
+Query t attends key j iff j <= t, j is in t's document, and either j is in t's window
+(ws(t) <= j, with ws(t) = t - L + 1, or the start of t's chunk with ``leading_tokens='chunk'``) or
+j ends a chunk (DESIGN.md). With periodic boundaries the chunk ends are positions
+first, first + P, first + 2P, ... (first = P - 1 - offset), so a block of queries sees:
+
+- the *compressed* keys: every boundary before its window, i.e. slots s with
+  first + s·P < ws(t), read straight from K with a row stride of P (no gathered copy);
+- the *window*: the positions [ws(t), t], one or a few key blocks next to the query block.
+
+Work per head is ~n²/(2P) + n·(L + block) instead of the n²/2 of causal attention. FlexAttention
+runs the same mask over the gathered layout [K_c ; K] (``attn_impl: flex``) but spends about three
+times the flash kernel's time per computed block on this pattern (DESIGN.md); these kernels do
+the two parts as plain loops, unmasked except for the block that crosses the window's edge.
+
+Backward: dQ loops like the forward; dK/dV run one program per block of window keys (a query
+range of one block plus the window) and one per block of compressed slots (every query after
+the slot's window edge). The compressed slots' dK/dV land in their own [nc, d] buffers and are
+added to their positions' rows afterwards (a slot is also a window key of the queries just after it).
+
+The log-sum-exp is kept in base 2 (scores are scaled by log2(e) / sqrt(d)) as flash kernels do.
+Runs on CUDA tensors, or under the Triton interpreter (``TRITON_INTERPRET=1``) for the CPU tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from apps.attamba.ssd_triton import _INTERPRETED, _dot_precision
+
+LOG2_E = 1.4426950408889634
+_NEG_BIG = tl.constexpr(-1.0e30)
+"""Start of the running row maximum: finite, so a row with nothing visible yet gives exp2(-inf) = 0,
+never exp2(-inf - -inf) = nan."""
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch settings of the three kernels (powers of two, at least 16).
+
+    The CUDA defaults are the fastest of ``benchmarks/tune_attention_triton.py``'s variants at
+    n=16384, d=64, P=8, L=16 in bf16 (docs/benchmarks.md)."""
+
+    forward_queries: int = 64
+    forward_keys: int = 64
+    forward_warps: int = 4
+    forward_stages: int = 3
+    dq_queries: int = 64
+    dq_keys: int = 64
+    dq_warps: int = 4
+    dkv_keys: int = 64
+    dkv_queries: int = 64
+    dkv_warps: int = 4
+    backward_stages: int = 3
+
+
+CUDA_CONFIG = KernelConfig()
+INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 16, 16, 1, 1)
+"""Small tiles so that the CPU tests' short sequences cross several blocks."""
+
+
+def supports(head_dim: int) -> bool:
+    """Whether these kernels take heads of this size (tl.dot wants powers of two >= 16)."""
+    return 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0
+
+
+@triton.jit
+def _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW: tl.constexpr):
+    if CHUNK_WINDOW:
+        return t - (t + offset) % chunk_size
+    else:
+        return t - leading + 1
+
+
+@triton.jit
+def _slot_count_before(position, first, chunk_size):
+    """Slots s with first + s·P < position (position may be negative)."""
+    return (tl.maximum(position - first, 0) + chunk_size - 1) // chunk_size
+
+
+@triton.jit
+def _row_ptrs(base, rows, stride_row, dims):
+    return base + rows[:, None] * stride_row + dims[None, :]
+
+
+@triton.jit
+def _forward_block(
+    acc, m_i, l_i, q, k, v, allowed, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr
+):
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    p = tl.math.exp2(scores - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _dq_block(dq, q, do, k, v, lse, delta, allowed, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.math.exp2(scores - lse[:, None])
+    if MASKED:
+        p = tl.where(allowed, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed_t, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Keys on rows, queries on columns: allowed_t is [keys, queries]."""
+    scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    p_t = tl.math.exp2(scores_t - lse[None, :])
+    if MASKED:
+        p_t = tl.where(allowed_t, p_t, 0.0)
+    dv = dv + tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = dk + tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _same_document(allowed, doc_ptr, rows_a, valid_a, rows_b, valid_b, HAS_DOCS: tl.constexpr):
+    """``allowed`` [len(a), len(b)], and'ed with "row a and row b are in one document"."""
+    if HAS_DOCS:
+        doc_a = tl.load(doc_ptr + rows_a, mask=valid_a, other=-1)
+        doc_b = tl.load(doc_ptr + rows_b, mask=valid_b, other=-2)
+        allowed = allowed & (doc_a[:, None] == doc_b[None, :])
+    return allowed
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, O, LSE, DOC,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_doc,
+    n, heads, slots, first, chunk_size, leading, offset, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Heads vary fastest and the last query blocks (the most keys) go first: fewer stragglers.
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // heads, bh % heads
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DOC += b * stride_doc
+    dims = tl.arange(0, HEAD_DIM)
+    t = m0 + tl.arange(0, BLOCK_M)
+    t_valid = t < n
+    q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
+    ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
+    t_last = tl.minimum(m0 + BLOCK_M, n) - 1
+    ws_lo = _window_start(m0, leading, chunk_size, offset, CHUNK_WINDOW)
+    ws_hi = _window_start(t_last, leading, chunk_size, offset, CHUNK_WINDOW)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # Compressed slots: those before every row's window need no position mask.
+    full_end = (tl.minimum(_slot_count_before(ws_lo, first, chunk_size), slots) // BLOCK_N) * BLOCK_N
+    slot_end = tl.minimum(_slot_count_before(ws_hi, first, chunk_size), slots)
+    for s0 in range(0, full_end, BLOCK_N):
+        s = s0 + offs_n
+        pos = first + s * chunk_size
+        k = tl.load(_row_ptrs(K, pos, stride_kn, dims))
+        v = tl.load(_row_ptrs(V, pos, stride_vn, dims))
+        same = _same_document(t_valid[:, None], DOC, t, t_valid, pos, s < slots, HAS_DOCS)
+        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, k, v, same, qk_scale, HAS_DOCS, PRECISION)
+    for s0 in range(full_end, slot_end, BLOCK_N):
+        s = s0 + offs_n
+        pos = first + s * chunk_size
+        s_valid = s < slots
+        k = tl.load(_row_ptrs(K, pos, stride_kn, dims), mask=s_valid[:, None], other=0.0)
+        v = tl.load(_row_ptrs(V, pos, stride_vn, dims), mask=s_valid[:, None], other=0.0)
+        allowed = (pos[None, :] < ws[:, None]) & s_valid[None, :]
+        allowed = _same_document(allowed, DOC, t, t_valid, pos, s_valid, HAS_DOCS)
+        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, k, v, allowed, qk_scale, True, PRECISION)
+
+    # The window: positions [ws(t), t].
+    for j0 in range(tl.maximum(ws_lo, 0), t_last + 1, BLOCK_N):
+        j = j0 + offs_n
+        j_valid = j < n
+        k = tl.load(_row_ptrs(K, j, stride_kn, dims), mask=j_valid[:, None], other=0.0)
+        v = tl.load(_row_ptrs(V, j, stride_vn, dims), mask=j_valid[:, None], other=0.0)
+        allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :]
+        allowed = _same_document(allowed, DOC, t, t_valid, j, j_valid, HAS_DOCS)
+        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, k, v, allowed, qk_scale, True, PRECISION)
+
+    l_i = tl.where(t_valid, l_i, 1.0)  # rows past n see nothing; they are not stored
+    out = acc / l_i[:, None]
+    O += b * stride_ob + h * stride_oh
+    tl.store(_row_ptrs(O, t, stride_on, dims), out.to(O.dtype.element_ty), mask=t_valid[:, None])
+    tl.store(LSE + bh * n + t, m_i + tl.math.log2(l_i), mask=t_valid)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DOC,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
+    n, heads, slots, first, chunk_size, leading, offset, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Heads vary fastest and the last query blocks (the most keys) go first: fewer stragglers.
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // heads, bh % heads
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DOC += b * stride_doc
+    dims = tl.arange(0, HEAD_DIM)
+    t = m0 + tl.arange(0, BLOCK_M)
+    t_valid = t < n
+    q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
+    do = tl.load(_row_ptrs(DO, t, stride_don, dims), mask=t_valid[:, None], other=0.0)
+    lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
+    delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
+    ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
+    t_last = tl.minimum(m0 + BLOCK_M, n) - 1
+    ws_lo = _window_start(m0, leading, chunk_size, offset, CHUNK_WINDOW)
+    ws_hi = _window_start(t_last, leading, chunk_size, offset, CHUNK_WINDOW)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    full_end = (tl.minimum(_slot_count_before(ws_lo, first, chunk_size), slots) // BLOCK_N) * BLOCK_N
+    slot_end = tl.minimum(_slot_count_before(ws_hi, first, chunk_size), slots)
+    for s0 in range(0, full_end, BLOCK_N):
+        pos = first + (s0 + offs_n) * chunk_size
+        k = tl.load(_row_ptrs(K, pos, stride_kn, dims))
+        v = tl.load(_row_ptrs(V, pos, stride_vn, dims))
+        allowed = _same_document(t_valid[:, None], DOC, t, t_valid, pos, s0 + offs_n < slots, HAS_DOCS)
+        dq = _dq_block(dq, q, do, k, v, lse, delta, allowed, qk_scale, HAS_DOCS, PRECISION)
+    for s0 in range(full_end, slot_end, BLOCK_N):
+        s = s0 + offs_n
+        pos = first + s * chunk_size
+        s_valid = s < slots
+        k = tl.load(_row_ptrs(K, pos, stride_kn, dims), mask=s_valid[:, None], other=0.0)
+        v = tl.load(_row_ptrs(V, pos, stride_vn, dims), mask=s_valid[:, None], other=0.0)
+        allowed = (pos[None, :] < ws[:, None]) & s_valid[None, :] & t_valid[:, None]
+        allowed = _same_document(allowed, DOC, t, t_valid, pos, s_valid, HAS_DOCS)
+        dq = _dq_block(dq, q, do, k, v, lse, delta, allowed, qk_scale, True, PRECISION)
+    for j0 in range(tl.maximum(ws_lo, 0), t_last + 1, BLOCK_N):
+        j = j0 + offs_n
+        j_valid = j < n
+        k = tl.load(_row_ptrs(K, j, stride_kn, dims), mask=j_valid[:, None], other=0.0)
+        v = tl.load(_row_ptrs(V, j, stride_vn, dims), mask=j_valid[:, None], other=0.0)
+        allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :] & t_valid[:, None]
+        allowed = _same_document(allowed, DOC, t, t_valid, j, j_valid, HAS_DOCS)
+        dq = _dq_block(dq, q, do, k, v, lse, delta, allowed, qk_scale, True, PRECISION)
+
+    DQ += bh * n * HEAD_DIM
+    tl.store(_row_ptrs(DQ, t, HEAD_DIM, dims), (dq * sm_scale).to(DQ.dtype.element_ty), mask=t_valid[:, None])
+
+
+@triton.jit
+def _dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DKC, DVC, DOC,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
+    n, heads, slots, slot_blocks, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Programs [0, slot_blocks) take compressed slots (the long loops, launched first, heads
+    varying fastest); the rest take blocks of window keys. ``window_reach``: the most a query lies after a window key (L or P)."""
+    pid = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // heads, bh % heads
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DOC += b * stride_doc
+    dims = tl.arange(0, HEAD_DIM)
+    offs_m = tl.arange(0, BLOCK_M)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # A slot at p is seen by t iff ws(t) > p: t >= p + L, or t >= p + 1 (the next chunk) with chunks.
+    if CHUNK_WINDOW:
+        visible_after = 1
+    else:
+        visible_after = leading
+    if pid < slot_blocks:
+        s = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        s_valid = s < slots
+        pos = first + s * chunk_size
+        k = tl.load(_row_ptrs(K, pos, stride_kn, dims), mask=s_valid[:, None], other=0.0)
+        v = tl.load(_row_ptrs(V, pos, stride_vn, dims), mask=s_valid[:, None], other=0.0)
+        t_begin = first + pid * BLOCK_N * chunk_size + visible_after
+        # From t_all on every slot of the block is visible to every query of a query block.
+        t_all = first + (pid * BLOCK_N + BLOCK_N - 1) * chunk_size + visible_after
+        masked_end = tl.minimum(tl.cdiv(t_all, BLOCK_M) * BLOCK_M, n)
+        if pid == slot_blocks - 1:
+            masked_end = n  # the last block has padding slots
+        for m0 in range((t_begin // BLOCK_M) * BLOCK_M, masked_end, BLOCK_M):
+            t = m0 + offs_m
+            t_valid = t < n
+            q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
+            do = tl.load(_row_ptrs(DO, t, stride_don, dims), mask=t_valid[:, None], other=0.0)
+            lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
+            delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
+            ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
+            allowed = (pos[:, None] < ws[None, :]) & s_valid[:, None] & t_valid[None, :]
+            allowed = _same_document(allowed, DOC, pos, s_valid, t, t_valid, HAS_DOCS)
+            dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, True, PRECISION)
+        unmasked_end = (n // BLOCK_M) * BLOCK_M
+        for m0 in range(masked_end, unmasked_end, BLOCK_M):
+            t = m0 + offs_m
+            q = tl.load(_row_ptrs(Q, t, stride_qn, dims))
+            do = tl.load(_row_ptrs(DO, t, stride_don, dims))
+            lse = tl.load(LSE + bh * n + t)
+            delta = tl.load(DELTA + bh * n + t)
+            same = _same_document(s_valid[:, None], DOC, pos, s_valid, t, t < n, HAS_DOCS)
+            dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, same, qk_scale, HAS_DOCS, PRECISION)
+        for m0 in range(tl.maximum(masked_end, unmasked_end), n, BLOCK_M):
+            t = m0 + offs_m
+            t_valid = t < n
+            q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
+            do = tl.load(_row_ptrs(DO, t, stride_don, dims), mask=t_valid[:, None], other=0.0)
+            lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
+            delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
+            allowed = _same_document(t_valid[None, :] & s_valid[:, None], DOC, pos, s_valid, t, t_valid, HAS_DOCS)
+            dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, True, PRECISION)
+        out = bh * slots * HEAD_DIM
+        tl.store(_row_ptrs(DKC + out, s, HEAD_DIM, dims), (dk * sm_scale).to(DKC.dtype.element_ty), mask=s_valid[:, None])
+        tl.store(_row_ptrs(DVC + out, s, HEAD_DIM, dims), dv.to(DVC.dtype.element_ty), mask=s_valid[:, None])
+    else:
+        j0 = (pid - slot_blocks) * BLOCK_N
+        j = j0 + tl.arange(0, BLOCK_N)
+        j_valid = j < n
+        k = tl.load(_row_ptrs(K, j, stride_kn, dims), mask=j_valid[:, None], other=0.0)
+        v = tl.load(_row_ptrs(V, j, stride_vn, dims), mask=j_valid[:, None], other=0.0)
+        t_end = tl.minimum(j0 + BLOCK_N - 1 + window_reach, n)
+        for m0 in range((j0 // BLOCK_M) * BLOCK_M, t_end, BLOCK_M):
+            t = m0 + offs_m
+            t_valid = t < n
+            q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
+            do = tl.load(_row_ptrs(DO, t, stride_don, dims), mask=t_valid[:, None], other=0.0)
+            lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
+            delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
+            ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
+            allowed = (j[:, None] >= ws[None, :]) & (j[:, None] <= t[None, :]) & j_valid[:, None] & t_valid[None, :]
+            allowed = _same_document(allowed, DOC, j, j_valid, t, t_valid, HAS_DOCS)
+            dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, True, PRECISION)
+        out = bh * n * HEAD_DIM
+        tl.store(_row_ptrs(DK + out, j, HEAD_DIM, dims), (dk * sm_scale).to(DK.dtype.element_ty), mask=j_valid[:, None])
+        tl.store(_row_ptrs(DV + out, j, HEAD_DIM, dims), dv.to(DV.dtype.element_ty), mask=j_valid[:, None])
+
+
+@dataclass(frozen=True)
+class PeriodicMask:
+    """What the kernels need of a layer's mask: periodic chunk ends and the window rule."""
+
+    chunk_size: int
+    offset: int
+    leading: int
+    """L; ignored when ``chunk_window``."""
+    chunk_window: bool = False
+    """The window is the current partial chunk (``leading_tokens: chunk``)."""
+
+    @property
+    def first(self) -> int:
+        return self.chunk_size - 1 - self.offset
+
+    def slots(self, n: int) -> int:
+        return max(0, (n - 1 - self.first) // self.chunk_size + 1)
+
+    @property
+    def window_reach(self) -> int:
+        """The most a query may lie after a key of its window, plus one."""
+        return self.chunk_size if self.chunk_window else self.leading
+
+
+def _config(device: torch.device) -> KernelConfig:
+    return CUDA_CONFIG if device.type == "cuda" else INTERPRETER_CONFIG
+
+
+def _docs_argument(doc_ids: Optional[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    if doc_ids is None:
+        return torch.zeros(1, dtype=torch.int32, device=like.device), 0
+    docs = doc_ids.to(torch.int32).contiguous()
+    return docs, (docs.stride(0) if docs.shape[0] > 1 else 0)
+
+
+def _mask_arguments(mask: PeriodicMask, n: int) -> tuple:
+    return (mask.slots(n), mask.first, mask.chunk_size, mask.leading, mask.offset)
+
+
+def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    return tuple(stride for tensor in tensors for stride in tensor.stride()[:3])
+
+
+def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+@torch.library.custom_op("attamba::periodic_attention_fwd", mutates_args=())
+def _periodic_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
+    chunk_size: int, offset: int, leading: int, chunk_window: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> output [B, H, n, d] and the base-2 log-sum-exp [B, H, n] (float32)."""
+    batch, heads, n, head_dim = q.shape
+    mask = PeriodicMask(chunk_size, offset, leading, chunk_window)
+    config = _config(q.device)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)
+    docs, doc_stride = _docs_argument(doc_ids, q)
+    sm_scale = head_dim**-0.5
+    grid = (batch * heads, triton.cdiv(n, config.forward_queries))
+    _forward_kernel[grid](
+        q, k, v, out, lse, docs, *_strides(q, k, v, out), doc_stride,
+        n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E,
+        HEAD_DIM=head_dim, BLOCK_M=config.forward_queries, BLOCK_N=config.forward_keys,
+        CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_ids is not None, PRECISION=_dot_precision(q.dtype),
+        num_warps=config.forward_warps, num_stages=config.forward_stages,
+    )
+    return out, lse
+
+
+@_periodic_forward.register_fake
+def _periodic_forward_fake(q, k, v, doc_ids, chunk_size, offset, leading, chunk_window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("attamba::periodic_attention_bwd", mutates_args=())
+def _periodic_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, doc_ids: Optional[torch.Tensor], chunk_size: int, offset: int, leading: int,
+    chunk_window: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv."""
+    batch, heads, n, head_dim = q.shape
+    mask = PeriodicMask(chunk_size, offset, leading, chunk_window)
+    config = _config(q.device)
+    q, k, v, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, grad_out))
+    delta = (grad_out.float() * out.float()).sum(-1)  # [B, H, n]: rowsum(dO ∘ O)
+    docs, doc_stride = _docs_argument(doc_ids, q)
+    sm_scale = head_dim**-0.5
+    precision = _dot_precision(q.dtype)
+    common = dict(HEAD_DIM=head_dim, CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_ids is not None, PRECISION=precision)
+    strides = (*_strides(q, k, v, grad_out), doc_stride)
+    slots = mask.slots(n)
+
+    dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
+    _dq_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
+        q, k, v, grad_out, lse, delta, dq, docs, *strides,
+        n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
+        BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, **common,
+        num_warps=config.dq_warps, num_stages=config.backward_stages,
+    )
+    dk = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=k.dtype)
+    dv = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=v.dtype)
+    dk_slots = torch.empty((batch, heads, slots, head_dim), device=q.device, dtype=torch.float32)
+    dv_slots = torch.empty((batch, heads, slots, head_dim), device=q.device, dtype=torch.float32)
+    slot_blocks = triton.cdiv(slots, config.dkv_keys)
+    _dkv_kernel[(batch * heads, slot_blocks + triton.cdiv(n, config.dkv_keys))](
+        q, k, v, grad_out, lse, delta, dk, dv, dk_slots, dv_slots, docs, *strides,
+        n, heads, slots, slot_blocks, mask.first, mask.chunk_size, mask.leading, mask.offset,
+        mask.window_reach, sm_scale * LOG2_E, sm_scale,
+        BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, **common,
+        num_warps=config.dkv_warps, num_stages=config.backward_stages,
+    )
+    # A slot's row is also a window key; its two gradients meet here.
+    boundary_rows = slice(mask.first, mask.first + slots * mask.chunk_size, mask.chunk_size)
+    dk[:, :, boundary_rows] = (dk[:, :, boundary_rows].float() + dk_slots).to(dk.dtype)
+    dv[:, :, boundary_rows] = (dv[:, :, boundary_rows].float() + dv_slots).to(dv.dtype)
+    return dq, dk, dv
+
+
+@_periodic_backward.register_fake
+def _periodic_backward_fake(grad_out, q, k, v, out, lse, doc_ids, chunk_size, offset, leading, chunk_window):
+    return tuple(torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, doc_ids, chunk_size, offset, leading, chunk_window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+    ctx.mask = (chunk_size, offset, leading, chunk_window)
+
+
+def _autograd(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, doc_ids = ctx.saved_tensors
+    dq, dk, dv = _periodic_backward(grad_out, q, k, v, out, lse, doc_ids, *ctx.mask)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("attamba::periodic_attention_fwd", _autograd, setup_context=_setup_context)
+
+
+def periodic_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: PeriodicMask,
+    doc_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attamba attention of q [B, H, n, d] over k, v [B, H, n, d] under periodic boundaries.
+
+    ``doc_ids`` [B or 1, n] numbers packed documents. Needs CUDA tensors (or the Triton
+    interpreter) and a head size that :func:`supports`.
+    """
+    if q.device.type != "cuda" and not _INTERPRETED:
+        raise RuntimeError("periodic_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+    if not supports(q.shape[-1]):
+        raise ValueError(f"periodic_attention takes head sizes 16, 32, 64 or 128, got {q.shape[-1]}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k and v must share one shape [B, H, n, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if mask.chunk_size < 1 or not 0 <= mask.offset < mask.chunk_size or (not mask.chunk_window and mask.leading < 1):
+        raise ValueError(f"bad periodic mask {mask}")
+    return _periodic_forward(q, k, v, doc_ids, mask.chunk_size, mask.offset, mask.leading, mask.chunk_window)[0]

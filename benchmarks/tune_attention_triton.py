@@ -1,0 +1,103 @@
+"""Tile sizes of Attamba's Triton attention kernels: forward and forward+backward time per config.
+
+One layer at the attention benchmark's shape (default n=16384, batch 4, H=8, d=64, P=8, L=16,
+bf16). Each variant changes one kernel's tiles from ``CUDA_CONFIG``; causal flash attention
+(SDPA) at the same shape is timed alongside for scale.
+
+    python benchmarks/tune_attention_triton.py [--seq-len 16384] [--tokens 65536] [--out tune.json]
+
+Needs CUDA; on a CPU it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from apps.attamba import attention_triton  # noqa: E402
+from apps.attamba.attention_triton import PeriodicMask, periodic_attention  # noqa: E402
+from benchmarks.bench_attention import time_ms  # noqa: E402
+
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "fwd 128x64": dict(forward_queries=128),
+    "fwd 64x128": dict(forward_keys=128),
+    "fwd 64x32": dict(forward_keys=32),
+    "fwd 64x64 w8": dict(forward_warps=8),
+    "fwd 64x64 s4": dict(forward_stages=4),
+    "fwd 64x64 s2": dict(forward_stages=2),
+    "dq 128x64": dict(dq_queries=128),
+    "dq 64x128 w8": dict(dq_keys=128, dq_warps=8),
+    "dq 64x32": dict(dq_keys=32),
+    "dq 64x64 w8": dict(dq_warps=8),
+    "dkv 64x32": dict(dkv_queries=32),
+    "dkv 64x64 w8": dict(dkv_warps=8),
+    "dkv 64x128 w8": dict(dkv_queries=128, dkv_warps=8),
+    "dkv 32x32": dict(dkv_keys=32, dkv_queries=32),
+    "dkv 128x32 w8": dict(dkv_keys=128, dkv_queries=32, dkv_warps=8),
+    "bwd stages 2": dict(backward_stages=2),
+    "bwd stages 4": dict(backward_stages=4),
+}
+"""Changes to ``CUDA_CONFIG``, one kernel at a time ("fwd QxK": query x key tile; "dkv KxQ")."""
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=16384)
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--leading", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_attention_triton needs a CUDA device; none found, nothing measured.")
+        return 0
+    batch = max(1, args.tokens // args.seq_len)
+    shape = (batch, args.heads, args.seq_len, args.head_dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    mask = PeriodicMask(args.chunk, 0, args.leading)
+
+    def timings(attend) -> tuple[float, float]:
+        def forward() -> None:
+            with torch.no_grad():
+                attend(q, k, v)
+
+        def forward_backward() -> None:
+            attend(q, k, v).backward(grad)
+            q.grad = k.grad = v.grad = None
+
+        return time_ms(forward, 3, args.iters), time_ms(forward_backward, 3, args.iters)
+
+    results = {"causal flash (SDPA)": timings(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
+    baseline = attention_triton.CUDA_CONFIG
+    for name, change in VARIANTS.items():
+        attention_triton.CUDA_CONFIG = dataclasses.replace(baseline, **change)
+        try:
+            results[name] = timings(lambda q, k, v: periodic_attention(q, k, v, mask))
+        except Exception as error:  # a tile that does not fit the device's shared memory
+            print(f"{name}: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
+        finally:
+            attention_triton.CUDA_CONFIG = baseline
+    print(f"\nn={args.seq_len} batch={batch} H={args.heads} d={args.head_dim} P={args.chunk} L={args.leading} bf16; default {baseline}")
+    print(f"{'variant':<22}{'fwd ms':>9}{'fwd+bwd ms':>12}{'bwd ms':>9}")
+    for name, (forward, total) in results.items():
+        print(f"{name:<22}{forward:>9.3f}{total:>12.3f}{total - forward:>9.3f}")
+    if args.out:
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,182 @@
+"""The Triton kernels of Attamba attention against the materialized mask, in float64.
+
+Without CUDA the kernels run under the Triton interpreter (tests/conftest.py) with 16-row tiles,
+so the short sequences here cross several query and key blocks; the GPU tests run the CUDA tiles
+at training sizes in bf16.
+"""
+
+import pytest
+import torch
+
+from apps.attamba.attention import _naive_attention, attamba_attention, prepare_attention, reference_mask
+from apps.attamba.attention_triton import PeriodicMask, periodic_attention
+from apps.attamba.chunking import periodic_boundaries, random_boundaries
+from tests.triton_interpreter import allow_one_element_index_in_interpreter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need CUDA")
+
+if DEVICE == "cpu":
+    allow_one_element_index_in_interpreter()
+
+
+def documents(batch: int, n: int) -> torch.Tensor:
+    """Two rows of packed documents with different cuts (one of three tokens)."""
+    rows = [[0] * (n // 3) + [1] * (n - n // 3), [0] * (n // 2) + [1] * 3 + [2] * (n - n // 2 - 3)]
+    return torch.tensor(rows[:batch] * (batch // 2 or 1), device=DEVICE)[:batch]
+
+
+def reference(q, k, v, mask: PeriodicMask, doc_ids, grad):
+    """Output and input gradients through the materialized mask, in float64."""
+    n = q.shape[2]
+    boundaries = periodic_boundaries(n, mask.chunk_size, mask.offset, q.device)
+    leading = "chunk" if mask.chunk_window else mask.leading
+    allowed = reference_mask(boundaries, leading, doc_ids, n)
+    inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out = _naive_attention(*inputs, allowed)
+    out.backward(grad.double())
+    return out, [x.grad for x in inputs]
+
+
+def kernel(q, k, v, mask: PeriodicMask, doc_ids, grad):
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = periodic_attention(*inputs, mask, doc_ids)
+    out.backward(grad)
+    return out, [x.grad for x in inputs]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+CASES = [
+    # n, P, offset, L ("chunk": the current partial chunk), documents
+    (40, 4, 0, 3, False),
+    (40, 8, 3, 16, False),  # cyclic offset, window longer than a chunk
+    (57, 4, 1, "chunk", False),
+    (40, 4, 2, 1, True),
+    (70, 8, 7, 5, True),  # first boundary at position 0
+    (33, 4, 0, "chunk", True),
+    (35, 1, 0, 1, False),  # P=1, L=1: plain causal attention over every key
+    (30, 4, 0, 64, False),  # window longer than the sequence: no compressed key is ever seen
+    (80, 2, 1, 2, True),  # more slots than a key block
+]
+
+
+@pytest.mark.parametrize("n,chunk_size,offset,leading,docs", CASES)
+def test_kernels_equal_the_materialized_mask(n, chunk_size, offset, leading, docs):
+    torch.manual_seed(n + chunk_size + offset)
+    q, k, v, grad = (torch.randn(2, 2, n, 16, device=DEVICE) for _ in range(4))
+    mask = PeriodicMask(chunk_size, offset, 0 if leading == "chunk" else leading, chunk_window=leading == "chunk")
+    doc_ids = documents(2, n) if docs else None
+    out, grads = kernel(q, k, v, mask, doc_ids, grad)
+    expected, expected_grads = reference(q, k, v, mask, doc_ids, grad)
+    bound = 1e-5 if DEVICE == "cpu" else 2e-3  # tf32x3 on the GPU
+    assert relative_error(out, expected) < bound
+    for name, actual, wanted in zip("qkv", grads, expected_grads):
+        assert relative_error(actual, wanted) < bound, f"d{name}"
+
+
+def test_strided_inputs_and_shared_documents_row():
+    """q, k, v as [B, n, H, d] transposed views (what the model passes), documents as [1, n]."""
+    torch.manual_seed(5)
+    n = 45
+    q, k, v, grad = (torch.randn(2, n, 2, 16, device=DEVICE).transpose(1, 2) for _ in range(4))
+    mask = PeriodicMask(4, 1, 6)
+    doc_ids = documents(2, n)[:1]
+    out, grads = kernel(q, k, v, mask, doc_ids, grad)
+    expected, expected_grads = reference(q, k, v, mask, doc_ids.expand(2, -1), grad)
+    bound = 1e-5 if DEVICE == "cpu" else 2e-3
+    assert relative_error(out, expected) < bound
+    for actual, wanted in zip(grads, expected_grads):
+        assert relative_error(actual, wanted) < bound
+
+
+def test_the_op_passes_opcheck():
+    """Fake (meta) implementation, autograd registration and schema, as torch.compile needs them."""
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 24, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(
+        torch.ops.attamba.periodic_attention_fwd.default,
+        (q, k, v, documents(1, 24), 4, 1, 3, False),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_attn_impl_triton_dispatches_by_boundaries():
+    n = 29
+    periodic = prepare_attention(periodic_boundaries(n, 4, 1), 3, None, n, 2, "triton", head_dim=16)
+    assert periodic.impl == "triton" and periodic.periodic == PeriodicMask(4, 1, 3)
+    chunked = prepare_attention(periodic_boundaries(n, 4, 1), "chunk", None, n, 2, "triton", head_dim=16)
+    assert chunked.periodic == PeriodicMask(4, 1, 0, chunk_window=True)
+    # Random boundaries, unsupported heads and pseudo-chunking go through FlexAttention.
+    generator = torch.Generator().manual_seed(0)
+    assert prepare_attention(random_boundaries(2, n, 4, generator), 3, None, n, 2, "triton", head_dim=16).impl == "flex"
+    assert prepare_attention(periodic_boundaries(n, 4, 1), 3, None, n, 2, "triton", head_dim=24).impl == "flex"
+    assert prepare_attention(periodic_boundaries(n, 4, 1), 3, None, n, 2, "triton", causal=True).causal
+
+
+def test_attamba_attention_through_the_kernels_equals_the_reference():
+    torch.manual_seed(7)
+    n = 37
+    q, k, v = (torch.randn(2, 2, n, 16, device=DEVICE) for _ in range(3))
+    boundaries = periodic_boundaries(n, 4, 2, DEVICE)
+    doc_ids = documents(2, n)
+    out = attamba_attention(q, k, v, boundaries, 5, doc_ids, "triton")
+    expected = attamba_attention(q, k, v, boundaries, 5, doc_ids, "reference")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_fail_clearly():
+    q = torch.randn(1, 2, 8, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="head sizes"):
+        periodic_attention(q, q, q, PeriodicMask(4, 0, 2))
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="same shape|one shape"):
+        periodic_attention(q, q[:, :1], q, PeriodicMask(4, 0, 2))
+    with pytest.raises(ValueError, match="bad periodic mask"):
+        periodic_attention(q, q, q, PeriodicMask(4, 4, 2))
+    with pytest.raises(ValueError, match="bad periodic mask"):
+        periodic_attention(q, q, q, PeriodicMask(4, 0, 0))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(
+    "n,chunk_size,offset,leading,docs,head_dim",
+    [(4096, 8, 0, 16, False, 64), (4096, 8, 5, 16, True, 64), (2048, 8, 3, "chunk", True, 64), (1500, 4, 1, 32, False, 128)],
+)
+def test_kernels_on_gpu_in_bf16(n, chunk_size, offset, leading, docs, head_dim):
+    torch.manual_seed(n + offset)
+    q, k, v, grad = (torch.randn(2, 4, n, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    mask = PeriodicMask(chunk_size, offset, 0 if leading == "chunk" else leading, chunk_window=leading == "chunk")
+    doc_ids = documents(2, n) if docs else None
+    out, grads = kernel(q, k, v, mask, doc_ids, grad)
+    expected, expected_grads = reference(q, k, v, mask, doc_ids, grad)
+    assert relative_error(out, expected) < 1e-2
+    for name, actual, wanted in zip("qkv", grads, expected_grads):
+        assert relative_error(actual, wanted) < 1e-2, f"d{name}"
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_kernels_inside_a_compiled_function_on_gpu():
+    torch.manual_seed(8)
+    n = 1024
+    q, k, v, grad = (torch.randn(2, 4, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    boundaries = periodic_boundaries(n, 8, 2, "cuda")
+
+    def attend(q, k, v):
+        return attamba_attention(q, k, v, boundaries, 16, None, "triton") * 2
+
+    compiled = torch.compile(attend, fullgraph=True)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = compiled(*inputs)
+    out.backward(grad)
+    eager_inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    expected = attend(*eager_inputs)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    for actual, wanted in zip(inputs, eager_inputs):
+        torch.testing.assert_close(actual.grad, wanted.grad, atol=1e-2, rtol=1e-2)
+
