@@ -14,10 +14,11 @@ runs the same mask over the gathered layout [K_c ; K] (``attn_impl: flex``) but 
 times the flash kernel's time per computed block on this pattern (DESIGN.md); these kernels do
 the two parts as plain loops, unmasked except for the block that crosses the window's edge.
 
-Backward: dQ loops like the forward; dK/dV run one program per block of window keys (a query
-range of one block plus the window) and one per block of compressed slots (every query after
-the slot's window edge). The compressed slots' dK/dV land in their own [nc, d] buffers and are
-added to their positions' rows afterwards (a slot is also a window key of the queries just after it).
+Backward: dQ loops like the forward (and computes rowsum(dO ∘ O) on the way); dK/dV run one
+program per block of window keys (a query range of one block plus the window), then, in a second
+launch, one per block of compressed slots (every query after the slot's window edge), which adds
+its share to the rows the first launch wrote (a slot is also a window key of the queries just
+after it).
 
 The log-sum-exp is kept in base 2 (scores are scaled by log2(e) / sqrt(d)) as flash kernels do.
 Runs on CUDA tensors, or under the Triton interpreter (``TRITON_INTERPRET=1``) for the CPU tests.
@@ -52,10 +53,10 @@ class KernelConfig:
     forward_warps: int = 4
     forward_stages: int = 3
     dq_queries: int = 64
-    dq_keys: int = 64
+    dq_keys: int = 32
     dq_warps: int = 4
     dkv_keys: int = 64
-    dkv_queries: int = 64
+    dkv_queries: int = 32
     dkv_warps: int = 4
     backward_stages: int = 3
 
@@ -208,7 +209,7 @@ def _forward_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DOC,
+    Q, K, V, DO, O, LSE, DELTA, DQ, DOC,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, qk_scale, sm_scale,
@@ -230,7 +231,10 @@ def _dq_kernel(
     q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
     do = tl.load(_row_ptrs(DO, t, stride_don, dims), mask=t_valid[:, None], other=0.0)
     lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
-    delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
+    # rowsum(dO ∘ O), written for the dK/dV kernel that runs next. O is contiguous (ours).
+    out = tl.load(_row_ptrs(O + bh * n * HEAD_DIM, t, HEAD_DIM, dims), mask=t_valid[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+    tl.store(DELTA + bh * n + t, delta, mask=t_valid)
     ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
     t_last = tl.minimum(m0 + BLOCK_M, n) - 1
     ws_lo = _window_start(m0, leading, chunk_size, offset, CHUNK_WINDOW)
@@ -270,15 +274,17 @@ def _dq_kernel(
 
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DKC, DVC, DOC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
-    n, heads, slots, slot_blocks, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale,
+    n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
 ):
-    """Programs [0, slot_blocks) take compressed slots (the long loops, launched first, heads
-    varying fastest); the rest take blocks of window keys. ``window_reach``: the most a query lies after a window key (L or P)."""
+    """dK, dV of one block of keys (heads vary fastest). Launched twice: first for blocks of window
+    keys (``SLOTS`` off; writes every row), then for blocks of compressed slots (the long loops,
+    the first slots first), which add their slots' share to the rows the first launch wrote.
+    ``window_reach``: the most a query lies after a window key, plus one (L, or P with chunks)."""
     pid = tl.program_id(1)
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // heads, bh % heads
@@ -296,7 +302,7 @@ def _dkv_kernel(
         visible_after = 1
     else:
         visible_after = leading
-    if pid < slot_blocks:
+    if SLOTS:
         s = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         s_valid = s < slots
         pos = first + s * chunk_size
@@ -306,7 +312,7 @@ def _dkv_kernel(
         # From t_all on every slot of the block is visible to every query of a query block.
         t_all = first + (pid * BLOCK_N + BLOCK_N - 1) * chunk_size + visible_after
         masked_end = tl.minimum(tl.cdiv(t_all, BLOCK_M) * BLOCK_M, n)
-        if pid == slot_blocks - 1:
+        if (pid + 1) * BLOCK_N > slots:
             masked_end = n  # the last block has padding slots
         for m0 in range((t_begin // BLOCK_M) * BLOCK_M, masked_end, BLOCK_M):
             t = m0 + offs_m
@@ -337,11 +343,15 @@ def _dkv_kernel(
             delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
             allowed = _same_document(t_valid[None, :] & s_valid[:, None], DOC, pos, s_valid, t, t_valid, HAS_DOCS)
             dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, True, PRECISION)
-        out = bh * slots * HEAD_DIM
-        tl.store(_row_ptrs(DKC + out, s, HEAD_DIM, dims), (dk * sm_scale).to(DKC.dtype.element_ty), mask=s_valid[:, None])
-        tl.store(_row_ptrs(DVC + out, s, HEAD_DIM, dims), dv.to(DVC.dtype.element_ty), mask=s_valid[:, None])
+        # A slot's row is also a window key: add to what the window launch wrote there.
+        dk_ptrs = _row_ptrs(DK + bh * n * HEAD_DIM, pos, HEAD_DIM, dims)
+        dv_ptrs = _row_ptrs(DV + bh * n * HEAD_DIM, pos, HEAD_DIM, dims)
+        dk = dk * sm_scale + tl.load(dk_ptrs, mask=s_valid[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=s_valid[:, None], other=0.0).to(tl.float32)
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=s_valid[:, None])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=s_valid[:, None])
     else:
-        j0 = (pid - slot_blocks) * BLOCK_N
+        j0 = pid * BLOCK_N
         j = j0 + tl.arange(0, BLOCK_N)
         j_valid = j < n
         k = tl.load(_row_ptrs(K, j, stride_kn, dims), mask=j_valid[:, None], other=0.0)
@@ -451,7 +461,8 @@ def _periodic_backward(
     mask = PeriodicMask(chunk_size, offset, leading, chunk_window)
     config = _config(q.device)
     q, k, v, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, grad_out))
-    delta = (grad_out.float() * out.float()).sum(-1)  # [B, H, n]: rowsum(dO ∘ O)
+    out = out.contiguous()
+    delta = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)  # the dQ kernel fills it
     docs, doc_stride = _docs_argument(doc_ids, q)
     sm_scale = head_dim**-0.5
     precision = _dot_precision(q.dtype)
@@ -461,27 +472,22 @@ def _periodic_backward(
 
     dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     _dq_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
-        q, k, v, grad_out, lse, delta, dq, docs, *strides,
+        q, k, v, grad_out, out, lse, delta, dq, docs, *strides,
         n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, **common,
         num_warps=config.dq_warps, num_stages=config.backward_stages,
     )
     dk = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=k.dtype)
     dv = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=v.dtype)
-    dk_slots = torch.empty((batch, heads, slots, head_dim), device=q.device, dtype=torch.float32)
-    dv_slots = torch.empty((batch, heads, slots, head_dim), device=q.device, dtype=torch.float32)
-    slot_blocks = triton.cdiv(slots, config.dkv_keys)
-    _dkv_kernel[(batch * heads, slot_blocks + triton.cdiv(n, config.dkv_keys))](
-        q, k, v, grad_out, lse, delta, dk, dv, dk_slots, dv_slots, docs, *strides,
-        n, heads, slots, slot_blocks, mask.first, mask.chunk_size, mask.leading, mask.offset,
-        mask.window_reach, sm_scale * LOG2_E, sm_scale,
-        BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, **common,
-        num_warps=config.dkv_warps, num_stages=config.backward_stages,
-    )
-    # A slot's row is also a window key; its two gradients meet here.
-    boundary_rows = slice(mask.first, mask.first + slots * mask.chunk_size, mask.chunk_size)
-    dk[:, :, boundary_rows] = (dk[:, :, boundary_rows].float() + dk_slots).to(dk.dtype)
-    dv[:, :, boundary_rows] = (dv[:, :, boundary_rows].float() + dv_slots).to(dv.dtype)
+    for slot_role, blocks in ((False, triton.cdiv(n, config.dkv_keys)), (True, triton.cdiv(slots, config.dkv_keys))):
+        if blocks == 0:
+            continue
+        _dkv_kernel[(batch * heads, blocks)](
+            q, k, v, grad_out, lse, delta, dk, dv, docs, *strides,
+            n, heads, *_mask_arguments(mask, n), mask.window_reach, sm_scale * LOG2_E, sm_scale,
+            BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, SLOTS=slot_role, **common,
+            num_warps=config.dkv_warps, num_stages=config.backward_stages,
+        )
     return dq, dk, dv
 
 
