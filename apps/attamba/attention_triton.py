@@ -532,4 +532,7 @@ def periodic_attention(
         raise ValueError(f"q, k and v must share one shape [B, H, n, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if mask.chunk_size < 1 or not 0 <= mask.offset < mask.chunk_size or (not mask.chunk_window and mask.leading < 1):
         raise ValueError(f"bad periodic mask {mask}")
+    # Under autocast q comes out of a bf16 matmul while the SSMs' k and v may stay float32; the
+    # kernels multiply one dtype, q's, as autocast would have.
+    k, v = k.to(q.dtype), v.to(q.dtype)
     return _periodic_forward(q, k, v, doc_ids, mask.chunk_size, mask.offset, mask.leading, mask.chunk_window)[0]

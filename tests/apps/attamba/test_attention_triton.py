@@ -92,6 +92,19 @@ def test_strided_inputs_and_shared_documents_row():
         assert relative_error(actual, wanted) < bound
 
 
+def test_keys_and_values_take_the_query_dtype():
+    """As under autocast: q from a bf16 matmul, k and v from float32 SSMs (here float32 / float64)."""
+    torch.manual_seed(9)
+    n = 21
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for _ in range(3))
+    k64 = k.double().requires_grad_()
+    out = periodic_attention(q, k64, v.double(), PeriodicMask(4, 0, 3))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, periodic_attention(q, k, v, PeriodicMask(4, 0, 3)))
+    out.sum().backward()
+    assert k64.grad.dtype == torch.float64
+
+
 def test_the_op_passes_opcheck():
     """Fake (meta) implementation, autograd registration and schema, as torch.compile needs them."""
     torch.manual_seed(6)
@@ -180,3 +193,28 @@ def test_kernels_inside_a_compiled_function_on_gpu():
     for actual, wanted in zip(inputs, eager_inputs):
         torch.testing.assert_close(actual.grad, wanted.grad, atol=1e-2, rtol=1e-2)
 
+
+
+def test_a_model_trains_through_the_kernels_like_through_gathered_sdpa():
+    """A cyclic-chunked model with packed documents: loss and every gradient, kernels against SDPA."""
+    from apps.attamba.args import AttambaArgs
+    from apps.attamba.model import AttambaLM
+
+    results = []
+    for impl in ("sdpa_gathered", "triton"):
+        torch.manual_seed(10)
+        args = AttambaArgs(
+            dim=32, n_layers=2, n_heads=2, vocab_size=50, state_dim=8, ssm_heads=2, ssm_impl="torch",
+            token_chunk=4, chunk_strategy="cyclic", leading_tokens=3, attn_impl=impl,
+        )
+        model = AttambaLM(args).to(DEVICE)
+        model.init_weights()
+        tokens = torch.randint(0, 50, (2, 40), device=DEVICE)
+        logits = model(tokens, documents(2, 40))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (loss_sdpa, grads_sdpa), (loss_kernels, grads_kernels) = results
+    torch.testing.assert_close(loss_kernels, loss_sdpa, atol=1e-5, rtol=1e-5)
+    for name, grad in grads_sdpa.items():
+        torch.testing.assert_close(grads_kernels[name], grad, atol=1e-5, rtol=1e-4, msg=name)
