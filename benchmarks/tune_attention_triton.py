@@ -26,27 +26,19 @@ from apps.attamba import attention_triton  # noqa: E402
 from apps.attamba.attention_triton import PeriodicMask, periodic_attention  # noqa: E402
 from benchmarks.bench_attention import time_ms  # noqa: E402
 
-VARIANTS: dict[str, dict] = {
-    "default": {},
-    "fwd 128x64": dict(forward_queries=128),
-    "fwd 64x128": dict(forward_keys=128),
-    "fwd 64x32": dict(forward_keys=32),
-    "fwd 32x64": dict(forward_queries=32),
-    "fwd 64x64 s4": dict(forward_stages=4),
-    "fwd 64x64 s2": dict(forward_stages=2),
-    "dq 128x32": dict(dq_queries=128),
-    "dq 64x64": dict(dq_keys=64),
-    "dq 32x32": dict(dq_queries=32),
-    "dq 64x32 w8": dict(dq_warps=8),
-    "dkv 64x64": dict(dkv_queries=64),
-    "dkv 64x16": dict(dkv_queries=16),
-    "dkv 32x32": dict(dkv_keys=32),
-    "dkv 128x32 w8": dict(dkv_keys=128, dkv_queries=32, dkv_warps=8),
-    "bwd stages 2": dict(backward_stages=2),
-    "bwd stages 4": dict(backward_stages=4),
-    "default, again": {},  # the spread between the two default rows is the noise
-}
-"""Changes to ``CUDA_CONFIG``, one kernel at a time ("fwd QxK": query x key tile; "dkv KxQ")."""
+VARIANTS = (
+    "default", "forward_queries=128", "forward_keys=128", "forward_keys=32", "forward_queries=32",
+    "forward_stages=4", "forward_stages=2", "dq_queries=128", "dq_keys=64", "dq_queries=32", "dq_warps=8",
+    "dkv_queries=64", "dkv_queries=16", "dkv_keys=32", "dkv_keys=128,dkv_queries=32,dkv_warps=8",
+    "backward_stages=2", "backward_stages=4", "default",  # the two default rows' spread is the noise
+)
+"""Changes to ``CUDA_CONFIG`` (KernelConfig fields), mostly one kernel's tiles at a time."""
+
+
+def parse_variant(text: str) -> dict[str, int]:
+    if text == "default":
+        return {}
+    return {key: int(value) for key, value in (item.split("=") for item in text.split(","))}
 
 
 def main(argv: list[str]) -> int:
@@ -80,20 +72,20 @@ def main(argv: list[str]) -> int:
 
         return time_ms(forward, 3, args.iters), time_ms(forward_backward, 3, args.iters)
 
-    results = {"causal flash (SDPA)": timings(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
+    results = [("causal flash (SDPA)", *timings(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)))]
     baseline = attention_triton.CUDA_CONFIG
-    for name, change in VARIANTS.items():
-        attention_triton.CUDA_CONFIG = dataclasses.replace(baseline, **change)
+    for name in VARIANTS:
+        attention_triton.CUDA_CONFIG = dataclasses.replace(baseline, **parse_variant(name))
         try:
-            results[name] = timings(lambda q, k, v: periodic_attention(q, k, v, mask))
+            results.append((name, *timings(lambda q, k, v: periodic_attention(q, k, v, mask))))
         except Exception as error:  # a tile that does not fit the device's shared memory
             print(f"{name}: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
         finally:
             attention_triton.CUDA_CONFIG = baseline
     print(f"\nn={args.seq_len} batch={batch} H={args.heads} d={args.head_dim} P={args.chunk} L={args.leading} bf16; default {baseline}")
-    print(f"{'variant':<22}{'fwd ms':>9}{'fwd+bwd ms':>12}{'bwd ms':>9}")
-    for name, (forward, total) in results.items():
-        print(f"{name:<22}{forward:>9.3f}{total:>12.3f}{total - forward:>9.3f}")
+    print(f"{'variant':<42}{'fwd ms':>9}{'fwd+bwd ms':>12}{'bwd ms':>9}")
+    for name, forward, total in results:
+        print(f"{name:<42}{forward:>9.3f}{total:>12.3f}{total - forward:>9.3f}")
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1))
     return 0

@@ -14,7 +14,8 @@ runs the same mask over the gathered layout [K_c ; K] (``attn_impl: flex``) but 
 times the flash kernel's time per computed block on this pattern (DESIGN.md); these kernels do
 the two parts as plain loops, unmasked except for the block that crosses the window's edge.
 
-Backward: dQ loops like the forward (and computes rowsum(dO ∘ O) on the way); dK/dV run one
+Backward: dQ is the forward's kernel with ``BACKWARD`` on (same loops; it also computes
+rowsum(dO ∘ O) on the way); dK/dV run one
 program per block of window keys (a query range of one block plus the window), then, in a second
 launch, one per block of compressed slots (every query after the slot's window edge), which adds
 its share to the rows the first launch wrote (a slot is also a window key of the queries just
@@ -141,26 +142,66 @@ def _same_document(allowed, doc_ptr, rows_a, valid_a, rows_b, valid_b, HAS_DOCS:
 
 
 @triton.jit
-def _forward_kernel(
-    Q, K, V, O, LSE, DOC,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_doc,
-    n, heads, slots, first, chunk_size, leading, offset, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+def _program_head(heads):
+    """(b·H + h, b, h) of this program: grid axis 0 runs over batch × heads."""
+    bh = tl.program_id(0).to(tl.int64)
+    return bh, bh // heads, bh % heads
+
+
+@triton.jit
+def _load_rows(base, rows, valid, stride_row, dims, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(_row_ptrs(base, rows, stride_row, dims), mask=valid[:, None], other=0.0)
+    else:
+        return tl.load(_row_ptrs(base, rows, stride_row, dims))
+
+
+@triton.jit
+def _query_step(
+    acc, m_i, l_i, q, do, lse, delta, K, V, rows, rows_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
+    MASKED: tl.constexpr, LOAD_MASKED: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One block of keys (rows of K and V) for a block of queries: the forward's online softmax,
+    or the dQ sum with BACKWARD."""
+    k = _load_rows(K, rows, rows_valid, stride_kn, dims, LOAD_MASKED)
+    v = _load_rows(V, rows, rows_valid, stride_vn, dims, LOAD_MASKED)
+    if BACKWARD:
+        acc = _dq_block(acc, q, do, k, v, lse, delta, allowed, qk_scale, MASKED, PRECISION)
+    else:
+        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, k, v, allowed, qk_scale, MASKED, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _query_kernel(
+    Q, K, V, DO, O, LSE, DELTA, OUT, DOC,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
+    n, heads, slots, first, chunk_size, leading, offset, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    """One block of queries over every key block it sees. Forward: OUT = attention output, LSE
+    written. BACKWARD: OUT = dQ, and rowsum(dO ∘ O) written to DELTA for the dK/dV kernel that runs
+    next. OUT, O, LSE and DELTA are contiguous (allocated here)."""
     # Heads vary fastest and the last query blocks (the most keys) go first: fewer stragglers.
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    bh = tl.program_id(0).to(tl.int64)
-    b, h = bh // heads, bh % heads
-    Q += b * stride_qb + h * stride_qh
+    bh, b, h = _program_head(heads)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     DOC += b * stride_doc
     dims = tl.arange(0, HEAD_DIM)
     t = m0 + tl.arange(0, BLOCK_M)
     t_valid = t < n
-    q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, t, t_valid, stride_qn, dims, True)
+    if BACKWARD:
+        do = _load_rows(DO + b * stride_dob + h * stride_doh, t, t_valid, stride_don, dims, True)
+        lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
+        out = _load_rows(O + bh * n * HEAD_DIM, t, t_valid, HEAD_DIM, dims, True)
+        delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+        tl.store(DELTA + bh * n + t, delta, mask=t_valid)
+    else:
+        do, lse, delta = q, t_valid.to(tl.float32), t_valid.to(tl.float32)  # unused
     ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
     t_last = tl.minimum(m0 + BLOCK_M, n) - 1
     ws_lo = _window_start(m0, leading, chunk_size, offset, CHUNK_WINDOW)
@@ -176,100 +217,69 @@ def _forward_kernel(
     for s0 in range(0, full_end, BLOCK_N):
         s = s0 + offs_n
         pos = first + s * chunk_size
-        k = tl.load(_row_ptrs(K, pos, stride_kn, dims))
-        v = tl.load(_row_ptrs(V, pos, stride_vn, dims))
         same = _same_document(t_valid[:, None], DOC, t, t_valid, pos, s < slots, HAS_DOCS)
-        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, k, v, same, qk_scale, HAS_DOCS, PRECISION)
+        acc, m_i, l_i = _query_step(
+            acc, m_i, l_i, q, do, lse, delta, K, V, pos, s < slots, same, stride_kn, stride_vn, dims, qk_scale,
+            HAS_DOCS, False, BACKWARD, PRECISION,
+        )
     for s0 in range(full_end, slot_end, BLOCK_N):
         s = s0 + offs_n
         pos = first + s * chunk_size
         s_valid = s < slots
-        k = tl.load(_row_ptrs(K, pos, stride_kn, dims), mask=s_valid[:, None], other=0.0)
-        v = tl.load(_row_ptrs(V, pos, stride_vn, dims), mask=s_valid[:, None], other=0.0)
-        allowed = (pos[None, :] < ws[:, None]) & s_valid[None, :]
+        allowed = (pos[None, :] < ws[:, None]) & s_valid[None, :] & t_valid[:, None]
         allowed = _same_document(allowed, DOC, t, t_valid, pos, s_valid, HAS_DOCS)
-        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, k, v, allowed, qk_scale, True, PRECISION)
-
+        acc, m_i, l_i = _query_step(
+            acc, m_i, l_i, q, do, lse, delta, K, V, pos, s_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
+            True, True, BACKWARD, PRECISION,
+        )
     # The window: positions [ws(t), t].
     for j0 in range(tl.maximum(ws_lo, 0), t_last + 1, BLOCK_N):
         j = j0 + offs_n
         j_valid = j < n
-        k = tl.load(_row_ptrs(K, j, stride_kn, dims), mask=j_valid[:, None], other=0.0)
-        v = tl.load(_row_ptrs(V, j, stride_vn, dims), mask=j_valid[:, None], other=0.0)
-        allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :]
+        allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :] & t_valid[:, None]
         allowed = _same_document(allowed, DOC, t, t_valid, j, j_valid, HAS_DOCS)
-        acc, m_i, l_i = _forward_block(acc, m_i, l_i, q, k, v, allowed, qk_scale, True, PRECISION)
+        acc, m_i, l_i = _query_step(
+            acc, m_i, l_i, q, do, lse, delta, K, V, j, j_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
+            True, True, BACKWARD, PRECISION,
+        )
 
-    l_i = tl.where(t_valid, l_i, 1.0)  # rows past n see nothing; they are not stored
-    out = acc / l_i[:, None]
-    O += b * stride_ob + h * stride_oh
-    tl.store(_row_ptrs(O, t, stride_on, dims), out.to(O.dtype.element_ty), mask=t_valid[:, None])
-    tl.store(LSE + bh * n + t, m_i + tl.math.log2(l_i), mask=t_valid)
+    out_ptrs = _row_ptrs(OUT + bh * n * HEAD_DIM, t, HEAD_DIM, dims)
+    if BACKWARD:
+        tl.store(out_ptrs, (acc * sm_scale).to(OUT.dtype.element_ty), mask=t_valid[:, None])
+    else:
+        l_i = tl.where(t_valid, l_i, 1.0)  # rows past n see nothing; they are not stored
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=t_valid[:, None])
+        tl.store(LSE + bh * n + t, m_i + tl.math.log2(l_i), mask=t_valid)
 
 
 @triton.jit
-def _dq_kernel(
-    Q, K, V, DO, O, LSE, DELTA, DQ, DOC,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
-    n, heads, slots, first, chunk_size, leading, offset, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+def _key_step(
+    dk, dv, k, v, Q, DO, LSE, DELTA, DOC, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+    leading, chunk_size, offset, qk_scale, BLOCK_M: tl.constexpr,
+    POSITION_MASK: tl.constexpr, SLOTS: tl.constexpr, CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    # Heads vary fastest and the last query blocks (the most keys) go first: fewer stragglers.
-    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    bh = tl.program_id(0).to(tl.int64)
-    b, h = bh // heads, bh % heads
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    DOC += b * stride_doc
-    dims = tl.arange(0, HEAD_DIM)
+    """dK, dV of one block of keys from one block of queries at m0. Without POSITION_MASK every
+    query of the block is < n and sees every key (documents aside)."""
     t = m0 + tl.arange(0, BLOCK_M)
     t_valid = t < n
-    q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
-    do = tl.load(_row_ptrs(DO, t, stride_don, dims), mask=t_valid[:, None], other=0.0)
+    q = _load_rows(Q, t, t_valid, stride_qn, dims, POSITION_MASK)
+    do = _load_rows(DO, t, t_valid, stride_don, dims, POSITION_MASK)
     lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
-    # rowsum(dO ∘ O), written for the dK/dV kernel that runs next. O is contiguous (ours).
-    out = tl.load(_row_ptrs(O + bh * n * HEAD_DIM, t, HEAD_DIM, dims), mask=t_valid[:, None], other=0.0)
-    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
-    tl.store(DELTA + bh * n + t, delta, mask=t_valid)
-    ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
-    t_last = tl.minimum(m0 + BLOCK_M, n) - 1
-    ws_lo = _window_start(m0, leading, chunk_size, offset, CHUNK_WINDOW)
-    ws_hi = _window_start(t_last, leading, chunk_size, offset, CHUNK_WINDOW)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-
-    full_end = (tl.minimum(_slot_count_before(ws_lo, first, chunk_size), slots) // BLOCK_N) * BLOCK_N
-    slot_end = tl.minimum(_slot_count_before(ws_hi, first, chunk_size), slots)
-    for s0 in range(0, full_end, BLOCK_N):
-        pos = first + (s0 + offs_n) * chunk_size
-        k = tl.load(_row_ptrs(K, pos, stride_kn, dims))
-        v = tl.load(_row_ptrs(V, pos, stride_vn, dims))
-        allowed = _same_document(t_valid[:, None], DOC, t, t_valid, pos, s0 + offs_n < slots, HAS_DOCS)
-        dq = _dq_block(dq, q, do, k, v, lse, delta, allowed, qk_scale, HAS_DOCS, PRECISION)
-    for s0 in range(full_end, slot_end, BLOCK_N):
-        s = s0 + offs_n
-        pos = first + s * chunk_size
-        s_valid = s < slots
-        k = tl.load(_row_ptrs(K, pos, stride_kn, dims), mask=s_valid[:, None], other=0.0)
-        v = tl.load(_row_ptrs(V, pos, stride_vn, dims), mask=s_valid[:, None], other=0.0)
-        allowed = (pos[None, :] < ws[:, None]) & s_valid[None, :] & t_valid[:, None]
-        allowed = _same_document(allowed, DOC, t, t_valid, pos, s_valid, HAS_DOCS)
-        dq = _dq_block(dq, q, do, k, v, lse, delta, allowed, qk_scale, True, PRECISION)
-    for j0 in range(tl.maximum(ws_lo, 0), t_last + 1, BLOCK_N):
-        j = j0 + offs_n
-        j_valid = j < n
-        k = tl.load(_row_ptrs(K, j, stride_kn, dims), mask=j_valid[:, None], other=0.0)
-        v = tl.load(_row_ptrs(V, j, stride_vn, dims), mask=j_valid[:, None], other=0.0)
-        allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :] & t_valid[:, None]
-        allowed = _same_document(allowed, DOC, t, t_valid, j, j_valid, HAS_DOCS)
-        dq = _dq_block(dq, q, do, k, v, lse, delta, allowed, qk_scale, True, PRECISION)
-
-    DQ += bh * n * HEAD_DIM
-    tl.store(_row_ptrs(DQ, t, HEAD_DIM, dims), (dq * sm_scale).to(DQ.dtype.element_ty), mask=t_valid[:, None])
+    delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
+    allowed = keys_valid[:, None] & t_valid[None, :]
+    if POSITION_MASK:
+        ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
+        if SLOTS:
+            allowed = allowed & (keys[:, None] < ws[None, :])
+        else:
+            allowed = allowed & (keys[:, None] >= ws[None, :]) & (keys[:, None] <= t[None, :])
+    allowed = _same_document(allowed, DOC, keys, keys_valid, t, t_valid, HAS_DOCS)
+    if POSITION_MASK:
+        dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, True, PRECISION)
+    else:
+        dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, HAS_DOCS, PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -286,91 +296,63 @@ def _dkv_kernel(
     the first slots first), which add their slots' share to the rows the first launch wrote.
     ``window_reach``: the most a query lies after a window key, plus one (L, or P with chunks)."""
     pid = tl.program_id(1)
-    bh = tl.program_id(0).to(tl.int64)
-    b, h = bh // heads, bh % heads
+    bh, b, h = _program_head(heads)
     Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
     DO += b * stride_dob + h * stride_doh
     DOC += b * stride_doc
     dims = tl.arange(0, HEAD_DIM)
-    offs_m = tl.arange(0, BLOCK_M)
+    index = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SLOTS:
+        keys, keys_valid = first + index * chunk_size, index < slots
+    else:
+        keys, keys_valid = index, index < n
+    k = _load_rows(K + b * stride_kb + h * stride_kh, keys, keys_valid, stride_kn, dims, True)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, keys, keys_valid, stride_vn, dims, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    # A slot at p is seen by t iff ws(t) > p: t >= p + L, or t >= p + 1 (the next chunk) with chunks.
-    if CHUNK_WINDOW:
-        visible_after = 1
-    else:
-        visible_after = leading
     if SLOTS:
-        s = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        s_valid = s < slots
-        pos = first + s * chunk_size
-        k = tl.load(_row_ptrs(K, pos, stride_kn, dims), mask=s_valid[:, None], other=0.0)
-        v = tl.load(_row_ptrs(V, pos, stride_vn, dims), mask=s_valid[:, None], other=0.0)
+        # A slot at p is seen by t iff ws(t) > p: t >= p + L, or t >= p + 1 (the next chunk).
+        if CHUNK_WINDOW:
+            visible_after = 1
+        else:
+            visible_after = leading
         t_begin = first + pid * BLOCK_N * chunk_size + visible_after
         # From t_all on every slot of the block is visible to every query of a query block.
         t_all = first + (pid * BLOCK_N + BLOCK_N - 1) * chunk_size + visible_after
         masked_end = tl.minimum(tl.cdiv(t_all, BLOCK_M) * BLOCK_M, n)
         if (pid + 1) * BLOCK_N > slots:
             masked_end = n  # the last block has padding slots
-        for m0 in range((t_begin // BLOCK_M) * BLOCK_M, masked_end, BLOCK_M):
-            t = m0 + offs_m
-            t_valid = t < n
-            q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
-            do = tl.load(_row_ptrs(DO, t, stride_don, dims), mask=t_valid[:, None], other=0.0)
-            lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
-            delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
-            ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
-            allowed = (pos[:, None] < ws[None, :]) & s_valid[:, None] & t_valid[None, :]
-            allowed = _same_document(allowed, DOC, pos, s_valid, t, t_valid, HAS_DOCS)
-            dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, True, PRECISION)
         unmasked_end = (n // BLOCK_M) * BLOCK_M
+        for m0 in range((t_begin // BLOCK_M) * BLOCK_M, masked_end, BLOCK_M):
+            dk, dv = _key_step(
+                dk, dv, k, v, Q, DO, LSE, DELTA, DOC, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims, leading, chunk_size,
+                offset, qk_scale, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
+            )
         for m0 in range(masked_end, unmasked_end, BLOCK_M):
-            t = m0 + offs_m
-            q = tl.load(_row_ptrs(Q, t, stride_qn, dims))
-            do = tl.load(_row_ptrs(DO, t, stride_don, dims))
-            lse = tl.load(LSE + bh * n + t)
-            delta = tl.load(DELTA + bh * n + t)
-            same = _same_document(s_valid[:, None], DOC, pos, s_valid, t, t < n, HAS_DOCS)
-            dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, same, qk_scale, HAS_DOCS, PRECISION)
+            dk, dv = _key_step(
+                dk, dv, k, v, Q, DO, LSE, DELTA, DOC, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims, leading, chunk_size,
+                offset, qk_scale, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
+            )
         for m0 in range(tl.maximum(masked_end, unmasked_end), n, BLOCK_M):
-            t = m0 + offs_m
-            t_valid = t < n
-            q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
-            do = tl.load(_row_ptrs(DO, t, stride_don, dims), mask=t_valid[:, None], other=0.0)
-            lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
-            delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
-            allowed = _same_document(t_valid[None, :] & s_valid[:, None], DOC, pos, s_valid, t, t_valid, HAS_DOCS)
-            dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, True, PRECISION)
-        # A slot's row is also a window key: add to what the window launch wrote there.
-        dk_ptrs = _row_ptrs(DK + bh * n * HEAD_DIM, pos, HEAD_DIM, dims)
-        dv_ptrs = _row_ptrs(DV + bh * n * HEAD_DIM, pos, HEAD_DIM, dims)
-        dk = dk * sm_scale + tl.load(dk_ptrs, mask=s_valid[:, None], other=0.0).to(tl.float32)
-        dv += tl.load(dv_ptrs, mask=s_valid[:, None], other=0.0).to(tl.float32)
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=s_valid[:, None])
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=s_valid[:, None])
+            dk, dv = _key_step(
+                dk, dv, k, v, Q, DO, LSE, DELTA, DOC, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims, leading, chunk_size,
+                offset, qk_scale, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
+            )
     else:
-        j0 = pid * BLOCK_N
-        j = j0 + tl.arange(0, BLOCK_N)
-        j_valid = j < n
-        k = tl.load(_row_ptrs(K, j, stride_kn, dims), mask=j_valid[:, None], other=0.0)
-        v = tl.load(_row_ptrs(V, j, stride_vn, dims), mask=j_valid[:, None], other=0.0)
-        t_end = tl.minimum(j0 + BLOCK_N - 1 + window_reach, n)
-        for m0 in range((j0 // BLOCK_M) * BLOCK_M, t_end, BLOCK_M):
-            t = m0 + offs_m
-            t_valid = t < n
-            q = tl.load(_row_ptrs(Q, t, stride_qn, dims), mask=t_valid[:, None], other=0.0)
-            do = tl.load(_row_ptrs(DO, t, stride_don, dims), mask=t_valid[:, None], other=0.0)
-            lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
-            delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
-            ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
-            allowed = (j[:, None] >= ws[None, :]) & (j[:, None] <= t[None, :]) & j_valid[:, None] & t_valid[None, :]
-            allowed = _same_document(allowed, DOC, j, j_valid, t, t_valid, HAS_DOCS)
-            dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, True, PRECISION)
-        out = bh * n * HEAD_DIM
-        tl.store(_row_ptrs(DK + out, j, HEAD_DIM, dims), (dk * sm_scale).to(DK.dtype.element_ty), mask=j_valid[:, None])
-        tl.store(_row_ptrs(DV + out, j, HEAD_DIM, dims), dv.to(DV.dtype.element_ty), mask=j_valid[:, None])
+        t_end = tl.minimum(pid * BLOCK_N + BLOCK_N - 1 + window_reach, n)
+        for m0 in range((pid * BLOCK_N // BLOCK_M) * BLOCK_M, t_end, BLOCK_M):
+            dk, dv = _key_step(
+                dk, dv, k, v, Q, DO, LSE, DELTA, DOC, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims, leading, chunk_size,
+                offset, qk_scale, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION,
+            )
+    dk_ptrs = _row_ptrs(DK + bh * n * HEAD_DIM, keys, HEAD_DIM, dims)
+    dv_ptrs = _row_ptrs(DV + bh * n * HEAD_DIM, keys, HEAD_DIM, dims)
+    dk = dk * sm_scale
+    if SLOTS:  # a slot's row is also a window key: add to what the window launch wrote there
+        dk += tl.load(dk_ptrs, mask=keys_valid[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=keys_valid[:, None], other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=keys_valid[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keys_valid[:, None])
 
 
 @dataclass(frozen=True)
@@ -430,16 +412,16 @@ def _periodic_forward(
     mask = PeriodicMask(chunk_size, offset, leading, chunk_window)
     config = _config(q.device)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)
     docs, doc_stride = _docs_argument(doc_ids, q)
     sm_scale = head_dim**-0.5
-    grid = (batch * heads, triton.cdiv(n, config.forward_queries))
-    _forward_kernel[grid](
-        q, k, v, out, lse, docs, *_strides(q, k, v, out), doc_stride,
-        n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E,
+    # DO, O and DELTA are the backward's; the forward passes stand-ins it never reads.
+    _query_kernel[(batch * heads, triton.cdiv(n, config.forward_queries))](
+        q, k, v, q, out, lse, lse, out, docs, *_strides(q, k, v, q), doc_stride,
+        n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.forward_queries, BLOCK_N=config.forward_keys,
-        CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_ids is not None, PRECISION=_dot_precision(q.dtype),
+        CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_ids is not None, PRECISION=_dot_precision(q.dtype), BACKWARD=False,
         num_warps=config.forward_warps, num_stages=config.forward_stages,
     )
     return out, lse
@@ -447,7 +429,7 @@ def _periodic_forward(
 
 @_periodic_forward.register_fake
 def _periodic_forward_fake(q, k, v, doc_ids, chunk_size, offset, leading, chunk_window):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("attamba::periodic_attention_bwd", mutates_args=())
@@ -471,10 +453,10 @@ def _periodic_backward(
     slots = mask.slots(n)
 
     dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
-    _dq_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
+    _query_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
         q, k, v, grad_out, out, lse, delta, dq, docs, *strides,
         n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
-        BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, **common,
+        BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, BACKWARD=True, **common,
         num_warps=config.dq_warps, num_stages=config.backward_stages,
     )
     dk = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=k.dtype)
