@@ -15,11 +15,10 @@ times the flash kernel's time per computed block on this pattern (DESIGN.md); th
 the two parts as plain loops, unmasked except for the block that crosses the window's edge.
 
 Backward: dQ is the forward's kernel with ``BACKWARD`` on (same loops; it also computes
-rowsum(dO ∘ O) on the way); dK/dV run one
-program per block of window keys (a query range of one block plus the window), then, in a second
-launch, one per block of compressed slots (every query after the slot's window edge), which adds
-its share to the rows the first launch wrote (a slot is also a window key of the queries just
-after it).
+rowsum(dO ∘ O) on the way); dK/dV run one program per block of window keys (a query range of one
+block plus the window), then, in a second launch, one per block of compressed slots (every query
+after the slot's window edge), which adds its share to the rows the first launch wrote (a slot is
+also a window key of the queries just after it).
 
 The log-sum-exp is kept in base 2 (scores are scaled by log2(e) / sqrt(d)) as flash kernels do.
 Runs on CUDA tensors, or under the Triton interpreter (``TRITON_INTERPRET=1``) for the CPU tests.
@@ -44,7 +43,7 @@ never exp2(-inf - -inf) = nan."""
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch settings of the three kernels (powers of two, at least 16).
+    """Tile sizes and launch settings of the forward, dQ and dK/dV launches (powers of two, >= 16).
 
     The CUDA defaults are the fastest of ``benchmarks/tune_attention_triton.py``'s variants at
     n=16384, d=64, P=8, L=16 in bf16 (docs/benchmarks.md)."""
