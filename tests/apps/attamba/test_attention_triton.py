@@ -5,6 +5,11 @@ so the short sequences here cross several query and key blocks; the GPU tests ru
 at training sizes in bf16.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +17,9 @@ from apps.attamba.attention import _naive_attention, attamba_attention, prepare_
 from apps.attamba.attention_triton import PeriodicMask, periodic_attention
 from apps.attamba.chunking import periodic_boundaries, random_boundaries
 from tests.triton_interpreter import allow_one_element_index_in_interpreter
+from tests.triton_offline import ptxas_available
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need CUDA")
@@ -218,3 +226,15 @@ def test_a_model_trains_through_the_kernels_like_through_gathered_sdpa():
     torch.testing.assert_close(loss_kernels, loss_sdpa, atol=1e-5, rtol=1e-5)
     for name, grad in grads_sdpa.items():
         torch.testing.assert_close(grads_kernels[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="this Triton wheel ships no ptxas for an offline compile")
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    """What the interpreter lets through but the compiler refuses shows here, before the device."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.triton_offline"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled for sm_90") == 32

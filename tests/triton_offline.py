@@ -1,0 +1,88 @@
+"""Compiling Triton kernels for a Hopper GPU on a machine without one.
+
+The Triton interpreter (what the CPU tests run) accepts code that the compiler refuses — a global
+that is not a constexpr, a loop-carried value that changes type — and such errors would otherwise
+first show on the device. Triton's wheel ships ``ptxas``, so the whole pipeline down to a cubin
+runs on CPU given an explicit target. Run as ``python -m tests.triton_offline`` (without
+``TRITON_INTERPRET``, which turns kernels into interpreted functions); it prints one line per
+kernel variant and exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+HOPPER = ("cuda", 90, 32)
+
+
+def ptxas_available() -> bool:
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+def compile_for_hopper(kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int):
+    """Compile ``kernel`` to a cubin for sm_90: pointer arguments by element type, the named float
+    scalars, every other argument an int32. Returns Triton's compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget(*HOPPER), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_attention_kernels() -> list[str]:
+    """Every constexpr variant of Attamba's attention kernels at the CUDA tiles, d = 64 and 128."""
+    from apps.attamba import attention_triton as kernels
+
+    config = kernels.CUDA_CONFIG
+    floats = {"qk_scale", "sm_scale"}
+    done = []
+    for head_dim, backward, docs, chunk_window in itertools.product((64, 128), (False, True), (False, True), (False, True)):
+        pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "O", "OUT")}
+        pointers.update(LSE="fp32", DELTA="fp32", DOC="i32")
+        constexprs = dict(
+            HEAD_DIM=head_dim, BLOCK_M=config.dq_queries if backward else config.forward_queries,
+            BLOCK_N=config.dq_keys if backward else config.forward_keys, CHUNK_WINDOW=chunk_window,
+            HAS_DOCS=docs, PRECISION="tf32", BACKWARD=backward,
+        )
+        warps = config.dq_warps if backward else config.forward_warps
+        stages = config.backward_stages if backward else config.forward_stages
+        compile_for_hopper(kernels._query_kernel, pointers, floats, constexprs, warps, stages)
+        done.append(f"_query_kernel d={head_dim} backward={backward} docs={docs} chunk_window={chunk_window}")
+    for head_dim, slots, docs, chunk_window in itertools.product((64, 128), (False, True), (False, True), (False, True)):
+        pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "DK", "DV")}
+        pointers.update(LSE="fp32", DELTA="fp32", DOC="i32")
+        constexprs = dict(
+            HEAD_DIM=head_dim, BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, CHUNK_WINDOW=chunk_window,
+            HAS_DOCS=docs, PRECISION="tf32", SLOTS=slots,
+        )
+        compile_for_hopper(kernels._dkv_kernel, pointers, floats, constexprs, config.dkv_warps, config.backward_stages)
+        done.append(f"_dkv_kernel d={head_dim} slots={slots} docs={docs} chunk_window={chunk_window}")
+    return done
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    for line in compile_attention_kernels():
+        print("compiled for sm_90:", line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
