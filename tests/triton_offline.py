@@ -5,7 +5,7 @@ that is not a constexpr, a loop-carried value that changes type — and such err
 first show on the device. Triton's wheel ships ``ptxas``, so the whole pipeline down to a cubin
 runs on CPU given an explicit target. Run as ``python -m tests.triton_offline`` (without
 ``TRITON_INTERPRET``, which turns kernels into interpreted functions); it prints one line per
-kernel variant and exits non-zero on the first failure.
+kernel variant (with its registers per thread) and exits non-zero on the first failure.
 """
 
 from __future__ import annotations
@@ -26,21 +26,46 @@ def ptxas_available() -> bool:
 
 def compile_for_hopper(kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int):
     """Compile ``kernel`` to a cubin for sm_90: pointer arguments by element type, the named float
-    scalars, every other argument an int32. Returns Triton's compiled kernel."""
+    scalars, every other argument an int32. Returns Triton's compiled kernel.
+
+    As a launch with aligned tensors would, pointers and ``stride*`` arguments are marked divisible
+    by 16: without that Triton cannot prove the alignment asynchronous copies need, and the code
+    (its software pipelining above all) would not be what the device runs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in pointers:
+            continue
+        if name in pointers:
             signature[name] = "*" + pointers[name]
         else:
             signature[name] = "fp32" if name in floats else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        if name in pointers or name.startswith("stride"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget(*HOPPER), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def resource_usage(compiled) -> str:
+    """Registers per thread and stack bytes of a compiled kernel, as cuobjdump reports them
+    (registers bound how many blocks share a multiprocessor)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return f"registers {found.group(1)}, stack {found.group(2)} B" if found else "resource usage unknown"
 
 
 def compile_attention_kernels() -> list[str]:
@@ -60,8 +85,11 @@ def compile_attention_kernels() -> list[str]:
         )
         warps = config.dq_warps if backward else config.forward_warps
         stages = config.backward_stages if backward else config.forward_stages
-        compile_for_hopper(kernels._query_kernel, pointers, floats, constexprs, warps, stages)
-        done.append(f"_query_kernel d={head_dim} backward={backward} docs={docs} chunk_window={chunk_window}")
+        compiled = compile_for_hopper(kernels._query_kernel, pointers, floats, constexprs, warps, stages)
+        done.append(
+            f"_query_kernel d={head_dim} backward={backward} docs={docs} chunk_window={chunk_window}: "
+            + resource_usage(compiled)
+        )
     for head_dim, slots, docs, chunk_window in itertools.product((64, 128), (False, True), (False, True), (False, True)):
         pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "DK", "DV")}
         pointers.update(LSE="fp32", DELTA="fp32", DOC="i32")
@@ -69,8 +97,10 @@ def compile_attention_kernels() -> list[str]:
             HEAD_DIM=head_dim, BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, CHUNK_WINDOW=chunk_window,
             HAS_DOCS=docs, PRECISION="tf32", SLOTS=slots,
         )
-        compile_for_hopper(kernels._dkv_kernel, pointers, floats, constexprs, config.dkv_warps, config.backward_stages)
-        done.append(f"_dkv_kernel d={head_dim} slots={slots} docs={docs} chunk_window={chunk_window}")
+        compiled = compile_for_hopper(
+            kernels._dkv_kernel, pointers, floats, constexprs, config.dkv_warps, config.backward_stages
+        )
+        done.append(f"_dkv_kernel d={head_dim} slots={slots} docs={docs} chunk_window={chunk_window}: " + resource_usage(compiled))
     return done
 
 

@@ -216,7 +216,7 @@ def _query_kernel(
     for s0 in range(0, full_end, BLOCK_N):
         s = s0 + offs_n
         pos = first + s * chunk_size
-        same = _same_document(t_valid[:, None], DOC, t, t_valid, pos, s < slots, HAS_DOCS)
+        same = _same_document((s < slots)[None, :], DOC, t, t_valid, pos, s < slots, HAS_DOCS)
         acc, m_i, l_i = _query_step(
             acc, m_i, l_i, q, do, lse, delta, K, V, pos, s < slots, same, stride_kn, stride_vn, dims, qk_scale,
             HAS_DOCS, False, BACKWARD, PRECISION,
@@ -225,7 +225,7 @@ def _query_kernel(
         s = s0 + offs_n
         pos = first + s * chunk_size
         s_valid = s < slots
-        allowed = (pos[None, :] < ws[:, None]) & s_valid[None, :] & t_valid[:, None]
+        allowed = (pos[None, :] < ws[:, None]) & s_valid[None, :]
         allowed = _same_document(allowed, DOC, t, t_valid, pos, s_valid, HAS_DOCS)
         acc, m_i, l_i = _query_step(
             acc, m_i, l_i, q, do, lse, delta, K, V, pos, s_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
@@ -235,7 +235,7 @@ def _query_kernel(
     for j0 in range(tl.maximum(ws_lo, 0), t_last + 1, BLOCK_N):
         j = j0 + offs_n
         j_valid = j < n
-        allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :] & t_valid[:, None]
+        allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :]
         allowed = _same_document(allowed, DOC, t, t_valid, j, j_valid, HAS_DOCS)
         acc, m_i, l_i = _query_step(
             acc, m_i, l_i, q, do, lse, delta, K, V, j, j_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
