@@ -77,7 +77,7 @@ def compile_attention_kernels() -> list[str]:
     done = []
     for head_dim, backward, docs, chunk_window in itertools.product((64, 128), (False, True), (False, True), (False, True)):
         pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "O", "OUT")}
-        pointers.update(LSE="fp32", DELTA="fp32", DOC="i32")
+        pointers.update(LSE="fp32", DELTA="fp32", DOC_START="i32")
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.dq_queries if backward else config.forward_queries,
             BLOCK_N=config.dq_keys if backward else config.forward_keys, CHUNK_WINDOW=chunk_window,
@@ -92,7 +92,7 @@ def compile_attention_kernels() -> list[str]:
         )
     for head_dim, slots, docs, chunk_window in itertools.product((64, 128), (False, True), (False, True), (False, True)):
         pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "DK", "DV")}
-        pointers.update(LSE="fp32", DELTA="fp32", DOC="i32")
+        pointers.update(LSE="fp32", DELTA="fp32", DOC_START="i32", DOC_END="i32")
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, CHUNK_WINDOW=chunk_window,
             HAS_DOCS=docs, PRECISION="tf32", SLOTS=slots,

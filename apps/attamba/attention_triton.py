@@ -131,16 +131,6 @@ def _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed_t, qk_scale, MASKED: tl.
 
 
 @triton.jit
-def _same_document(allowed, doc_ptr, rows_a, valid_a, rows_b, valid_b, HAS_DOCS: tl.constexpr):
-    """``allowed`` [len(a), len(b)], and'ed with "row a and row b are in one document"."""
-    if HAS_DOCS:
-        doc_a = tl.load(doc_ptr + rows_a, mask=valid_a, other=-1)
-        doc_b = tl.load(doc_ptr + rows_b, mask=valid_b, other=-2)
-        allowed = allowed & (doc_a[:, None] == doc_b[None, :])
-    return allowed
-
-
-@triton.jit
 def _program_head(heads):
     """(b·H + h, b, h) of this program: grid axis 0 runs over batch × heads."""
     bh = tl.program_id(0).to(tl.int64)
@@ -158,12 +148,12 @@ def _load_rows(base, rows, valid, stride_row, dims, MASKED: tl.constexpr):
 @triton.jit
 def _query_step(
     acc, m_i, l_i, q, do, lse, delta, K, V, rows, rows_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
-    MASKED: tl.constexpr, LOAD_MASKED: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One block of keys (rows of K and V) for a block of queries: the forward's online softmax,
-    or the dQ sum with BACKWARD."""
-    k = _load_rows(K, rows, rows_valid, stride_kn, dims, LOAD_MASKED)
-    v = _load_rows(V, rows, rows_valid, stride_vn, dims, LOAD_MASKED)
+    or the dQ sum with BACKWARD. Unmasked blocks hold valid rows only."""
+    k = _load_rows(K, rows, rows_valid, stride_kn, dims, MASKED)
+    v = _load_rows(V, rows, rows_valid, stride_vn, dims, MASKED)
     if BACKWARD:
         acc = _dq_block(acc, q, do, k, v, lse, delta, allowed, qk_scale, MASKED, PRECISION)
     else:
@@ -173,7 +163,7 @@ def _query_step(
 
 @triton.jit
 def _query_kernel(
-    Q, K, V, DO, O, LSE, DELTA, OUT, DOC,
+    Q, K, V, DO, O, LSE, DELTA, OUT, DOC_START,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, qk_scale, sm_scale,
@@ -182,13 +172,13 @@ def _query_kernel(
 ):
     """One block of queries over every key block it sees. Forward: OUT = attention output, LSE
     written. BACKWARD: OUT = dQ, and rowsum(dO ∘ O) written to DELTA for the dK/dV kernel that runs
-    next. OUT, O, LSE and DELTA are contiguous (allocated here)."""
+    next. OUT, O, LSE and DELTA are contiguous (allocated here). DOC_START [B or 1, n]: where each
+    position's document begins (HAS_DOCS)."""
     # Heads vary fastest and the last query blocks (the most keys) go first: fewer stragglers.
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     bh, b, h = _program_head(heads)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    DOC += b * stride_doc
     dims = tl.arange(0, HEAD_DIM)
     t = m0 + tl.arange(0, BLOCK_M)
     t_valid = t < n
@@ -205,41 +195,52 @@ def _query_kernel(
     t_last = tl.minimum(m0 + BLOCK_M, n) - 1
     ws_lo = _window_start(m0, leading, chunk_size, offset, CHUNK_WINDOW)
     ws_hi = _window_start(t_last, leading, chunk_size, offset, CHUNK_WINDOW)
+    if HAS_DOCS:
+        # Keys before the block's first document are seen by no row; from the last row's
+        # document start on, every key a row sees anyway is in its document.
+        DOC_START += b * stride_doc
+        doc_start = tl.load(DOC_START + t, mask=t_valid, other=0)
+        doc_lo = tl.load(DOC_START + m0)
+        doc_hi = tl.load(DOC_START + t_last)
+    else:
+        doc_start, doc_lo, doc_hi = t, 0, 0  # doc_start unused
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
 
-    # Compressed slots: those before every row's window need no position mask.
-    full_end = (tl.minimum(_slot_count_before(ws_lo, first, chunk_size), slots) // BLOCK_N) * BLOCK_N
+    # Compressed slots, in blocks from the first one any row sees: masked while they reach
+    # before the last row's document, unmasked while before every row's window, masked to the end.
+    slot_begin = _slot_count_before(doc_lo, first, chunk_size)
+    any_doc = _slot_count_before(doc_hi, first, chunk_size)
+    all_windows = tl.minimum(_slot_count_before(ws_lo, first, chunk_size), slots)
     slot_end = tl.minimum(_slot_count_before(ws_hi, first, chunk_size), slots)
-    for s0 in range(0, full_end, BLOCK_N):
-        s = s0 + offs_n
-        pos = first + s * chunk_size
-        same = _same_document((s < slots)[None, :], DOC, t, t_valid, pos, s < slots, HAS_DOCS)
-        acc, m_i, l_i = _query_step(
-            acc, m_i, l_i, q, do, lse, delta, K, V, pos, s < slots, same, stride_kn, stride_vn, dims, qk_scale,
-            HAS_DOCS, False, BACKWARD, PRECISION,
+    unmasked_begin = slot_begin + tl.cdiv(tl.maximum(any_doc - slot_begin, 0), BLOCK_N) * BLOCK_N
+    unmasked_end = unmasked_begin + tl.maximum(all_windows - unmasked_begin, 0) // BLOCK_N * BLOCK_N
+    for s0 in range(slot_begin, tl.minimum(unmasked_begin, slot_end), BLOCK_N):
+        acc, m_i, l_i = _query_slots(
+            acc, m_i, l_i, q, do, lse, delta, K, V, s0 + offs_n, ws, doc_start, slots, first, chunk_size,
+            stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION,
         )
-    for s0 in range(full_end, slot_end, BLOCK_N):
-        s = s0 + offs_n
-        pos = first + s * chunk_size
-        s_valid = s < slots
-        allowed = (pos[None, :] < ws[:, None]) & s_valid[None, :]
-        allowed = _same_document(allowed, DOC, t, t_valid, pos, s_valid, HAS_DOCS)
-        acc, m_i, l_i = _query_step(
-            acc, m_i, l_i, q, do, lse, delta, K, V, pos, s_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
-            True, True, BACKWARD, PRECISION,
+    for s0 in range(unmasked_begin, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _query_slots(
+            acc, m_i, l_i, q, do, lse, delta, K, V, s0 + offs_n, ws, doc_start, slots, first, chunk_size,
+            stride_kn, stride_vn, dims, qk_scale, False, HAS_DOCS, BACKWARD, PRECISION,
         )
-    # The window: positions [ws(t), t].
-    for j0 in range(tl.maximum(ws_lo, 0), t_last + 1, BLOCK_N):
+    for s0 in range(tl.maximum(unmasked_begin, unmasked_end), slot_end, BLOCK_N):
+        acc, m_i, l_i = _query_slots(
+            acc, m_i, l_i, q, do, lse, delta, K, V, s0 + offs_n, ws, doc_start, slots, first, chunk_size,
+            stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION,
+        )
+    # The window: positions [ws(t), t], from the block's first document on.
+    for j0 in range(tl.maximum(ws_lo, doc_lo), t_last + 1, BLOCK_N):
         j = j0 + offs_n
         j_valid = j < n
         allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :]
-        allowed = _same_document(allowed, DOC, t, t_valid, j, j_valid, HAS_DOCS)
+        allowed = _in_document(allowed, j[None, :], doc_start[:, None], HAS_DOCS)
         acc, m_i, l_i = _query_step(
             acc, m_i, l_i, q, do, lse, delta, K, V, j, j_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
-            True, True, BACKWARD, PRECISION,
+            True, BACKWARD, PRECISION,
         )
 
     out_ptrs = _row_ptrs(OUT + bh * n * HEAD_DIM, t, HEAD_DIM, dims)
@@ -252,38 +253,64 @@ def _query_kernel(
 
 
 @triton.jit
+def _query_slots(
+    acc, m_i, l_i, q, do, lse, delta, K, V, s, ws, doc_start, slots, first, chunk_size,
+    stride_kn, stride_vn, dims, qk_scale,
+    MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """A block of compressed slots s for a block of queries; unmasked blocks lie before every
+    row's window, in every row's document."""
+    pos = first + s * chunk_size
+    s_valid = s < slots
+    allowed = (pos[None, :] < ws[:, None]) & s_valid[None, :]
+    if MASKED:
+        allowed = _in_document(allowed, pos[None, :], doc_start[:, None], HAS_DOCS)
+    return _query_step(
+        acc, m_i, l_i, q, do, lse, delta, K, V, pos, s_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
+        MASKED, BACKWARD, PRECISION,
+    )
+
+
+@triton.jit
+def _in_document(allowed, keys, doc_start, HAS_DOCS: tl.constexpr):
+    """``allowed`` and "the key is in the query's document": a visible key is never after its
+    query, so it is in the query's document iff not before that document's start."""
+    if HAS_DOCS:
+        allowed = allowed & (keys >= doc_start)
+    return allowed
+
+
+@triton.jit
 def _key_step(
-    dk, dv, k, v, Q, DO, LSE, DELTA, DOC, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+    dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
     leading, chunk_size, offset, qk_scale, BLOCK_M: tl.constexpr,
-    POSITION_MASK: tl.constexpr, SLOTS: tl.constexpr, CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+    MASKED: tl.constexpr, SLOTS: tl.constexpr, CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dK, dV of one block of keys from one block of queries at m0. Without POSITION_MASK every
-    query of the block is < n and sees every key (documents aside)."""
+    """dK, dV of one block of keys from one block of queries at m0. Unmasked: every query of the
+    block is < n and sees every key."""
     t = m0 + tl.arange(0, BLOCK_M)
     t_valid = t < n
-    q = _load_rows(Q, t, t_valid, stride_qn, dims, POSITION_MASK)
-    do = _load_rows(DO, t, t_valid, stride_don, dims, POSITION_MASK)
+    q = _load_rows(Q, t, t_valid, stride_qn, dims, MASKED)
+    do = _load_rows(DO, t, t_valid, stride_don, dims, MASKED)
     lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
     delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
     allowed = keys_valid[:, None] & t_valid[None, :]
-    if POSITION_MASK:
+    if MASKED:
         ws = _window_start(t, leading, chunk_size, offset, CHUNK_WINDOW)
         if SLOTS:
             allowed = allowed & (keys[:, None] < ws[None, :])
         else:
             allowed = allowed & (keys[:, None] >= ws[None, :]) & (keys[:, None] <= t[None, :])
-    allowed = _same_document(allowed, DOC, keys, keys_valid, t, t_valid, HAS_DOCS)
-    if POSITION_MASK:
-        dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, True, PRECISION)
-    else:
-        dk, dv = _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, HAS_DOCS, PRECISION)
-    return dk, dv
+        if HAS_DOCS:
+            doc_start = tl.load(DOC_START + t, mask=t_valid, other=0)
+            allowed = _in_document(allowed, keys[:, None], doc_start[None, :], HAS_DOCS)
+    return _dkv_block(dk, dv, k, v, q, do, lse, delta, allowed, qk_scale, MASKED, PRECISION)
 
 
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale,
@@ -293,56 +320,69 @@ def _dkv_kernel(
     """dK, dV of one block of keys (heads vary fastest). Launched twice: first for blocks of window
     keys (``SLOTS`` off; writes every row), then for blocks of compressed slots (the long loops,
     the first slots first), which add their slots' share to the rows the first launch wrote.
-    ``window_reach``: the most a query lies after a window key, plus one (L, or P with chunks)."""
+    ``window_reach``: the most a query lies after a window key, plus one (L, or P with chunks).
+    DOC_END [B or 1, n]: where each position's document ends (exclusive; HAS_DOCS)."""
     pid = tl.program_id(1)
     bh, b, h = _program_head(heads)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
-    DOC += b * stride_doc
     dims = tl.arange(0, HEAD_DIM)
     index = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     if SLOTS:
         keys, keys_valid = first + index * chunk_size, index < slots
+        first_key = first + pid * BLOCK_N * chunk_size
+        last_key = first + (tl.minimum((pid + 1) * BLOCK_N, slots) - 1) * chunk_size
     else:
         keys, keys_valid = index, index < n
+        first_key = pid * BLOCK_N
+        last_key = tl.minimum((pid + 1) * BLOCK_N, n) - 1
     k = _load_rows(K + b * stride_kb + h * stride_kh, keys, keys_valid, stride_kn, dims, True)
     v = _load_rows(V + b * stride_vb + h * stride_vh, keys, keys_valid, stride_vn, dims, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if HAS_DOCS:
+        # Queries from the end of the last key's document on see none of the block; before the
+        # end of the first key's document every query that sees a key is in its document.
+        DOC_START += b * stride_doc
+        DOC_END += b * stride_doc
+        t_stop = tl.load(DOC_END + last_key)
+        doc_free_end = tl.load(DOC_END + first_key)
+    else:
+        t_stop, doc_free_end = n, n
     if SLOTS:
         # A slot at p is seen by t iff ws(t) > p: t >= p + L, or t >= p + 1 (the next chunk).
         if CHUNK_WINDOW:
             visible_after = 1
         else:
             visible_after = leading
-        t_begin = first + pid * BLOCK_N * chunk_size + visible_after
+        t_begin = first_key + visible_after
         # From t_all on every slot of the block is visible to every query of a query block.
-        t_all = first + (pid * BLOCK_N + BLOCK_N - 1) * chunk_size + visible_after
-        masked_end = tl.minimum(tl.cdiv(t_all, BLOCK_M) * BLOCK_M, n)
+        t_all = last_key + visible_after
+        masked_end = tl.minimum(tl.cdiv(t_all, BLOCK_M) * BLOCK_M, t_stop)
         if (pid + 1) * BLOCK_N > slots:
-            masked_end = n  # the last block has padding slots
-        unmasked_end = (n // BLOCK_M) * BLOCK_M
+            masked_end = t_stop  # the last block has padding slots
+        unmasked_end = tl.maximum(tl.minimum(n, doc_free_end) // BLOCK_M * BLOCK_M, masked_end)
         for m0 in range((t_begin // BLOCK_M) * BLOCK_M, masked_end, BLOCK_M):
             dk, dv = _key_step(
-                dk, dv, k, v, Q, DO, LSE, DELTA, DOC, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims, leading, chunk_size,
-                offset, qk_scale, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
+                dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+                leading, chunk_size, offset, qk_scale, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
             )
         for m0 in range(masked_end, unmasked_end, BLOCK_M):
             dk, dv = _key_step(
-                dk, dv, k, v, Q, DO, LSE, DELTA, DOC, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims, leading, chunk_size,
-                offset, qk_scale, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
+                dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+                leading, chunk_size, offset, qk_scale, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
             )
-        for m0 in range(tl.maximum(masked_end, unmasked_end), n, BLOCK_M):
+        for m0 in range(unmasked_end, t_stop, BLOCK_M):
             dk, dv = _key_step(
-                dk, dv, k, v, Q, DO, LSE, DELTA, DOC, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims, leading, chunk_size,
-                offset, qk_scale, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
+                dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+                leading, chunk_size, offset, qk_scale, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
             )
     else:
-        t_end = tl.minimum(pid * BLOCK_N + BLOCK_N - 1 + window_reach, n)
+        t_end = tl.minimum(last_key + window_reach, t_stop)
         for m0 in range((pid * BLOCK_N // BLOCK_M) * BLOCK_M, t_end, BLOCK_M):
             dk, dv = _key_step(
-                dk, dv, k, v, Q, DO, LSE, DELTA, DOC, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims, leading, chunk_size,
-                offset, qk_scale, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION,
+                dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+                leading, chunk_size, offset, qk_scale, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION,
             )
     dk_ptrs = _row_ptrs(DK + bh * n * HEAD_DIM, keys, HEAD_DIM, dims)
     dv_ptrs = _row_ptrs(DV + bh * n * HEAD_DIM, keys, HEAD_DIM, dims)
@@ -382,11 +422,26 @@ def _config(device: torch.device) -> KernelConfig:
     return CUDA_CONFIG if device.type == "cuda" else INTERPRETER_CONFIG
 
 
-def _docs_argument(doc_ids: Optional[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, int]:
-    if doc_ids is None:
-        return torch.zeros(1, dtype=torch.int32, device=like.device), 0
-    docs = doc_ids.to(torch.int32).contiguous()
-    return docs, (docs.stride(0) if docs.shape[0] > 1 else 0)
+def document_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each position's document starts and ends (exclusive): two Int32 [B, n] from the
+    documents' numbers [B, n]. Plain tensor ops, so that a compiled block fuses them."""
+    n = doc_ids.shape[1]
+    positions = torch.arange(n, device=doc_ids.device)
+    new_document = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+    starts = torch.where(new_document, positions, 0).cummax(dim=1).values
+    next_start = torch.where(new_document, positions, n)
+    after = torch.cat([next_start[:, 1:], torch.full_like(next_start[:, :1], n)], 1)
+    ends = after.flip(1).cummin(dim=1).values.flip(1)
+    return starts.to(torch.int32), ends.to(torch.int32)
+
+
+def _document_arguments(bounds: Optional[tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor) -> tuple:
+    """DOC_START, DOC_END and their row stride (0 when every row shares one row of documents)."""
+    if bounds is None:
+        placeholder = torch.zeros(1, dtype=torch.int32, device=like.device)
+        return placeholder, placeholder, 0
+    starts, ends = (bound.to(torch.int32).contiguous() for bound in bounds)
+    return starts, ends, (starts.stride(0) if starts.shape[0] > 1 else 0)
 
 
 def _mask_arguments(mask: PeriodicMask, n: int) -> tuple:
@@ -403,8 +458,8 @@ def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("attamba::periodic_attention_fwd", mutates_args=())
 def _periodic_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
-    chunk_size: int, offset: int, leading: int, chunk_window: bool,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: Optional[torch.Tensor],
+    doc_end: Optional[torch.Tensor], chunk_size: int, offset: int, leading: int, chunk_window: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> output [B, H, n, d] and the base-2 log-sum-exp [B, H, n] (float32)."""
     batch, heads, n, head_dim = q.shape
@@ -413,29 +468,29 @@ def _periodic_forward(
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     out = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)
-    docs, doc_stride = _docs_argument(doc_ids, q)
+    starts, _, doc_stride = _document_arguments(None if doc_start is None else (doc_start, doc_end), q)
     sm_scale = head_dim**-0.5
     # DO, O and DELTA are the backward's; the forward passes stand-ins it never reads.
     _query_kernel[(batch * heads, triton.cdiv(n, config.forward_queries))](
-        q, k, v, q, out, lse, lse, out, docs, *_strides(q, k, v, q), doc_stride,
+        q, k, v, q, out, lse, lse, out, starts, *_strides(q, k, v, q), doc_stride,
         n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.forward_queries, BLOCK_N=config.forward_keys,
-        CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_ids is not None, PRECISION=_dot_precision(q.dtype), BACKWARD=False,
+        CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=_dot_precision(q.dtype), BACKWARD=False,
         num_warps=config.forward_warps, num_stages=config.forward_stages,
     )
     return out, lse
 
 
 @_periodic_forward.register_fake
-def _periodic_forward_fake(q, k, v, doc_ids, chunk_size, offset, leading, chunk_window):
+def _periodic_forward_fake(q, k, v, doc_start, doc_end, chunk_size, offset, leading, chunk_window):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("attamba::periodic_attention_bwd", mutates_args=())
 def _periodic_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, doc_ids: Optional[torch.Tensor], chunk_size: int, offset: int, leading: int,
-    chunk_window: bool,
+    lse: torch.Tensor, doc_start: Optional[torch.Tensor], doc_end: Optional[torch.Tensor], chunk_size: int,
+    offset: int, leading: int, chunk_window: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv."""
     batch, heads, n, head_dim = q.shape
@@ -444,16 +499,16 @@ def _periodic_backward(
     q, k, v, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, grad_out))
     out = out.contiguous()
     delta = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)  # the dQ kernel fills it
-    docs, doc_stride = _docs_argument(doc_ids, q)
+    starts, ends, doc_stride = _document_arguments(None if doc_start is None else (doc_start, doc_end), q)
     sm_scale = head_dim**-0.5
     precision = _dot_precision(q.dtype)
-    common = dict(HEAD_DIM=head_dim, CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_ids is not None, PRECISION=precision)
+    common = dict(HEAD_DIM=head_dim, CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=precision)
     strides = (*_strides(q, k, v, grad_out), doc_stride)
     slots = mask.slots(n)
 
     dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     _query_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
-        q, k, v, grad_out, out, lse, delta, dq, docs, *strides,
+        q, k, v, grad_out, out, lse, delta, dq, starts, *strides,
         n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, BACKWARD=True, **common,
         num_warps=config.dq_warps, num_stages=config.backward_stages,
@@ -464,7 +519,7 @@ def _periodic_backward(
         if blocks == 0:
             continue
         _dkv_kernel[(batch * heads, blocks)](
-            q, k, v, grad_out, lse, delta, dk, dv, docs, *strides,
+            q, k, v, grad_out, lse, delta, dk, dv, starts, ends, *strides,
             n, heads, *_mask_arguments(mask, n), mask.window_reach, sm_scale * LOG2_E, sm_scale,
             BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, SLOTS=slot_role, **common,
             num_warps=config.dkv_warps, num_stages=config.backward_stages,
@@ -473,21 +528,21 @@ def _periodic_backward(
 
 
 @_periodic_backward.register_fake
-def _periodic_backward_fake(grad_out, q, k, v, out, lse, doc_ids, chunk_size, offset, leading, chunk_window):
+def _periodic_backward_fake(grad_out, q, k, v, out, lse, doc_start, doc_end, chunk_size, offset, leading, chunk_window):
     return tuple(torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, doc_ids, chunk_size, offset, leading, chunk_window = inputs
+    q, k, v, doc_start, doc_end, chunk_size, offset, leading, chunk_window = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+    ctx.save_for_backward(q, k, v, out, lse, doc_start, doc_end)
     ctx.mask = (chunk_size, offset, leading, chunk_window)
 
 
 def _autograd(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, doc_ids = ctx.saved_tensors
-    dq, dk, dv = _periodic_backward(grad_out, q, k, v, out, lse, doc_ids, *ctx.mask)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, out, lse, doc_start, doc_end = ctx.saved_tensors
+    dq, dk, dv = _periodic_backward(grad_out, q, k, v, out, lse, doc_start, doc_end, *ctx.mask)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 torch.library.register_autograd("attamba::periodic_attention_fwd", _autograd, setup_context=_setup_context)
@@ -502,8 +557,8 @@ def periodic_attention(
 ) -> torch.Tensor:
     """Attamba attention of q [B, H, n, d] over k, v [B, H, n, d] under periodic boundaries.
 
-    ``doc_ids`` [B or 1, n] numbers packed documents. Needs CUDA tensors (or the Triton
-    interpreter) and a head size that :func:`supports`.
+    ``doc_ids`` [B or 1, n] numbers packed documents (each document one run of equal numbers).
+    Needs CUDA tensors (or the Triton interpreter) and a head size that :func:`supports`.
     """
     if q.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("periodic_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
@@ -516,4 +571,5 @@ def periodic_attention(
     # Under autocast q comes out of a bf16 matmul while the SSMs' k and v may stay float32; the
     # kernels multiply one dtype, q's, as autocast would have.
     k, v = k.to(q.dtype), v.to(q.dtype)
-    return _periodic_forward(q, k, v, doc_ids, mask.chunk_size, mask.offset, mask.leading, mask.chunk_window)[0]
+    starts, ends = document_bounds(doc_ids) if doc_ids is not None else (None, None)
+    return _periodic_forward(q, k, v, starts, ends, mask.chunk_size, mask.offset, mask.leading, mask.chunk_window)[0]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from apps.attamba.attention import _naive_attention, attamba_attention, prepare_attention, reference_mask
-from apps.attamba.attention_triton import PeriodicMask, periodic_attention
+from apps.attamba.attention_triton import PeriodicMask, document_bounds, periodic_attention
 from apps.attamba.chunking import periodic_boundaries, random_boundaries
 from tests.triton_interpreter import allow_one_element_index_in_interpreter
 from tests.triton_offline import ptxas_available
@@ -85,6 +85,41 @@ def test_kernels_equal_the_materialized_mask(n, chunk_size, offset, leading, doc
         assert relative_error(actual, wanted) < bound, f"d{name}"
 
 
+def random_documents(batch: int, n: int, longest: int, seed: int) -> torch.Tensor:
+    """Rows of packed documents of random lengths 1..longest."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths = torch.randint(1, longest + 1, (n,), generator=generator)
+        rows.append(torch.repeat_interleave(torch.arange(n), lengths)[:n])
+    return torch.stack(rows).to(DEVICE)
+
+
+@pytest.mark.parametrize("leading", [5, "chunk"])
+@pytest.mark.parametrize("longest", [3, 12, 40])
+def test_many_short_documents(leading, longest):
+    """Documents shorter and longer than the 16-row tiles: the kernels skip the key blocks before a
+    query block's first document and unmask those inside every row's document."""
+    torch.manual_seed(longest)
+    n = 100
+    q, k, v, grad = (torch.randn(2, 2, n, 16, device=DEVICE) for _ in range(4))
+    mask = PeriodicMask(4, 3, 0 if leading == "chunk" else leading, chunk_window=leading == "chunk")
+    doc_ids = random_documents(2, n, longest, seed=longest)
+    out, grads = kernel(q, k, v, mask, doc_ids, grad)
+    expected, expected_grads = reference(q, k, v, mask, doc_ids, grad)
+    bound = 1e-5 if DEVICE == "cpu" else 2e-3
+    assert relative_error(out, expected) < bound
+    for name, actual, wanted in zip("qkv", grads, expected_grads):
+        assert relative_error(actual, wanted) < bound, f"d{name}"
+
+
+def test_document_bounds():
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5], [0, 1, 2, 2, 3, 3]])
+    starts, ends = document_bounds(doc_ids)
+    assert starts.tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6, [0, 1, 2, 2, 4, 4]]
+    assert ends.tolist() == [[2, 2, 5, 5, 5, 6], [6] * 6, [1, 2, 4, 4, 6, 6]]
+
+
 def test_strided_inputs_and_shared_documents_row():
     """q, k, v as [B, n, H, d] transposed views (what the model passes), documents as [1, n]."""
     torch.manual_seed(5)
@@ -119,7 +154,7 @@ def test_the_op_passes_opcheck():
     q, k, v = (torch.randn(1, 2, 24, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     torch.library.opcheck(
         torch.ops.attamba.periodic_attention_fwd.default,
-        (q, k, v, documents(1, 24), 4, 1, 3, False),
+        (q, k, v, *document_bounds(documents(1, 24)), 4, 1, 3, False),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
 
@@ -238,3 +273,17 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("compiled for sm_90") == 32
+
+
+def test_compiles_without_a_graph_break_with_documents():
+    """The document bounds are plain tensor ops before the custom op: one graph under torch.compile."""
+    torch.manual_seed(11)
+    n = 40
+    q, k, v = (torch.randn(2, 2, n, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    doc_ids = random_documents(2, n, 9, seed=3)
+    mask = PeriodicMask(4, 1, 3)
+    compiled = torch.compile(lambda q, k, v, d: periodic_attention(q, k, v, mask, d), backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v, doc_ids)
+    out.sum().backward()
+    torch.testing.assert_close(out, periodic_attention(q, k, v, mask, doc_ids))
+    assert q.grad is not None and k.grad is not None and v.grad is not None
