@@ -9,10 +9,14 @@ a fixed token budget (batch = tokens / n). Backends:
   FlexAttention; the gather itself runs eagerly here, fused into the compiled block in training);
 - ``sdpa_gathered``: the same layout with a materialized mask through SDPA;
 - ``sdpa_dense``: a full-length boolean mask through SDPA (the seed's way);
-- ``causal``: full causal attention, ``F.scaled_dot_product_attention(is_causal=True)`` (flash).
+- ``causal``: full causal attention, ``F.scaled_dot_product_attention(is_causal=True)`` (flash);
+  with ``--mean-doc``, FlexAttention under a causal document block mask (flash has no documents).
+
+``--mean-doc M`` packs documents of random (geometric) length with mean M tokens into every row,
+as training does; the Attamba backends mask them too.
 
     python benchmarks/bench_attention.py [--seq-lens 1024 4096 16384 32768] [--tokens 65536]
-        [--chunk 8] [--leading 16] [--impls triton flex sdpa_dense causal] [--out results.json]
+        [--chunk 8] [--leading 16] [--impls triton flex sdpa_dense causal] [--mean-doc 0] [--out results.json]
 
 Needs CUDA (bf16); on a CPU it says so and exits.
 """
@@ -35,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apps.attamba import accounting  # noqa: E402
 from apps.attamba.attention import attamba_attention  # noqa: E402
 from apps.attamba.chunking import periodic_boundaries  # noqa: E402
+from benchmarks.profile_step import random_doc_ids  # noqa: E402
+from lingua import masks  # noqa: E402
 
 IMPLS = ("triton", "flex", "sdpa_gathered", "sdpa_dense", "causal")
 
@@ -49,11 +55,14 @@ class Measurement:
     note: str = ""
 
 
-def attention_fn(impl: str, seq_len: int, chunk_size: int, leading_tokens) -> Callable:
-    if impl == "causal":
+def attention_fn(impl: str, seq_len: int, chunk_size: int, leading_tokens, doc_ids: Optional[torch.Tensor]) -> Callable:
+    if impl == "causal" and doc_ids is None:
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if impl == "causal":
+        block_mask = masks.causal_block_mask(doc_ids, doc_ids.shape[0], seq_len, None, "cuda")
+        return lambda q, k, v: masks.flex_attention(q, k, v, block_mask=block_mask)
     boundaries = periodic_boundaries(seq_len, chunk_size, 0, "cuda")
-    return lambda q, k, v: attamba_attention(q, k, v, boundaries, leading_tokens, None, impl)
+    return lambda q, k, v: attamba_attention(q, k, v, boundaries, leading_tokens, doc_ids, impl)
 
 
 def time_ms(step: Callable[[], None], warmup: int, iters: int) -> float:
@@ -76,7 +85,9 @@ def measure(impl: str, seq_len: int, args: argparse.Namespace) -> Measurement:
     shape = (batch, args.heads, seq_len, args.head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    attend = attention_fn(impl, seq_len, args.chunk, args.leading)
+    torch.manual_seed(seq_len)  # the same documents for every backend at this length
+    doc_ids = random_doc_ids(batch, seq_len, args.mean_doc, "cuda")
+    attend = attention_fn(impl, seq_len, args.chunk, args.leading, doc_ids)
 
     def step() -> None:
         attend(q, k, v).backward(grad)
@@ -99,7 +110,8 @@ def measure(impl: str, seq_len: int, args: argparse.Namespace) -> Measurement:
 
 
 def print_table(results: list[Measurement], args: argparse.Namespace) -> None:
-    print(f"\nAttention fwd+bwd, {args.tokens} tokens per step, H={args.heads}, d={args.head_dim}, P={args.chunk}, L={args.leading}, bf16")
+    documents = f", documents of mean length {args.mean_doc}" if args.mean_doc else ""
+    print(f"\nAttention fwd+bwd, {args.tokens} tokens per step, H={args.heads}, d={args.head_dim}, P={args.chunk}, L={args.leading}, bf16{documents}")
     print(f"{'impl':<14}{'n':>7}{'batch':>7}{'ms':>10}{'peak MiB':>11}{'vs causal':>11}{'work ratio':>12}  note")
     causal_ms = {r.seq_len: r.forward_backward_ms for r in results if r.impl == "causal"}
     for r in results:
@@ -109,7 +121,7 @@ def print_table(results: list[Measurement], args: argparse.Namespace) -> None:
         ms = f"{r.forward_backward_ms:.2f}" if r.forward_backward_ms else "-"
         peak = f"{r.peak_extra_mib:.0f}" if r.peak_extra_mib is not None else "-"
         ratio = f"{speedup:.2f}x" if speedup else "-"
-        work_text = f"{work:.1f}x" if r.impl != "causal" else ""
+        work_text = f"{work:.1f}x" if r.impl != "causal" and not args.mean_doc else ""  # ratio without documents
         print(f"{r.impl:<14}{r.seq_len:>7}{r.batch:>7}{ms:>10}{peak:>11}{ratio:>11}{work_text:>12}  {r.note}")
 
 
@@ -122,6 +134,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chunk", type=int, default=8, help="chunk size P")
     parser.add_argument("--leading", type=int, default=16, help="leading tokens L")
     parser.add_argument("--impls", nargs="+", default=["triton", "flex", "sdpa_dense", "causal"], choices=IMPLS)
+    parser.add_argument("--mean-doc", type=int, default=0, help="pack documents of this mean length (0: none)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", type=Path, help="also write the measurements as JSON")

@@ -4,7 +4,8 @@
 # triton, flex, sdpa_dense, causal flash). Logs and JSON go under $OUT; the tables print last.
 #
 #   OUT=/tmp/attention bash scripts/device_attention.sh
-# TUNE=false skips the tile sweep; BENCH_ARGS goes to bench_attention.py (e.g. "--seq-lens 16384").
+# TUNE=false skips the tile sweep; BENCH_ARGS goes to bench_attention.py (e.g. "--seq-lens 16384");
+# DOCS=false skips the second benchmark, with packed documents of mean length 512 (as training).
 set -u
 OUT="${OUT:-/tmp/device_attention}"
 source "$(dirname "$0")/device_env.sh"
@@ -16,6 +17,11 @@ if [ "${TUNE:-true}" = true ]; then
   timeout -k 10 200 python benchmarks/tune_attention_triton.py --out "$OUT/tune.json" > "$OUT/tune.txt" 2>&1
 fi
 timeout -k 10 200 python benchmarks/bench_attention.py ${BENCH_ARGS:-} --out "$OUT/bench_attention.json" > "$OUT/bench.txt" 2>&1
+if [ "${DOCS:-true}" = true ]; then
+  timeout -k 10 150 python benchmarks/bench_attention.py --mean-doc 512 --seq-lens 1024 4096 16384 --impls triton flex causal \
+    --out "$OUT/bench_attention_documents.json" > "$OUT/bench_documents.txt" 2>&1
+fi
 grep -E "^(FAILED|ERROR)|passed|failed|exit code" "$OUT/pytest.txt" | tail -12
 [ -f "$OUT/tune.txt" ] && tail -21 "$OUT/tune.txt"
 grep -v "^measured" "$OUT/bench.txt" | tail -20
+[ -f "$OUT/bench_documents.txt" ] && grep -v "^measured" "$OUT/bench_documents.txt" | tail -12
