@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from apps.attamba import attention_triton
-from apps.attamba.chunking import LayerBoundaries, LeadingTokens, window_starts
+from apps.attamba.chunking import LayerBoundaries, LeadingTokens, periodic_slots, window_starts
 from lingua import masks
 from lingua.transformer import attend as causal_attention
 from lingua.transformer import attention_mask
@@ -146,8 +146,7 @@ def gathered_layout(
     device = boundaries.is_boundary.device
     if boundaries.period is not None:
         chunk_size, offset = boundaries.period
-        first = chunk_size - 1 - offset
-        count = max(0, (n - 1 - first) // chunk_size + 1)
+        first, count = periodic_slots(n, chunk_size, offset)
         # Plain ints, specialised into the compiled kernel: a layer offset costs one compile per
         # sequence length, while tensor-held offsets cost every call ~0.5 ms of loads (H100).
 

@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from apps.attamba.ssd_triton import _INTERPRETED, _dot_precision
+from apps.attamba.chunking import document_starts, periodic_slots
+from apps.attamba.ssd_torch import positions_in_segment
+from apps.attamba.ssd_triton import _INTERPRETED, _dot_precision, _last_dim_contiguous
 
 LOG2_E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)
@@ -379,7 +381,7 @@ def _dkv_kernel(
             )
     else:
         t_end = tl.minimum(last_key + window_reach, t_stop)
-        for m0 in range((pid * BLOCK_N // BLOCK_M) * BLOCK_M, t_end, BLOCK_M):
+        for m0 in range((first_key // BLOCK_M) * BLOCK_M, t_end, BLOCK_M):
             dk, dv = _key_step(
                 dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
                 leading, chunk_size, offset, qk_scale, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION,
@@ -406,13 +408,6 @@ class PeriodicMask:
     """The window is the current partial chunk (``leading_tokens: chunk``)."""
 
     @property
-    def first(self) -> int:
-        return self.chunk_size - 1 - self.offset
-
-    def slots(self, n: int) -> int:
-        return max(0, (n - 1 - self.first) // self.chunk_size + 1)
-
-    @property
     def window_reach(self) -> int:
         """The most a query may lie after a key of its window, plus one."""
         return self.chunk_size if self.chunk_window else self.leading
@@ -425,35 +420,31 @@ def _config(device: torch.device) -> KernelConfig:
 def document_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each position's document starts and ends (exclusive): two Int32 [B, n] from the
     documents' numbers [B, n]. Plain tensor ops, so that a compiled block fuses them."""
-    n = doc_ids.shape[1]
-    positions = torch.arange(n, device=doc_ids.device)
-    new_document = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
-    starts = torch.where(new_document, positions, 0).cummax(dim=1).values
-    next_start = torch.where(new_document, positions, n)
-    after = torch.cat([next_start[:, 1:], torch.full_like(next_start[:, :1], n)], 1)
-    ends = after.flip(1).cummin(dim=1).values.flip(1)
-    return starts.to(torch.int32), ends.to(torch.int32)
+    starts = document_starts(doc_ids)
+    positions = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    # A document's last token is where the next one starts, read right to left.
+    last = torch.cat([starts[:, 1:], torch.ones_like(starts[:, :1])], dim=1)
+    to_last = positions_in_segment(last.flip(1)).flip(1)
+    return (positions - positions_in_segment(starts)).to(torch.int32), (positions + 1 + to_last).to(torch.int32)
 
 
-def _document_arguments(bounds: Optional[tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor) -> tuple:
-    """DOC_START, DOC_END and their row stride (0 when every row shares one row of documents)."""
-    if bounds is None:
-        placeholder = torch.zeros(1, dtype=torch.int32, device=like.device)
-        return placeholder, placeholder, 0
-    starts, ends = (bound.to(torch.int32).contiguous() for bound in bounds)
-    return starts, ends, (starts.stride(0) if starts.shape[0] > 1 else 0)
+def _document_arguments(doc_start: Optional[torch.Tensor], doc_end: Optional[torch.Tensor], stand_in: torch.Tensor) -> tuple:
+    """DOC_START, DOC_END and their row stride (0 when every row shares one row of documents).
+    Without documents the kernels never read them: ``stand_in``, any tensor, takes their place."""
+    if doc_start is None:
+        return stand_in, stand_in, 0
+    doc_start, doc_end = doc_start.contiguous(), doc_end.contiguous()
+    return doc_start, doc_end, (doc_start.stride(0) if doc_start.shape[0] > 1 else 0)
 
 
 def _mask_arguments(mask: PeriodicMask, n: int) -> tuple:
-    return (mask.slots(n), mask.first, mask.chunk_size, mask.leading, mask.offset)
+    """The kernels' slots, first, chunk_size, leading, offset arguments."""
+    first, slots = periodic_slots(n, mask.chunk_size, mask.offset)
+    return (slots, first, mask.chunk_size, mask.leading, mask.offset)
 
 
 def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(stride for tensor in tensors for stride in tensor.stride()[:3])
-
-
-def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
 @torch.library.custom_op("attamba::periodic_attention_fwd", mutates_args=())
@@ -468,7 +459,7 @@ def _periodic_forward(
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     out = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)
-    starts, _, doc_stride = _document_arguments(None if doc_start is None else (doc_start, doc_end), q)
+    starts, _, doc_stride = _document_arguments(doc_start, doc_end, q)
     sm_scale = head_dim**-0.5
     # DO, O and DELTA are the backward's; the forward passes stand-ins it never reads.
     _query_kernel[(batch * heads, triton.cdiv(n, config.forward_queries))](
@@ -499,12 +490,12 @@ def _periodic_backward(
     q, k, v, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, grad_out))
     out = out.contiguous()
     delta = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)  # the dQ kernel fills it
-    starts, ends, doc_stride = _document_arguments(None if doc_start is None else (doc_start, doc_end), q)
+    starts, ends, doc_stride = _document_arguments(doc_start, doc_end, q)
     sm_scale = head_dim**-0.5
     precision = _dot_precision(q.dtype)
     common = dict(HEAD_DIM=head_dim, CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=precision)
     strides = (*_strides(q, k, v, grad_out), doc_stride)
-    slots = mask.slots(n)
+    slots = _mask_arguments(mask, n)[0]
 
     dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     _query_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](

@@ -225,9 +225,7 @@ class AttambaCache(PositionedCache):
         # or t - 1 a boundary; the SSM kernels read it at t themselves, see paired_step), and, for
         # every layer at once (one kernel each, not one a layer), t's compressed slot (the layer's
         # trash slot where t is no boundary) and t's window start.
-        self.segment_starts = torch.stack([
-            torch.cat([torch.ones(1, dtype=torch.bool, device=device), table.is_boundary[:-1]]) for table in tables
-        ])
+        self.segment_starts = torch.cat([segment_starts(table.is_boundary[None]) for table in tables])
         self.compressed_slots = torch.stack([table.compressed_slot for table in tables])
         self.trash_slots = torch.tensor([layer.trash for layer in self.layers], device=device)
         self.window_starts = torch.stack([table.window_start for table in tables])

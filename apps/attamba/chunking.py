@@ -86,6 +86,13 @@ def is_periodic_boundary(t, chunk_size: int, offset: int):
     return (t + 1 + offset) % chunk_size == 0
 
 
+def periodic_slots(n: int, chunk_size: int, offset: int) -> tuple[int, int]:
+    """(first boundary, number of boundaries) of the periodic pattern over n positions: the
+    boundaries are first, first + P, first + 2P, ..."""
+    first = chunk_size - 1 - offset
+    return first, max(0, (n - 1 - first) // chunk_size + 1)
+
+
 def periodic_boundaries(n: int, chunk_size: int, offset: int, device=None) -> LayerBoundaries:
     """Static boundaries, shared by every row: Bool [1, n]."""
     positions = torch.arange(n, device=device)
@@ -168,10 +175,14 @@ def segment_starts(is_boundary: torch.Tensor, doc_ids: Optional[torch.Tensor] = 
     starts[:, 0] = True
     starts[:, 1:] = is_boundary[:, :-1]
     if doc_ids is not None:
-        new_doc = torch.zeros_like(doc_ids, dtype=torch.bool)
-        new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        starts = starts | new_doc
+        starts = starts | document_starts(doc_ids)
     return starts
+
+
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Bool [B, n]: True where a packed document begins (position 0 included), from the
+    documents' numbers [B, n]."""
+    return torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], dim=1)
 
 
 def window_starts(boundaries: LayerBoundaries, leading_tokens: LeadingTokens, n: int) -> torch.Tensor:
