@@ -8,6 +8,11 @@ block size, warps and state tile), and ``mamba_ssm`` when that package is instal
 u, B, C and the conv input in the run dtype; dt, A and D in fp32.
 
     python benchmarks/bench_ssm.py [--out results.json] [--no-sweep]
+    python benchmarks/bench_ssm.py --model-layer [--window-blocks 16 32]
+
+``--model-layer`` times instead what one layer of the 60M model runs in a training step: its K and
+V SSMs side by side (16 heads of 64, two B/C groups, 1536 conv channels) in bf16, the windowed scan
+at each smallest block size given.
 
 Needs CUDA. Prints a table last; ``--out`` also writes every measurement as JSON.
 """
@@ -28,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apps.attamba import ssd_triton  # noqa: E402
+from apps.attamba import ssd_triton, ssd_triton_window  # noqa: E402
 from apps.attamba.ssd_torch import causal_conv_segmented, ssd_segmented  # noqa: E402
 from apps.attamba.ssd_triton_window import ssd_segmented_window  # noqa: E402
 
@@ -185,6 +190,29 @@ def kernel_breakdown(fn, inputs, segment_start, repeats: int = 10) -> list[tuple
     return sorted(totals, key=lambda item: -item[1])
 
 
+MODEL_LAYER = Shape(heads=16, head_dim=64, groups=2)
+"""A 60M Attamba layer's K and V SSMs as the model runs them: one scan over both (paired_forward)."""
+
+
+def time_model_layer(window_blocks: list[int], device: torch.device) -> list[Measurement]:
+    """bf16 scans and conv at MODEL_LAYER's shape; the windowed scan at each smallest block size."""
+    dtype, shape = torch.bfloat16, MODEL_LAYER
+    segment_start = uniform_segment_starts(shape, device)
+    rows = [measure("ssd", "triton", dtype, ssd_triton.ssd_segmented_triton, ssd_inputs(shape, dtype, device), segment_start)]
+    default = ssd_triton_window.MIN_BLOCK_Q
+    try:
+        for smallest in window_blocks:
+            ssd_triton_window.MIN_BLOCK_Q = smallest
+            name = f"triton_window Q={ssd_triton_window.block_size(shape.chunk)}"
+            window = functools.partial(ssd_segmented_window, max_segment_len=shape.chunk)
+            rows.append(measure("ssd", name, dtype, window, ssd_inputs(shape, dtype, device), segment_start))
+    finally:
+        ssd_triton_window.MIN_BLOCK_Q = default
+    rows.append(measure("conv", "triton", dtype, ssd_triton.causal_conv_segmented_triton,
+                        conv_inputs(shape, dtype, device), segment_start))
+    return rows
+
+
 def format_table(rows: list[Measurement]) -> str:
     def ms(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -202,9 +230,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="write all measurements here (JSON)")
     parser.add_argument("--no-sweep", action="store_true", help="time the Triton defaults only")
+    parser.add_argument("--model-layer", action="store_true", help="time a 60M layer's paired K/V SSMs only")
+    parser.add_argument("--window-blocks", type=int, nargs="+", default=[ssd_triton_window.MIN_BLOCK_Q],
+                        help="smallest windowed-scan block sizes to time with --model-layer")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_ssm.py needs a CUDA device")
+    if args.model_layer:
+        print(f"{torch.cuda.get_device_name()}, shape {asdict(MODEL_LAYER)}")
+        print(format_table(time_model_layer(args.window_blocks, torch.device("cuda"))))
+        return
     # Two dtypes and a compiled backward each: more graphs than dynamo's default limit.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     device = torch.device("cuda")

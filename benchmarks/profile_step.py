@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--cpu-rows", type=int, default=15, help="rows of the host-time table")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--shapes-of", nargs="*", default=[], metavar="OP",
+                        help="ops (e.g. aten::copy_) whose GPU time to break down by input shapes and call site")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     options, overrides = parser.parse_known_args()
     if options.device == "cuda" and not torch.cuda.is_available():
@@ -112,7 +114,10 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    detail = bool(options.shapes_of)
+    # Python frames of aten ops are recorded only with the verbose experimental config.
+    config = torch._C._profiler._ExperimentalConfig(verbose=True) if detail else None
+    with profile(activities=activities, record_shapes=detail, with_stack=detail, experimental_config=config) as prof:
         for _ in range(options.profile_steps):
             step()
         if device.type == "cuda":
@@ -125,6 +130,26 @@ def main() -> None:
     _, gpu_us = kernel_totals(averages, options.profile_steps)
     gpu_ms = gpu_us / 1e3
     print(f"GPU (kernel) time per step {gpu_ms:.2f} ms of a {ms:.2f} ms step (profiled steps are slower)")
+    for name in options.shapes_of:
+        print_breakdown(prof, name, options.profile_steps)
+
+
+def print_breakdown(prof, name: str, steps: int, rows: int = 8) -> None:
+    """``name``'s GPU time grouped by input shapes, then by the Python frames that called it."""
+    by_shapes: dict[str, list[float]] = {}
+    by_site: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.name != name:
+            continue
+        frames = [frame for frame in event.stack if ".py(" in frame][:4]
+        for table, key in ((by_shapes, str(event.input_shapes)), (by_site, " <- ".join(frames) or "(no Python frame)")):
+            count_and_time = table.setdefault(key, [0, 0.0])
+            count_and_time[0] += 1
+            count_and_time[1] += event.self_device_time_total
+    for title, table in (("shapes", by_shapes), ("call site", by_site)):
+        print(f"{name} by {title}:")
+        for key, (count, us) in sorted(table.items(), key=lambda item: -item[1][1])[:rows]:
+            print(f"  {count / steps:5.1f}/step {us / steps / 1e3:7.3f} ms/step  {key}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ that is not a constexpr, a loop-carried value that changes type — and such err
 first show on the device. Triton's wheel ships ``ptxas``, so the whole pipeline down to a cubin
 runs on CPU given an explicit target. Run as ``python -m tests.triton_offline`` (without
 ``TRITON_INTERPRET``, which turns kernels into interpreted functions); it prints one line per
-kernel variant (with its registers per thread) and exits non-zero on the first failure.
+kernel variant (with its registers per thread: Attamba's attention kernels and its
+KV-SSM's windowed SSD and conv kernels) and exits non-zero on the first failure.
 """
 
 from __future__ import annotations
@@ -104,11 +105,40 @@ def compile_attention_kernels() -> list[str]:
     return done
 
 
+def compile_ssm_kernels() -> list[str]:
+    """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 16,
+    32 and 64 tokens) and its segmented conv (forward with and without a bias, backward), in bf16."""
+    from apps.attamba import ssd_triton_conv as conv
+    from apps.attamba import ssd_triton_window as window
+
+    tensors = ("u", "B", "C", "y", "dy", "du", "dB", "dC", "x", "w", "bias", "out", "dout", "dx")
+    pointers = {f"{name}_ptr": "bf16" for name in tensors}
+    pointers.update({f"{name}_ptr": "fp32" for name in ("A", "D", "ddt", "dA_part", "dD_rows", "dw_part")})
+    pointers.update(dt_ptr="bf16", start_ptr="u8", dist_ptr="i32")
+    ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S, PRECISION="tf32")
+    conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
+    variants = [
+        (kernel, dict(BLOCK_Q=block_q, **ssd_tiles), window.NUM_WARPS)
+        for kernel in (window._window_fwd_kernel, window._window_bwd_kernel) for block_q in (16, 32, 64)
+    ] + [
+        (conv._conv_fwd_kernel, dict(HAS_BIAS=True, **conv_tiles), 4),
+        (conv._conv_fwd_kernel, dict(HAS_BIAS=False, **conv_tiles), 4),
+        (conv._conv_bwd_kernel, conv_tiles, 4),
+    ]
+    done = []
+    for kernel, constexprs, warps in variants:
+        used = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
+        compiled = compile_for_hopper(kernel, used, set(), constexprs, warps, 3)
+        switches = " ".join(f"{key}={value}" for key, value in constexprs.items() if key in ("BLOCK_Q", "HAS_BIAS"))
+        done.append(f"{kernel.__name__}{' ' + switches if switches else ''}: " + resource_usage(compiled))
+    return done
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    for line in compile_attention_kernels():
+    for line in compile_attention_kernels() + compile_ssm_kernels():
         print("compiled for sm_90:", line)
     return 0
 

@@ -78,8 +78,10 @@ def _conv_bwd_kernel(
     ).to(tl.float32)  # [N, C]
     dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)
     dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    # The partial weight gradients of this (row, token block) go to their own slot, summed later.
-    part_row = (bi * tl.num_programs(1) + block_n) * K
+    # The partial weight gradients of this (row, token block) go to their own slot, summed later;
+    # the slot's row K takes the bias gradient (Σ dout), saving the caller a pass over dout.
+    part_row = (bi * tl.num_programs(1) + block_n) * (K + 1)
+    tl.store(dw_part_ptr + (part_row + K) * c + ch, tl.sum(dout, axis=0), mask=in_ch)
     for i in tl.static_range(K):
         # Weight: token t's tap i read x_{t-i}.
         tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
@@ -142,17 +144,15 @@ def _conv_backward(
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
     token_blocks = triton.cdiv(n, BLOCK_N)
-    dw_part = torch.empty((b * token_blocks, k, c), device=x.device, dtype=torch.float32)
+    dw_part = torch.empty((b * token_blocks, k + 1, c), device=x.device, dtype=torch.float32)
     _conv_bwd_kernel[(b, token_blocks, triton.cdiv(c, BLOCK_C))](
         x, weight, dist, dout, dx, dw_part,
         n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
         K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
     )
-    dweight = dw_part.sum(0).t().contiguous().to(weight.dtype)  # [c, k], laid out as the fake says
-    if has_bias:
-        dbias = dout.sum((0, 1), dtype=torch.float32)
-    else:
-        dbias = torch.empty(0, device=x.device, dtype=torch.float32)
+    sums = dw_part.sum(0)
+    dweight = sums[:k].t().contiguous().to(weight.dtype)  # [c, k], laid out as the fake says
+    dbias = sums[k] if has_bias else torch.empty(0, device=x.device, dtype=torch.float32)
     return dx, dweight, dbias
 
 

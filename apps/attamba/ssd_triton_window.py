@@ -48,7 +48,7 @@ from apps.attamba.ssd_triton import (
 
 MAX_BLOCK_Q = 64
 """Longest segment these kernels take (the block must hold a whole segment)."""
-MIN_BLOCK_Q = 32
+MIN_BLOCK_Q = 16
 NUM_WARPS = 4
 TILE_S = 32
 
@@ -146,7 +146,7 @@ def _window_fwd_kernel(
 @triton.jit
 def _window_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, dy_ptr,
-    du_ptr, ddt_ptr, da_ptr, dB_ptr, dC_ptr,
+    du_ptr, ddt_ptr, dA_part_ptr, dD_rows_ptr, dB_ptr, dC_ptr,
     n, h, p, s, g, heads_per_group,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     stride_dy_b, stride_dy_n, stride_dy_h,
@@ -157,9 +157,10 @@ def _window_bwd_kernel(
     keys of blocks k-1 and k) and as keys (for queries of blocks k and k+1), for every head of
     the group.
 
-    Writes du; ddt without its decay part (Σ_p dx·u); the gradient of a = dt·A; and dB, dC of the
-    group: its heads share B and C, so their score gradients are summed before the one pass over
-    the state that turns them into dB and dC.
+    Writes du, ddt, the block's sum of the gradient of A per head and each token's Σ_p dy·u per
+    head (the caller sums both into dA and dD), and dB, dC of the group: its heads share B and C,
+    so their score gradients are summed before the one pass over the state that turns them into
+    dB and dC.
     """
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
@@ -226,8 +227,12 @@ def _window_bwd_kernel(
         du = dx * dt_c[:, None] + D_h * dy_c
         du_offs = (bi * n + t64[:, None]) * h * p + hi * p + offs_p[None, :]
         tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
-        tl.store(ddt_ptr + (bi * n + t64) * h + hi, tl.sum(dx * u_c, axis=1), mask=valid_c)
-        tl.store(da_ptr + (bi * n + t64) * h + hi, d_a, mask=valid_c)
+        tl.store(ddt_ptr + (bi * n + t64) * h + hi, tl.sum(dx * u_c, axis=1) + d_a * A_h, mask=valid_c)
+        # Tokens outside the sequence load as zeros (dt, u and dy), so they add nothing here.
+        part = (bi * tl.num_programs(1) + blk) * h + hi
+        tl.store(dA_part_ptr + part, tl.sum(d_a * dt_c, axis=0))
+        # Per token, not per block: summing the [Q, p] tile down to one number spilled more registers.
+        tl.store(dD_rows_ptr + (bi * n + t64) * h + hi, tl.sum(dy_c.to(tl.float32) * u_c.to(tl.float32), axis=1), mask=valid_c)
 
     offs_s = tl.arange(0, TILE)
     dG_cc_t = tl.trans(dG_cc_sum)
@@ -282,20 +287,21 @@ def _window_backward(
     u, dt, B, C = _kernel_inputs(u, dt, B, C)
     dy = _last_dim_contiguous(dy)
     du = torch.empty((b, n, h, p), device=u.device, dtype=u.dtype)
-    ddt_part = torch.empty((b, n, h), device=u.device, dtype=torch.float32)
-    d_a = torch.empty((b, n, h), device=u.device, dtype=torch.float32)
+    ddt = torch.empty((b, n, h), device=u.device, dtype=torch.float32)
+    blocks = triton.cdiv(n, block_q)
+    # Summing dy·u over the whole [b, n, h, p] outside the kernel read both tensors again, in
+    # float32; the kernel, which has them loaded, leaves sums per token and per block instead.
+    dA_part = torch.empty((b, blocks, h), device=u.device, dtype=torch.float32)
+    dD_rows = torch.empty((b, n, h), device=u.device, dtype=torch.float32)
     dB = torch.empty((b, n, g, s), device=u.device, dtype=B.dtype)
     dC = torch.empty((b, n, g, s), device=u.device, dtype=C.dtype)
-    _window_bwd_kernel[(g, triton.cdiv(n, block_q), b)](
-        u, dt, A, B, C, D, starts, dy, du, ddt_part, d_a, dB, dC,
+    _window_bwd_kernel[(g, blocks, b)](
+        u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC,
         n, h, p, s, g, h // g, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
         PRECISION=_dot_precision(u.dtype), num_warps=NUM_WARPS,
     )
-    ddt = (ddt_part + d_a * A.float()).to(dt.dtype)
-    dA = (d_a * dt.float()).sum((0, 1)).to(A.dtype)
-    dD = (dy.float() * u.float()).sum((0, 1, 3)).to(D.dtype)
-    return du, ddt, dA, dB, dC, dD
+    return du, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dB, dC, dD_rows.sum((0, 1)).to(D.dtype)
 
 
 @_window_backward.register_fake

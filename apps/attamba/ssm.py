@@ -62,11 +62,11 @@ class SSMArgs:
     dt_init_floor: float = 1e-4
     """... and clamped from below at dt_init_floor."""
     impl: str = "auto"
-    """Backend of the sequence operations: 'auto' (Triton kernels on CUDA when importable, else
-    'torch'), 'torch' (chunked PyTorch), 'triton', 'triton_window' (Triton kernels that carry no
-    state, for segments of at most 64 tokens, such as Attamba's chunks; 'triton' otherwise; not yet
-    timed on a GPU), 'mamba_ssm' (the mamba-ssm and causal-conv1d CUDA kernels), or 'reference'
-    (float64 token loop; tests only)."""
+    """Backend of the sequence operations: 'auto' ('triton_window' on CUDA when Triton imports,
+    else 'torch'), 'torch' (chunked PyTorch), 'triton' (chunked SSD carrying states across blocks;
+    any segment lengths), 'triton_window' (Triton kernels that carry no state, for segments of at
+    most 64 tokens, such as Attamba's chunks; 'triton' otherwise), 'mamba_ssm' (the mamba-ssm and
+    causal-conv1d CUDA kernels), or 'reference' (float64 token loop; tests only)."""
 
     def __post_init__(self) -> None:
         for name in ("state_dim", "ssm_heads", "n_groups", "conv_size"):
@@ -157,7 +157,9 @@ def load_backend(impl: str, device: torch.device) -> tuple[SSDFunction, ConvFunc
     if impl == "auto":
         if device.type == "cuda":
             try:
-                return load_backend("triton", device)
+                # The windowed kernels skip the state pass, and fall back to 'triton' by
+                # themselves when the caller gives no segment bound of at most 64 tokens.
+                return load_backend("triton_window", device)
             except ImportError as error:
                 logger.warning("ssm impl 'auto': Triton kernels unavailable (%s); using 'torch'", error)
         return load_backend("torch", device)

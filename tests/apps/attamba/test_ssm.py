@@ -245,6 +245,16 @@ def test_auto_uses_torch_on_cpu():
     assert load_backend("auto", torch.device("cpu")) == (ssd_segmented, causal_conv_segmented)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_auto_uses_the_windowed_kernels_on_cuda():
+    # Only the device type is read, so this runs without a GPU; the windowed scan falls back to
+    # the chunked kernels by itself where no segment bound is given.
+    from apps.attamba.ssd_triton import causal_conv_segmented_triton
+    from apps.attamba.ssd_triton_window import ssd_segmented_window
+
+    assert load_backend("auto", torch.device("cuda")) == (ssd_segmented_window, causal_conv_segmented_triton)
+
+
 def test_missing_triton_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "apps.attamba.ssd_triton", None)  # makes the import fail
     with pytest.raises(ImportError, match="ssm impl 'triton'.*'torch'"):
