@@ -106,8 +106,8 @@ def compile_attention_kernels() -> list[str]:
 
 
 def compile_ssm_kernels() -> list[str]:
-    """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 16,
-    32 and 64 tokens) and its segmented conv (forward with and without a bias, backward), in bf16."""
+    """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 32
+    and 64 tokens) and its segmented conv (forward with and without a bias, backward), in bf16."""
     from apps.attamba import ssd_triton_conv as conv
     from apps.attamba import ssd_triton_window as window
 
@@ -119,7 +119,7 @@ def compile_ssm_kernels() -> list[str]:
     conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
     variants = [
         (kernel, dict(BLOCK_Q=block_q, **ssd_tiles), window.NUM_WARPS)
-        for kernel in (window._window_fwd_kernel, window._window_bwd_kernel) for block_q in (16, 32, 64)
+        for kernel in (window._window_fwd_kernel, window._window_bwd_kernel) for block_q in (32, 64)
     ] + [
         (conv._conv_fwd_kernel, dict(HAS_BIAS=True, **conv_tiles), 4),
         (conv._conv_fwd_kernel, dict(HAS_BIAS=False, **conv_tiles), 4),

@@ -48,7 +48,9 @@ from apps.attamba.ssd_triton import (
 
 MAX_BLOCK_Q = 64
 """Longest segment these kernels take (the block must hold a whole segment)."""
-MIN_BLOCK_Q = 16
+MIN_BLOCK_Q = 32
+"""Smallest block. 16-token blocks also work (tested) but were slower for P = 8 on an H200: 1.009
+against 0.858 ms fwd+bwd for a 60M layer's paired SSMs (docs/benchmarks.md, tenth session)."""
 NUM_WARPS = 4
 TILE_S = 32
 
