@@ -152,7 +152,8 @@ def _conv_backward(
     )
     sums = dw_part.sum(0)
     dweight = sums[:k].t().contiguous().to(weight.dtype)  # [c, k], laid out as the fake says
-    dbias = sums[k] if has_bias else torch.empty(0, device=x.device, dtype=torch.float32)
+    # A copy, not a view into sums: a custom op's outputs must be fresh tensors (as the fake says).
+    dbias = sums[k].clone() if has_bias else torch.empty(0, device=x.device, dtype=torch.float32)
     return dx, dweight, dbias
 
 
