@@ -21,6 +21,7 @@ Strategies (``chunk_size`` is P, ``n_layers`` is N):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -94,10 +95,26 @@ def periodic_slots(n: int, chunk_size: int, offset: int) -> tuple[int, int]:
 
 
 def periodic_boundaries(n: int, chunk_size: int, offset: int, device=None) -> LayerBoundaries:
-    """Static boundaries, shared by every row: Bool [1, n]."""
-    positions = torch.arange(n, device=device)
-    is_boundary = is_periodic_boundary(positions, chunk_size, offset)[None]
-    return LayerBoundaries(is_boundary, period=(chunk_size, offset))
+    """Static boundaries, shared by every row: Bool [1, n]. The tensor is cached (the same for
+    every call with these arguments): callers must not write into it."""
+    return LayerBoundaries(_periodic_tables(n, chunk_size, offset, torch.device(device or "cpu"))[0], period=(chunk_size, offset))
+
+
+def periodic_segment_starts(n: int, chunk_size: int, offset: int, device=None) -> torch.Tensor:
+    """``segment_starts`` of the periodic boundaries without documents, Bool [1, n]; cached like
+    :func:`periodic_boundaries`' tensor."""
+    return _periodic_tables(n, chunk_size, offset, torch.device(device or "cpu"))[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _periodic_tables(n: int, chunk_size: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per (n, P, offset, device) instead of by a handful of small kernels per layer and
+    # step: on the GPU the training step's host time is the limit, and these were eager launches.
+    # Outside inference mode, so that a table first built during evaluation can be saved for a
+    # later training step's backward.
+    with torch.inference_mode(False):
+        is_boundary = is_periodic_boundary(torch.arange(n, device=device), chunk_size, offset)[None]
+        return is_boundary, segment_starts(is_boundary)
 
 
 def _lengths_to_boundaries(lengths: torch.Tensor, n: int) -> torch.Tensor:

@@ -29,10 +29,12 @@ from apps.attamba.chunking import (
     Chunking,
     LayerBoundaries,
     LeadingTokens,
+    document_starts,
     is_periodic_boundary,
     layer_offset,
     longest_random_chunk,
     periodic_boundaries,
+    periodic_segment_starts,
     random_boundaries,
     seeded_random_boundaries,
     segment_starts,
@@ -56,6 +58,19 @@ class LayerPlan:
     ``causal`` says whether the layer attends every earlier key (pseudo-chunking, fattn's layer 0)."""
     max_segment_len: Optional[int] = None
     """A bound on the SSM segments' lengths when the chunking gives one (for the SSM backend)."""
+
+
+def _layer_segment_starts(
+    boundaries: LayerBoundaries, doc_ids: Optional[torch.Tensor], doc_starts: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``segment_starts(boundaries.is_boundary, doc_ids)``; for periodic boundaries from the cached
+    table, so that a layer with documents costs one element-wise op and one without costs none."""
+    if boundaries.period is None:
+        return segment_starts(boundaries.is_boundary, doc_ids)
+    starts = periodic_segment_starts(boundaries.is_boundary.shape[1], *boundaries.period, boundaries.is_boundary.device)
+    if doc_ids is None:
+        return starts
+    return starts | (document_starts(doc_ids) if doc_starts is None else doc_starts)
 
 
 class AttambaAttention(nn.Module):
@@ -192,9 +207,12 @@ class AttambaLM(TransformerLMBase):
         size = chunking.chunk_size(n)
         return bool(seeded_random_boundaries(max(n, t + 1), size, self.args.random_seed, layer).is_boundary[0, t])
 
-    def _plan(self, boundaries: LayerBoundaries, doc_ids, batch: int, causal: bool = False) -> LayerPlan:
-        """A layer's segment starts and attention masks, from its boundaries."""
-        starts = segment_starts(boundaries.is_boundary, doc_ids).expand(batch, -1)
+    def _plan(
+        self, boundaries: LayerBoundaries, doc_ids, batch: int, causal: bool = False, doc_starts: Optional[torch.Tensor] = None
+    ) -> LayerPlan:
+        """A layer's segment starts and attention masks, from its boundaries (``doc_starts``:
+        ``document_starts(doc_ids)`` when the caller has it, shared by the layers)."""
+        starts = _layer_segment_starts(boundaries, doc_ids, doc_starts).expand(batch, -1)
         leading_tokens = self.chunking.leading_tokens
         causal = causal or self.args.pseudo_chunk
         n = boundaries.is_boundary.shape[1]
@@ -221,9 +239,10 @@ class AttambaLM(TransformerLMBase):
         if self.chunking.strategy in WHOLE_SEQUENCE_STRATEGIES:
             x = self._forward_attention_chosen(x, cos, sin, doc_ids)
         else:
+            doc_starts = None if doc_ids is None else document_starts(doc_ids)
             for layer_id, layer in enumerate(self.layers):
                 boundaries = self.layer_boundaries(layer_id, n, batch, tokens.device)
-                x = layer(x, cos, sin, doc_ids, self._plan(boundaries, doc_ids, batch))
+                x = layer(x, cos, sin, doc_ids, self._plan(boundaries, doc_ids, batch, doc_starts=doc_starts))
         return self.output(self.norm(x))
 
     def _forward_attention_chosen(self, x, cos, sin, doc_ids) -> torch.Tensor:

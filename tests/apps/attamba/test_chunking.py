@@ -7,6 +7,7 @@ from apps.attamba.chunking import (
     LayerBoundaries,
     cyclic_offset,
     periodic_boundaries,
+    periodic_segment_starts,
     random_boundaries,
     seeded_random_boundaries,
     segment_starts,
@@ -84,6 +85,18 @@ def test_segment_starts_after_boundaries_and_at_document_starts():
     starts = segment_starts(boundaries, doc_ids)
     assert starts[0].nonzero().flatten().tolist() == [0, 4, 5, 8]
     assert segment_starts(boundaries)[0].nonzero().flatten().tolist() == [0, 4, 8]
+
+
+def test_periodic_tables_are_built_once_and_usable_after_inference_mode():
+    with torch.inference_mode():
+        first = periodic_boundaries(30, 8, 3)
+    again = periodic_boundaries(30, 8, 3)
+    assert again.is_boundary is first.is_boundary and not first.is_boundary.is_inference()
+    assert again.is_boundary[0].nonzero().flatten().tolist() == [4, 12, 20, 28]
+    starts = periodic_segment_starts(30, 8, 3)
+    assert starts is periodic_segment_starts(30, 8, 3) and not starts.is_inference()
+    assert torch.equal(starts, segment_starts(first.is_boundary))
+    assert periodic_boundaries(30, 8, 2).is_boundary[0].nonzero().flatten().tolist() == [5, 13, 21, 29]
 
 
 def test_chunk_window_starts_after_the_last_earlier_boundary():

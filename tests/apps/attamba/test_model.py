@@ -9,7 +9,7 @@ import torch
 from apps.attamba import accounting
 from apps.attamba.args import AttambaArgs
 from apps.attamba.attention import reference_mask
-from apps.attamba.chunking import periodic_boundaries
+from apps.attamba.chunking import document_starts, periodic_boundaries, segment_starts
 from apps.attamba.model import AttambaLM
 from lingua.args import build_config
 from lingua.registry import get_model_spec
@@ -93,6 +93,21 @@ def test_documents_do_not_see_each_other():
         packed = model(tokens, doc_ids)
         second_alone = model(tokens[:1, 10:], None)
     torch.testing.assert_close(packed[:1, 10:], second_alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["cyclic", "random"])
+def test_layer_plans_reset_the_ssms_where_segment_starts_says(strategy):
+    """The plans' cached periodic starts (and document starts shared by the layers) change nothing."""
+    model = tiny_model(chunk_strategy=strategy)
+    n = 24
+    doc_ids = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7, [0] * 20 + [1] * 4])
+    shared = document_starts(doc_ids)
+    for layer in range(model.args.n_layers):
+        boundaries = model.layer_boundaries(layer, n, batch=2)
+        for docs, doc_starts in ((None, None), (doc_ids, None), (doc_ids, shared)):
+            plan = model._plan(boundaries, docs, 2, doc_starts=doc_starts)
+            expected = segment_starts(boundaries.is_boundary, docs).expand(2, -1)
+            assert torch.equal(plan.segment_start, expected)
 
 
 def test_eval_chunking_switches_with_eval_mode():
