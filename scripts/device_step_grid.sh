@@ -7,22 +7,26 @@
 #   OUT=/tmp/grid GRID="attamba:1024:reduce-overhead:triton transformer:1024:reduce-overhead" \
 #       bash scripts/device_step_grid.sh
 # Entries are model:n[:compile_mode[:ssm_impl]]; RUN_TIMEOUT (default 200 s) caps each run.
+# REPEATS=k runs the whole grid k times, interleaved (A B A B, not A A B B), so that drift of the
+# machine shows as spread within each entry instead of as a difference between entries.
 set -u
 OUT="${OUT:-/tmp/device_step_grid}"
 GRID="${GRID:-transformer:1024:reduce-overhead attamba:1024:reduce-overhead:triton attamba:1024:reduce-overhead:triton_window}"
 source "$(dirname "$0")/device_env.sh"
 rows=()
-for entry in $GRID; do
-  IFS=: read -r model n mode impl <<< "$entry"
-  mode=${mode:-default}
-  if [ "$model" = transformer ]; then config=apps/main/configs/transformer_60m.yaml; extra=""
-  else config=apps/attamba/configs/attamba_60m.yaml; extra=${impl:+model.ssm_impl=$impl}; fi
-  log="$OUT/${model}_${n}_${mode}${impl:+_$impl}.log"
-  timeout -k 10 "${RUN_TIMEOUT:-200}" python benchmarks/profile_step.py config=$config --seq-len "$n" \
-    --batch $((16384 / n)) --mean-doc 512 --profile-steps 0 distributed.compile_mode=$mode $extra > "$log" 2>&1
-  code=$?
-  result=$(grep -o "[0-9.]* ms/step, [0-9,]* tok/s" "$log" | tail -1)
-  rows+=("$(printf '%-12s %6s %-16s %-14s %s' "$model" "$n" "$mode" "${impl:--}" "${result:-failed (exit $code, see $log)}")")
-  echo "${rows[-1]}"
+for round in $(seq "${REPEATS:-1}"); do
+  for entry in $GRID; do
+    IFS=: read -r model n mode impl <<< "$entry"
+    mode=${mode:-default}
+    if [ "$model" = transformer ]; then config=apps/main/configs/transformer_60m.yaml; extra=""
+    else config=apps/attamba/configs/attamba_60m.yaml; extra=${impl:+model.ssm_impl=$impl}; fi
+    log="$OUT/${model}_${n}_${mode}${impl:+_$impl}_$round.log"
+    timeout -k 10 "${RUN_TIMEOUT:-200}" python benchmarks/profile_step.py config=$config --seq-len "$n" \
+      --batch $((16384 / n)) --mean-doc 512 --profile-steps 0 distributed.compile_mode=$mode $extra > "$log" 2>&1
+    code=$?
+    result=$(grep -o "[0-9.]* ms/step, [0-9,]* tok/s" "$log" | tail -1)
+    rows+=("$(printf '%-12s %6s %-16s %-14s %s' "$model" "$n" "$mode" "${impl:--}" "${result:-failed (exit $code, see $log)}")")
+    echo "${rows[-1]}"
+  done
 done
 { echo; printf '%-12s %6s %-16s %-14s %s\n' model n compile_mode ssm_impl result; printf '%s\n' "${rows[@]}"; } | tee "$OUT/step_grid.txt"

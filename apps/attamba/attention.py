@@ -33,6 +33,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from apps.attamba import attention_triton
 from apps.attamba.chunking import LayerBoundaries, LeadingTokens, periodic_slots, window_starts
+from apps.attamba.gathered_blocks import gathered_block_mask
 from lingua import masks
 from lingua.transformer import attend as causal_attention
 from lingua.transformer import attention_mask
@@ -105,6 +106,10 @@ class GatheredLayout:
     """Batch rows the mask depends on (1 when every row shares it)."""
     cache_key: Optional[tuple] = None
     """Set when the block mask may be cached (it depends on nothing but this key)."""
+    window_start: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    """(b, q_idx) -> first position of query q_idx's window of full keys (as in ``mask_mod``)."""
+    doc_ids: Optional[torch.Tensor] = None
+    """[B, n] document numbers the mask separates, or None."""
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, H, n, d] -> [K_c ; K] of shape [B, H, nc + n, d]."""
@@ -125,6 +130,12 @@ class GatheredLayout:
         else:
             compressed = self.positions
         return torch.cat([compressed, full.expand(compressed.shape[0], -1)], dim=1)
+
+    def query_window_starts(self, device: torch.device) -> torch.Tensor:
+        """Each query's first window position: Long [B or 1, n]."""
+        rows = torch.arange(self.mask_rows, device=device)[:, None]
+        starts = self.window_start(rows, torch.arange(self.n, device=device)[None])
+        return starts.to(torch.long).expand(-1, self.n)
 
     def dense_mask(self, device: torch.device) -> torch.Tensor:
         """The predicate evaluated on every (query, key): Bool [mask_rows, 1, n, nc + n]."""
@@ -199,7 +210,7 @@ def gathered_layout(
         return allowed
 
     mask_rows = doc_ids.shape[0] if doc_ids is not None else rows
-    return GatheredLayout(n, count, mask_mod, positions, first, chunk_size, mask_rows, cache_key)
+    return GatheredLayout(n, count, mask_mod, positions, first, chunk_size, mask_rows, cache_key, window_start, doc_ids)
 
 
 @functools.lru_cache(maxsize=64)
@@ -214,6 +225,14 @@ def _cached_block_mask(chunk_size: int, offset: int, n: int, leading_tokens: Lea
 
 
 def _block_mask(layout: GatheredLayout, device) -> BlockMask:
+    if layout.cache_key is None:
+        # Rebuilt every step (documents, random chunks): from block bounds, not by evaluating the
+        # mask on every (query, key) pair (apps.attamba.gathered_blocks).
+        device = torch.device(device)
+        return gathered_block_mask(
+            layout.mask_mod, layout.key_positions(device), layout.compressed_count,
+            layout.query_window_starts(device), layout.doc_ids,
+        )
     batch = layout.mask_rows if layout.mask_rows > 1 else None
     kv_len = layout.compressed_count + layout.n
     return masks.build_block_mask(layout.mask_mod, batch, layout.n, kv_len, device)
