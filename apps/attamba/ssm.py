@@ -423,7 +423,14 @@ def paired_forward(
         segment_start = torch.zeros(batch, n, dtype=torch.bool, device=x_first.device)
     ssd, conv = load_backend(first.impl, x_first.device)
     params = _PairParameters.of(first, second, _state_dtype(x_first.dtype))
-    pair = _PairInputs.of(first, params, first.in_proj(x_first), second.in_proj(x_second))
+    if x_first is x_second:
+        # Without kv_proj both SSMs read the same x: one matmul over both in_proj weights (one
+        # kernel instead of two, forward and backward, and no sum of two input gradients).
+        weight = torch.cat([first.in_proj.weight, second.in_proj.weight])
+        projected_first, projected_second = F.linear(x_first, weight).split(first.in_proj.out_features, dim=-1)
+    else:
+        projected_first, projected_second = first.in_proj(x_first), second.in_proj(x_second)
+    pair = _PairInputs.of(first, params, projected_first, projected_second)
     conv_out = F.silu(conv(pair.conv_in, params.conv_weight, params.conv_bias, segment_start))
     u, B, C = _ScanSizes.of(first, copies=2).split_conv_output(conv_out)
     y = ssd(u, pair.dt, params.A, B, C, params.D, segment_start, return_final_state=False, max_segment_len=max_segment_len)
