@@ -178,8 +178,11 @@ def train(args: TrainArgs) -> dict:
     model.train()
     last_loss = float("nan")
 
+    first_step = step
+
     def summary(preempted: bool) -> dict:
-        return {"step": step, "loss": last_loss, "nan_steps": nan_steps, "preempted": preempted}
+        # loss is NaN when this call ran no step (it resumed a run already at args.steps).
+        return {"step": step, "first_step": first_step, "loss": last_loss, "nan_steps": nan_steps, "preempted": preempted}
 
     try:
         while step < args.steps:

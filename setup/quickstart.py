@@ -31,7 +31,11 @@ def main(argv: list[str]) -> None:
 
     args = load_train_args([f"config={CONFIG}", *argv], "attamba")
     summary = train(args)
-    print(f"trained {summary['step']} steps; final training loss {summary['loss']:.4f}")
+    if summary["first_step"] == summary["step"]:
+        print(f"{args.dump_dir} already holds a run of {summary['step']} steps, so none ran now "
+              "(delete that folder, or pass dump_dir=<another>, to train again)")
+    else:
+        print(f"trained {summary['step']} steps; final training loss {summary['loss']:.4f}")
     eval_log = Path(args.dump_dir) / "metrics.eval.jsonl"
     if eval_log.exists():
         last = json.loads(eval_log.read_text().splitlines()[-1])

@@ -50,7 +50,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, monkeypatch, 
     assert summary["preempted"] and summary["step"] == 4
     monkeypatch.setattr(train_module.StepProfiler, "step", original_step)
     summary = train_module.train(args(resumed, "steps=8", "checkpoint.every=0"))
-    assert summary["step"] == 8 and not summary["preempted"]
+    assert summary["step"] == 8 and summary["first_step"] == 4 and not summary["preempted"]
 
     expected, got = read_losses(straight), read_losses(resumed)
     assert sorted(got) == list(range(1, 9))
