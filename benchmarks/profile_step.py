@@ -60,8 +60,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--cpu-rows", type=int, default=15, help="rows of the host-time table")
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--shapes-of", nargs="*", default=[], metavar="OP",
-                        help="ops (e.g. aten::copy_) whose GPU time to break down by input shapes and call site")
+    # Comma-separated rather than nargs="*", which would swallow the config overrides after it.
+    parser.add_argument("--shapes-of", default="", metavar="OP[,OP...]",
+                        help="ops (e.g. aten::copy_,aten::fill_) whose GPU time to break down by input shapes and call site")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     options, overrides = parser.parse_known_args()
     if options.device == "cuda" and not torch.cuda.is_available():
@@ -114,7 +115,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    detail = bool(options.shapes_of)
+    detailed_ops = [name for name in options.shapes_of.split(",") if name]
+    detail = bool(detailed_ops)
     # Python frames of aten ops are recorded only with the verbose experimental config.
     config = torch._C._profiler._ExperimentalConfig(verbose=True) if detail else None
     with profile(activities=activities, record_shapes=detail, with_stack=detail, experimental_config=config) as prof:
@@ -130,7 +132,7 @@ def main() -> None:
     _, gpu_us = kernel_totals(averages, options.profile_steps)
     gpu_ms = gpu_us / 1e3
     print(f"GPU (kernel) time per step {gpu_ms:.2f} ms of a {ms:.2f} ms step (profiled steps are slower)")
-    for name in options.shapes_of:
+    for name in detailed_ops:
         print_breakdown(prof, name, options.profile_steps)
 
 
