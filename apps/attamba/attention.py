@@ -106,10 +106,6 @@ class GatheredLayout:
     """Batch rows the mask depends on (1 when every row shares it)."""
     cache_key: Optional[tuple] = None
     """Set when the block mask may be cached (it depends on nothing but this key)."""
-    window_start: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
-    """(b, q_idx) -> first position of query q_idx's window of full keys (as in ``mask_mod``)."""
-    doc_ids: Optional[torch.Tensor] = None
-    """[B, n] document numbers the mask separates, or None."""
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, H, n, d] -> [K_c ; K] of shape [B, H, nc + n, d]."""
@@ -130,12 +126,6 @@ class GatheredLayout:
         else:
             compressed = self.positions
         return torch.cat([compressed, full.expand(compressed.shape[0], -1)], dim=1)
-
-    def query_window_starts(self, device: torch.device) -> torch.Tensor:
-        """Each query's first window position: Long [B or 1, n]."""
-        rows = torch.arange(self.mask_rows, device=device)[:, None]
-        starts = self.window_start(rows, torch.arange(self.n, device=device)[None])
-        return starts.to(torch.long).expand(-1, self.n)
 
     def dense_mask(self, device: torch.device) -> torch.Tensor:
         """The predicate evaluated on every (query, key): Bool [mask_rows, 1, n, nc + n]."""
@@ -210,7 +200,7 @@ def gathered_layout(
         return allowed
 
     mask_rows = doc_ids.shape[0] if doc_ids is not None else rows
-    return GatheredLayout(n, count, mask_mod, positions, first, chunk_size, mask_rows, cache_key, window_start, doc_ids)
+    return GatheredLayout(n, count, mask_mod, positions, first, chunk_size, mask_rows, cache_key)
 
 
 @functools.lru_cache(maxsize=64)
@@ -221,28 +211,23 @@ def _cached_block_mask(chunk_size: int, offset: int, n: int, leading_tokens: Lea
         None,
         n,
     )
-    return _block_mask(layout, device)
+    return masks.build_block_mask(layout.mask_mod, None, n, layout.compressed_count + n, device)
 
 
-def _block_mask(layout: GatheredLayout, device) -> BlockMask:
-    if layout.cache_key is None:
-        # Rebuilt every step (documents, random chunks): from block bounds, not by evaluating the
-        # mask on every (query, key) pair (apps.attamba.gathered_blocks).
-        device = torch.device(device)
-        return gathered_block_mask(
-            layout.mask_mod, layout.key_positions(device), layout.compressed_count,
-            layout.query_window_starts(device), layout.doc_ids,
-        )
-    batch = layout.mask_rows if layout.mask_rows > 1 else None
-    kv_len = layout.compressed_count + layout.n
-    return masks.build_block_mask(layout.mask_mod, batch, layout.n, kv_len, device)
-
-
-def block_mask_for(layout: GatheredLayout, device: torch.device) -> BlockMask:
-    """The FlexAttention block mask of ``layout``, from the cache when it is static."""
+def block_mask_for(
+    layout: GatheredLayout,
+    boundaries: LayerBoundaries,
+    leading_tokens: LeadingTokens,
+    doc_ids: Optional[torch.Tensor],
+    device: torch.device,
+) -> BlockMask:
+    """The FlexAttention block mask of ``layout`` (made from these arguments): from the cache when
+    it is static; else, since it changes every step (documents, random chunks), from block bounds
+    rather than by evaluating the mask on every (query, key) pair (apps.attamba.gathered_blocks)."""
     if layout.cache_key is not None:
         return _cached_block_mask(*layout.cache_key, str(device))
-    return _block_mask(layout, device)
+    starts = window_starts(boundaries, leading_tokens, layout.n)
+    return gathered_block_mask(layout.mask_mod, layout.key_positions(device), layout.compressed_count, starts, doc_ids)
 
 
 @dataclass
@@ -295,7 +280,10 @@ def prepare_attention(
         causal_impl = "flex" if impl == "flex" else "sdpa"
         return PreparedAttention(impl, True, attention_mask(doc_ids, batch, n, None, causal_impl, device))
     layout = gathered_layout(boundaries, leading_tokens, doc_ids, n)
-    mask = block_mask_for(layout, device) if impl == "flex" else layout.dense_mask(device)
+    if impl == "flex":
+        mask = block_mask_for(layout, boundaries, leading_tokens, doc_ids, device)
+    else:
+        mask = layout.dense_mask(device)
     return PreparedAttention(impl, False, mask, layout)
 
 

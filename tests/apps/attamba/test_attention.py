@@ -142,8 +142,10 @@ def test_variable_boundary_counts_pad_the_compressed_keys():
 
 
 def test_static_block_masks_are_built_once():
-    layout = gathered_layout(periodic_boundaries(N, 4, 1), 3, None, N)
-    assert block_mask_for(layout, torch.device("cpu")) is block_mask_for(layout, torch.device("cpu"))
+    boundaries = periodic_boundaries(N, 4, 1)
+    layout = gathered_layout(boundaries, 3, None, N)
+    cpu = torch.device("cpu")
+    assert block_mask_for(layout, boundaries, 3, None, cpu) is block_mask_for(layout, boundaries, 3, None, cpu)
     with_docs = gathered_layout(periodic_boundaries(N, 4, 1), 3, DOCS, N)
     assert with_docs.cache_key is None
 

@@ -85,14 +85,14 @@ def test_kernels_equal_the_materialized_mask(n, chunk_size, offset, leading, doc
         assert relative_error(actual, wanted) < bound, f"d{name}"
 
 
-def random_documents(batch: int, n: int, longest: int, seed: int) -> torch.Tensor:
+def random_documents(batch: int, n: int, longest: int, seed: int, device=DEVICE) -> torch.Tensor:
     """Rows of packed documents of random lengths 1..longest."""
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(batch):
         lengths = torch.randint(1, longest + 1, (n,), generator=generator)
         rows.append(torch.repeat_interleave(torch.arange(n), lengths)[:n])
-    return torch.stack(rows).to(DEVICE)
+    return torch.stack(rows).to(device)
 
 
 @pytest.mark.parametrize("leading", [5, "chunk"])

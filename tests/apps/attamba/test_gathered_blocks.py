@@ -6,15 +6,9 @@ import pytest
 import torch
 
 from apps.attamba.attention import attamba_attention, gathered_layout
-from apps.attamba.chunking import periodic_boundaries, random_boundaries
+from apps.attamba.chunking import periodic_boundaries, random_boundaries, window_starts
 from apps.attamba.gathered_blocks import gathered_block_mask, gathered_tiles
-
-
-def random_documents(batch: int, n: int, mean: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.rand(batch, n, generator=generator) < 1 / mean
-    starts[:, 0] = False
-    return starts.cumsum(dim=1)
+from tests.apps.attamba.test_attention_triton import random_documents
 
 
 def boundaries_of(kind: str, n: int, chunk_size: int, batch: int):
@@ -23,11 +17,14 @@ def boundaries_of(kind: str, n: int, chunk_size: int, batch: int):
     return periodic_boundaries(n, chunk_size, 3 % chunk_size if kind == "cyclic" else 0)
 
 
-def tiles_of(layout, block_size: int):
-    return gathered_tiles(
-        layout.key_positions(torch.device("cpu")), layout.compressed_count,
-        layout.query_window_starts(torch.device("cpu")), layout.doc_ids, block_size,
-    )
+def documents(batch: int, n: int, mean: int, seed: int) -> torch.Tensor:
+    return random_documents(batch, n, 2 * mean - 1, seed, device="cpu")
+
+
+def tiles_of(layout, boundaries, leading_tokens, doc_ids, block_size: int):
+    cpu = torch.device("cpu")
+    starts = window_starts(boundaries, leading_tokens, layout.n)
+    return gathered_tiles(layout.key_positions(cpu), layout.compressed_count, starts, doc_ids, block_size)
 
 
 def exact_tiles(allowed: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +52,10 @@ LAYOUTS = [  # kind, n, P, L, mean document length (0: none)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("kind,n,chunk_size,leading_tokens,mean_doc", LAYOUTS)
 def test_tiles_bound_the_mask(kind, n, chunk_size, leading_tokens, mean_doc, block_size):
-    docs = random_documents(2, n, mean_doc, seed=n) if mean_doc else None
-    layout = gathered_layout(boundaries_of(kind, n, chunk_size, 2), leading_tokens, docs, n)
-    partial, full = tiles_of(layout, block_size)
+    docs = documents(2, n, mean_doc, seed=n) if mean_doc else None
+    boundaries = boundaries_of(kind, n, chunk_size, 2)
+    layout = gathered_layout(boundaries, leading_tokens, docs, n)
+    partial, full = tiles_of(layout, boundaries, leading_tokens, docs, block_size)
     some, every = exact_tiles(layout.dense_mask(torch.device("cpu"))[:, 0], block_size)
     some, every = some.expand_as(partial), every.expand_as(partial)
     assert not (partial & full).any()
@@ -73,7 +71,7 @@ def test_block_mask_gives_the_reference_attention():
     """FlexAttention (eager on CPU) through the bounds-built mask, at its default 128-token tiles."""
     torch.manual_seed(0)
     n = 400
-    docs = random_documents(2, n, 90, seed=1)
+    docs = documents(2, n, 90, seed=1)
     q, k, v = (torch.randn(2, 2, n, 8) for _ in range(3))
     for boundaries in (periodic_boundaries(n, 8, 5), random_boundaries(2, n, 4, torch.Generator().manual_seed(2))):
         expected = attamba_attention(q, k, v, boundaries, 16, docs, "reference")
@@ -85,12 +83,13 @@ def test_block_mask_gives_the_reference_attention():
 
 def test_block_mask_counts_match_the_tiles():
     n = 300
-    docs = random_documents(2, n, 70, seed=4)
-    layout = gathered_layout(periodic_boundaries(n, 4, 1), 8, docs, n)
-    partial, full = tiles_of(layout, 128)
+    docs = documents(2, n, 70, seed=4)
+    boundaries = periodic_boundaries(n, 4, 1)
+    layout = gathered_layout(boundaries, 8, docs, n)
+    partial, full = tiles_of(layout, boundaries, 8, docs, 128)
     mask = gathered_block_mask(
         layout.mask_mod, layout.key_positions(torch.device("cpu")), layout.compressed_count,
-        layout.query_window_starts(torch.device("cpu")), docs,
+        window_starts(boundaries, 8, n), docs,
     )
     assert mask.kv_num_blocks[:, 0].tolist() == partial.sum(-1).tolist()
     assert mask.full_kv_num_blocks[:, 0].tolist() == full.sum(-1).tolist()
