@@ -67,6 +67,16 @@ class LayerBoundaries:
     """(P, offset) when ``is_boundary`` is the periodic pattern (t + 1 + offset) mod P == 0; lets
     attention build (and cache) its masks arithmetically instead of from the tensor."""
 
+    def segment_starts(self, doc_starts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:func:`segment_starts` of these boundaries, with ``doc_starts`` (:func:`document_starts`
+        of the packed documents, Bool [B, n]) or None; periodic boundaries read theirs from the
+        table cached with ``is_boundary``. Bool [B or 1, n]."""
+        if self.period is None:
+            starts = segment_starts(self.is_boundary)
+        else:
+            starts = _periodic_tables(self.is_boundary.shape[1], *self.period, self.is_boundary.device)[1]
+        return starts if doc_starts is None else starts | doc_starts
+
 
 def cyclic_offset(layer: int, n_layers: int, chunk_size: int) -> int:
     """o_l = floor(l·P / N) mod P: the layers' groupings are spread over the P possible shifts."""
@@ -98,12 +108,6 @@ def periodic_boundaries(n: int, chunk_size: int, offset: int, device=None) -> La
     """Static boundaries, shared by every row: Bool [1, n]. The tensor is cached (the same for
     every call with these arguments): callers must not write into it."""
     return LayerBoundaries(_periodic_tables(n, chunk_size, offset, torch.device(device or "cpu"))[0], period=(chunk_size, offset))
-
-
-def periodic_segment_starts(n: int, chunk_size: int, offset: int, device=None) -> torch.Tensor:
-    """``segment_starts`` of the periodic boundaries without documents, Bool [1, n]; cached like
-    :func:`periodic_boundaries`' tensor."""
-    return _periodic_tables(n, chunk_size, offset, torch.device(device or "cpu"))[1]
 
 
 @functools.lru_cache(maxsize=256)

@@ -34,7 +34,6 @@ from apps.attamba.chunking import (
     layer_offset,
     longest_random_chunk,
     periodic_boundaries,
-    periodic_segment_starts,
     random_boundaries,
     seeded_random_boundaries,
     segment_starts,
@@ -58,19 +57,6 @@ class LayerPlan:
     ``causal`` says whether the layer attends every earlier key (pseudo-chunking, fattn's layer 0)."""
     max_segment_len: Optional[int] = None
     """A bound on the SSM segments' lengths when the chunking gives one (for the SSM backend)."""
-
-
-def _layer_segment_starts(
-    boundaries: LayerBoundaries, doc_ids: Optional[torch.Tensor], doc_starts: Optional[torch.Tensor]
-) -> torch.Tensor:
-    """``segment_starts(boundaries.is_boundary, doc_ids)``; for periodic boundaries from the cached
-    table, so that a layer with documents costs one element-wise op and one without costs none."""
-    if boundaries.period is None:
-        return segment_starts(boundaries.is_boundary, doc_ids)
-    starts = periodic_segment_starts(boundaries.is_boundary.shape[1], *boundaries.period, boundaries.is_boundary.device)
-    if doc_ids is None:
-        return starts
-    return starts | (document_starts(doc_ids) if doc_starts is None else doc_starts)
 
 
 class AttambaAttention(nn.Module):
@@ -212,7 +198,9 @@ class AttambaLM(TransformerLMBase):
     ) -> LayerPlan:
         """A layer's segment starts and attention masks, from its boundaries (``doc_starts``:
         ``document_starts(doc_ids)`` when the caller has it, shared by the layers)."""
-        starts = _layer_segment_starts(boundaries, doc_ids, doc_starts).expand(batch, -1)
+        if doc_ids is not None and doc_starts is None:
+            doc_starts = document_starts(doc_ids)
+        starts = boundaries.segment_starts(doc_starts).expand(batch, -1)
         leading_tokens = self.chunking.leading_tokens
         causal = causal or self.args.pseudo_chunk
         n = boundaries.is_boundary.shape[1]

@@ -7,7 +7,6 @@ from apps.attamba.chunking import (
     LayerBoundaries,
     cyclic_offset,
     periodic_boundaries,
-    periodic_segment_starts,
     random_boundaries,
     seeded_random_boundaries,
     segment_starts,
@@ -93,8 +92,8 @@ def test_periodic_tables_are_built_once_and_usable_after_inference_mode():
     again = periodic_boundaries(30, 8, 3)
     assert again.is_boundary is first.is_boundary and not first.is_boundary.is_inference()
     assert again.is_boundary[0].nonzero().flatten().tolist() == [4, 12, 20, 28]
-    starts = periodic_segment_starts(30, 8, 3)
-    assert starts is periodic_segment_starts(30, 8, 3) and not starts.is_inference()
+    starts = first.segment_starts()
+    assert starts is again.segment_starts() and not starts.is_inference()
     assert torch.equal(starts, segment_starts(first.is_boundary))
     assert periodic_boundaries(30, 8, 2).is_boundary[0].nonzero().flatten().tolist() == [5, 13, 21, 29]
 
