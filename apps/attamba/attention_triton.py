@@ -495,12 +495,13 @@ def _periodic_backward(
     precision = _dot_precision(q.dtype)
     common = dict(HEAD_DIM=head_dim, CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=precision)
     strides = (*_strides(q, k, v, grad_out), doc_stride)
-    slots = _mask_arguments(mask, n)[0]
+    mask_arguments = _mask_arguments(mask, n)
+    slots = mask_arguments[0]
 
     dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     _query_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
         q, k, v, grad_out, out, lse, delta, dq, starts, *strides,
-        n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
+        n, heads, *mask_arguments, sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, BACKWARD=True, **common,
         num_warps=config.dq_warps, num_stages=config.backward_stages,
     )
@@ -511,7 +512,7 @@ def _periodic_backward(
             continue
         _dkv_kernel[(batch * heads, blocks)](
             q, k, v, grad_out, lse, delta, dk, dv, starts, ends, *strides,
-            n, heads, *_mask_arguments(mask, n), mask.window_reach, sm_scale * LOG2_E, sm_scale,
+            n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
             BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, SLOTS=slot_role, **common,
             num_warps=config.dkv_warps, num_stages=config.backward_stages,
         )
