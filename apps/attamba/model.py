@@ -194,12 +194,10 @@ class AttambaLM(TransformerLMBase):
         return bool(seeded_random_boundaries(max(n, t + 1), size, self.args.random_seed, layer).is_boundary[0, t])
 
     def _plan(
-        self, boundaries: LayerBoundaries, doc_ids, batch: int, causal: bool = False, doc_starts: Optional[torch.Tensor] = None
+        self, boundaries: LayerBoundaries, doc_ids, doc_starts: Optional[torch.Tensor], batch: int, causal: bool = False
     ) -> LayerPlan:
-        """A layer's segment starts and attention masks, from its boundaries (``doc_starts``:
-        ``document_starts(doc_ids)`` when the caller has it, shared by the layers)."""
-        if doc_ids is not None and doc_starts is None:
-            doc_starts = document_starts(doc_ids)
+        """A layer's segment starts and attention masks, from its boundaries and the documents
+        (``doc_starts`` is ``document_starts(doc_ids)``, computed once for all layers)."""
         starts = boundaries.segment_starts(doc_starts).expand(batch, -1)
         leading_tokens = self.chunking.leading_tokens
         causal = causal or self.args.pseudo_chunk
@@ -224,16 +222,16 @@ class AttambaLM(TransformerLMBase):
         batch, n = tokens.shape
         x = self.tok_embeddings(tokens)
         cos, sin = self.rotary(n, tokens.device)
+        doc_starts = None if doc_ids is None else document_starts(doc_ids)
         if self.chunking.strategy in WHOLE_SEQUENCE_STRATEGIES:
-            x = self._forward_attention_chosen(x, cos, sin, doc_ids)
+            x = self._forward_attention_chosen(x, cos, sin, doc_ids, doc_starts)
         else:
-            doc_starts = None if doc_ids is None else document_starts(doc_ids)
             for layer_id, layer in enumerate(self.layers):
                 boundaries = self.layer_boundaries(layer_id, n, batch, tokens.device)
-                x = layer(x, cos, sin, doc_ids, self._plan(boundaries, doc_ids, batch, doc_starts=doc_starts))
+                x = layer(x, cos, sin, doc_ids, self._plan(boundaries, doc_ids, doc_starts, batch))
         return self.output(self.norm(x))
 
-    def _forward_attention_chosen(self, x, cos, sin, doc_ids) -> torch.Tensor:
+    def _forward_attention_chosen(self, x, cos, sin, doc_ids, doc_starts) -> torch.Tensor:
         """fattn / fssm: layer 0 picks the boundaries of every later layer from its attention."""
         batch, n, _ = x.shape
         chunking = self.chunking
@@ -241,13 +239,13 @@ class AttambaLM(TransformerLMBase):
         uniform = periodic_boundaries(n, size, 0, x.device)
         fattn = chunking.strategy == "fattn"
         # fattn's layer 0 attends in full; fssm's attends like any Attamba layer with uniform chunks.
-        x, key_mass = self.layers[0](x, cos, sin, doc_ids, self._plan(uniform, doc_ids, batch, causal=fattn), need_key_mass=True)
+        x, key_mass = self.layers[0](x, cos, sin, doc_ids, self._plan(uniform, doc_ids, doc_starts, batch, causal=fattn), need_key_mass=True)
         if fattn:
             chosen = top_key_boundaries(key_mass, math.ceil(n / size))
         else:
             split_count = self.args.fssm_split_count or max(1, (n // size) // 2)
             chosen = split_top_chunks(uniform, key_mass, split_count)
-        plan = self._plan(chosen, doc_ids, batch)
+        plan = self._plan(chosen, doc_ids, doc_starts, batch)
         for layer in self.layers[1:]:
             x = layer(x, cos, sin, doc_ids, plan)
         return x

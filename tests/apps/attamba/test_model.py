@@ -104,8 +104,8 @@ def test_layer_plans_reset_the_ssms_where_segment_starts_says(strategy):
     shared = document_starts(doc_ids)
     for layer in range(model.args.n_layers):
         boundaries = model.layer_boundaries(layer, n, batch=2)
-        for docs, doc_starts in ((None, None), (doc_ids, None), (doc_ids, shared)):
-            plan = model._plan(boundaries, docs, 2, doc_starts=doc_starts)
+        for docs, doc_starts in ((None, None), (doc_ids, shared)):
+            plan = model._plan(boundaries, docs, doc_starts, 2)
             expected = segment_starts(boundaries.is_boundary, docs).expand(2, -1)
             assert torch.equal(plan.segment_start, expected)
 
