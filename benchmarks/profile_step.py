@@ -8,7 +8,10 @@ that took the most host (CPU) time: a step far longer than its GPU time is host-
 second table says where the host spends it.
 
     python benchmarks/profile_step.py config=apps/attamba/configs/attamba_60m.yaml \
-        [--seq-len 1024] [--batch 16] [--mean-doc 512] [--rows 25] [model.ssm_impl=torch ...]
+        [--seq-len 1024] [--batch 16] [--mean-doc 512] [--rows 25] [--gaps] [model.ssm_impl=torch ...]
+
+``--gaps`` adds where the GPU idled within the profiled steps and what the host ran meanwhile
+(:mod:`gpu_gaps`).
 
 Needs CUDA.
 """
@@ -25,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_gaps import gap_report  # noqa: E402  (benchmarks/, this script's folder)
 from lingua import distributed  # noqa: E402
 from lingua.args import read_raw  # noqa: E402
 from lingua.optim import build_optimizer, no_weight_decay_names  # noqa: E402
@@ -63,6 +67,8 @@ def main() -> None:
     # Comma-separated rather than nargs="*", which would swallow the config overrides after it.
     parser.add_argument("--shapes-of", default="", metavar="OP[,OP...]",
                         help="ops (e.g. aten::copy_,aten::fill_) whose GPU time to break down by input shapes and call site")
+    parser.add_argument("--gaps", action="store_true",
+                        help="also print the GPU's idle gaps per step and the host ops running in them")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     options, overrides = parser.parse_known_args()
     if options.device == "cuda" and not torch.cuda.is_available():
@@ -134,6 +140,8 @@ def main() -> None:
     print(f"GPU (kernel) time per step {gpu_ms:.2f} ms of a {ms:.2f} ms step (profiled steps are slower)")
     for name in detailed_ops:
         print_breakdown(prof, name, options.profile_steps)
+    if options.gaps:
+        print(gap_report(prof.events(), options.profile_steps))
 
 
 def print_breakdown(prof, name: str, steps: int, rows: int = 8) -> None:

@@ -1,0 +1,96 @@
+"""Where the GPU waits for the host: idle gaps between kernels and what the host was running then.
+
+A step whose wall time exceeds its kernel time has idle gaps on the GPU. A kernel table cannot say
+where they are; this module finds them in a profiler's events and names the host operators that
+were running in the middle of each gap (outermost first), summed over gaps with the same names.
+
+    from gpu_gaps import gap_report  # with benchmarks/ on sys.path, as for its scripts
+    print(gap_report(prof.events(), steps=3))
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Interval:
+    """[start, end) in microseconds."""
+
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class HostOp:
+    """A host (CPU) operator's span and its nesting depth (0: outermost)."""
+
+    name: str
+    start: float
+    end: float
+    depth: int
+
+
+def idle_gaps(kernels: Iterable[Interval], min_us: float = 0.0) -> list[Interval]:
+    """The spans between the first kernel's start and the last kernel's end where no kernel runs,
+    of at least ``min_us``. Kernels may overlap (several streams); overlaps count as busy."""
+    gaps = []
+    busy_until = None
+    for kernel in sorted(kernels, key=lambda interval: interval.start):
+        if busy_until is not None and kernel.start - busy_until >= max(min_us, 1e-9):
+            gaps.append(Interval(busy_until, kernel.start))
+        busy_until = kernel.end if busy_until is None else max(busy_until, kernel.end)
+    return gaps
+
+
+def active_stack(ops: Sequence[HostOp], at: float) -> list[str]:
+    """Names of the host operators running at time ``at``, outermost first."""
+    running = [op for op in ops if op.start <= at < op.end]
+    return [op.name for op in sorted(running, key=lambda op: (op.depth, op.start))]
+
+
+def attribute_gaps(gaps: Sequence[Interval], ops: Sequence[HostOp], levels: int = 3) -> dict[str, float]:
+    """Idle microseconds per host call chain at each gap's midpoint: the ``levels`` outermost
+    operators and the innermost one, joined by ' > ' ('(host idle)' when nothing ran)."""
+    totals: dict[str, float] = defaultdict(float)
+    for gap in gaps:
+        stack = active_stack(ops, (gap.start + gap.end) / 2)
+        if len(stack) > levels + 1:
+            stack = stack[:levels] + ["…", stack[-1]]
+        totals[" > ".join(stack) or "(host idle)"] += gap.end - gap.start
+    return dict(totals)
+
+
+def _depth(event) -> int:
+    depth, parent = 0, event.cpu_parent
+    while parent is not None:
+        depth, parent = depth + 1, parent.cpu_parent
+    return depth
+
+
+def intervals_from_profile(events) -> tuple[list[Interval], list[HostOp]]:
+    """(kernel spans, host operator spans) from ``torch.profiler.profile(...).events()``."""
+    kernels, ops = [], []
+    for event in events:
+        span = event.time_range
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append(Interval(span.start, span.end))
+        elif event.device_type == torch.autograd.DeviceType.CPU:
+            ops.append(HostOp(event.name, span.start, span.end, _depth(event)))
+    return kernels, ops
+
+
+def gap_report(events, steps: int, rows: int = 15, min_us: float = 2.0) -> str:
+    """A table of GPU idle time per step, by what the host was running in the gaps."""
+    kernels, ops = intervals_from_profile(events)
+    gaps = idle_gaps(kernels, min_us)
+    totals = attribute_gaps(gaps, ops)
+    lines = [f"GPU idle in gaps of at least {min_us:g} µs: {sum(g.end - g.start for g in gaps) / steps / 1e3:.2f} ms/step "
+             f"in {len(gaps) / steps:.0f} gaps/step; host call chain at each gap's middle:"]
+    for chain, us in sorted(totals.items(), key=lambda item: -item[1])[:rows]:
+        lines.append(f"  {us / steps / 1e3:7.3f} ms/step  {chain}")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""GPU idle gaps and the host work in them (benchmarks/gpu_gaps.py), on synthetic spans."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from gpu_gaps import HostOp, Interval, attribute_gaps, gap_report, idle_gaps  # noqa: E402
+
+
+def test_gaps_are_the_uncovered_spans_between_kernels():
+    kernels = [Interval(0, 10), Interval(5, 12), Interval(20, 30), Interval(31, 40), Interval(25, 26)]
+    assert idle_gaps(kernels) == [Interval(12, 20), Interval(30, 31)]
+    assert idle_gaps(kernels, min_us=2) == [Interval(12, 20)]
+    # Order of the events does not matter, and a kernel inside another leaves no gap.
+    assert idle_gaps(list(reversed(kernels)), min_us=2) == [Interval(12, 20)]
+    assert idle_gaps([]) == []
+
+
+def test_gaps_are_charged_to_the_host_ops_running_at_their_middle():
+    ops = [
+        HostOp("step", 0, 100, 0),
+        HostOp("layer_1", 0, 40, 1),
+        HostOp("guards", 10, 20, 2),
+        HostOp("layer_2", 40, 90, 1),
+        HostOp("launch", 60, 70, 2),
+    ]
+    gaps = [Interval(12, 16), Interval(60, 70), Interval(95, 97), Interval(120, 130)]
+    assert attribute_gaps(gaps, ops) == pytest.approx({
+        "step > layer_1 > guards": 4,
+        "step > layer_2 > launch": 10,
+        "step": 2,
+        "(host idle)": 10,
+    })
+    # Deep chains keep the outer levels and the innermost op.
+    deep = [HostOp(f"op{depth}", 0, 10, depth) for depth in range(6)]
+    assert attribute_gaps([Interval(4, 6)], deep, levels=2) == {"op0 > op1 > … > op5": 2}
+
+
+def test_report_of_a_cpu_profile_has_no_gaps():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ones(8).sum()
+    assert gap_report(prof.events(), steps=1).startswith("GPU idle in gaps of at least 2 µs: 0.00 ms/step in 0 gaps/step")
