@@ -107,7 +107,7 @@ def compile_attention_kernels() -> list[str]:
 
 def compile_ssm_kernels() -> list[str]:
     """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 32
-    and 64 tokens) and its segmented conv (forward with and without a bias, backward), in bf16."""
+    and 64 tokens, TF32 and bf16 dots) and its segmented conv (forward with and without a bias, backward), in bf16."""
     from apps.attamba import ssd_triton_conv as conv
     from apps.attamba import ssd_triton_window as window
 
@@ -115,21 +115,23 @@ def compile_ssm_kernels() -> list[str]:
     pointers = {f"{name}_ptr": "bf16" for name in tensors}
     pointers.update({f"{name}_ptr": "fp32" for name in ("A", "D", "ddt", "dA_part", "dD_rows", "dw_part")})
     pointers.update(dt_ptr="bf16", start_ptr="u8", dist_ptr="i32")
-    ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S, PRECISION="tf32")
+    ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S)
     conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
     variants = [
-        (kernel, dict(BLOCK_Q=block_q, **ssd_tiles), window.NUM_WARPS)
-        for kernel in (window._window_fwd_kernel, window._window_bwd_kernel) for block_q in (32, 64)
+        (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, **ssd_tiles), warps, window.NUM_STAGES)
+        for kernel, warps in ((window._window_fwd_kernel, window.FORWARD_WARPS), (window._window_bwd_kernel, window.BACKWARD_WARPS))
+        for block_q in (32, 64)
+        for precision in ("tf32", "bf16")
     ] + [
-        (conv._conv_fwd_kernel, dict(HAS_BIAS=True, **conv_tiles), 4),
-        (conv._conv_fwd_kernel, dict(HAS_BIAS=False, **conv_tiles), 4),
-        (conv._conv_bwd_kernel, conv_tiles, 4),
+        (conv._conv_fwd_kernel, dict(HAS_BIAS=True, **conv_tiles), conv.NUM_WARPS, 3),
+        (conv._conv_fwd_kernel, dict(HAS_BIAS=False, **conv_tiles), conv.NUM_WARPS, 3),
+        (conv._conv_bwd_kernel, conv_tiles, conv.NUM_WARPS, 3),
     ]
     done = []
-    for kernel, constexprs, warps in variants:
+    for kernel, constexprs, warps, stages in variants:
         used = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
-        compiled = compile_for_hopper(kernel, used, set(), constexprs, warps, 3)
-        switches = " ".join(f"{key}={value}" for key, value in constexprs.items() if key in ("BLOCK_Q", "HAS_BIAS"))
+        compiled = compile_for_hopper(kernel, used, set(), constexprs, warps, stages)
+        switches = " ".join(f"{key}={value}" for key, value in constexprs.items() if key in ("BLOCK_Q", "HAS_BIAS", "PRECISION"))
         done.append(f"{kernel.__name__}{' ' + switches if switches else ''}: " + resource_usage(compiled))
     return done
 

@@ -129,12 +129,18 @@ def _this_block(A_ptr, dt_ptr, start_ptr, n, h, stride_dt_b, stride_dt_n, BLOCK_
 
 
 @triton.jit
-def _load_rows(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr):
-    """[Q, W] fp32 tile: tokens t of batch row bi, columns col0 .. col0 + width - 1."""
+def _load_stored(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr):
+    """[Q, W] tile in the tensor's own dtype: tokens t of batch row bi, columns col0 .. col0 + width - 1."""
     offs_w = tl.arange(0, BLOCK_W)
     offs = bi * stride_b + t.to(tl.int64)[:, None] * stride_n + col0 + offs_w[None, :]
     mask = in_seq[:, None] & (offs_w[None, :] < width)
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_rows(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr):
+    """:func:`_load_stored`'s tile in fp32."""
+    return _load_stored(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W).to(tl.float32)
 
 
 @triton.jit

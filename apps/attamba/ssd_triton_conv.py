@@ -19,6 +19,7 @@ import triton.language as tl
 
 BLOCK_N = 64
 BLOCK_C = 64
+NUM_WARPS = 4
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -122,7 +123,7 @@ def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, dist, out,
         n, c, x.stride(0), x.stride(1),
-        K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
+        K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
     )
     return out
 
@@ -148,7 +149,7 @@ def _conv_backward(
     _conv_bwd_kernel[(b, token_blocks, triton.cdiv(c, BLOCK_C))](
         x, weight, dist, dout, dx, dw_part,
         n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-        K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
+        K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
     )
     sums = dw_part.sum(0)
     dweight = sums[:k].t().contiguous().to(weight.dtype)  # [c, k], laid out as the fake says

@@ -33,13 +33,14 @@ import triton
 import triton.language as tl
 
 from apps.attamba.ssd_triton import (
+    _INTERPRETED,
     _as_bytes,
     _check_inputs,
     _dot_precision,
     _input_grads_fake,
     _kernel_inputs,
     _last_dim_contiguous,
-    _load_rows,
+    _load_stored,
     _padded,
     _spanned_sum,
     _sum_before,
@@ -51,8 +52,23 @@ MAX_BLOCK_Q = 64
 MIN_BLOCK_Q = 32
 """Smallest block. 16-token blocks also work (tested) but were slower for P = 8 on an H200: 1.009
 against 0.858 ms fwd+bwd for a 60M layer's paired SSMs (docs/benchmarks.md, tenth session)."""
-NUM_WARPS = 4
+FORWARD_WARPS = 2
+"""Warps per program of the forward kernel: 2 took 57 µs against 70 with 4 (tuned on an H200 with
+benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, eleventh session)."""
+BACKWARD_WARPS = 4
+NUM_STAGES = 3  # Triton's default on CUDA
 TILE_S = 32
+BF16_DOTS = True
+"""With bf16 inputs, multiply bf16 operands (fp32 accumulation, as Mamba2's kernels do) rather
+than TF32 ones: half the operand registers and twice the tensor-core rate, at the cost of rounding
+the decayed scores and dt·u to bf16 before they are multiplied."""
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """The kernels' ``PRECISION``: 'bf16' (see BF16_DOTS), else ``_dot_precision``'s choice."""
+    if BF16_DOTS and dtype == torch.bfloat16 and not _INTERPRETED:
+        return "bf16"
+    return _dot_precision(dtype)
 
 
 def block_size(max_segment_len: int) -> int:
@@ -63,6 +79,26 @@ def block_size(max_segment_len: int) -> int:
 def supports(max_segment_len, return_final_state: bool) -> bool:
     """Whether the windowed kernels can run: a known bound within MAX_BLOCK_Q, no final state."""
     return max_segment_len is not None and 1 <= max_segment_len <= MAX_BLOCK_Q and not return_final_state
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """a @ b (+ acc), fp32 out; PRECISION 'bf16' multiplies bf16-rounded operands."""
+    if PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc)
+    else:
+        return tl.dot(a, b, acc=acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
+    """A [Q, W] tile of tokens t (:func:`apps.attamba.ssd_triton._load_stored`): as stored (bf16) when the
+    dots take bf16 operands, which halves the registers it holds, else in fp32."""
+    tile = _load_stored(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W)
+    if PRECISION == "bf16":
+        return tile
+    else:
+        return tile.to(tl.float32)
 
 
 @triton.jit
@@ -125,22 +161,22 @@ def _window_fwd_kernel(
     G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
     G_c = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_cᵀ
     for s0 in range(0, BLOCK_S, TILE):
-        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
-        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        G_p = tl.dot(C_c, tl.trans(B_p), acc=G_p, input_precision=PRECISION)
-        G_c = tl.dot(C_c, tl.trans(B_c), acc=G_c, input_precision=PRECISION)
+        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        G_p = _dot(C_c, tl.trans(B_p), G_p, PRECISION)
+        G_c = _dot(C_c, tl.trans(B_c), G_c, PRECISION)
 
     offs_p = tl.arange(0, BLOCK_P)
     for j in range(heads_per_group):
         hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, _, _ = _group_head(
             A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
-        u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
-        u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
+        u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
+        u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
         P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
         P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
-        y = tl.dot(P_p, u_p * dt_p[:, None], input_precision=PRECISION)
-        y = tl.dot(P_c, u_c * dt_c[:, None], acc=y, input_precision=PRECISION) + D_h * u_c
+        y = _dot(P_p, u_p * dt_p[:, None], None, PRECISION)
+        y = _dot(P_c, u_c * dt_c[:, None], y, PRECISION) + D_h * u_c
         y_offs = (bi * n + t_c.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
         tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
 
@@ -170,62 +206,68 @@ def _window_bwd_kernel(
     t_p = t_c - BLOCK_Q
     t_n = t_c + BLOCK_Q
     valid_p, valid_c, valid_n = (t_p >= 0) & (t_p < n), t_c < n, t_n < n
-
-    # Score tiles, named query block then key block: G_cp = C_c B_pᵀ, G_cc = C_c B_cᵀ, G_nc = C_n B_cᵀ.
+    t64 = t_c.to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
     bc_col = gi * stride_bc_g
-    G_cp = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
-    G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
-    G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
-    for s0 in range(0, BLOCK_S, TILE):
-        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
-        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        C_n = _load_rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE)
-        G_cp = tl.dot(C_c, tl.trans(B_p), acc=G_cp, input_precision=PRECISION)
-        G_cc = tl.dot(C_c, tl.trans(B_c), acc=G_cc, input_precision=PRECISION)
-        G_nc = tl.dot(C_n, tl.trans(B_c), acc=G_nc, input_precision=PRECISION)
 
-    # Σ over the group's heads of the gradient reaching each score tile.
+    # Two passes over the group's heads, so that the three summed score gradients and the three
+    # score tiles are never held at once (together they spilled registers): the first pass sums
+    # the score gradients, which the pass over the state turns into dB and dC while it builds the
+    # score tiles; the second pass recomputes each head's score gradient and uses the tiles.
+    # Tiles are named query block then key block: G_cp = C_c B_pᵀ, G_cc = C_c B_cᵀ, G_nc = C_n B_cᵀ.
     dG_cp_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     dG_cc_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     dG_nc_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
-    t64 = t_c.to(tl.int64)
-    offs_p = tl.arange(0, BLOCK_P)
     for j in range(heads_per_group):
-        hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end = _group_head(
-            A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
-        _, cs_n, seg_n, _, _ = _block_terms(
-            dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
-        L_cp = _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
-        L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
-        L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
+        _, _, _, _, cs_p, seg_p, cs_c, seg_c, cs_n, seg_n, _, dy_c, dy_n, x_p, x_c = _head_tiles(
+            u_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, dy_ptr, gi, j, heads_per_group, bi, t_p, t_c, t_n,
+            valid_p, valid_c, valid_n, n, stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n,
+            stride_dy_b, stride_dy_n, stride_dy_h, p, BLOCK_P, PRECISION)
+        # y_t = Σ_j (G ∘ L)[t, j] x_j: the gradient reaching G is (dy xᵀ) ∘ L.
+        dG_cp_sum += _dot(dy_c, tl.trans(x_p), None, PRECISION) * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
+        dG_cc_sum += _dot(dy_c, tl.trans(x_c), None, PRECISION) * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
+        dG_nc_sum += _dot(dy_n, tl.trans(x_c), None, PRECISION) * _next_decay(cs_n, seg_n, valid_n, cs_c, seg_c, valid_c, BLOCK_Q)
 
-        u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P)
-        u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
-        dy_c = _load_rows(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P)
-        dy_n = _load_rows(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P)
-        x_p = u_p * dt_p[:, None]
-        x_c = u_c * dt_c[:, None]
+    G_cp = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    offs_s = tl.arange(0, TILE)
+    dG_cc_t = tl.trans(dG_cc_sum)
+    dG_nc_t = tl.trans(dG_nc_sum)
+    for s0 in range(0, BLOCK_S, TILE):
+        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_n = _load_rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
+        G_cp = _dot(C_c, tl.trans(B_p), G_cp, PRECISION)
+        G_cc = _dot(C_c, tl.trans(B_c), G_cc, PRECISION)
+        G_nc = _dot(C_n, tl.trans(B_c), G_nc, PRECISION)
+        dC = _dot(dG_cc_sum, B_c, _dot(dG_cp_sum, B_p, None, PRECISION), PRECISION)
+        dB = _dot(dG_nc_t, C_n, _dot(dG_cc_t, C_c, None, PRECISION), PRECISION)
+        offs_out = ((bi * n + t64[:, None]) * g + gi) * s + s0 + offs_s[None, :]
+        out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
+        tl.store(dB_ptr + offs_out, dB.to(dB_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(dC_ptr + offs_out, dC.to(dC_ptr.dtype.element_ty), mask=out_mask)
 
-        # y_t = Σ_j (G ∘ L)[t, j] x_j: the gradient reaching G is (dy xᵀ) ∘ L, and the one reaching
-        # the exponent cs_t - cs_j is that times G.
-        dG_cp = tl.dot(dy_c, tl.trans(x_p), input_precision=PRECISION) * L_cp
-        dG_cc = tl.dot(dy_c, tl.trans(x_c), input_precision=PRECISION) * L_cc
-        dG_nc = tl.dot(dy_n, tl.trans(x_c), input_precision=PRECISION) * L_nc
-        dG_cp_sum += dG_cp
-        dG_cc_sum += dG_cc
-        dG_nc_sum += dG_nc
+    for j in range(heads_per_group):
+        hi, A_h, D_h, dt_c, cs_p, seg_p, cs_c, seg_c, cs_n, seg_n, u_c, dy_c, dy_n, x_p, x_c = _head_tiles(
+            u_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, dy_ptr, gi, j, heads_per_group, bi, t_p, t_c, t_n,
+            valid_p, valid_c, valid_n, n, stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n,
+            stride_dy_b, stride_dy_n, stride_dy_h, p, BLOCK_P, PRECISION)
         # The gradient of a_i = dt_i·A is Σ dE[t, j] over the pairs (t, j) that decay across i,
-        # j < i <= t; for i in this block those pairs sit in the three tiles (dE = dG ∘ G).
+        # j < i <= t, with dE = dG ∘ G = (dy xᵀ) ∘ (G ∘ L); for i in this block those pairs sit in
+        # the three tiles, each used and dropped in turn (fewer tiles held at once).
         # Keys in the previous block: every i <= t of this block.
-        d_a = tl.cumsum(tl.sum(dG_cp * G_cp, axis=1), axis=0, reverse=True)
+        P = G_cp * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
+        d_a = tl.cumsum(tl.sum(_dot(dy_c, tl.trans(x_p), None, PRECISION) * P, axis=1), axis=0, reverse=True)
         # Both in this block: Σ_{t >= i} Σ_{j < i} dE[t, j].
-        d_a += _spanned_sum(dG_cc * G_cc, BLOCK_Q)
+        P = G_cc * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
+        d_a += _spanned_sum(_dot(dy_c, tl.trans(x_c), None, PRECISION) * P, BLOCK_Q)
+        dx = _dot(tl.trans(P), dy_c, None, PRECISION)
         # Queries in the next block: every t there is after i, so every key j < i counts.
-        d_a += _sum_before(tl.sum(dG_nc * G_nc, axis=0), BLOCK_Q)
-
-        dx = tl.dot(tl.trans(G_cc * L_cc), dy_c, input_precision=PRECISION)
-        dx = tl.dot(tl.trans(G_nc * L_nc), dy_n, acc=dx, input_precision=PRECISION)
+        P = G_nc * _next_decay(cs_n, seg_n, valid_n, cs_c, seg_c, valid_c, BLOCK_Q)
+        d_a += _sum_before(tl.sum(_dot(dy_n, tl.trans(x_c), None, PRECISION) * P, axis=0), BLOCK_Q)
+        dx = _dot(tl.trans(P), dy_n, dx, PRECISION)
         du = dx * dt_c[:, None] + D_h * dy_c
         du_offs = (bi * n + t64[:, None]) * h * p + hi * p + offs_p[None, :]
         tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
@@ -236,20 +278,32 @@ def _window_bwd_kernel(
         # Per token, not per block: summing the [Q, p] tile down to one number spilled more registers.
         tl.store(dD_rows_ptr + (bi * n + t64) * h + hi, tl.sum(dy_c.to(tl.float32) * u_c.to(tl.float32), axis=1), mask=valid_c)
 
-    offs_s = tl.arange(0, TILE)
-    dG_cc_t = tl.trans(dG_cc_sum)
-    dG_nc_t = tl.trans(dG_nc_sum)
-    for s0 in range(0, BLOCK_S, TILE):
-        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE)
-        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        C_n = _load_rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE)
-        dC = tl.dot(dG_cc_sum, B_c, acc=tl.dot(dG_cp_sum, B_p, input_precision=PRECISION), input_precision=PRECISION)
-        dB = tl.dot(dG_nc_t, C_n, acc=tl.dot(dG_cc_t, C_c, input_precision=PRECISION), input_precision=PRECISION)
-        offs_out = ((bi * n + t64[:, None]) * g + gi) * s + s0 + offs_s[None, :]
-        out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
-        tl.store(dB_ptr + offs_out, dB.to(dB_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(dC_ptr + offs_out, dC.to(dC_ptr.dtype.element_ty), mask=out_mask)
+
+@triton.jit
+def _next_decay(cs_n, seg_n, valid_n, cs_c, seg_c, valid_c, BLOCK_Q: tl.constexpr):
+    """_decay of the next block's queries over this block's keys (0 past the sequence's end)."""
+    return tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
+
+
+@triton.jit
+def _head_tiles(
+    u_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, dy_ptr, gi, j, heads_per_group, bi, t_p, t_c, t_n,
+    valid_p, valid_c, valid_n, n, stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n,
+    stride_dy_b, stride_dy_n, stride_dy_h, p, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """What the backward reads of head j of group gi: its index, A and D, this block's dt, the
+    running cs and segment numbers of the previous, this and the next block, this block's u and
+    dy, the next block's dy, and x = dt·u of the previous and this block."""
+    hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end = _group_head(
+        A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
+    _, cs_n, seg_n, _, _ = _block_terms(
+        dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+    u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
+    u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
+    dy_c = _load_rows(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P, PRECISION)
+    dy_n = _load_rows(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P, PRECISION)
+    return (hi, A_h, D_h, dt_c, cs_p, seg_p, cs_c, seg_c, cs_n, seg_n, u_c, dy_c, dy_n,
+            u_p * dt_p[:, None], u_c * dt_c[:, None])
 
 
 def _strides(u, dt, B):
@@ -268,7 +322,7 @@ def _window_forward(
     _window_fwd_kernel[(g, triton.cdiv(n, block_q), b)](
         u, dt, A, B, C, D, starts, y, n, h, p, s, h // g, *_strides(u, dt, B),
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
-        PRECISION=_dot_precision(u.dtype), num_warps=NUM_WARPS,
+        PRECISION=_precision(u.dtype), num_warps=FORWARD_WARPS, num_stages=NUM_STAGES,
     )
     return y
 
@@ -301,7 +355,7 @@ def _window_backward(
         u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC,
         n, h, p, s, g, h // g, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
-        PRECISION=_dot_precision(u.dtype), num_warps=NUM_WARPS,
+        PRECISION=_precision(u.dtype), num_warps=BACKWARD_WARPS, num_stages=NUM_STAGES,
     )
     return du, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dB, dC, dD_rows.sum((0, 1)).to(D.dtype)
 

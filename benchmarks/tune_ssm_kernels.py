@@ -1,0 +1,132 @@
+"""Launch settings of the KV-SSM's windowed scan and conv kernels: GPU time per kernel, and error.
+
+At a 60M layer's paired K/V SSM shape (``bench_ssm.MODEL_LAYER``: b=16, n=1024, 16 heads of 64,
+2 B/C groups, state 128, P=8, 1536 conv channels, bf16), each variant sets module knobs of
+:mod:`apps.attamba.ssd_triton_window` (``FORWARD_WARPS``, ``BACKWARD_WARPS``, ``NUM_STAGES``, ``BF16_DOTS``) or
+:mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``, ``BLOCK_C``, ``NUM_WARPS``), then runs the scan and
+the conv forward and backward under the profiler. Reported: each kernel's mean GPU µs (kernels
+only, no host time) and the scan's relative error (‖triton − ref‖ / ‖ref‖ over y and every input
+gradient, worst one) against the float64 ``torch`` scan on the same inputs.
+
+    python benchmarks/tune_ssm_kernels.py [--repeats 10] [--out tune_ssm.json]
+
+Needs CUDA; on a CPU it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from apps.attamba import ssd_triton_conv, ssd_triton_window  # noqa: E402
+from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
+from apps.attamba.ssd_triton import causal_conv_segmented_triton  # noqa: E402
+from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, ssd_inputs, uniform_segment_starts  # noqa: E402
+
+VARIANTS = (
+    "default",
+    "window.BF16_DOTS=0",
+    "window.BACKWARD_WARPS=8",
+    "window.BACKWARD_WARPS=2",
+    "window.FORWARD_WARPS=4",
+    "window.NUM_STAGES=1",
+    "window.BACKWARD_WARPS=8,window.NUM_STAGES=1",
+    "conv.NUM_WARPS=8",
+    "conv.BLOCK_N=32",
+    "conv.BLOCK_N=128,conv.NUM_WARPS=8",
+    "default",  # the two default rows' spread is the noise
+)
+MODULES = {"window": ssd_triton_window, "conv": ssd_triton_conv}
+KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel")
+
+
+def parse_variant(text: str) -> dict[tuple[str, str], int]:
+    if text == "default":
+        return {}
+    settings = {}
+    for item in text.split(","):
+        name, value = item.split("=")
+        module, knob = name.split(".")
+        settings[(module, knob)] = int(value)
+    return settings
+
+
+def scan_error(window, reference_grads, inputs, segment_start, grad_out) -> float:
+    """Worst relative error of y and each input gradient against the float64 reference."""
+    leaves = [tensor.detach().clone().requires_grad_() for tensor in inputs]
+    y = window(*leaves, segment_start)
+    y.backward(grad_out)
+    got = [y.detach(), *(leaf.grad for leaf in leaves)]
+    return max(float((g.double() - r).norm() / r.norm()) for g, r in zip(got, reference_grads))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_ssm_kernels needs a CUDA device; none found, nothing measured.")
+        return 0
+    from torch.profiler import ProfilerActivity, profile
+
+    device, shape = torch.device("cuda"), MODEL_LAYER
+    torch.manual_seed(0)
+    segment_start = uniform_segment_starts(shape, device)
+    scan_in = ssd_inputs(shape, torch.bfloat16, device)
+    conv_in = conv_inputs(shape, torch.bfloat16, device)
+    window = functools.partial(ssd_triton_window.ssd_segmented_window, max_segment_len=shape.chunk)
+    grad_y = torch.randn_like(scan_in[0])
+    grad_conv = torch.randn_like(conv_in[0])
+    # The reference: the torch scan in float64 on the same (bf16-valued) inputs.
+    leaves = [tensor.detach().double().requires_grad_() for tensor in scan_in]
+    y_ref = ssd_segmented(*leaves, segment_start)
+    y_ref.backward(grad_y.double())
+    reference = [y_ref.detach(), *(leaf.grad for leaf in leaves)]
+
+    def run_once():
+        window(*scan_in, segment_start).backward(grad_y)
+        causal_conv_segmented_triton(*conv_in, segment_start).backward(grad_conv)
+
+    defaults = {(module, knob): getattr(MODULES[module], knob) for text in VARIANTS for module, knob in parse_variant(text)}
+    rows = []
+    for text in args.variants:
+        settings = parse_variant(text)
+        try:
+            for (module, knob), value in settings.items():
+                setattr(MODULES[module], knob, type(getattr(MODULES[module], knob))(value))
+            run_once()  # compiles this variant
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.repeats):
+                    run_once()
+                torch.cuda.synchronize()
+            times = {event.key: event.device_time_total / args.repeats for event in prof.key_averages()}
+            row = {"variant": text, **{kernel: times.get(kernel) for kernel in KERNELS},
+                   "scan_rel_error": scan_error(window, reference, scan_in, segment_start, grad_y)}
+        except Exception as error:  # one failing variant should not hide the others
+            row = {"variant": text, "error": f"{error!r:.300}"}
+        finally:
+            for key, value in defaults.items():
+                setattr(MODULES[key[0]], key[1], value)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shape": vars(shape), "rows": rows}, indent=1))
+    print(f"\n{'variant':52s} " + " ".join(f"{k.strip('_').replace('_kernel', ''):>11s}" for k in KERNELS) + "   rel.err")
+    for row in rows:
+        cells = " ".join(f"{row[k]:11.1f}" if row.get(k) is not None else f"{'-':>11s}" for k in KERNELS)
+        print(f"{row['variant']:52s} {cells}   {row.get('scan_rel_error', float('nan')):.2e} {row.get('error', '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
