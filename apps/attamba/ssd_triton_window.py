@@ -206,34 +206,12 @@ def _window_bwd_kernel(
     t_p = t_c - BLOCK_Q
     t_n = t_c + BLOCK_Q
     valid_p, valid_c, valid_n = (t_p >= 0) & (t_p < n), t_c < n, t_n < n
-    t64 = t_c.to(tl.int64)
-    offs_p = tl.arange(0, BLOCK_P)
+
+    # Score tiles, named query block then key block: G_cp = C_c B_pᵀ, G_cc = C_c B_cᵀ, G_nc = C_n B_cᵀ.
     bc_col = gi * stride_bc_g
-
-    # Two passes over the group's heads, so that the three summed score gradients and the three
-    # score tiles are never held at once (together they spilled registers): the first pass sums
-    # the score gradients, which the pass over the state turns into dB and dC while it builds the
-    # score tiles; the second pass recomputes each head's score gradient and uses the tiles.
-    # Tiles are named query block then key block: G_cp = C_c B_pᵀ, G_cc = C_c B_cᵀ, G_nc = C_n B_cᵀ.
-    dG_cp_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
-    dG_cc_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
-    dG_nc_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
-    for j in range(heads_per_group):
-        _, _, _, _, cs_p, seg_p, cs_c, seg_c, cs_n, seg_n, _, dy_c, dy_n, x_p, x_c = _head_tiles(
-            u_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, dy_ptr, gi, j, heads_per_group, bi, t_p, t_c, t_n,
-            valid_p, valid_c, valid_n, n, stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n,
-            stride_dy_b, stride_dy_n, stride_dy_h, p, BLOCK_P, PRECISION)
-        # y_t = Σ_j (G ∘ L)[t, j] x_j: the gradient reaching G is (dy xᵀ) ∘ L.
-        dG_cp_sum += _dot(dy_c, tl.trans(x_p), None, PRECISION) * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
-        dG_cc_sum += _dot(dy_c, tl.trans(x_c), None, PRECISION) * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
-        dG_nc_sum += _dot(dy_n, tl.trans(x_c), None, PRECISION) * _next_decay(cs_n, seg_n, valid_n, cs_c, seg_c, valid_c, BLOCK_Q)
-
     G_cp = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
-    offs_s = tl.arange(0, TILE)
-    dG_cc_t = tl.trans(dG_cc_sum)
-    dG_nc_t = tl.trans(dG_nc_sum)
     for s0 in range(0, BLOCK_S, TILE):
         B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
         B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
@@ -242,32 +220,48 @@ def _window_bwd_kernel(
         G_cp = _dot(C_c, tl.trans(B_p), G_cp, PRECISION)
         G_cc = _dot(C_c, tl.trans(B_c), G_cc, PRECISION)
         G_nc = _dot(C_n, tl.trans(B_c), G_nc, PRECISION)
-        dC = _dot(dG_cc_sum, B_c, _dot(dG_cp_sum, B_p, None, PRECISION), PRECISION)
-        dB = _dot(dG_nc_t, C_n, _dot(dG_cc_t, C_c, None, PRECISION), PRECISION)
-        offs_out = ((bi * n + t64[:, None]) * g + gi) * s + s0 + offs_s[None, :]
-        out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
-        tl.store(dB_ptr + offs_out, dB.to(dB_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(dC_ptr + offs_out, dC.to(dC_ptr.dtype.element_ty), mask=out_mask)
 
+    # Σ over the group's heads of the gradient reaching each score tile.
+    dG_cp_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    dG_cc_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    dG_nc_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    t64 = t_c.to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
     for j in range(heads_per_group):
-        hi, A_h, D_h, dt_c, cs_p, seg_p, cs_c, seg_c, cs_n, seg_n, u_c, dy_c, dy_n, x_p, x_c = _head_tiles(
-            u_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, dy_ptr, gi, j, heads_per_group, bi, t_p, t_c, t_n,
-            valid_p, valid_c, valid_n, n, stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n,
-            stride_dy_b, stride_dy_n, stride_dy_h, p, BLOCK_P, PRECISION)
+        hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end = _group_head(
+            A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
+        _, cs_n, seg_n, _, _ = _block_terms(
+            dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+        L_cp = _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
+        L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
+        L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
+
+        u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
+        u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
+        dy_c = _load_rows(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P, PRECISION)
+        dy_n = _load_rows(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P, PRECISION)
+        x_p = u_p * dt_p[:, None]
+        x_c = u_c * dt_c[:, None]
+
+        # y_t = Σ_j (G ∘ L)[t, j] x_j: the gradient reaching G is (dy xᵀ) ∘ L, and the one reaching
+        # the exponent cs_t - cs_j is that times G.
+        dG_cp = _dot(dy_c, tl.trans(x_p), None, PRECISION) * L_cp
+        dG_cc = _dot(dy_c, tl.trans(x_c), None, PRECISION) * L_cc
+        dG_nc = _dot(dy_n, tl.trans(x_c), None, PRECISION) * L_nc
+        dG_cp_sum += dG_cp
+        dG_cc_sum += dG_cc
+        dG_nc_sum += dG_nc
         # The gradient of a_i = dt_i·A is Σ dE[t, j] over the pairs (t, j) that decay across i,
-        # j < i <= t, with dE = dG ∘ G = (dy xᵀ) ∘ (G ∘ L); for i in this block those pairs sit in
-        # the three tiles, each used and dropped in turn (fewer tiles held at once).
+        # j < i <= t; for i in this block those pairs sit in the three tiles (dE = dG ∘ G).
         # Keys in the previous block: every i <= t of this block.
-        P = G_cp * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
-        d_a = tl.cumsum(tl.sum(_dot(dy_c, tl.trans(x_p), None, PRECISION) * P, axis=1), axis=0, reverse=True)
+        d_a = tl.cumsum(tl.sum(dG_cp * G_cp, axis=1), axis=0, reverse=True)
         # Both in this block: Σ_{t >= i} Σ_{j < i} dE[t, j].
-        P = G_cc * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
-        d_a += _spanned_sum(_dot(dy_c, tl.trans(x_c), None, PRECISION) * P, BLOCK_Q)
-        dx = _dot(tl.trans(P), dy_c, None, PRECISION)
+        d_a += _spanned_sum(dG_cc * G_cc, BLOCK_Q)
         # Queries in the next block: every t there is after i, so every key j < i counts.
-        P = G_nc * _next_decay(cs_n, seg_n, valid_n, cs_c, seg_c, valid_c, BLOCK_Q)
-        d_a += _sum_before(tl.sum(_dot(dy_n, tl.trans(x_c), None, PRECISION) * P, axis=0), BLOCK_Q)
-        dx = _dot(tl.trans(P), dy_n, dx, PRECISION)
+        d_a += _sum_before(tl.sum(dG_nc * G_nc, axis=0), BLOCK_Q)
+
+        dx = _dot(tl.trans(G_cc * L_cc), dy_c, None, PRECISION)
+        dx = _dot(tl.trans(G_nc * L_nc), dy_n, dx, PRECISION)
         du = dx * dt_c[:, None] + D_h * dy_c
         du_offs = (bi * n + t64[:, None]) * h * p + hi * p + offs_p[None, :]
         tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
@@ -278,32 +272,20 @@ def _window_bwd_kernel(
         # Per token, not per block: summing the [Q, p] tile down to one number spilled more registers.
         tl.store(dD_rows_ptr + (bi * n + t64) * h + hi, tl.sum(dy_c.to(tl.float32) * u_c.to(tl.float32), axis=1), mask=valid_c)
 
-
-@triton.jit
-def _next_decay(cs_n, seg_n, valid_n, cs_c, seg_c, valid_c, BLOCK_Q: tl.constexpr):
-    """_decay of the next block's queries over this block's keys (0 past the sequence's end)."""
-    return tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
-
-
-@triton.jit
-def _head_tiles(
-    u_ptr, dt_ptr, A_ptr, D_ptr, start_ptr, dy_ptr, gi, j, heads_per_group, bi, t_p, t_c, t_n,
-    valid_p, valid_c, valid_n, n, stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n,
-    stride_dy_b, stride_dy_n, stride_dy_h, p, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """What the backward reads of head j of group gi: its index, A and D, this block's dt, the
-    running cs and segment numbers of the previous, this and the next block, this block's u and
-    dy, the next block's dy, and x = dt·u of the previous and this block."""
-    hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end = _group_head(
-        A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
-    _, cs_n, seg_n, _, _ = _block_terms(
-        dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
-    u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
-    u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
-    dy_c = _load_rows(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P, PRECISION)
-    dy_n = _load_rows(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P, PRECISION)
-    return (hi, A_h, D_h, dt_c, cs_p, seg_p, cs_c, seg_c, cs_n, seg_n, u_c, dy_c, dy_n,
-            u_p * dt_p[:, None], u_c * dt_c[:, None])
+    offs_s = tl.arange(0, TILE)
+    dG_cc_t = tl.trans(dG_cc_sum)
+    dG_nc_t = tl.trans(dG_nc_sum)
+    for s0 in range(0, BLOCK_S, TILE):
+        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_n = _load_rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
+        dC = _dot(dG_cc_sum, B_c, _dot(dG_cp_sum, B_p, None, PRECISION), PRECISION)
+        dB = _dot(dG_nc_t, C_n, _dot(dG_cc_t, C_c, None, PRECISION), PRECISION)
+        offs_out = ((bi * n + t64[:, None]) * g + gi) * s + s0 + offs_s[None, :]
+        out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
+        tl.store(dB_ptr + offs_out, dB.to(dB_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(dC_ptr + offs_out, dC.to(dC_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _strides(u, dt, B):
