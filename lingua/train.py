@@ -131,7 +131,10 @@ def train(args: TrainArgs) -> dict:
     if 0 < args.eval_every < args.steps or args.eval_at_end:
         from lingua.eval import check_ready
 
-        check_ready(args.eval)  # a missing WikiText file or lm-eval fails now, not hours in
+        try:
+            check_ready(args.eval)  # a missing WikiText file or lm-eval fails now, not hours in
+        except (ImportError, FileNotFoundError) as error:
+            raise ConfigError(str(error)) from error
     tokenizer = build_tokenizer(args.data.tokenizer)
     check_vocab(tokenizer, args.model.vocab_size)
     distributed.seed_everything(args.seed)  # identical initial weights on every rank
@@ -318,5 +321,7 @@ def main(argv: Optional[Sequence[str]] = None, default_model_type: str = "attamb
         sys.exit(f"config error: {error}")
     try:
         train(args)
+    except ConfigError as error:  # found once the run starts (e.g. evaluation inputs): no traceback either
+        sys.exit(f"config error: {error}")
     finally:
         distributed.destroy_distributed()

@@ -211,3 +211,13 @@ def test_a_signal_during_evaluation_stops_it_at_the_next_batch(tmp_path, corpus,
     saved = CheckpointManager.complete_checkpoints(run / "checkpoints")
     assert saved and saved[-1].name.endswith(str(stop_step))
     assert not (run / "export").exists()
+
+
+def test_missing_evaluation_inputs_stop_the_run_before_training_with_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATTAMBA_WIKITEXT_PATH", raising=False)
+    argv = ["config=apps/attamba/configs/debug.yaml", f"dump_dir={tmp_path / 'run'}", "steps=2", "eval_every=1",
+            "eval.tasks=[wikitext_local]", f"eval.wikitext_path={tmp_path / 'missing'}"]
+    with pytest.raises(SystemExit) as stop:
+        train_module.main(argv)
+    assert str(stop.value.code).startswith("config error: WikiText-2 file not found")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
