@@ -460,6 +460,21 @@ def test_windowed_ssd_matches_reference(chunking):
     assert_ssd_matches(ssd_reference, inputs, make_starts(b, n).to(DEVICE), 1e-5, candidate=window_with_bound(bound))
 
 
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("chunking", ["cyclic_offset", "random_lengths", "documents_cut_chunks", "block_long_straddling"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_windowed_ssd_matches_reference_at_model_shape_on_gpu(chunking, dtype, record_property):
+    # A 60M layer's paired K/V heads (16 of 64, two B/C groups, state 128) on fewer tokens. bf16 runs
+    # the kernels' bf16 dots (ssd_triton_window.BF16_DOTS), which the interpreter never takes.
+    b, n, h, p, g, s = 2, 300, 16, 64, 2, 128
+    make_starts, bound = SHORT_CHUNKINGS[chunking]
+    inputs = ssd_inputs(b, n, h, p, g, s, dtype=dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_ssd_matches(ssd_reference, inputs, make_starts(b, n).to(DEVICE), tolerance, record_property,
+                       candidate=window_with_bound(bound))
+
+
 def test_windowed_ssd_with_head_groups_and_the_largest_block():
     b, n, h, p, g, s = 1, 150, 4, 8, 2, 16
     inputs = ssd_inputs(b, n, h, p, g, s, seed=3)
