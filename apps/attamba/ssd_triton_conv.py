@@ -20,6 +20,15 @@ import triton.language as tl
 BLOCK_N = 64
 BLOCK_C = 64
 NUM_WARPS = 4
+LOOPED_BACKWARD = False
+"""Run the backward as :func:`_conv_bwd_looped_kernel`: each program walks LOOPED_TOKENS tokens
+in tiles of LOOPED_BLOCK_N and reduces its weight gradients once, at the end, instead of once per
+64-token tile. Off until timed on a GPU (benchmarks/tune_ssm_kernels.py has the variants): the
+one-tile backward runs at ~1.2 TB/s on an H200, and smaller tiles (more programs, more reductions)
+were slower, which points at the per-tile reductions."""
+LOOPED_TOKENS = 256
+LOOPED_BLOCK_N = 16
+LOOPED_WARPS = 8  # with 4 warps a [4 taps, 16, 64] tile took 243 registers (offline sm_90 compile), with 8: 128
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -101,6 +110,61 @@ def _conv_bwd_kernel(
     tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
 
 
+@triton.jit
+def _conv_bwd_looped_kernel(
+    x_ptr, w_ptr, dist_ptr, dout_ptr, dx_ptr, dw_part_ptr,
+    n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
+    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+):
+    """The conv backward over SPAN tokens of one (batch row, channel block): dx tile by tile, and
+    the weight and bias gradients summed elementwise over the tiles, reduced over tokens once.
+    The taps are a tensor dimension (K_PAD >= K, padding taps masked off), so any width compiles."""
+    bi = tl.program_id(0).to(tl.int64)
+    span = tl.program_id(1)
+    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_ch = ch < c
+    taps = tl.arange(0, K_PAD)  # tap i reads x_{t-i}
+    real_tap = taps < K
+    weight = tl.load(w_ptr + ch[None, :] * K + (K - 1 - taps)[:, None], mask=real_tap[:, None] & in_ch[None, :],
+                     other=0.0).to(tl.float32)  # [K_PAD, C]
+    acc_w = tl.zeros((K_PAD, BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for first in range(span * SPAN, span * SPAN + SPAN, BLOCK_N):  # past n: masked off
+        t = first + tl.arange(0, BLOCK_N)
+        in_seq = t < n
+        dout = tl.load(
+            dout_ptr + bi * stride_d_b + t.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
+            mask=in_seq[:, None] & in_ch[None, :], other=0.0,
+        ).to(tl.float32)  # [N, C]
+        acc_b += dout
+        # Weight: token t's tap i read x_{t-i} when t is i or more into its segment.
+        dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)
+        live = real_tap[:, None] & in_seq[None, :] & (dist[None, :] >= taps[:, None])  # [K_PAD, N]
+        earlier = (t[None, :] - taps[:, None]).to(tl.int64)
+        x = tl.load(
+            x_ptr + bi * stride_x_b + earlier[:, :, None] * stride_x_n + ch[None, None, :],
+            mask=live[:, :, None] & in_ch[None, None, :], other=0.0,
+        ).to(tl.float32)  # [K_PAD, N, C]
+        acc_w += x * dout[None, :, :]
+        # Input: x_t was read by token t+i's tap i when that token is i or more into its segment.
+        later = t[None, :] + taps[:, None]  # [K_PAD, N]
+        reachable = real_tap[:, None] & (later < n)
+        later_live = reachable & (tl.load(dist_ptr + bi * n + later, mask=reachable, other=0) >= taps[:, None])
+        dout_later = tl.load(
+            dout_ptr + bi * stride_d_b + later.to(tl.int64)[:, :, None] * stride_d_n + ch[None, None, :],
+            mask=later_live[:, :, None] & in_ch[None, None, :], other=0.0,
+        ).to(tl.float32)  # [K_PAD, N, C]
+        dx = tl.sum(dout_later * weight[:, None, :], axis=0)
+        dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
+    # Rows as in _conv_bwd_kernel: tap i's gradient in row K-1-i (the weight's column), the bias in row K.
+    part_row = (bi * tl.num_programs(1) + span) * (K + 1)
+    dw = tl.sum(acc_w, axis=1)  # [K_PAD, C]
+    tl.store(dw_part_ptr + (part_row + K - 1 - taps)[:, None] * c + ch[None, :], dw,
+             mask=real_tap[:, None] & in_ch[None, :])
+    tl.store(dw_part_ptr + (part_row + K) * c + ch, tl.sum(acc_b, axis=0), mask=in_ch)
+
+
 def _distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
     """[b, n] int32: t minus the position of the segment start at or before t."""
     n = segment_start.shape[1]
@@ -144,13 +208,19 @@ def _conv_backward(
     weight = weight.contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
-    token_blocks = triton.cdiv(n, BLOCK_N)
+    token_blocks = triton.cdiv(n, LOOPED_TOKENS if LOOPED_BACKWARD else BLOCK_N)
     dw_part = torch.empty((b * token_blocks, k + 1, c), device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(b, token_blocks, triton.cdiv(c, BLOCK_C))](
-        x, weight, dist, dout, dx, dw_part,
-        n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-        K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
-    )
+    args = (x, weight, dist, dout, dx, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1))
+    grid = (b, token_blocks, triton.cdiv(c, BLOCK_C))
+    if LOOPED_BACKWARD:
+        if LOOPED_TOKENS % LOOPED_BLOCK_N:
+            raise ValueError(f"LOOPED_TOKENS ({LOOPED_TOKENS}) must be a multiple of LOOPED_BLOCK_N ({LOOPED_BLOCK_N})")
+        _conv_bwd_looped_kernel[grid](
+            *args, K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=LOOPED_BLOCK_N, BLOCK_C=BLOCK_C,
+            SPAN=LOOPED_TOKENS, num_warps=LOOPED_WARPS,
+        )
+    else:
+        _conv_bwd_kernel[grid](*args, K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     sums = dw_part.sum(0)
     dweight = sums[:k].t().contiguous().to(weight.dtype)  # [c, k], laid out as the fake says
     # A copy, not a view into sums: a custom op's outputs must be fresh tensors (as the fake says).

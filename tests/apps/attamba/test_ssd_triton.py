@@ -287,6 +287,42 @@ def test_conv_matches_reference(with_bias, width):
             assert relative_error(grad, grad_ref) < 1e-6
 
 
+@pytest.mark.parametrize("width, tokens, tile", [(4, 32, 8), (3, 48, 16), (5, 16, 16), (2, 128, 32)])
+def test_looped_conv_backward_matches_reference(monkeypatch, width, tokens, tile):
+    # n = 70 leaves a partial span and a partial tile; width 3 and 5 pad the taps to 4 and 8.
+    from apps.attamba import ssd_triton_conv
+
+    monkeypatch.setattr(ssd_triton_conv, "LOOPED_BACKWARD", True)
+    monkeypatch.setattr(ssd_triton_conv, "LOOPED_TOKENS", tokens)
+    monkeypatch.setattr(ssd_triton_conv, "LOOPED_BLOCK_N", tile)
+    b, n, c = 2, 70, 20
+    generator = torch.Generator().manual_seed(width)
+    x = torch.randn(b, n, 2 * c, generator=generator)[..., :c].to(DEVICE)
+    weight = torch.randn(c, width, generator=generator).to(DEVICE)
+    bias = torch.randn(c, generator=generator).to(DEVICE)
+    starts = (random_length_starts(b, n, 3, seed=9) | document_starts(b, n, seed=2)).to(DEVICE)
+    grad_out = torch.randn(b, n, c, generator=generator).to(DEVICE)
+    inputs = [x, weight, bias]
+    out, grads = forward_and_grads(causal_conv_segmented_triton, inputs, starts, grad_out, False)
+    out_ref, grads_ref = forward_and_grads(causal_conv_reference, inputs, starts, grad_out, True)
+    assert relative_error(out, out_ref) < 1e-6
+    for name, grad, grad_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        assert relative_error(grad, grad_ref) < 1e-6, name
+
+
+def test_looped_conv_backward_needs_whole_tiles(monkeypatch):
+    from apps.attamba import ssd_triton_conv
+
+    monkeypatch.setattr(ssd_triton_conv, "LOOPED_BACKWARD", True)
+    monkeypatch.setattr(ssd_triton_conv, "LOOPED_TOKENS", 40)
+    monkeypatch.setattr(ssd_triton_conv, "LOOPED_BLOCK_N", 16)
+    x = torch.randn(1, 8, 4, device=DEVICE, requires_grad=True)
+    starts = torch.zeros(1, 8, dtype=torch.bool, device=DEVICE)
+    out = causal_conv_segmented_triton(x, torch.ones(4, 4, device=DEVICE), None, starts)
+    with pytest.raises(ValueError, match="multiple of LOOPED_BLOCK_N"):
+        out.sum().backward()
+
+
 def test_conv_never_reads_across_a_segment_start():
     # A spike just before a start must not reach the new segment.
     x = torch.zeros(1, 12, 1, device=DEVICE)
@@ -355,7 +391,11 @@ def test_ssd_kernel_configs_on_gpu(monkeypatch, config, dtype, record_property):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_conv_matches_reference_on_gpu(dtype, record_property):
+@pytest.mark.parametrize("looped", [False, True], ids=["one_tile", "looped"])
+def test_conv_matches_reference_on_gpu(dtype, looped, monkeypatch, record_property):
+    from apps.attamba import ssd_triton_conv
+
+    monkeypatch.setattr(ssd_triton_conv, "LOOPED_BACKWARD", looped)
     b, n, c, width = 2, 300, 320, 4
     generator = torch.Generator().manual_seed(10)
     x = torch.randn(b, n, c, generator=generator).to(DEVICE, dtype)
