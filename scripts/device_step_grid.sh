@@ -2,7 +2,8 @@
 # Device-machine training-step times (benchmarks/profile_step.py, no profiler) over a grid of
 # model, sequence length, compile mode and Attamba ssm_impl, with the tokens per step fixed at 16k
 # (batch = 16384 / n). Each run has its own time limit, so one slow compile costs that row only;
-# the table is printed last and kept in $OUT/step_grid.txt.
+# the table is printed last, then Attamba's tokens/s relative to the transformer's (medians over
+# repeats), and both are kept in $OUT/step_grid.txt.
 #
 #   OUT=/tmp/grid GRID="attamba:1024:reduce-overhead:triton transformer:1024:reduce-overhead" \
 #       bash scripts/device_step_grid.sh
@@ -30,3 +31,19 @@ for round in $(seq "${REPEATS:-1}"); do
   done
 done
 { echo; printf '%-12s %6s %-16s %-14s %s\n' model n compile_mode ssm_impl result; printf '%s\n' "${rows[@]}"; } | tee "$OUT/step_grid.txt"
+# Attamba's tokens/s over the transformer's, per n, compile mode and ssm_impl, from median step times.
+printf '%s\n' "${rows[@]}" | python3 -c '
+import collections, re, statistics, sys
+times = collections.defaultdict(list)
+for line in sys.stdin:
+    fields, match = line.split(), re.search(r"([0-9.]+) ms/step", line)
+    if match:
+        model, n, mode, impl = fields[:4]
+        times[(int(n), mode, model, impl)].append(float(match.group(1)))
+for (n, mode, model, impl), values in sorted(times.items()):
+    other = times.get((n, mode, "transformer", "-"))
+    if model == "attamba" and other:
+        ratio = statistics.median(other) / statistics.median(values)
+        print(f"n={n} {mode} ssm_impl={impl}: Attamba {statistics.median(values):.2f} ms, transformer "
+              f"{statistics.median(other):.2f} ms (medians) -> {ratio:.3f}x the transformer tokens/s")
+' | tee -a "$OUT/step_grid.txt"
