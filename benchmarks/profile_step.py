@@ -11,7 +11,8 @@ second table says where the host spends it.
         [--seq-len 1024] [--batch 16] [--mean-doc 512] [--rows 25] [--gaps] [model.ssm_impl=torch ...]
 
 ``--gaps`` adds where the GPU idled within the profiled steps and what the host ran meanwhile
-(:mod:`gpu_gaps`).
+(:mod:`gpu_gaps`); ``--share-of _window_,_conv_`` the GPU time of the kernels so named as a share of
+the step (the KV-SSM share of issue 3).
 
 Needs CUDA.
 """
@@ -45,6 +46,17 @@ def kernel_totals(averages, steps: int) -> tuple[float, float]:
     return sum(e.count for e in kernels) / steps, sum(e.self_device_time_total for e in kernels) / steps
 
 
+def kernel_share(averages, names: list[str], steps: int, step_ms: float) -> str:
+    """GPU time per step of the kernels whose names contain one of ``names``, and its share of a
+    step of ``step_ms`` (the unprofiled median: profiling slows the host, not the kernels)."""
+    rows = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA
+            and any(name in event.key for name in names if name)]
+    lines = [f"  {event.self_device_time_total / steps / 1e3:7.3f} ms/step  {event.key}" for event in rows]
+    total_ms = sum(event.self_device_time_total for event in rows) / steps / 1e3
+    return "\n".join([f"kernels matching {names}: {total_ms:.3f} ms/step = {100 * total_ms / step_ms:.1f}% "
+                      f"of the {step_ms:.2f} ms step", *lines])
+
+
 def random_doc_ids(batch: int, n: int, mean_doc: int, device) -> torch.Tensor | None:
     """[batch, n] document numbers of geometric-length documents (None when mean_doc is 0)."""
     if mean_doc <= 0:
@@ -67,6 +79,8 @@ def main() -> None:
     # Comma-separated rather than nargs="*", which would swallow the config overrides after it.
     parser.add_argument("--shapes-of", default="", metavar="OP[,OP...]",
                         help="ops (e.g. aten::copy_,aten::fill_) whose GPU time to break down by input shapes and call site")
+    parser.add_argument("--share-of", default="", metavar="NAME[,NAME...]",
+                        help="kernels (substrings of their names) whose GPU time to report as a share of the step")
     parser.add_argument("--gaps", action="store_true",
                         help="also print the GPU's idle gaps per step and the host ops running in them")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
@@ -140,6 +154,8 @@ def main() -> None:
     print(f"GPU (kernel) time per step {gpu_ms:.2f} ms of a {ms:.2f} ms step (profiled steps are slower)")
     for name in detailed_ops:
         print_breakdown(prof, name, options.profile_steps)
+    if options.share_of:
+        print(kernel_share(averages, options.share_of.split(","), options.profile_steps, ms))
     if options.gaps:
         print(gap_report(prof.events(), options.profile_steps))
 

@@ -46,3 +46,20 @@ def test_report_of_a_cpu_profile_has_no_gaps():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         torch.ones(8).sum()
     assert gap_report(prof.events(), steps=1).startswith("GPU idle in gaps of at least 2 µs: 0.00 ms/step in 0 gaps/step")
+
+
+def test_kernel_share_sums_the_named_kernels_only():
+    from types import SimpleNamespace
+
+    from profile_step import kernel_share
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    averages = [
+        SimpleNamespace(key="_window_bwd_kernel", device_type=cuda, self_device_time_total=6000.0),
+        SimpleNamespace(key="_conv_fwd_kernel", device_type=cuda, self_device_time_total=2000.0),
+        SimpleNamespace(key="nvjet_gemm", device_type=cuda, self_device_time_total=9000.0),
+        SimpleNamespace(key="_window_bwd_kernel", device_type=cpu, self_device_time_total=6000.0),  # a launch, not a kernel
+    ]
+    report = kernel_share(averages, ["_window_", "_conv_"], steps=2, step_ms=40.0)
+    assert report.splitlines()[0].startswith("kernels matching ['_window_', '_conv_']: 4.000 ms/step = 10.0% of the 40.00 ms step")
+    assert len(report.splitlines()) == 3
