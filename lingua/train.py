@@ -316,12 +316,9 @@ class _Evaluator:
 def main(argv: Optional[Sequence[str]] = None, default_model_type: str = "attamba") -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = load_train_args(argv, default_model_type)
+        # Bad settings, whether the config loader or the run's start (evaluation inputs) finds them.
+        train(load_train_args(argv, default_model_type))
     except ConfigError as error:
-        sys.exit(f"config error: {error}")
-    try:
-        train(args)
-    except ConfigError as error:  # found once the run starts (e.g. evaluation inputs): no traceback either
         sys.exit(f"config error: {error}")
     finally:
         distributed.destroy_distributed()
