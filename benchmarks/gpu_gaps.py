@@ -4,7 +4,7 @@ A step whose wall time exceeds its kernel time has idle gaps on the GPU. A kerne
 where they are; this module finds them in a profiler's events and names the host operators that
 were running in the middle of each gap (outermost first), summed over gaps with the same names.
 
-    from gpu_gaps import gap_report  # with benchmarks/ on sys.path, as for its scripts
+    from benchmarks.gpu_gaps import gap_report
     print(gap_report(prof.events(), steps=3))
 """
 

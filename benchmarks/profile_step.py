@@ -11,7 +11,7 @@ second table says where the host spends it.
         [--seq-len 1024] [--batch 16] [--mean-doc 512] [--rows 25] [--gaps] [model.ssm_impl=torch ...]
 
 ``--gaps`` adds where the GPU idled within the profiled steps and what the host ran meanwhile
-(:mod:`gpu_gaps`); ``--share-of _window_,_conv_`` the GPU time of the kernels so named as a share of
+(:mod:`benchmarks.gpu_gaps`); ``--share-of _window_,_conv_`` the GPU time of the kernels so named as a share of
 the step (the KV-SSM share of issue 3).
 
 Needs CUDA.
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_gaps import gap_report  # noqa: E402  (benchmarks/, this script's folder)
+from benchmarks.gpu_gaps import gap_report  # noqa: E402
 from lingua import distributed  # noqa: E402
 from lingua.args import read_raw  # noqa: E402
 from lingua.optim import build_optimizer, no_weight_decay_names  # noqa: E402
