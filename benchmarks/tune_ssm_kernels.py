@@ -16,6 +16,7 @@ Needs CUDA; on a CPU it says so and exits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -29,6 +30,7 @@ from apps.attamba import ssd_triton_conv, ssd_triton_window  # noqa: E402
 from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
 from apps.attamba.ssd_triton import causal_conv_segmented_triton  # noqa: E402
 from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, ssd_inputs, uniform_segment_starts  # noqa: E402
+from benchmarks.tune_attention_triton import parse_variant  # noqa: E402
 
 VARIANTS = (
     "default",
@@ -49,18 +51,22 @@ VARIANTS = (
     "default",  # the two default rows' spread is the noise
 )
 MODULES = {"window": ssd_triton_window, "conv": ssd_triton_conv}
-KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel")
+KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_bwd_looped_kernel")
 
 
-def parse_variant(text: str) -> dict[tuple[str, str], int]:
-    if text == "default":
-        return {}
-    settings = {}
-    for item in text.split(","):
-        name, value = item.split("=")
-        module, knob = name.split(".")
-        settings[(module, knob)] = int(value)
-    return settings
+@contextlib.contextmanager
+def variant_applied(text: str):
+    """Sets the module knobs a variant names ("conv.BLOCK_N=32,window.BF16_DOTS=0"; "default": none),
+    each in its knob's type, and puts the previous values back on exit."""
+    targets = {name: (MODULES[name.split(".")[0]], name.split(".")[1]) for name in parse_variant(text)}
+    previous = {name: getattr(module, knob) for name, (module, knob) in targets.items()}
+    try:
+        for name, value in parse_variant(text).items():
+            setattr(*targets[name], type(previous[name])(value))
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(*targets[name], value)
 
 
 def scan_error(window, reference_grads, inputs, segment_start, grad_out) -> float:
@@ -101,34 +107,28 @@ def main(argv: list[str]) -> int:
         window(*scan_in, segment_start).backward(grad_y)
         causal_conv_segmented_triton(*conv_in, segment_start).backward(grad_conv)
 
-    defaults = {(module, knob): getattr(MODULES[module], knob) for text in VARIANTS for module, knob in parse_variant(text)}
     rows = []
     for text in args.variants:
-        settings = parse_variant(text)
         try:
-            for (module, knob), value in settings.items():
-                setattr(MODULES[module], knob, type(getattr(MODULES[module], knob))(value))
-            run_once()  # compiles this variant
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.repeats):
-                    run_once()
+            with variant_applied(text):
+                run_once()  # compiles this variant
                 torch.cuda.synchronize()
-            times = {event.key: event.device_time_total / args.repeats for event in prof.key_averages()}
-            row = {"variant": text, **{kernel: times.get(kernel) for kernel in KERNELS},
-                   "scan_rel_error": scan_error(window, reference, scan_in, segment_start, grad_y)}
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(args.repeats):
+                        run_once()
+                    torch.cuda.synchronize()
+                times = {event.key: event.device_time_total / args.repeats for event in prof.key_averages()}
+                row = {"variant": text, **{kernel: times.get(kernel) for kernel in KERNELS},
+                       "scan_rel_error": scan_error(window, reference, scan_in, segment_start, grad_y)}
         except Exception as error:  # one failing variant should not hide the others
             row = {"variant": text, "error": f"{error!r:.300}"}
-        finally:
-            for key, value in defaults.items():
-                setattr(MODULES[key[0]], key[1], value)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shape": vars(shape), "rows": rows}, indent=1))
-    print(f"\n{'variant':52s} " + " ".join(f"{k.strip('_').replace('_kernel', ''):>11s}" for k in KERNELS) + "   rel.err")
+    print(f"\n{'variant':52s} " + " ".join(f"{k.strip('_').replace('_kernel', ''):>15s}" for k in KERNELS) + "   rel.err")
     for row in rows:
-        cells = " ".join(f"{row[k]:11.1f}" if row.get(k) is not None else f"{'-':>11s}" for k in KERNELS)
+        cells = " ".join(f"{row[k]:15.1f}" if row.get(k) is not None else f"{'-':>15s}" for k in KERNELS)
         print(f"{row['variant']:52s} {cells}   {row.get('scan_rel_error', float('nan')):.2e} {row.get('error', '')}")
     return 0
 
