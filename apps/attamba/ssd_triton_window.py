@@ -91,7 +91,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
+def _load_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
     """A [Q, W] tile of tokens t (:func:`apps.attamba.ssd_triton._load_stored`): as stored (bf16) when the
     dots take bf16 operands, which halves the registers it holds, else in fp32."""
     tile = _load_stored(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W)
@@ -161,9 +161,9 @@ def _window_fwd_kernel(
     G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
     G_c = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_cᵀ
     for s0 in range(0, BLOCK_S, TILE):
-        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
-        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
         G_p = _dot(C_c, tl.trans(B_p), G_p, PRECISION)
         G_c = _dot(C_c, tl.trans(B_c), G_c, PRECISION)
 
@@ -171,8 +171,8 @@ def _window_fwd_kernel(
     for j in range(heads_per_group):
         hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, _, _ = _group_head(
             A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
-        u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
-        u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
+        u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
+        u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
         P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
         P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
         y = _dot(P_p, u_p * dt_p[:, None], None, PRECISION)
@@ -213,10 +213,10 @@ def _window_bwd_kernel(
     G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     for s0 in range(0, BLOCK_S, TILE):
-        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
-        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        C_n = _load_rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
+        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
         G_cp = _dot(C_c, tl.trans(B_p), G_cp, PRECISION)
         G_cc = _dot(C_c, tl.trans(B_c), G_cc, PRECISION)
         G_nc = _dot(C_n, tl.trans(B_c), G_nc, PRECISION)
@@ -236,10 +236,10 @@ def _window_bwd_kernel(
         L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
         L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
 
-        u_p = _load_rows(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
-        u_c = _load_rows(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
-        dy_c = _load_rows(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P, PRECISION)
-        dy_n = _load_rows(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P, PRECISION)
+        u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
+        u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
+        dy_c = _load_tile(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P, PRECISION)
+        dy_n = _load_tile(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P, PRECISION)
         x_p = u_p * dt_p[:, None]
         x_c = u_c * dt_c[:, None]
 
@@ -276,10 +276,10 @@ def _window_bwd_kernel(
     dG_cc_t = tl.trans(dG_cc_sum)
     dG_nc_t = tl.trans(dG_nc_sum)
     for s0 in range(0, BLOCK_S, TILE):
-        B_p = _load_rows(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
-        B_c = _load_rows(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        C_c = _load_rows(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        C_n = _load_rows(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
+        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
         dC = _dot(dG_cc_sum, B_c, _dot(dG_cp_sum, B_p, None, PRECISION), PRECISION)
         dB = _dot(dG_nc_t, C_n, _dot(dG_cc_t, C_c, None, PRECISION), PRECISION)
         offs_out = ((bi * n + t64[:, None]) * g + gi) * s + s0 + offs_s[None, :]
