@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--cpu-rows", type=int, default=15, help="rows of the host-time table")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--eager-loss", action="store_true", help="the cross-entropy uncompiled, as before the twelfth session")
     # Comma-separated rather than nargs="*", which would swallow the config overrides after it.
     parser.add_argument("--shapes-of", default="", metavar="OP[,OP...]",
                         help="ops (e.g. aten::copy_,aten::fill_) whose GPU time to break down by input shapes and call site")
@@ -102,6 +103,7 @@ def main() -> None:
         model.init_weights()
     no_decay = no_weight_decay_names(model)
     model = distributed.parallelize_model(model, args.distributed, env)
+    loss_fn = cross_entropy if options.eager_loss else distributed.compile_loss(cross_entropy, args.distributed)
     autocast = distributed.autocast_context(args.distributed, env, "none")
     optimizer, _ = build_optimizer(model, args.optim, 1000, no_decay)
 
@@ -112,7 +114,7 @@ def main() -> None:
     def step() -> None:
         distributed.mark_step_begin(args.distributed)
         with autocast:
-            loss = cross_entropy(model(tokens[:, :-1], doc_ids), tokens[:, 1:])
+            loss = loss_fn(model(tokens[:, :-1], doc_ids), tokens[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ bf16). Each variant changes one kernel's tiles from ``CUDA_CONFIG``; causal flas
 (SDPA) at the same shape is timed alongside for scale.
 
     python benchmarks/tune_attention_triton.py [--seq-len 16384] [--tokens 65536] [--out tune.json]
+        [--variants default "forward_queries=128,forward_warps=8" ...]
 
 Needs CUDA; on a CPU it says so and exits.
 """
@@ -51,6 +52,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--leading", type=int, default=16)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help='e.g. "forward_queries=128,forward_warps=8"')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_attention_triton needs a CUDA device; none found, nothing measured.")
@@ -74,7 +76,7 @@ def main(argv: list[str]) -> int:
 
     results = [("causal flash (SDPA)", *timings(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)))]
     baseline = attention_triton.CUDA_CONFIG
-    for name in VARIANTS:
+    for name in args.variants:
         attention_triton.CUDA_CONFIG = dataclasses.replace(baseline, **parse_variant(name))
         try:
             results.append((name, *timings(lambda q, k, v: periodic_attention(q, k, v, mask))))

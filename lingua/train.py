@@ -152,6 +152,7 @@ def train(args: TrainArgs) -> dict:
     no_decay = no_weight_decay_names(model)
     parallelism = distributed.resolve_parallelism(args.distributed, env)
     model = distributed.parallelize_model(model, args.distributed, env)
+    loss_fn = distributed.compile_loss(cross_entropy, args.distributed)
     autocast = distributed.autocast_context(args.distributed, env, parallelism)
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps, no_decay)
     distributed.seed_everything(args.seed, env.rank)  # per-rank streams from here on
@@ -199,7 +200,7 @@ def train(args: TrainArgs) -> dict:
                 sync = nullcontext() if last_micro or parallelism != "ddp" else model.no_sync()
                 distributed.mark_step_begin(args.distributed)
                 with sync, autocast:
-                    loss = cross_entropy(model(tokens, doc_ids), labels) / args.grad_acc_steps
+                    loss = loss_fn(model(tokens, doc_ids), labels) / args.grad_acc_steps
                 loss.backward()
                 loss_sum += loss.detach()
                 throughput.add(tokens.numel())

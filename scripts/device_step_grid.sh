@@ -7,7 +7,8 @@
 #
 #   OUT=/tmp/grid GRID="attamba:1024:reduce-overhead:triton transformer:1024:reduce-overhead" \
 #       bash scripts/device_step_grid.sh
-# Entries are model:n[:compile_mode[:ssm_impl]]; RUN_TIMEOUT (default 200 s) caps each run.
+# Entries are model:n[:compile_mode[:ssm_impl]]; RUN_TIMEOUT (default 200 s) caps each run;
+# STEP_ARGS (e.g. --eager-loss) go to every profile_step.py run.
 # REPEATS=k runs the whole grid k times, interleaved (A B A B, not A A B B), so that drift of the
 # machine shows as spread within each entry instead of as a difference between entries.
 set -u
@@ -23,7 +24,7 @@ for round in $(seq "${REPEATS:-1}"); do
     else config=apps/attamba/configs/attamba_60m.yaml; extra=${impl:+model.ssm_impl=$impl}; fi
     log="$OUT/${model}_${n}_${mode}${impl:+_$impl}_$round.log"
     timeout -k 10 "${RUN_TIMEOUT:-200}" python benchmarks/profile_step.py config=$config --seq-len "$n" \
-      --batch $((16384 / n)) --mean-doc 512 --profile-steps 0 distributed.compile_mode=$mode $extra > "$log" 2>&1
+      --batch $((16384 / n)) --mean-doc 512 --profile-steps 0 ${STEP_ARGS:-} distributed.compile_mode=$mode $extra > "$log" 2>&1
     code=$?
     result=$(grep -o "[0-9.]* ms/step, [0-9,]* tok/s" "$log" | tail -1)
     rows+=("$(printf '%-12s %6s %-16s %-14s %s' "$model" "$n" "$mode" "${impl:--}" "${result:-failed (exit $code, see $log)}")")

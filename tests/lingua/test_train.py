@@ -171,10 +171,34 @@ def test_cuda_graph_compile_mode_reaches_the_blocks_and_marks_every_micro_step(t
     args = tiny_args(tmp_path / "run", corpus, "steps=2", "grad_acc_steps=2", "checkpoint.every=0",
                      "distributed.compile=true", "distributed.compile_mode=reduce-overhead")
     train_module.train(args)
-    assert modes == ["reduce-overhead"] * args.model.n_layers
+    # Every block with the asked mode, then the loss without CUDA graphs (distributed.compile_loss).
+    assert modes == ["reduce-overhead"] * args.model.n_layers + [None]
     assert len(marks) == 2 * 2, "one mark before every micro-step's forward"
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         tiny_args(tmp_path / "bad", corpus, "distributed.compile_mode=fast")
+
+
+def test_the_compiled_loss_matches_the_eager_one_with_its_gradient():
+    """distributed.compile_loss (inductor on this CPU) against the eager cross-entropy: bf16 logits
+    as autocast gives them, some labels ignored (-100), values and logit gradients."""
+    from lingua import distributed
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 40, 300) * 4).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 300, (3, 40))
+    labels[:, :5] = -100
+    compiled = distributed.compile_loss(train_module.cross_entropy, distributed.DistributedArgs(compile=True))
+    assert compiled is not train_module.cross_entropy
+    eager_loss = train_module.cross_entropy(logits, labels)
+    (eager_grad,) = torch.autograd.grad(eager_loss, logits)
+    loss = compiled(logits, labels)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-5)
+    assert not grad[:, :5].any(), "ignored positions get no gradient"
+    assert distributed.compile_loss(train_module.cross_entropy, distributed.DistributedArgs()) is train_module.cross_entropy
 
 
 @pytest.mark.parametrize("when", ["periodic", "final"])
