@@ -3,7 +3,7 @@
 At a 60M layer's paired K/V SSM shape (``bench_ssm.MODEL_LAYER``: b=16, n=1024, 16 heads of 64,
 2 B/C groups, state 128, P=8, 1536 conv channels, bf16), each variant sets module knobs of
 :mod:`apps.attamba.ssd_triton_window` (``FORWARD_WARPS``, ``BACKWARD_WARPS``, ``NUM_STAGES``, ``BF16_DOTS``) or
-:mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``, ``BLOCK_C``, ``NUM_WARPS``, ``LOOPED_*``), then runs the scan and
+:mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``, ``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``), then runs the scan and
 the conv forward and backward under the profiler. Reported: each kernel's mean GPU µs (kernels
 only, no host time) and the scan's relative error (‖triton − ref‖ / ‖ref‖ over y and every input
 gradient, worst one) against the float64 ``torch`` scan on the same inputs.
@@ -43,15 +43,18 @@ VARIANTS = (
     "conv.NUM_WARPS=8",
     "conv.BLOCK_N=32",
     "conv.BLOCK_N=128,conv.NUM_WARPS=8",
-    "conv.LOOPED_BACKWARD=1",
-    "conv.LOOPED_BACKWARD=1,conv.LOOPED_TOKENS=128",
-    "conv.LOOPED_BACKWARD=1,conv.LOOPED_TOKENS=1024",
-    "conv.LOOPED_BACKWARD=1,conv.LOOPED_BLOCK_N=8,conv.LOOPED_WARPS=4",
-    "conv.LOOPED_BACKWARD=1,conv.LOOPED_BLOCK_N=32",
+    "conv.SPLIT_BACKWARD=1",
+    "conv.SPLIT_BACKWARD=1,conv.SPLIT_TOKENS=128",
+    "conv.SPLIT_BACKWARD=1,conv.SPLIT_TOKENS=1024",
+    "conv.SPLIT_BACKWARD=1,conv.SPLIT_BLOCK_N=16",
+    "conv.SPLIT_BACKWARD=1,conv.SPLIT_BLOCK_N=64,conv.SPLIT_WARPS=8",
+    "conv.SPLIT_BACKWARD=1,conv.SPLIT_TOKENS=512,conv.SPLIT_WARPS=8",
+    "conv.SPLIT_BACKWARD=1,conv.BLOCK_N=32",
+    "conv.SPLIT_BACKWARD=1,conv.BLOCK_N=32,conv.SPLIT_WARPS=8",
     "default",  # the two default rows' spread is the noise
 )
 MODULES = {"window": ssd_triton_window, "conv": ssd_triton_conv}
-KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_bwd_looped_kernel")
+KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_dx_kernel", "_conv_dw_kernel")
 
 
 @contextlib.contextmanager

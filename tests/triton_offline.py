@@ -108,7 +108,7 @@ def compile_attention_kernels() -> list[str]:
 def compile_ssm_kernels() -> list[str]:
     """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 32
     and 64 tokens, TF32 and bf16 dots) and its segmented conv (forward with and without a bias,
-    backward, looped backward), in bf16."""
+    backward, and the split backward's two kernels), in bf16."""
     from apps.attamba import ssd_triton_conv as conv
     from apps.attamba import ssd_triton_window as window
 
@@ -128,8 +128,9 @@ def compile_ssm_kernels() -> list[str]:
         (conv._conv_fwd_kernel, dict(HAS_BIAS=True, **conv_tiles), conv.NUM_WARPS, 3),
         (conv._conv_fwd_kernel, dict(HAS_BIAS=False, **conv_tiles), conv.NUM_WARPS, 3),
         (conv._conv_bwd_kernel, conv_tiles, conv.NUM_WARPS, 3),
-        (conv._conv_bwd_looped_kernel, dict(K=4, K_PAD=4, BLOCK_N=conv.LOOPED_BLOCK_N, BLOCK_C=conv.BLOCK_C,
-                                            SPAN=conv.LOOPED_TOKENS), conv.LOOPED_WARPS, 3),
+        (conv._conv_dx_kernel, conv_tiles, conv.NUM_WARPS, 3),
+        (conv._conv_dw_kernel, dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS),
+         conv.SPLIT_WARPS, 3),
     ]
     done = []
     for kernel, constexprs, warps, stages in variants:

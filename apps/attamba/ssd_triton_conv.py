@@ -20,17 +20,32 @@ import triton.language as tl
 BLOCK_N = 64
 BLOCK_C = 64
 NUM_WARPS = 4
-LOOPED_BACKWARD = False
-"""Run the backward as :func:`_conv_bwd_looped_kernel`: each program walks LOOPED_TOKENS tokens
-in tiles of LOOPED_BLOCK_N and reduces its weight gradients once, at the end, instead of once per
-64-token tile. Off until timed on a GPU (benchmarks/tune_ssm_kernels.py has the variants): the
-one-tile backward runs at ~1.2 TB/s on an H200, and smaller tiles (more programs, more reductions)
-were slower, which points at the per-tile reductions."""
-LOOPED_TOKENS = 256
-LOOPED_BLOCK_N = 16
-LOOPED_WARPS = 8  # with 4 warps a [4 taps, 16, 64] tile took 243 registers (offline sm_90 compile), with 8: 128
+"""64×64 tiles on 4 warps were the fastest of benchmarks/tune_ssm_kernels.py's variants (8 warps;
+32- or 128-token tiles) on an H200 and an H100. A backward that walks 128–1024 tokens a program and
+reduces its weight gradients once took 167–224 µs a layer against this one's 136 on the H100
+(docs/benchmarks.md, twelfth session) and was removed."""
+SPLIT_BACKWARD = False
+"""Run the backward (for convs of at most 4 taps) as two kernels: dx as a stencil like the
+forward's (:func:`_conv_dx_kernel`), and the weight and bias gradients with each program summing
+SPLIT_TOKENS tokens elementwise before one reduction (:func:`_conv_dw_kernel`), instead of one
+kernel that reduces five [64, 64] products over tokens per tile. Off until timed on a GPU."""
+SPLIT_TOKENS = 256
+SPLIT_BLOCK_N = 32
+SPLIT_WARPS = 4
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n):
+    """What tap i reads at tokens t: x_{t-i} [N, C] (zero before t's segment), fp32."""
+    live = in_seq & (dist >= i)
+    x = tl.load(
+        x_ptr + bi * stride_x_b + (t - i).to(tl.int64)[:, None] * stride_x_n + ch[None, :],
+        mask=live[:, None] & in_ch[None, :],
+        other=0.0,
+    )
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -38,13 +53,21 @@ def _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, 
                    K: tl.constexpr):
     """Tap i's weights [C] and what it reads, x_{t-i} [N, C] (zero before t's segment), fp32."""
     tap = tl.load(w_ptr + ch * K + (K - 1 - i), mask=in_ch, other=0.0).to(tl.float32)
-    live = in_seq & (dist >= i)
-    x = tl.load(
-        x_ptr + bi * stride_x_b + (t - i).to(tl.int64)[:, None] * stride_x_n + ch[None, :],
-        mask=live[:, None] & in_ch[None, :],
+    return tap, _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n)
+
+
+@triton.jit
+def _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n):
+    """dout_{t+i} [N, C] where token t+i's tap i read x_t (t+i is i or more into its segment), else
+    zero; fp32."""
+    later = t + i
+    later_live = (later < n) & (tl.load(dist_ptr + bi * n + later, mask=later < n, other=0) >= i)
+    dout = tl.load(
+        dout_ptr + bi * stride_d_b + later.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
+        mask=later_live[:, None] & in_ch[None, :],
         other=0.0,
     )
-    return tap, x.to(tl.float32)
+    return dout.to(tl.float32)
 
 
 @triton.jit
@@ -97,72 +120,75 @@ def _conv_bwd_kernel(
         tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
         dw = tl.sum(dout * x, axis=0)  # [C]
         tl.store(dw_part_ptr + (part_row + (K - 1 - i)) * c + ch, dw, mask=in_ch)
-        # Input: x_t was read by token t+i's tap i when that token is i or more into its segment.
-        later = t + i
-        later_live = (later < n) & (tl.load(dist_ptr + bi * n + later, mask=later < n, other=0) >= i)
-        dout_later = tl.load(
-            dout_ptr + bi * stride_d_b + later.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
-            mask=later_live[:, None] & in_ch[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        dx += dout_later * tap[None, :]
+        # Input: x_t was read by token t+i's tap i.
+        dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
     dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
     tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
 
 
 @triton.jit
-def _conv_bwd_looped_kernel(
-    x_ptr, w_ptr, dist_ptr, dout_ptr, dx_ptr, dw_part_ptr,
-    n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+def _conv_dx_kernel(
+    w_ptr, dist_ptr, dout_ptr, dx_ptr,
+    n, c, stride_d_b, stride_d_n,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The conv backward over SPAN tokens of one (batch row, channel block): dx tile by tile, and
-    the weight and bias gradients summed elementwise over the tiles, reduced over tokens once.
-    The taps are a tensor dimension (K_PAD >= K, padding taps masked off), so any width compiles."""
+    """dx of the split backward (SPLIT_BACKWARD): the forward's stencil run on later tokens."""
+    bi = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_ch = ch < c
+    dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for i in tl.static_range(K):
+        tap = tl.load(w_ptr + ch * K + (K - 1 - i), mask=in_ch, other=0.0).to(tl.float32)
+        dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
+    dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=(t < n)[:, None] & in_ch[None, :])
+
+
+@triton.jit
+def _conv_dw_kernel(
+    x_ptr, dist_ptr, dout_ptr, dw_part_ptr,
+    n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+):
+    """Weight and bias gradients of the split backward over SPAN tokens of one (row, channel
+    block): each tap's products summed elementwise tile by tile, reduced over tokens once at the
+    end. At most 4 taps (one accumulator each; Triton has no list of tensors)."""
     bi = tl.program_id(0).to(tl.int64)
     span = tl.program_id(1)
     ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_ch = ch < c
-    taps = tl.arange(0, K_PAD)  # tap i reads x_{t-i}
-    real_tap = taps < K
-    weight = tl.load(w_ptr + ch[None, :] * K + (K - 1 - taps)[:, None], mask=real_tap[:, None] & in_ch[None, :],
-                     other=0.0).to(tl.float32)  # [K_PAD, C]
-    acc_w = tl.zeros((K_PAD, BLOCK_N, BLOCK_C), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for first in range(span * SPAN, span * SPAN + SPAN, BLOCK_N):  # past n: masked off
+    acc_bias = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_0 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_1 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_2 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_3 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for first in range(span * SPAN, tl.minimum(span * SPAN + SPAN, n), BLOCK_N):
         t = first + tl.arange(0, BLOCK_N)
         in_seq = t < n
         dout = tl.load(
             dout_ptr + bi * stride_d_b + t.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
             mask=in_seq[:, None] & in_ch[None, :], other=0.0,
-        ).to(tl.float32)  # [N, C]
-        acc_b += dout
-        # Weight: token t's tap i read x_{t-i} when t is i or more into its segment.
+        ).to(tl.float32)
         dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)
-        live = real_tap[:, None] & in_seq[None, :] & (dist[None, :] >= taps[:, None])  # [K_PAD, N]
-        earlier = (t[None, :] - taps[:, None]).to(tl.int64)
-        x = tl.load(
-            x_ptr + bi * stride_x_b + earlier[:, :, None] * stride_x_n + ch[None, None, :],
-            mask=live[:, :, None] & in_ch[None, None, :], other=0.0,
-        ).to(tl.float32)  # [K_PAD, N, C]
-        acc_w += x * dout[None, :, :]
-        # Input: x_t was read by token t+i's tap i when that token is i or more into its segment.
-        later = t[None, :] + taps[:, None]  # [K_PAD, N]
-        reachable = real_tap[:, None] & (later < n)
-        later_live = reachable & (tl.load(dist_ptr + bi * n + later, mask=reachable, other=0) >= taps[:, None])
-        dout_later = tl.load(
-            dout_ptr + bi * stride_d_b + later.to(tl.int64)[:, :, None] * stride_d_n + ch[None, None, :],
-            mask=later_live[:, :, None] & in_ch[None, None, :], other=0.0,
-        ).to(tl.float32)  # [K_PAD, N, C]
-        dx = tl.sum(dout_later * weight[:, None, :], axis=0)
-        dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
-        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
+        acc_bias += dout
+        acc_0 += dout * _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 0, stride_x_b, stride_x_n)
+        if K > 1:
+            acc_1 += dout * _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 1, stride_x_b, stride_x_n)
+        if K > 2:
+            acc_2 += dout * _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 2, stride_x_b, stride_x_n)
+        if K > 3:
+            acc_3 += dout * _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 3, stride_x_b, stride_x_n)
     # Rows as in _conv_bwd_kernel: tap i's gradient in row K-1-i (the weight's column), the bias in row K.
-    part_row = (bi * tl.num_programs(1) + span) * (K + 1)
-    dw = tl.sum(acc_w, axis=1)  # [K_PAD, C]
-    tl.store(dw_part_ptr + (part_row + K - 1 - taps)[:, None] * c + ch[None, :], dw,
-             mask=real_tap[:, None] & in_ch[None, :])
-    tl.store(dw_part_ptr + (part_row + K) * c + ch, tl.sum(acc_b, axis=0), mask=in_ch)
+    row = (bi * tl.num_programs(1) + span) * (K + 1)
+    tl.store(dw_part_ptr + (row + K) * c + ch, tl.sum(acc_bias, axis=0), mask=in_ch)
+    tl.store(dw_part_ptr + (row + K - 1) * c + ch, tl.sum(acc_0, axis=0), mask=in_ch)
+    if K > 1:
+        tl.store(dw_part_ptr + (row + K - 2) * c + ch, tl.sum(acc_1, axis=0), mask=in_ch)
+    if K > 2:
+        tl.store(dw_part_ptr + (row + K - 3) * c + ch, tl.sum(acc_2, axis=0), mask=in_ch)
+    if K > 3:
+        tl.store(dw_part_ptr + (row + K - 4) * c + ch, tl.sum(acc_3, axis=0), mask=in_ch)
 
 
 def _distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
@@ -208,19 +234,27 @@ def _conv_backward(
     weight = weight.contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
-    token_blocks = triton.cdiv(n, LOOPED_TOKENS if LOOPED_BACKWARD else BLOCK_N)
-    dw_part = torch.empty((b * token_blocks, k + 1, c), device=x.device, dtype=torch.float32)
-    args = (x, weight, dist, dout, dx, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1))
-    grid = (b, token_blocks, triton.cdiv(c, BLOCK_C))
-    if LOOPED_BACKWARD:
-        if LOOPED_TOKENS % LOOPED_BLOCK_N:
-            raise ValueError(f"LOOPED_TOKENS ({LOOPED_TOKENS}) must be a multiple of LOOPED_BLOCK_N ({LOOPED_BLOCK_N})")
-        _conv_bwd_looped_kernel[grid](
-            *args, K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=LOOPED_BLOCK_N, BLOCK_C=BLOCK_C,
-            SPAN=LOOPED_TOKENS, num_warps=LOOPED_WARPS,
+    channel_blocks = triton.cdiv(c, BLOCK_C)
+    if SPLIT_BACKWARD and k <= 4:
+        if SPLIT_TOKENS % SPLIT_BLOCK_N:
+            raise ValueError(f"SPLIT_TOKENS ({SPLIT_TOKENS}) must be a multiple of SPLIT_BLOCK_N ({SPLIT_BLOCK_N})")
+        _conv_dx_kernel[(b, triton.cdiv(n, BLOCK_N), channel_blocks)](
+            weight, dist, dout, dx, n, c, dout.stride(0), dout.stride(1),
+            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        )
+        spans = triton.cdiv(n, SPLIT_TOKENS)
+        dw_part = torch.empty((b * spans, k + 1, c), device=x.device, dtype=torch.float32)
+        _conv_dw_kernel[(b, spans, channel_blocks)](
+            x, dist, dout, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
+            K=k, BLOCK_N=SPLIT_BLOCK_N, BLOCK_C=BLOCK_C, SPAN=SPLIT_TOKENS, num_warps=SPLIT_WARPS,
         )
     else:
-        _conv_bwd_kernel[grid](*args, K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+        token_blocks = triton.cdiv(n, BLOCK_N)
+        dw_part = torch.empty((b * token_blocks, k + 1, c), device=x.device, dtype=torch.float32)
+        _conv_bwd_kernel[(b, token_blocks, channel_blocks)](
+            x, weight, dist, dout, dx, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
+            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        )
     sums = dw_part.sum(0)
     dweight = sums[:k].t().contiguous().to(weight.dtype)  # [c, k], laid out as the fake says
     # A copy, not a view into sums: a custom op's outputs must be fresh tensors (as the fake says).

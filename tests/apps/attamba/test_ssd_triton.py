@@ -287,14 +287,14 @@ def test_conv_matches_reference(with_bias, width):
             assert relative_error(grad, grad_ref) < 1e-6
 
 
-@pytest.mark.parametrize("width, tokens, tile", [(4, 32, 8), (3, 48, 16), (5, 16, 16), (2, 128, 32)])
-def test_looped_conv_backward_matches_reference(monkeypatch, width, tokens, tile):
-    # n = 70 leaves a partial span and a partial tile; width 3 and 5 pad the taps to 4 and 8.
+@pytest.mark.parametrize("width, tokens, tile", [(4, 32, 8), (3, 48, 16), (1, 16, 16), (2, 128, 32), (5, 32, 16)])
+def test_split_conv_backward_matches_reference(monkeypatch, width, tokens, tile):
+    # n = 70 leaves a partial span and a partial tile; width 5 falls back to the one-kernel backward.
     from apps.attamba import ssd_triton_conv
 
-    monkeypatch.setattr(ssd_triton_conv, "LOOPED_BACKWARD", True)
-    monkeypatch.setattr(ssd_triton_conv, "LOOPED_TOKENS", tokens)
-    monkeypatch.setattr(ssd_triton_conv, "LOOPED_BLOCK_N", tile)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", True)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_TOKENS", tokens)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BLOCK_N", tile)
     b, n, c = 2, 70, 20
     generator = torch.Generator().manual_seed(width)
     x = torch.randn(b, n, 2 * c, generator=generator)[..., :c].to(DEVICE)
@@ -310,16 +310,16 @@ def test_looped_conv_backward_matches_reference(monkeypatch, width, tokens, tile
         assert relative_error(grad, grad_ref) < 1e-6, name
 
 
-def test_looped_conv_backward_needs_whole_tiles(monkeypatch):
+def test_split_conv_backward_needs_whole_tiles(monkeypatch):
     from apps.attamba import ssd_triton_conv
 
-    monkeypatch.setattr(ssd_triton_conv, "LOOPED_BACKWARD", True)
-    monkeypatch.setattr(ssd_triton_conv, "LOOPED_TOKENS", 40)
-    monkeypatch.setattr(ssd_triton_conv, "LOOPED_BLOCK_N", 16)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", True)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_TOKENS", 40)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BLOCK_N", 16)
     x = torch.randn(1, 8, 4, device=DEVICE, requires_grad=True)
     starts = torch.zeros(1, 8, dtype=torch.bool, device=DEVICE)
     out = causal_conv_segmented_triton(x, torch.ones(4, 4, device=DEVICE), None, starts)
-    with pytest.raises(ValueError, match="multiple of LOOPED_BLOCK_N"):
+    with pytest.raises(ValueError, match="multiple of SPLIT_BLOCK_N"):
         out.sum().backward()
 
 
@@ -391,11 +391,11 @@ def test_ssd_kernel_configs_on_gpu(monkeypatch, config, dtype, record_property):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("looped", [False, True], ids=["one_tile", "looped"])
-def test_conv_matches_reference_on_gpu(dtype, looped, monkeypatch, record_property):
+@pytest.mark.parametrize("split", [False, True], ids=["one_kernel", "split"])
+def test_conv_matches_reference_on_gpu(dtype, split, monkeypatch, record_property):
     from apps.attamba import ssd_triton_conv
 
-    monkeypatch.setattr(ssd_triton_conv, "LOOPED_BACKWARD", looped)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", split)
     b, n, c, width = 2, 300, 320, 4
     generator = torch.Generator().manual_seed(10)
     x = torch.randn(b, n, c, generator=generator).to(DEVICE, dtype)
