@@ -43,14 +43,11 @@ VARIANTS = (
     "conv.NUM_WARPS=8",
     "conv.BLOCK_N=32",
     "conv.BLOCK_N=128,conv.NUM_WARPS=8",
-    "conv.SPLIT_BACKWARD=1",
-    "conv.SPLIT_BACKWARD=1,conv.SPLIT_TOKENS=128",
-    "conv.SPLIT_BACKWARD=1,conv.SPLIT_TOKENS=1024",
-    "conv.SPLIT_BACKWARD=1,conv.SPLIT_BLOCK_N=16",
-    "conv.SPLIT_BACKWARD=1,conv.SPLIT_BLOCK_N=64,conv.SPLIT_WARPS=8",
-    "conv.SPLIT_BACKWARD=1,conv.SPLIT_TOKENS=512,conv.SPLIT_WARPS=8",
-    "conv.SPLIT_BACKWARD=1,conv.BLOCK_N=32",
-    "conv.SPLIT_BACKWARD=1,conv.BLOCK_N=32,conv.SPLIT_WARPS=8",
+    "conv.SPLIT_BACKWARD=0",
+    "conv.SPLIT_TOKENS=256",
+    "conv.SPLIT_BLOCK_N=16",
+    "conv.SPLIT_BLOCK_N=64,conv.SPLIT_WARPS=8",
+    "conv.BLOCK_C=128,conv.NUM_WARPS=8,conv.SPLIT_WARPS=8",
     "default",  # the two default rows' spread is the noise
 )
 MODULES = {"window": ssd_triton_window, "conv": ssd_triton_conv}

@@ -24,12 +24,14 @@ NUM_WARPS = 4
 32- or 128-token tiles) on an H200 and an H100. A backward that walks 128–1024 tokens a program and
 reduces its weight gradients once took 167–224 µs a layer against this one's 136 on the H100
 (docs/benchmarks.md, twelfth session) and was removed."""
-SPLIT_BACKWARD = False
+SPLIT_BACKWARD = True
 """Run the backward (for convs of at most 4 taps) as two kernels: dx as a stencil like the
 forward's (:func:`_conv_dx_kernel`), and the weight and bias gradients with each program summing
 SPLIT_TOKENS tokens elementwise before one reduction (:func:`_conv_dw_kernel`), instead of one
-kernel that reduces five [64, 64] products over tokens per tile. Off until timed on a GPU."""
-SPLIT_TOKENS = 256
+kernel (:func:`_conv_bwd_kernel`) that reduces five [64, 64] products over tokens per tile. At a
+60M layer's paired conv on an H200: 45.6 + 46.8 µs against 133.3 (docs/benchmarks.md, twelfth
+session)."""
+SPLIT_TOKENS = 1024
 SPLIT_BLOCK_N = 32
 SPLIT_WARPS = 4
 

@@ -287,12 +287,13 @@ def test_conv_matches_reference(with_bias, width):
             assert relative_error(grad, grad_ref) < 1e-6
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one_kernel"])
 @pytest.mark.parametrize("width, tokens, tile", [(4, 32, 8), (3, 48, 16), (1, 16, 16), (2, 128, 32), (5, 32, 16)])
-def test_split_conv_backward_matches_reference(monkeypatch, width, tokens, tile):
-    # n = 70 leaves a partial span and a partial tile; width 5 falls back to the one-kernel backward.
+def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens, tile):
+    # n = 70 leaves a partial span and a partial tile; width 5 takes the one-kernel backward either way.
     from apps.attamba import ssd_triton_conv
 
-    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", True)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", split)
     monkeypatch.setattr(ssd_triton_conv, "SPLIT_TOKENS", tokens)
     monkeypatch.setattr(ssd_triton_conv, "SPLIT_BLOCK_N", tile)
     b, n, c = 2, 70, 20
