@@ -2,8 +2,9 @@
 
 At a 60M layer's paired K/V SSM shape (``bench_ssm.MODEL_LAYER``: b=16, n=1024, 16 heads of 64,
 2 B/C groups, state 128, P=8, 1536 conv channels, bf16), each variant sets module knobs of
-:mod:`apps.attamba.ssd_triton_window` (``FORWARD_WARPS``, ``BACKWARD_WARPS``, ``NUM_STAGES``, ``BF16_DOTS``) or
-:mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``, ``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``), then runs the scan and
+:mod:`apps.attamba.ssd_triton_window` (``MIN_BLOCK_Q``, ``FORWARD_WARPS``, ``BACKWARD_WARPS``,
+``NUM_STAGES``, ``TILE_S``, ``BF16_DOTS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``,
+``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``), then runs the scan and
 the conv forward and backward under the profiler. Reported: each kernel's mean GPU µs (kernels
 only, no host time) and the scan's relative error (‖triton − ref‖ / ‖ref‖ over y and every input
 gradient, worst one) against the float64 ``torch`` scan on the same inputs.
@@ -35,11 +36,14 @@ from benchmarks.tune_attention_triton import parse_variant  # noqa: E402
 VARIANTS = (
     "default",
     "window.BF16_DOTS=0",
-    "window.BACKWARD_WARPS=8",
-    "window.BACKWARD_WARPS=2",
-    "window.FORWARD_WARPS=4",
-    "window.NUM_STAGES=1",
-    "window.BACKWARD_WARPS=8,window.NUM_STAGES=1",
+    "window.MIN_BLOCK_Q=32,window.FORWARD_WARPS=2,window.BACKWARD_WARPS=4",
+    "window.BACKWARD_WARPS=1",
+    "window.BACKWARD_WARPS=4",
+    "window.FORWARD_WARPS=2",
+    "window.TILE_S=64",
+    "window.TILE_S=128",
+    "window.NUM_STAGES=2",
+    "window.NUM_STAGES=4",
     "conv.NUM_WARPS=8",
     "conv.BLOCK_N=32",
     "conv.BLOCK_N=128,conv.NUM_WARPS=8",

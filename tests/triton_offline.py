@@ -106,8 +106,8 @@ def compile_attention_kernels() -> list[str]:
 
 
 def compile_ssm_kernels() -> list[str]:
-    """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 32
-    and 64 tokens, TF32 and bf16 dots) and its segmented conv (forward with and without a bias,
+    """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 16,
+    32 and 64 tokens, TF32 and bf16 dots) and its segmented conv (forward with and without a bias,
     backward, and the split backward's two kernels), in bf16."""
     from apps.attamba import ssd_triton_conv as conv
     from apps.attamba import ssd_triton_window as window
@@ -122,7 +122,7 @@ def compile_ssm_kernels() -> list[str]:
         (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, **ssd_tiles), warps, window.NUM_STAGES)
         for kernel, warps in ((window._window_fwd_kernel, window.FORWARD_WARPS),
                               (window._window_bwd_kernel, window.BACKWARD_WARPS))
-        for block_q in (32, 64)
+        for block_q in (16, 32, 64)
         for precision in ("tf32", "bf16")
     ] + [
         (conv._conv_fwd_kernel, dict(HAS_BIAS=True, **conv_tiles), conv.NUM_WARPS, 3),

@@ -49,13 +49,14 @@ from apps.attamba.ssd_triton import (
 
 MAX_BLOCK_Q = 64
 """Longest segment these kernels take (the block must hold a whole segment)."""
-MIN_BLOCK_Q = 32
-"""Smallest block. 16-token blocks also work (tested) but were slower for P = 8 on an H200: 1.009
-against 0.858 ms fwd+bwd for a 60M layer's paired SSMs (docs/benchmarks.md, tenth session)."""
-FORWARD_WARPS = 2
-"""Warps per program of the forward kernel: 2 took 57 µs against 70 with 4 (tuned on an H200 with
-benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, eleventh session)."""
-BACKWARD_WARPS = 4
+MIN_BLOCK_Q = 16
+"""Smallest block. For P = 8 on an H200, 16-token blocks with a 2-warp backward and a 1-warp
+forward took 189 + 41 µs for a 60M layer's paired SSMs, against 283 + 57 with 32-token blocks on 4
+and 2 warps (benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, twelfth session): the [16, 16]
+score tiles leave the backward far fewer registers to spill. (Before the bf16 dots, in the tenth
+session, 16-token blocks on 4 warps had been the slower ones.)"""
+FORWARD_WARPS = 1
+BACKWARD_WARPS = 2
 NUM_STAGES = 3  # Triton's default on CUDA
 TILE_S = 32
 BF16_DOTS = True
