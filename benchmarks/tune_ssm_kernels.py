@@ -37,7 +37,7 @@ VARIANTS = (
     "default",
     "window.BF16_DOTS=0",
     "window.MIN_BLOCK_Q=32,window.FORWARD_WARPS=2,window.BACKWARD_WARPS=4",
-    "window.BACKWARD_WARPS=1",
+    "window.BACKWARD_WARPS=2",
     "window.BACKWARD_WARPS=4",
     "window.FORWARD_WARPS=2",
     "window.TILE_S=64",

@@ -119,9 +119,8 @@ def compile_ssm_kernels() -> list[str]:
     ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S)
     conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
     variants = [
-        (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, **ssd_tiles), warps, window.NUM_STAGES)
-        for kernel, warps in ((window._window_fwd_kernel, window.FORWARD_WARPS),
-                              (window._window_bwd_kernel, window.BACKWARD_WARPS))
+        (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, **ssd_tiles), window._warps(block_q, backward), window.NUM_STAGES)
+        for kernel, backward in ((window._window_fwd_kernel, False), (window._window_bwd_kernel, True))
         for block_q in (16, 32, 64)
         for precision in ("tf32", "bf16")
     ] + [

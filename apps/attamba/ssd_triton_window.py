@@ -50,13 +50,19 @@ from apps.attamba.ssd_triton import (
 MAX_BLOCK_Q = 64
 """Longest segment these kernels take (the block must hold a whole segment)."""
 MIN_BLOCK_Q = 16
-"""Smallest block. For P = 8 on an H200, 16-token blocks with a 2-warp backward and a 1-warp
-forward took 189 + 41 µs for a 60M layer's paired SSMs, against 283 + 57 with 32-token blocks on 4
-and 2 warps (benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, twelfth session): the [16, 16]
-score tiles leave the backward far fewer registers to spill. (Before the bf16 dots, in the tenth
-session, 16-token blocks on 4 warps had been the slower ones.)"""
+"""Smallest block. For P = 8 on an H200, 16-token blocks with a 1-warp forward and backward took
+42 + 159 µs for a 60M layer's paired SSMs, against 57 + 283 with 32-token blocks on 2 and 4 warps
+(benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, twelfth session): the [16, 16] score tiles
+leave the backward far fewer registers to spill. (Before the bf16 dots, in the tenth session,
+16-token blocks on 4 warps had been the slower ones.)"""
 FORWARD_WARPS = 1
-BACKWARD_WARPS = 2
+"""Warps per program of the forward kernel with 16-token blocks (larger: LARGER_BLOCK_WARPS)."""
+BACKWARD_WARPS = 1
+"""Warps per program of the backward kernel with 16-token blocks."""
+LARGER_BLOCK_WARPS = {32: (2, 4), 64: (4, 4)}
+"""(forward, backward) warps for 32- and 64-token blocks (segments of 17 to 64 tokens: P of 32 or
+64, random chunks from P = 16). One warp would spill kilobytes a thread there (offline sm_90
+compile); 32-token blocks were tuned in the eleventh session, 64 keeps the earlier 4 warps."""
 NUM_STAGES = 3  # Triton's default on CUDA
 TILE_S = 32
 BF16_DOTS = True
@@ -70,6 +76,12 @@ def _precision(dtype: torch.dtype) -> str:
     if BF16_DOTS and dtype == torch.bfloat16 and not _INTERPRETED:
         return "bf16"
     return _dot_precision(dtype)
+
+
+def _warps(block_q: int, backward: bool) -> int:
+    if block_q in LARGER_BLOCK_WARPS:
+        return LARGER_BLOCK_WARPS[block_q][backward]
+    return BACKWARD_WARPS if backward else FORWARD_WARPS
 
 
 def block_size(max_segment_len: int) -> int:
@@ -305,7 +317,7 @@ def _window_forward(
     _window_fwd_kernel[(g, triton.cdiv(n, block_q), b)](
         u, dt, A, B, C, D, starts, y, n, h, p, s, h // g, *_strides(u, dt, B),
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
-        PRECISION=_precision(u.dtype), num_warps=FORWARD_WARPS, num_stages=NUM_STAGES,
+        PRECISION=_precision(u.dtype), num_warps=_warps(block_q, backward=False), num_stages=NUM_STAGES,
     )
     return y
 
@@ -338,7 +350,7 @@ def _window_backward(
         u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC,
         n, h, p, s, g, h // g, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
-        PRECISION=_precision(u.dtype), num_warps=BACKWARD_WARPS, num_stages=NUM_STAGES,
+        PRECISION=_precision(u.dtype), num_warps=_warps(block_q, backward=True), num_stages=NUM_STAGES,
     )
     return du, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dB, dC, dD_rows.sum((0, 1)).to(D.dtype)
 
