@@ -162,9 +162,10 @@ def compile_loss(loss: Callable, args: DistributedArgs) -> Callable:
     Eager, a cross-entropy over the logits materialises them in float32 and their log-softmax
     beside them (2 GiB each for 16k tokens over 32k ids): ~9 ms of the 60M transformer's step on an
     H100, which compiling it took from 27.5 to 19.6-19.9 ms (docs/benchmarks.md, twelfth session).
-    Compiled, it reads the bf16 logits in one fused reduction and writes their gradient in one pass. No CUDA graphs here whatever
-    ``compile_mode`` says: the loss is a few kernels, and a graph's output buffer would be
-    overwritten by the next micro-step while the loop still sums the last one."""
+    Compiled, it reads the bf16 logits in one fused reduction and writes their gradient in one
+    pass. No CUDA graphs here whatever ``compile_mode`` says: the loss is a few kernels, and a
+    graph's output buffer would be overwritten by the next micro-step while the loop still sums
+    the last one."""
     return torch.compile(loss, dynamic=False) if args.compile else loss
 
 

@@ -79,6 +79,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _warps(block_q: int, backward: bool) -> int:
+    """Warps per program of the forward or backward kernel for blocks of ``block_q`` tokens."""
     if block_q in LARGER_BLOCK_WARPS:
         return LARGER_BLOCK_WARPS[block_q][backward]
     return BACKWARD_WARPS if backward else FORWARD_WARPS
