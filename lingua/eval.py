@@ -438,6 +438,18 @@ def my_share(group: list[Any], rank: int) -> tuple[Any, bool]:
     return (group[rank], True) if rank < len(group) else (group[0], False)
 
 
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+    """Σ next-token loss (float32) of logits [T, V] against labels [T] (IGNORE_INDEX skipped), a
+    chunk of tokens at a time: one float32 copy of all the logits and its log-softmax would take
+    2 × 4 · T · V bytes (16 GiB for 64k tokens over 32k ids), more than a long-context model's
+    evaluation batch itself."""
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for first in range(0, logits.shape[0], chunk_tokens):
+        chunk = slice(first, first + chunk_tokens)
+        total += F.cross_entropy(logits[chunk].float(), labels[chunk], ignore_index=IGNORE_INDEX, reduction="sum")
+    return total
+
+
 @torch.no_grad()
 def validation_perplexity(model: nn.Module, tokenizer: Any, path: str, seq_len: int, batch_size: int, max_batches: Optional[int]) -> float:
     """exp(mean next-token loss) over the labelled tokens of a held-out jsonl file.
@@ -457,7 +469,7 @@ def validation_perplexity(model: nn.Module, tokenizer: Any, path: str, seq_len: 
         doc_ids = None if batch.doc_ids is None else batch.doc_ids.to(device)
         logits = model(batch.tokens.to(device), doc_ids)  # [B, n, V]
         labels = batch.labels.to(device)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = summed_cross_entropy(logits.flatten(0, 1), labels.flatten())
         sums += weight * torch.stack([loss.double(), (labels != IGNORE_INDEX).sum().double()])
     if world > 1:
         torch.distributed.all_reduce(sums)

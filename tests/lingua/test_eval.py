@@ -289,3 +289,21 @@ def test_windows_are_padded_to_few_widths(max_context):
         for length in range(1, max_context + 1)
     }
     assert len(widths) <= WINDOW_WIDTHS + 1 and max(widths) == max_context
+
+
+def test_summed_cross_entropy_in_chunks_equals_the_whole_sum():
+    """Validation sums the loss a chunk of tokens at a time; chunk edges that cut rows and ignored
+    labels change nothing (bf16 logits, as a model under autocast returns them)."""
+    from lingua.eval import summed_cross_entropy
+    from lingua.recall import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 50) * 3).to(torch.bfloat16)
+    labels = torch.randint(0, 50, (37,))
+    labels[[0, 5, 36]] = IGNORE_INDEX
+    whole = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    for chunk in (1, 8, 36, 37, 1000):
+        got = summed_cross_entropy(logits, labels, chunk_tokens=chunk)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-4)
+    assert summed_cross_entropy(logits[:0], labels[:0]) == 0
