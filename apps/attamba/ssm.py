@@ -424,13 +424,9 @@ def paired_forward(
     ssd, conv = load_backend(first.impl, x_first.device)
     params = _PairParameters.of(first, second, _state_dtype(x_first.dtype))
     if x_first is x_second:
-        # Without kv_proj both SSMs read the same x: one matmul over both in_proj weights (one
-        # kernel instead of two, forward and backward, and no sum of two input gradients).
-        weight = torch.cat([first.in_proj.weight, second.in_proj.weight])
-        projected_first, projected_second = F.linear(x_first, weight).split(first.in_proj.out_features, dim=-1)
+        pair = _PairInputs.shared(first, second, params, x_first)
     else:
-        projected_first, projected_second = first.in_proj(x_first), second.in_proj(x_second)
-    pair = _PairInputs.of(first, params, projected_first, projected_second)
+        pair = _PairInputs.of(first, params, first.in_proj(x_first), second.in_proj(x_second))
     conv_out = F.silu(conv(pair.conv_in, params.conv_weight, params.conv_bias, segment_start))
     u, B, C = _ScanSizes.of(first, copies=2).split_conv_output(conv_out)
     y = ssd(u, pair.dt, params.A, B, C, params.D, segment_start, return_final_state=False, max_segment_len=max_segment_len)
@@ -462,7 +458,11 @@ class _PairParameters:
 
     def dt(self, dt_first: torch.Tensor, dt_second: torch.Tensor) -> torch.Tensor:
         """Both SSMs' raw dt [..., heads] -> softplus(dt + dt_bias) [..., 2·heads] in A's dtype."""
-        dt = torch.cat([dt_first, dt_second], dim=-1).to(self.A.dtype)
+        return self.dt_side_by_side(torch.cat([dt_first, dt_second], dim=-1))
+
+    def dt_side_by_side(self, dt: torch.Tensor) -> torch.Tensor:
+        """Both SSMs' raw dt [..., 2·heads] -> softplus(dt + dt_bias) in A's dtype."""
+        dt = dt.to(self.A.dtype)
         return F.softplus(dt if self.dt_bias is None else dt + self.dt_bias)
 
 
@@ -482,6 +482,20 @@ class _PairInputs:
         z_1, conv_in_1, dt_1 = first._split_projection(projected_first)
         z_2, conv_in_2, dt_2 = first._split_projection(projected_second)
         return _PairInputs(z=(z_1, z_2), conv_in=_side_by_side(first, conv_in_1, conv_in_2, -1), dt=params.dt(dt_1, dt_2))
+
+    @staticmethod
+    def shared(first: KVSSM, second: KVSSM, params: _PairParameters, x: torch.Tensor) -> "_PairInputs":
+        """Both SSMs reading the same x (no kv_proj): one matmul over both in_proj weights, their
+        rows ordered so that it writes the conv input already side by side, then z₁, z₂, dt₁, dt₂.
+        The conv reads its input as a view of the matmul's output: no copy into the paired layout
+        (one fewer pass over the conv channels a layer, forward)."""
+        h, bc = first.hidden_dim, first.bc_dim
+        widths = [h, h, bc, bc, first.heads]  # z, u, B, C, dt: the rows of one in_proj weight
+        z_1, u_1, B_1, C_1, dt_1 = first.in_proj.weight.split(widths)
+        z_2, u_2, B_2, C_2, dt_2 = second.in_proj.weight.split(widths)
+        weight = torch.cat([u_1, u_2, B_1, B_2, C_1, C_2, z_1, z_2, dt_1, dt_2])
+        conv_in, z_1, z_2, dt = F.linear(x, weight).split([2 * first.conv_channels, h, h, 2 * first.heads], dim=-1)
+        return _PairInputs(z=(z_1, z_2), conv_in=conv_in, dt=params.dt_side_by_side(dt))
 
 
 def _side_by_side(first: KVSSM, a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
