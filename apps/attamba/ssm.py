@@ -314,9 +314,10 @@ class KVSSM(nn.Module):
         nn.init.ones_(self.D)
         self.norm.reset_parameters()
 
-    def _split_projection(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """in_proj output [..., width] -> z [..., hidden], conv inputs [..., conv_channels], dt [..., heads]."""
-        return projected.split([self.hidden_dim, self.conv_channels, self.heads], dim=-1)
+    def _split_projection(self, projected: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """in_proj output [..., width] -> z [..., hidden], conv inputs [..., conv_channels], dt
+        [..., heads]; with ``dim=0``, the in_proj weight's rows that make each."""
+        return projected.split([self.hidden_dim, self.conv_channels, self.heads], dim=dim)
 
     def _dt(self, dt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Raw dt [..., heads] -> softplus(dt + dt_bias) in ``dtype``."""
@@ -456,12 +457,8 @@ class _PairParameters:
             dt_bias=None if first.dt_bias is None else torch.cat([first.dt_bias, second.dt_bias]).to(dtype),
         )
 
-    def dt(self, dt_first: torch.Tensor, dt_second: torch.Tensor) -> torch.Tensor:
-        """Both SSMs' raw dt [..., heads] -> softplus(dt + dt_bias) [..., 2·heads] in A's dtype."""
-        return self.dt_side_by_side(torch.cat([dt_first, dt_second], dim=-1))
-
-    def dt_side_by_side(self, dt: torch.Tensor) -> torch.Tensor:
-        """Both SSMs' raw dt [..., 2·heads] -> softplus(dt + dt_bias) in A's dtype."""
+    def dt(self, dt: torch.Tensor) -> torch.Tensor:
+        """Both SSMs' raw dt side by side [..., 2·heads] -> softplus(dt + dt_bias) in A's dtype."""
         dt = dt.to(self.A.dtype)
         return F.softplus(dt if self.dt_bias is None else dt + self.dt_bias)
 
@@ -481,7 +478,8 @@ class _PairInputs:
         """Both in_proj outputs, split and side by side."""
         z_1, conv_in_1, dt_1 = first._split_projection(projected_first)
         z_2, conv_in_2, dt_2 = first._split_projection(projected_second)
-        return _PairInputs(z=(z_1, z_2), conv_in=_side_by_side(first, conv_in_1, conv_in_2, -1), dt=params.dt(dt_1, dt_2))
+        dt = params.dt(torch.cat([dt_1, dt_2], dim=-1))
+        return _PairInputs(z=(z_1, z_2), conv_in=_side_by_side(first, conv_in_1, conv_in_2, -1), dt=dt)
 
     @staticmethod
     def shared(first: KVSSM, second: KVSSM, params: _PairParameters, x: torch.Tensor) -> "_PairInputs":
@@ -489,13 +487,12 @@ class _PairInputs:
         rows ordered so that it writes the conv input already side by side, then z₁, z₂, dt₁, dt₂.
         The conv reads its input as a view of the matmul's output: no copy into the paired layout
         (one fewer pass over the conv channels a layer, forward)."""
-        h, bc = first.hidden_dim, first.bc_dim
-        widths = [h, h, bc, bc, first.heads]  # z, u, B, C, dt: the rows of one in_proj weight
-        z_1, u_1, B_1, C_1, dt_1 = first.in_proj.weight.split(widths)
-        z_2, u_2, B_2, C_2, dt_2 = second.in_proj.weight.split(widths)
-        weight = torch.cat([u_1, u_2, B_1, B_2, C_1, C_2, z_1, z_2, dt_1, dt_2])
-        conv_in, z_1, z_2, dt = F.linear(x, weight).split([2 * first.conv_channels, h, h, 2 * first.heads], dim=-1)
-        return _PairInputs(z=(z_1, z_2), conv_in=conv_in, dt=params.dt_side_by_side(dt))
+        z_1, conv_1, dt_1 = first._split_projection(first.in_proj.weight, dim=0)
+        z_2, conv_2, dt_2 = first._split_projection(second.in_proj.weight, dim=0)
+        weight = torch.cat([_side_by_side(first, conv_1, conv_2, 0), z_1, z_2, dt_1, dt_2])
+        widths = [2 * first.conv_channels, first.hidden_dim, first.hidden_dim, 2 * first.heads]
+        conv_in, z_1, z_2, dt = F.linear(x, weight).split(widths, dim=-1)
+        return _PairInputs(z=(z_1, z_2), conv_in=conv_in, dt=params.dt(dt))
 
 
 def _side_by_side(first: KVSSM, a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
