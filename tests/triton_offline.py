@@ -96,7 +96,7 @@ def compile_attention_kernels() -> list[str]:
         pointers.update(LSE="fp32", DELTA="fp32", DOC_START="i32", DOC_END="i32")
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, CHUNK_WINDOW=chunk_window,
-            HAS_DOCS=docs, PRECISION="tf32", SLOTS=slots,
+            HAS_DOCS=docs, PRECISION="tf32", SLOTS=slots, REVERSE=config.dkv_reverse,
         )
         compiled = compile_for_hopper(
             kernels._dkv_kernel, pointers, floats, constexprs, config.dkv_warps, config.backward_stages

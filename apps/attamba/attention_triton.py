@@ -61,10 +61,13 @@ class KernelConfig:
     dkv_queries: int = 32
     dkv_warps: int = 4
     backward_stages: int = 3
+    dkv_reverse: bool = False
+    """The slot blocks' dK/dV visit their queries from the last: every program of a head then starts
+    on the same query rows (which stay in L2 for the next program) instead of each on its own."""
 
 
 CUDA_CONFIG = KernelConfig()
-INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 16, 16, 1, 1)
+INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 16, 16, 1, 1, True)
 """Small tiles so that the CPU tests' short sequences cross several blocks."""
 
 
@@ -96,11 +99,13 @@ def _row_ptrs(base, rows, stride_row, dims):
 def _forward_block(
     acc, m_i, l_i, q, k, v, allowed, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr
 ):
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    # Scaled in the exponent's argument (one fused multiply-add per score); the scale is positive,
+    # so the row maximum of the raw scores times it is the scaled scores' maximum.
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
         scores = tl.where(allowed, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    p = tl.math.exp2(scores - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+    p = tl.math.exp2(scores * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -311,6 +316,28 @@ def _key_step(
 
 
 @triton.jit
+def _key_range(
+    dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+    leading, chunk_size, offset, qk_scale, lo, hi, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, SLOTS: tl.constexpr, CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+    PRECISION: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """dK, dV of one block of keys from the query blocks at lo, lo + BLOCK_M, ... below hi, the
+    last first with REVERSE."""
+    count = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    for i in range(0, count):
+        if REVERSE:
+            m0 = lo + (count - 1 - i) * BLOCK_M
+        else:
+            m0 = lo + i * BLOCK_M
+        dk, dv = _key_step(
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+            leading, chunk_size, offset, qk_scale, BLOCK_M, MASKED, SLOTS, CHUNK_WINDOW, HAS_DOCS, PRECISION,
+        )
+    return dk, dv
+
+
+@triton.jit
 def _dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -318,6 +345,7 @@ def _dkv_kernel(
     n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
     """dK, dV of one block of keys (heads vary fastest). Launched twice: first for blocks of window
     keys (``SLOTS`` off; writes every row), then for blocks of compressed slots (the long loops,
@@ -364,28 +392,24 @@ def _dkv_kernel(
         if (pid + 1) * BLOCK_N > slots:
             masked_end = t_stop  # the last block has padding slots
         unmasked_end = tl.maximum(tl.minimum(n, doc_free_end) // BLOCK_M * BLOCK_M, masked_end)
-        for m0 in range((t_begin // BLOCK_M) * BLOCK_M, masked_end, BLOCK_M):
-            dk, dv = _key_step(
-                dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
-                leading, chunk_size, offset, qk_scale, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
-            )
-        for m0 in range(masked_end, unmasked_end, BLOCK_M):
-            dk, dv = _key_step(
-                dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
-                leading, chunk_size, offset, qk_scale, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
-            )
-        for m0 in range(unmasked_end, t_stop, BLOCK_M):
-            dk, dv = _key_step(
-                dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
-                leading, chunk_size, offset, qk_scale, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION,
-            )
+        masked_begin = (t_begin // BLOCK_M) * BLOCK_M
+        key_args = (k, v, Q, DO, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+                    leading, chunk_size, offset, qk_scale)
+        if REVERSE:
+            dk, dv = _key_range(dk, dv, *key_args, unmasked_end, t_stop, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, True)
+            dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, True)
+            dk, dv = _key_range(dk, dv, *key_args, masked_begin, masked_end, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, True)
+        else:
+            dk, dv = _key_range(dk, dv, *key_args, masked_begin, masked_end, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
+            dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
+            dk, dv = _key_range(dk, dv, *key_args, unmasked_end, t_stop, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
     else:
         t_end = tl.minimum(last_key + window_reach, t_stop)
-        for m0 in range((first_key // BLOCK_M) * BLOCK_M, t_end, BLOCK_M):
-            dk, dv = _key_step(
-                dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
-                leading, chunk_size, offset, qk_scale, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION,
-            )
+        dk, dv = _key_range(
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+            leading, chunk_size, offset, qk_scale, (first_key // BLOCK_M) * BLOCK_M, t_end,
+            BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False,
+        )
     dk_ptrs = _row_ptrs(DK + bh * n * HEAD_DIM, keys, HEAD_DIM, dims)
     dv_ptrs = _row_ptrs(DV + bh * n * HEAD_DIM, keys, HEAD_DIM, dims)
     dk = dk * sm_scale
@@ -513,7 +537,7 @@ def _periodic_backward(
         _dkv_kernel[(batch * heads, blocks)](
             q, k, v, grad_out, lse, delta, dk, dv, starts, ends, *strides,
             n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
-            BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, SLOTS=slot_role, **common,
+            BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, SLOTS=slot_role, REVERSE=config.dkv_reverse, **common,
             num_warps=config.dkv_warps, num_stages=config.backward_stages,
         )
     return dq, dk, dv

@@ -8,11 +8,13 @@ at training sizes in bf16.
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from apps.attamba import attention_triton
 from apps.attamba.attention import _naive_attention, attamba_attention, prepare_attention, reference_mask
 from apps.attamba.attention_triton import PeriodicMask, document_bounds, periodic_attention
 from apps.attamba.chunking import periodic_boundaries, random_boundaries
@@ -71,8 +73,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["slot_queries_forward", "slot_queries_reversed"])
 @pytest.mark.parametrize("n,chunk_size,offset,leading,docs", CASES)
-def test_kernels_equal_the_materialized_mask(n, chunk_size, offset, leading, docs):
+def test_kernels_equal_the_materialized_mask(n, chunk_size, offset, leading, docs, reverse, monkeypatch):
+    monkeypatch.setattr(attention_triton, "INTERPRETER_CONFIG", replace(attention_triton.INTERPRETER_CONFIG, dkv_reverse=reverse))
+    monkeypatch.setattr(attention_triton, "CUDA_CONFIG", replace(attention_triton.CUDA_CONFIG, dkv_reverse=reverse))
     torch.manual_seed(n + chunk_size + offset)
     q, k, v, grad = (torch.randn(2, 2, n, 16, device=DEVICE) for _ in range(4))
     mask = PeriodicMask(chunk_size, offset, 0 if leading == "chunk" else leading, chunk_window=leading == "chunk")
