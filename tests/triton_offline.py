@@ -91,17 +91,17 @@ def compile_attention_kernels() -> list[str]:
             f"_query_kernel d={head_dim} backward={backward} docs={docs} chunk_window={chunk_window}: "
             + resource_usage(compiled)
         )
-    for head_dim, slots, docs, chunk_window in itertools.product((64, 128), (False, True), (False, True), (False, True)):
+    for head_dim, docs, chunk_window in itertools.product((64, 128), (False, True), (False, True)):
         pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "DK", "DV")}
-        pointers.update(LSE="fp32", DELTA="fp32", DOC_START="i32", DOC_END="i32")
+        pointers.update(LSE="fp32", DELTA="fp32", SLOT_GRADS="fp32", DOC_START="i32", DOC_END="i32")
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, CHUNK_WINDOW=chunk_window,
-            HAS_DOCS=docs, PRECISION="tf32", SLOTS=slots, REVERSE=config.dkv_reverse,
+            HAS_DOCS=docs, PRECISION="tf32", REVERSE=config.dkv_reverse,
         )
         compiled = compile_for_hopper(
             kernels._dkv_kernel, pointers, floats, constexprs, config.dkv_warps, config.backward_stages
         )
-        done.append(f"_dkv_kernel d={head_dim} slots={slots} docs={docs} chunk_window={chunk_window}: " + resource_usage(compiled))
+        done.append(f"_dkv_kernel d={head_dim} docs={docs} chunk_window={chunk_window}: " + resource_usage(compiled))
     return done
 
 

@@ -15,10 +15,11 @@ times the flash kernel's time per computed block on this pattern (DESIGN.md); th
 the two parts as plain loops, unmasked except for the block that crosses the window's edge.
 
 Backward: dQ is the forward's kernel with ``BACKWARD`` on (same loops; it also computes
-rowsum(dO ∘ O) on the way); dK/dV run one program per block of window keys (a query range of one
-block plus the window), then, in a second launch, one per block of compressed slots (every query
-after the slot's window edge), which adds its share to the rows the first launch wrote (a slot is
-also a window key of the queries just after it).
+rowsum(dO ∘ O) on the way); dK/dV run in one launch whose first programs take blocks of compressed
+slots (every query after the slot's window edge; the longest loops first) and whose last programs
+take blocks of window keys (a query range of one block plus the window), short enough to fill the
+launch's tail. A slot is also a window key of the queries just after it: its share as a slot goes to
+a float32 buffer that is added to its rows afterwards.
 
 The log-sum-exp is kept in base 2 (scores are scaled by log2(e) / sqrt(d)) as flash kernels do.
 Runs on CUDA tensors, or under the Triton interpreter (``TRITON_INTERPRET=1``) for the CPU tests.
@@ -339,33 +340,64 @@ def _key_range(
 
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
+    Q, K, V, DO, LSE, DELTA, DK, DV, SLOT_GRADS, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
-    REVERSE: tl.constexpr,
+    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """dK, dV of one block of keys (heads vary fastest). Launched twice: first for blocks of window
-    keys (``SLOTS`` off; writes every row), then for blocks of compressed slots (the long loops,
-    the first slots first), which add their slots' share to the rows the first launch wrote.
+    """dK, dV of one block of keys (heads vary fastest). The first programs take blocks of
+    compressed slots (the long loops, the first slots first) and write their share to SLOT_GRADS
+    [2, B·H, slots, d] (float32; the caller adds it to the slots' rows); the rest take blocks of
+    window keys, short loops that fill the launch's tail, and write every row of DK and DV.
     ``window_reach``: the most a query lies after a window key, plus one (L, or P with chunks).
     DOC_END [B or 1, n]: where each position's document ends (exclusive; HAS_DOCS)."""
     pid = tl.program_id(1)
+    slot_blocks = tl.cdiv(slots, BLOCK_N)
+    if pid < slot_blocks:
+        _key_block_grads(
+            Q, K, V, DO, LSE, DELTA, SLOT_GRADS, SLOT_GRADS + tl.num_programs(0).to(tl.int64) * slots * HEAD_DIM, DOC_START, DOC_END,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_don, stride_doc, n, heads, slots, first, chunk_size, leading, offset,
+            window_reach, qk_scale, sm_scale, pid, slots,
+            HEAD_DIM, BLOCK_M, BLOCK_N, CHUNK_WINDOW, HAS_DOCS, PRECISION, True, REVERSE,
+        )
+    else:
+        _key_block_grads(
+            Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_don, stride_doc, n, heads, slots, first, chunk_size, leading, offset,
+            window_reach, qk_scale, sm_scale, pid - slot_blocks, n,
+            HEAD_DIM, BLOCK_M, BLOCK_N, CHUNK_WINDOW, HAS_DOCS, PRECISION, False, False,
+        )
+
+
+@triton.jit
+def _key_block_grads(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
+    n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale, block, out_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """dK, dV of key block ``block``: compressed slots (SLOTS) or window keys, written to the block's
+    rows of DK and DV [B·H, out_rows, d]."""
     bh, b, h = _program_head(heads)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
     dims = tl.arange(0, HEAD_DIM)
-    index = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    index = block * BLOCK_N + tl.arange(0, BLOCK_N)
     if SLOTS:
         keys, keys_valid = first + index * chunk_size, index < slots
-        first_key = first + pid * BLOCK_N * chunk_size
-        last_key = first + (tl.minimum((pid + 1) * BLOCK_N, slots) - 1) * chunk_size
+        first_key = first + block * BLOCK_N * chunk_size
+        last_key = first + (tl.minimum((block + 1) * BLOCK_N, slots) - 1) * chunk_size
     else:
         keys, keys_valid = index, index < n
-        first_key = pid * BLOCK_N
-        last_key = tl.minimum((pid + 1) * BLOCK_N, n) - 1
+        first_key = block * BLOCK_N
+        last_key = tl.minimum((block + 1) * BLOCK_N, n) - 1
     k = _load_rows(K + b * stride_kb + h * stride_kh, keys, keys_valid, stride_kn, dims, True)
     v = _load_rows(V + b * stride_vb + h * stride_vh, keys, keys_valid, stride_vn, dims, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -379,22 +411,21 @@ def _dkv_kernel(
         doc_free_end = tl.load(DOC_END + first_key)
     else:
         t_stop, doc_free_end = n, n
+    key_args = (k, v, Q, DO, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+                leading, chunk_size, offset, qk_scale)
     if SLOTS:
         # A slot at p is seen by t iff ws(t) > p: t >= p + L, or t >= p + 1 (the next chunk).
         if CHUNK_WINDOW:
             visible_after = 1
         else:
             visible_after = leading
-        t_begin = first_key + visible_after
+        masked_begin = (first_key + visible_after) // BLOCK_M * BLOCK_M
         # From t_all on every slot of the block is visible to every query of a query block.
         t_all = last_key + visible_after
         masked_end = tl.minimum(tl.cdiv(t_all, BLOCK_M) * BLOCK_M, t_stop)
-        if (pid + 1) * BLOCK_N > slots:
+        if (block + 1) * BLOCK_N > slots:
             masked_end = t_stop  # the last block has padding slots
         unmasked_end = tl.maximum(tl.minimum(n, doc_free_end) // BLOCK_M * BLOCK_M, masked_end)
-        masked_begin = (t_begin // BLOCK_M) * BLOCK_M
-        key_args = (k, v, Q, DO, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
-                    leading, chunk_size, offset, qk_scale)
         if REVERSE:
             dk, dv = _key_range(dk, dv, *key_args, unmasked_end, t_stop, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, True)
             dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, True)
@@ -403,21 +434,15 @@ def _dkv_kernel(
             dk, dv = _key_range(dk, dv, *key_args, masked_begin, masked_end, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
             dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
             dk, dv = _key_range(dk, dv, *key_args, unmasked_end, t_stop, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
+        rows = index
     else:
         t_end = tl.minimum(last_key + window_reach, t_stop)
         dk, dv = _key_range(
-            dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
-            leading, chunk_size, offset, qk_scale, (first_key // BLOCK_M) * BLOCK_M, t_end,
-            BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False,
+            dk, dv, *key_args, first_key // BLOCK_M * BLOCK_M, t_end, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False,
         )
-    dk_ptrs = _row_ptrs(DK + bh * n * HEAD_DIM, keys, HEAD_DIM, dims)
-    dv_ptrs = _row_ptrs(DV + bh * n * HEAD_DIM, keys, HEAD_DIM, dims)
-    dk = dk * sm_scale
-    if SLOTS:  # a slot's row is also a window key: add to what the window launch wrote there
-        dk += tl.load(dk_ptrs, mask=keys_valid[:, None], other=0.0).to(tl.float32)
-        dv += tl.load(dv_ptrs, mask=keys_valid[:, None], other=0.0).to(tl.float32)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=keys_valid[:, None])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keys_valid[:, None])
+        rows = keys
+    tl.store(_row_ptrs(DK + bh * out_rows * HEAD_DIM, rows, HEAD_DIM, dims), (dk * sm_scale).to(DK.dtype.element_ty), mask=keys_valid[:, None])
+    tl.store(_row_ptrs(DV + bh * out_rows * HEAD_DIM, rows, HEAD_DIM, dims), dv.to(DV.dtype.element_ty), mask=keys_valid[:, None])
 
 
 @dataclass(frozen=True)
@@ -520,7 +545,6 @@ def _periodic_backward(
     common = dict(HEAD_DIM=head_dim, CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=precision)
     strides = (*_strides(q, k, v, grad_out), doc_stride)
     mask_arguments = _mask_arguments(mask, n)
-    slots = mask_arguments[0]
 
     dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     _query_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
@@ -531,15 +555,19 @@ def _periodic_backward(
     )
     dk = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=k.dtype)
     dv = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=v.dtype)
-    for slot_role, blocks in ((False, triton.cdiv(n, config.dkv_keys)), (True, triton.cdiv(slots, config.dkv_keys))):
-        if blocks == 0:
-            continue
-        _dkv_kernel[(batch * heads, blocks)](
-            q, k, v, grad_out, lse, delta, dk, dv, starts, ends, *strides,
-            n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
-            BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, SLOTS=slot_role, REVERSE=config.dkv_reverse, **common,
-            num_warps=config.dkv_warps, num_stages=config.backward_stages,
-        )
+    first, slots = mask_arguments[1], mask_arguments[0]
+    slot_grads = torch.empty((2, batch * heads, slots, head_dim), device=q.device, dtype=torch.float32)
+    blocks = triton.cdiv(slots, config.dkv_keys) + triton.cdiv(n, config.dkv_keys)
+    _dkv_kernel[(batch * heads, blocks)](
+        q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *strides,
+        n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
+        BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, REVERSE=config.dkv_reverse, **common,
+        num_warps=config.dkv_warps, num_stages=config.backward_stages,
+    )
+    # A slot's row is also a window key: its share as a slot adds to what the window keys wrote.
+    slot_rows = slice(first, n, chunk_size)
+    dk[:, :, slot_rows] += slot_grads[0].view(batch, heads, slots, head_dim)
+    dv[:, :, slot_rows] += slot_grads[1].view(batch, heads, slots, head_dim)
     return dq, dk, dv
 
 
