@@ -8,7 +8,7 @@ bf16). Each variant changes one kernel's tiles from ``CUDA_CONFIG``; causal flas
         [--variants default "forward_queries=128,forward_warps=8" ...] [--kernels]
 
 ``--kernels`` also profiles each variant's forward+backward and prints every launch's mean time
-(forward, dQ, dK/dV of window keys, dK/dV of compressed slots), so that a change is seen where it acts.
+(forward, dQ, dK/dV), so that a change is seen where it acts.
 
 Needs CUDA; on a CPU it says so and exits.
 """
@@ -39,7 +39,7 @@ VARIANTS = (
 """Changes to ``CUDA_CONFIG`` (KernelConfig fields), mostly one kernel's tiles at a time."""
 
 
-LAUNCHES = ("forward", "dQ", "dK/dV window", "dK/dV slots")
+LAUNCHES = ("forward", "dQ", "dK/dV")
 """The kernel launches of one forward+backward, in launch order."""
 
 
