@@ -102,6 +102,10 @@ def compile_attention_kernels() -> list[str]:
             kernels._dkv_kernel, pointers, floats, constexprs, config.dkv_warps, config.backward_stages
         )
         done.append(f"_dkv_kernel d={head_dim} docs={docs} chunk_window={chunk_window}: " + resource_usage(compiled))
+    compiled = compile_for_hopper(
+        kernels._add_slot_grads, {"DK": "bf16", "DV": "bf16", "SLOT_GRADS": "fp32"}, set(), dict(HEAD_DIM=64, BLOCK=64), 4, 1
+    )
+    done.append("_add_slot_grads d=64: " + resource_usage(compiled))
     return done
 
 

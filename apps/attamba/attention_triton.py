@@ -445,6 +445,23 @@ def _key_block_grads(
     tl.store(_row_ptrs(DV + bh * out_rows * HEAD_DIM, rows, HEAD_DIM, dims), dv.to(DV.dtype.element_ty), mask=keys_valid[:, None])
 
 
+@triton.jit
+def _add_slot_grads(
+    DK, DV, SLOT_GRADS, n, slots, first, chunk_size, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Rows first + s·P of DK and DV [B·H, n, d] += SLOT_GRADS [2, B·H, slots, d] (float32)."""
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = s[:, None] < slots
+    dims = tl.arange(0, HEAD_DIM)
+    rows = _row_ptrs(bh * n * HEAD_DIM, first + s * chunk_size, HEAD_DIM, dims)
+    shares = SLOT_GRADS + _row_ptrs(bh * slots * HEAD_DIM, s, HEAD_DIM, dims)
+    dk = tl.load(DK + rows, mask=valid).to(tl.float32) + tl.load(shares, mask=valid)
+    tl.store(DK + rows, dk.to(DK.dtype.element_ty), mask=valid)
+    dv = tl.load(DV + rows, mask=valid).to(tl.float32) + tl.load(shares + tl.num_programs(0).to(tl.int64) * slots * HEAD_DIM, mask=valid)
+    tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=valid)
+
+
 @dataclass(frozen=True)
 class PeriodicMask:
     """What the kernels need of a layer's mask: periodic chunk ends and the window rule."""
@@ -565,9 +582,10 @@ def _periodic_backward(
         num_warps=config.dkv_warps, num_stages=config.backward_stages,
     )
     # A slot's row is also a window key: its share as a slot adds to what the window keys wrote.
-    slot_rows = slice(first, n, chunk_size)
-    dk[:, :, slot_rows] += slot_grads[0].view(batch, heads, slots, head_dim)
-    dv[:, :, slot_rows] += slot_grads[1].view(batch, heads, slots, head_dim)
+    if slots:
+        _add_slot_grads[(batch * heads, triton.cdiv(slots, 64))](
+            dk, dv, slot_grads, n, slots, first, chunk_size, HEAD_DIM=head_dim, BLOCK=64, num_warps=4
+        )
     return dq, dk, dv
 
 
