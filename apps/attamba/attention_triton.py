@@ -62,13 +62,14 @@ class KernelConfig:
     dkv_queries: int = 32
     dkv_warps: int = 4
     backward_stages: int = 3
-    dkv_reverse: bool = False
-    """The slot blocks' dK/dV visit their queries from the last: every program of a head then starts
-    on the same query rows (which stay in L2 for the next program) instead of each on its own."""
+    dkv_reverse: bool = True
+    """The slot blocks' dK/dV visit their queries from the last: the programs of a head then start
+    on the same query rows and read them while in L2, instead of each streaming its own range
+    (n=16k on an H100: 737 µs against 777 for the dK/dV launch)."""
 
 
 CUDA_CONFIG = KernelConfig()
-INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 16, 16, 1, 1, True)
+INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 16, 16, 1, 1)
 """Small tiles so that the CPU tests' short sequences cross several blocks."""
 
 
@@ -513,8 +514,7 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(stride for tensor in tensors for stride in tensor.stride()[:3])
 
 
-@torch.library.custom_op("attamba::periodic_attention_fwd", mutates_args=())
-def _periodic_forward(
+def _forward_kernels(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: Optional[torch.Tensor],
     doc_end: Optional[torch.Tensor], chunk_size: int, offset: int, leading: int, chunk_window: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -538,13 +538,15 @@ def _periodic_forward(
     return out, lse
 
 
+_periodic_forward = torch.library.custom_op("attamba::periodic_attention_fwd", _forward_kernels, mutates_args=())
+
+
 @_periodic_forward.register_fake
 def _periodic_forward_fake(q, k, v, doc_start, doc_end, chunk_size, offset, leading, chunk_window):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("attamba::periodic_attention_bwd", mutates_args=())
-def _periodic_backward(
+def _backward_kernels(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, doc_start: Optional[torch.Tensor], doc_end: Optional[torch.Tensor], chunk_size: int,
     offset: int, leading: int, chunk_window: bool,
@@ -589,6 +591,9 @@ def _periodic_backward(
     return dq, dk, dv
 
 
+_periodic_backward = torch.library.custom_op("attamba::periodic_attention_bwd", _backward_kernels, mutates_args=())
+
+
 @_periodic_backward.register_fake
 def _periodic_backward_fake(grad_out, q, k, v, out, lse, doc_start, doc_end, chunk_size, offset, leading, chunk_window):
     return tuple(torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
@@ -608,6 +613,24 @@ def _autograd(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("attamba::periodic_attention_fwd", _autograd, setup_context=_setup_context)
+
+
+class _EagerPeriodicAttention(torch.autograd.Function):
+    """The custom ops' eager twin: the same kernels and saved tensors without the custom-op
+    dispatch, whose host time (its checks of every call's inputs and outputs) is comparable to the
+    kernels' own time at short n. torch.compile traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, doc_start, doc_end, chunk_size, offset, leading, chunk_window):
+        out, lse = _forward_kernels(q, k, v, doc_start, doc_end, chunk_size, offset, leading, chunk_window)
+        _setup_context(ctx, (q, k, v, doc_start, doc_end, chunk_size, offset, leading, chunk_window), (out, lse))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, doc_start, doc_end = ctx.saved_tensors
+        dq, dk, dv = _backward_kernels(grad_out, q, k, v, out, lse, doc_start, doc_end, *ctx.mask)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def periodic_attention(
@@ -634,4 +657,7 @@ def periodic_attention(
     # kernels multiply one dtype, q's, as autocast would have.
     k, v = k.to(q.dtype), v.to(q.dtype)
     starts, ends = document_bounds(doc_ids) if doc_ids is not None else (None, None)
-    return _periodic_forward(q, k, v, starts, ends, mask.chunk_size, mask.offset, mask.leading, mask.chunk_window)[0]
+    arguments = (q, k, v, starts, ends, mask.chunk_size, mask.offset, mask.leading, mask.chunk_window)
+    if torch.compiler.is_compiling():
+        return _periodic_forward(*arguments)[0]
+    return _EagerPeriodicAttention.apply(*arguments)

@@ -164,6 +164,22 @@ def test_the_op_passes_opcheck():
     )
 
 
+def test_eager_calls_and_the_custom_op_give_the_same_outputs_and_gradients():
+    """Eager calls skip the custom op's dispatch (an autograd.Function over the same kernels);
+    torch.compile traces the op. Both must agree exactly."""
+    torch.manual_seed(7)
+    q, k, v, grad = (torch.randn(2, 2, 40, 16, device=DEVICE) for _ in range(4))
+    starts, ends = document_bounds(documents(2, 40))
+    mask = PeriodicMask(4, 1, 3)
+    eager = kernel(q, k, v, mask, documents(2, 40), grad)
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = torch.ops.attamba.periodic_attention_fwd(*inputs, starts, ends, 4, 1, 3, False)[0]
+    out.backward(grad)
+    assert torch.equal(out, eager[0])
+    for name, actual, wanted in zip("qkv", [x.grad for x in inputs], eager[1]):
+        assert torch.equal(actual, wanted), f"d{name}"
+
+
 def test_attn_impl_triton_dispatches_by_boundaries():
     n = 29
     periodic = prepare_attention(periodic_boundaries(n, 4, 1), 3, None, n, 2, "triton", head_dim=16)
