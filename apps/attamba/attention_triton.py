@@ -62,6 +62,12 @@ class KernelConfig:
     dkv_queries: int = 32
     dkv_warps: int = 4
     backward_stages: int = 3
+    forward_registers: int = 0
+    """Registers per thread the forward may use (Triton's ``maxnreg``; 0: the compiler's choice).
+    Fewer registers let more blocks share a multiprocessor; these kernels wait on latency more than on
+    any one unit (Nsight Compute, n=16k on an H100), so occupancy is what the knobs trade for."""
+    dq_registers: int = 0
+    dkv_registers: int = 0
     dkv_reverse: bool = True
     """The slot blocks' dK/dV visit their queries from the last: the programs of a head then start
     on the same query rows and read them while in L2, instead of each streaming its own range
@@ -484,6 +490,11 @@ def _config(device: torch.device) -> KernelConfig:
     return CUDA_CONFIG if device.type == "cuda" else INTERPRETER_CONFIG
 
 
+def _register_limit(registers: int) -> dict:
+    """The launch option capping registers per thread, if one is set."""
+    return {"maxnreg": registers} if registers else {}
+
+
 def document_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each position's document starts and ends (exclusive): two Int32 [B, n] from the
     documents' numbers [B, n]. Plain tensor ops, so that a compiled block fuses them."""
@@ -533,7 +544,7 @@ def _forward_kernels(
         n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.forward_queries, BLOCK_N=config.forward_keys,
         CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=_dot_precision(q.dtype), BACKWARD=False,
-        num_warps=config.forward_warps, num_stages=config.forward_stages,
+        num_warps=config.forward_warps, num_stages=config.forward_stages, **_register_limit(config.forward_registers),
     )
     return out, lse
 
@@ -570,7 +581,7 @@ def _backward_kernels(
         q, k, v, grad_out, out, lse, delta, dq, starts, *strides,
         n, heads, *mask_arguments, sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, BACKWARD=True, **common,
-        num_warps=config.dq_warps, num_stages=config.backward_stages,
+        num_warps=config.dq_warps, num_stages=config.backward_stages, **_register_limit(config.dq_registers),
     )
     dk = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=k.dtype)
     dv = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=v.dtype)
@@ -581,7 +592,7 @@ def _backward_kernels(
         q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *strides,
         n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, REVERSE=config.dkv_reverse, **common,
-        num_warps=config.dkv_warps, num_stages=config.backward_stages,
+        num_warps=config.dkv_warps, num_stages=config.backward_stages, **_register_limit(config.dkv_registers),
     )
     # A slot's row is also a window key: its share as a slot adds to what the window keys wrote.
     if slots:
