@@ -25,9 +25,12 @@ def ptxas_available() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-def compile_for_hopper(kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int):
+def compile_for_hopper(
+    kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int, registers: int = 0
+):
     """Compile ``kernel`` to a cubin for sm_90: pointer arguments by element type, the named float
-    scalars, every other argument an int32. Returns Triton's compiled kernel.
+    scalars, every other argument an int32; ``registers`` caps registers per thread (0: no cap).
+    Returns Triton's compiled kernel.
 
     As a launch with aligned tensors would, pointers and ``stride*`` arguments are marked divisible
     by 16: without that Triton cannot prove the alignment asynchronous copies need, and the code
@@ -48,7 +51,8 @@ def compile_for_hopper(kernel, pointers: dict[str, str], floats: set[str], const
         if name in pointers or name.startswith("stride"):
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget(*HOPPER), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": registers} if registers else {})}
+    return triton.compile(source, target=GPUTarget(*HOPPER), options=options)
 
 
 def resource_usage(compiled) -> str:
@@ -86,7 +90,8 @@ def compile_attention_kernels() -> list[str]:
         )
         warps = config.dq_warps if backward else config.forward_warps
         stages = config.backward_stages if backward else config.forward_stages
-        compiled = compile_for_hopper(kernels._query_kernel, pointers, floats, constexprs, warps, stages)
+        registers = (config.dq_registers if backward else config.forward_registers) if head_dim <= 64 else 0
+        compiled = compile_for_hopper(kernels._query_kernel, pointers, floats, constexprs, warps, stages, registers)
         done.append(
             f"_query_kernel d={head_dim} backward={backward} docs={docs} chunk_window={chunk_window}: "
             + resource_usage(compiled)
@@ -99,7 +104,8 @@ def compile_attention_kernels() -> list[str]:
             HAS_DOCS=docs, PRECISION="tf32", REVERSE=config.dkv_reverse,
         )
         compiled = compile_for_hopper(
-            kernels._dkv_kernel, pointers, floats, constexprs, config.dkv_warps, config.backward_stages
+            kernels._dkv_kernel, pointers, floats, constexprs, config.dkv_warps, config.backward_stages,
+            config.dkv_registers if head_dim <= 64 else 0,
         )
         done.append(f"_dkv_kernel d={head_dim} docs={docs} chunk_window={chunk_window}: " + resource_usage(compiled))
     compiled = compile_for_hopper(

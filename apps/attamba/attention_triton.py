@@ -54,7 +54,7 @@ class KernelConfig:
     forward_queries: int = 64
     forward_keys: int = 64
     forward_warps: int = 4
-    forward_stages: int = 3
+    forward_stages: int = 2
     dq_queries: int = 64
     dq_keys: int = 32
     dq_warps: int = 4
@@ -62,10 +62,13 @@ class KernelConfig:
     dkv_queries: int = 32
     dkv_warps: int = 4
     backward_stages: int = 3
-    forward_registers: int = 0
-    """Registers per thread the forward may use (Triton's ``maxnreg``; 0: the compiler's choice).
-    Fewer registers let more blocks share a multiprocessor; these kernels wait on latency more than on
-    any one unit (Nsight Compute, n=16k on an H100), so occupancy is what the knobs trade for."""
+    forward_registers: int = 128
+    """Registers per thread the forward may use with heads of size <= 64 (Triton's ``maxnreg``; 0:
+    the compiler's choice; larger heads are never capped, they would spill). These kernels wait on
+    latency more than on any one unit (Nsight Compute, n=16k on an H100: at most ~55% of compute or
+    memory throughput, 3 blocks of 4 warps per multiprocessor), so a cap that fits a fourth block
+    helps the forward: 168 -> 128 registers with 2 stages, 488 -> 459 µs. dK/dV capped at 128
+    (741 -> 724 µs) spills with documents or chunk windows; dQ (109) gained nothing from 96."""
     dq_registers: int = 0
     dkv_registers: int = 0
     dkv_reverse: bool = True
@@ -75,7 +78,7 @@ class KernelConfig:
 
 
 CUDA_CONFIG = KernelConfig()
-INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 16, 16, 1, 1)
+INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 16, 16, 1, 1, 0, 0, 0)
 """Small tiles so that the CPU tests' short sequences cross several blocks."""
 
 
@@ -490,9 +493,9 @@ def _config(device: torch.device) -> KernelConfig:
     return CUDA_CONFIG if device.type == "cuda" else INTERPRETER_CONFIG
 
 
-def _register_limit(registers: int) -> dict:
-    """The launch option capping registers per thread, if one is set."""
-    return {"maxnreg": registers} if registers else {}
+def _register_limit(registers: int, head_dim: int) -> dict:
+    """The launch option capping registers per thread, if one is set and the heads are small enough."""
+    return {"maxnreg": registers} if registers and head_dim <= 64 else {}
 
 
 def document_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,7 +547,7 @@ def _forward_kernels(
         n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.forward_queries, BLOCK_N=config.forward_keys,
         CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=_dot_precision(q.dtype), BACKWARD=False,
-        num_warps=config.forward_warps, num_stages=config.forward_stages, **_register_limit(config.forward_registers),
+        num_warps=config.forward_warps, num_stages=config.forward_stages, **_register_limit(config.forward_registers, head_dim),
     )
     return out, lse
 
@@ -581,7 +584,7 @@ def _backward_kernels(
         q, k, v, grad_out, out, lse, delta, dq, starts, *strides,
         n, heads, *mask_arguments, sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, BACKWARD=True, **common,
-        num_warps=config.dq_warps, num_stages=config.backward_stages, **_register_limit(config.dq_registers),
+        num_warps=config.dq_warps, num_stages=config.backward_stages, **_register_limit(config.dq_registers, head_dim),
     )
     dk = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=k.dtype)
     dv = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=v.dtype)
@@ -592,7 +595,7 @@ def _backward_kernels(
         q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *strides,
         n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, REVERSE=config.dkv_reverse, **common,
-        num_warps=config.dkv_warps, num_stages=config.backward_stages, **_register_limit(config.dkv_registers),
+        num_warps=config.dkv_warps, num_stages=config.backward_stages, **_register_limit(config.dkv_registers, head_dim),
     )
     # A slot's row is also a window key: its share as a slot adds to what the window keys wrote.
     if slots:
