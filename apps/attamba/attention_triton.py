@@ -588,7 +588,7 @@ def _backward_kernels(
     )
     dk = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=k.dtype)
     dv = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=v.dtype)
-    first, slots = mask_arguments[1], mask_arguments[0]
+    first, slots = periodic_slots(n, chunk_size, offset)
     slot_grads = torch.empty((2, batch * heads, slots, head_dim), device=q.device, dtype=torch.float32)
     blocks = triton.cdiv(slots, config.dkv_keys) + triton.cdiv(n, config.dkv_keys)
     _dkv_kernel[(batch * heads, blocks)](
@@ -620,10 +620,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mask = (chunk_size, offset, leading, chunk_window)
 
 
-def _autograd(ctx, grad_out, grad_lse):
+def _input_gradients(ctx, grad_out, backward) -> tuple:
+    """The forward's inputs' gradients from what ``_setup_context`` saved, through ``backward``
+    (the custom op, or its kernels directly)."""
     q, k, v, out, lse, doc_start, doc_end = ctx.saved_tensors
-    dq, dk, dv = _periodic_backward(grad_out, q, k, v, out, lse, doc_start, doc_end, *ctx.mask)
+    dq, dk, dv = backward(grad_out, q, k, v, out, lse, doc_start, doc_end, *ctx.mask)
     return dq, dk, dv, None, None, None, None, None, None
+
+
+def _autograd(ctx, grad_out, grad_lse):
+    return _input_gradients(ctx, grad_out, _periodic_backward)
 
 
 torch.library.register_autograd("attamba::periodic_attention_fwd", _autograd, setup_context=_setup_context)
@@ -643,9 +649,7 @@ class _EagerPeriodicAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, doc_start, doc_end = ctx.saved_tensors
-        dq, dk, dv = _backward_kernels(grad_out, q, k, v, out, lse, doc_start, doc_end, *ctx.mask)
-        return dq, dk, dv, None, None, None, None, None, None
+        return _input_gradients(ctx, grad_out, _backward_kernels)
 
 
 def periodic_attention(
