@@ -78,7 +78,10 @@ class KernelConfig:
 
 
 CUDA_CONFIG = KernelConfig()
-INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1, 16, 16, 1, 16, 16, 1, 1, 0, 0, 0)
+INTERPRETER_CONFIG = KernelConfig(
+    forward_queries=16, forward_keys=16, forward_warps=1, forward_stages=1, dq_queries=16, dq_keys=16, dq_warps=1,
+    dkv_keys=16, dkv_queries=16, dkv_warps=1, backward_stages=1, forward_registers=0,
+)
 """Small tiles so that the CPU tests' short sequences cross several blocks."""
 
 
@@ -436,14 +439,14 @@ def _key_block_grads(
         if (block + 1) * BLOCK_N > slots:
             masked_end = t_stop  # the last block has padding slots
         unmasked_end = tl.maximum(tl.minimum(n, doc_free_end) // BLOCK_M * BLOCK_M, masked_end)
+        # Masked, unmasked, masked again; with REVERSE each range and their order run backwards.
         if REVERSE:
-            dk, dv = _key_range(dk, dv, *key_args, unmasked_end, t_stop, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, True)
-            dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, True)
-            dk, dv = _key_range(dk, dv, *key_args, masked_begin, masked_end, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, True)
+            lead_lo, lead_hi, tail_lo, tail_hi = unmasked_end, t_stop, masked_begin, masked_end
         else:
-            dk, dv = _key_range(dk, dv, *key_args, masked_begin, masked_end, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
-            dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
-            dk, dv = _key_range(dk, dv, *key_args, unmasked_end, t_stop, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
+            lead_lo, lead_hi, tail_lo, tail_hi = masked_begin, masked_end, unmasked_end, t_stop
+        dk, dv = _key_range(dk, dv, *key_args, lead_lo, lead_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE)
+        dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE)
+        dk, dv = _key_range(dk, dv, *key_args, tail_lo, tail_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE)
         rows = index
     else:
         t_end = tl.minimum(last_key + window_reach, t_stop)
@@ -599,8 +602,9 @@ def _backward_kernels(
     )
     # A slot's row is also a window key: its share as a slot adds to what the window keys wrote.
     if slots:
-        _add_slot_grads[(batch * heads, triton.cdiv(slots, 64))](
-            dk, dv, slot_grads, n, slots, first, chunk_size, HEAD_DIM=head_dim, BLOCK=64, num_warps=4
+        block = 64
+        _add_slot_grads[(batch * heads, triton.cdiv(slots, block))](
+            dk, dv, slot_grads, n, slots, first, chunk_size, HEAD_DIM=head_dim, BLOCK=block, num_warps=4
         )
     return dq, dk, dv
 

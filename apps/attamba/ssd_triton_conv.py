@@ -51,11 +51,16 @@ def _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_
 
 
 @triton.jit
+def _tap(w_ptr, ch, in_ch, i, K: tl.constexpr):
+    """Tap i's weights [C] (the one applied to x_{t-i}), fp32."""
+    return tl.load(w_ptr + ch * K + (K - 1 - i), mask=in_ch, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n,
                    K: tl.constexpr):
     """Tap i's weights [C] and what it reads, x_{t-i} [N, C] (zero before t's segment), fp32."""
-    tap = tl.load(w_ptr + ch * K + (K - 1 - i), mask=in_ch, other=0.0).to(tl.float32)
-    return tap, _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n)
+    return _tap(w_ptr, ch, in_ch, i, K), _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n)
 
 
 @triton.jit
@@ -141,7 +146,7 @@ def _conv_dx_kernel(
     in_ch = ch < c
     dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(K):
-        tap = tl.load(w_ptr + ch * K + (K - 1 - i), mask=in_ch, other=0.0).to(tl.float32)
+        tap = _tap(w_ptr, ch, in_ch, i, K)
         dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
     dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
     tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=(t < n)[:, None] & in_ch[None, :])
