@@ -15,6 +15,7 @@ import itertools
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 HOPPER = ("cuda", 90, 32)
 
@@ -26,11 +27,12 @@ def ptxas_available() -> bool:
 
 
 def compile_for_hopper(
-    kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int, registers: int = 0
+    kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int,
+    launch_options: Optional[dict] = None,
 ):
     """Compile ``kernel`` to a cubin for sm_90: pointer arguments by element type, the named float
-    scalars, every other argument an int32; ``registers`` caps registers per thread (0: no cap).
-    Returns Triton's compiled kernel.
+    scalars, every other argument an int32; ``launch_options`` as a launch passes them (e.g. the
+    attention's register caps). Returns Triton's compiled kernel.
 
     As a launch with aligned tensors would, pointers and ``stride*`` arguments are marked divisible
     by 16: without that Triton cannot prove the alignment asynchronous copies need, and the code
@@ -51,7 +53,7 @@ def compile_for_hopper(
         if name in pointers or name.startswith("stride"):
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": registers} if registers else {})}
+    options = {"num_warps": num_warps, "num_stages": num_stages, **(launch_options or {})}
     return triton.compile(source, target=GPUTarget(*HOPPER), options=options)
 
 
@@ -90,7 +92,7 @@ def compile_attention_kernels() -> list[str]:
         )
         warps = config.dq_warps if backward else config.forward_warps
         stages = config.backward_stages if backward else config.forward_stages
-        registers = (config.dq_registers if backward else config.forward_registers) if head_dim <= 64 else 0
+        registers = kernels._register_limit(config.dq_registers if backward else config.forward_registers, head_dim)
         compiled = compile_for_hopper(kernels._query_kernel, pointers, floats, constexprs, warps, stages, registers)
         done.append(
             f"_query_kernel d={head_dim} backward={backward} docs={docs} chunk_window={chunk_window}: "
@@ -105,7 +107,7 @@ def compile_attention_kernels() -> list[str]:
         )
         compiled = compile_for_hopper(
             kernels._dkv_kernel, pointers, floats, constexprs, config.dkv_warps, config.backward_stages,
-            config.dkv_registers if head_dim <= 64 else 0,
+            kernels._register_limit(config.dkv_registers, head_dim),
         )
         done.append(f"_dkv_kernel d={head_dim} docs={docs} chunk_window={chunk_window}: " + resource_usage(compiled))
     compiled = compile_for_hopper(
