@@ -119,7 +119,7 @@ def compile_attention_kernels() -> list[str]:
 
 def compile_ssm_kernels() -> list[str]:
     """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 16,
-    32 and 64 tokens, TF32 and bf16 dots) and its segmented conv (forward with and without a bias,
+    32 and 64 tokens, TF32 and bf16 dots, bf16 with the SiLU inside) and its segmented conv (forward with and without a bias,
     backward, and the split backward's two kernels), in bf16."""
     from apps.attamba import ssd_triton_conv as conv
     from apps.attamba import ssd_triton_window as window
@@ -131,10 +131,12 @@ def compile_ssm_kernels() -> list[str]:
     ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S)
     conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
     variants = [
-        (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, **ssd_tiles), window._warps(block_q, backward), window.NUM_STAGES)
+        (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, SILU=silu, **ssd_tiles), window._warps(block_q, backward),
+         window.NUM_STAGES)
         for kernel, backward in ((window._window_fwd_kernel, False), (window._window_bwd_kernel, True))
         for block_q in (16, 32, 64)
-        for precision in ("tf32", "bf16")
+        # The model's path applies the SiLU in the kernels and runs bf16 dots; tests also take TF32.
+        for precision, silu in (("tf32", False), ("bf16", False), ("bf16", True))
     ] + [
         (conv._conv_fwd_kernel, dict(HAS_BIAS=True, **conv_tiles), conv.NUM_WARPS, 3),
         (conv._conv_fwd_kernel, dict(HAS_BIAS=False, **conv_tiles), conv.NUM_WARPS, 3),
@@ -147,7 +149,7 @@ def compile_ssm_kernels() -> list[str]:
     for kernel, constexprs, warps, stages in variants:
         used = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
         compiled = compile_for_hopper(kernel, used, set(), constexprs, warps, stages)
-        switches = " ".join(f"{key}={value}" for key, value in constexprs.items() if key in ("BLOCK_Q", "HAS_BIAS", "PRECISION"))
+        switches = " ".join(f"{key}={value}" for key, value in constexprs.items() if key in ("BLOCK_Q", "HAS_BIAS", "PRECISION", "SILU"))
         done.append(f"{kernel.__name__}{' ' + switches if switches else ''}: " + resource_usage(compiled))
     return done
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -152,8 +152,32 @@ SSDFunction = Callable[..., torch.Tensor]
 ConvFunction = Callable[..., torch.Tensor]
 
 
-def load_backend(impl: str, device: torch.device) -> tuple[SSDFunction, ConvFunction]:
-    """The (segmented SSD scan, segmented causal conv) functions of ``impl`` for ``device``."""
+class Backend(NamedTuple):
+    """A backend's sequence operations."""
+
+    ssd: SSDFunction
+    """The segmented SSD scan, with the signature of ``ssd_reference``."""
+    conv: ConvFunction
+    """The segmented causal conv, with the signature of ``causal_conv_reference``."""
+    ssd_on_conv_output: Optional[Callable[..., torch.Tensor]] = None
+    """The scan reading the conv output before its SiLU and applying it itself (signature of
+    :func:`apps.attamba.ssd_triton_window.ssd_on_conv_output`), where the backend has one."""
+
+    def scan_conv_output(self, conv_out: torch.Tensor, sizes: "_ScanSizes", dt: torch.Tensor, A: torch.Tensor,
+                         D: torch.Tensor, segment_start: torch.Tensor, return_final_state: bool = False,
+                         max_segment_len: Optional[int] = None):
+        """The scan over (u, B, C) = SiLU(conv_out), conv_out [b, n, channels] -> y [b, n, heads,
+        head_dim] (and the final state with ``return_final_state``)."""
+        if self.ssd_on_conv_output is not None and not return_final_state:
+            return self.ssd_on_conv_output(conv_out, dt, A, D, segment_start, sizes.groups, sizes.state_dim,
+                                           max_segment_len=max_segment_len)
+        u, B, C = sizes.split_conv_output(F.silu(conv_out))
+        return self.ssd(u, dt, A, B, C, D, segment_start, return_final_state=return_final_state,
+                        max_segment_len=max_segment_len)
+
+
+def load_backend(impl: str, device: torch.device) -> Backend:
+    """The sequence operations of ``impl`` for ``device``."""
     if impl == "auto":
         if device.type == "cuda":
             try:
@@ -166,15 +190,15 @@ def load_backend(impl: str, device: torch.device) -> tuple[SSDFunction, ConvFunc
     if impl == "torch":
         from apps.attamba.ssd_torch import causal_conv_segmented, ssd_segmented
 
-        return ssd_segmented, causal_conv_segmented
+        return Backend(ssd_segmented, causal_conv_segmented)
     if impl == "reference":
         from apps.attamba.ssd_reference import causal_conv_reference, ssd_reference
 
-        return ssd_reference, causal_conv_reference
+        return Backend(ssd_reference, causal_conv_reference)
     if impl == "mamba_ssm":
         from apps.attamba.ssd_mamba import causal_conv_segmented_mamba, ssd_segmented_mamba
 
-        return ssd_segmented_mamba, causal_conv_segmented_mamba
+        return Backend(ssd_segmented_mamba, causal_conv_segmented_mamba)
     if impl == "triton":
         try:
             import apps.attamba.ssd_triton as module
@@ -183,12 +207,12 @@ def load_backend(impl: str, device: torch.device) -> tuple[SSDFunction, ConvFunc
                 f"ssm impl 'triton' needs apps.attamba.ssd_triton and the triton package ({error}); "
                 "set ssm impl to 'torch' to run without them"
             ) from error
-        return module.ssd_segmented_triton, module.causal_conv_segmented_triton
+        return Backend(module.ssd_segmented_triton, module.causal_conv_segmented_triton)
     if impl == "triton_window":
-        _, conv = load_backend("triton", device)
+        conv = load_backend("triton", device).conv
         import apps.attamba.ssd_triton_window as window
 
-        return window.ssd_segmented_window, conv
+        return Backend(window.ssd_segmented_window, conv, window.ssd_on_conv_output)
     raise ValueError(f"ssm impl must be one of {', '.join(IMPLS)}; got '{impl}'")
 
 
@@ -340,13 +364,13 @@ class KVSSM(nn.Module):
         batch, n, _ = x.shape
         if segment_start is None:
             segment_start = torch.zeros(batch, n, dtype=torch.bool, device=x.device)
-        ssd, conv = load_backend(self.impl, x.device)
+        backend = load_backend(self.impl, x.device)
         z, conv_in, dt = self._split_projection(self.in_proj(x))
-        u, B, C = _ScanSizes.of(self).split_conv_output(F.silu(conv(conv_in, self.conv_weight, self.conv_bias, segment_start)))
+        conv_out = backend.conv(conv_in, self.conv_weight, self.conv_bias, segment_start)
         state_dtype = _state_dtype(x.dtype)
         A = -torch.exp(self.A_log.to(state_dtype))
-        result = ssd(u, self._dt(dt, state_dtype), A, B, C, self.D.to(state_dtype), segment_start,
-                     return_final_state=return_final_state, max_segment_len=max_segment_len)
+        result = backend.scan_conv_output(conv_out, _ScanSizes.of(self), self._dt(dt, state_dtype), A,
+                                          self.D.to(state_dtype), segment_start, return_final_state, max_segment_len)
         y, final_ssm = result if return_final_state else (result, None)
         out = self._output(y.flatten(-2), z)
         if not return_final_state:
@@ -422,15 +446,15 @@ def paired_forward(
     batch, n, _ = x_first.shape
     if segment_start is None:
         segment_start = torch.zeros(batch, n, dtype=torch.bool, device=x_first.device)
-    ssd, conv = load_backend(first.impl, x_first.device)
+    backend = load_backend(first.impl, x_first.device)
     params = _PairParameters.of(first, second, _state_dtype(x_first.dtype))
     if x_first is x_second:
         pair = _PairInputs.shared(first, second, params, x_first)
     else:
         pair = _PairInputs.of(first, params, first.in_proj(x_first), second.in_proj(x_second))
-    conv_out = F.silu(conv(pair.conv_in, params.conv_weight, params.conv_bias, segment_start))
-    u, B, C = _ScanSizes.of(first, copies=2).split_conv_output(conv_out)
-    y = ssd(u, pair.dt, params.A, B, C, params.D, segment_start, return_final_state=False, max_segment_len=max_segment_len)
+    conv_out = backend.conv(pair.conv_in, params.conv_weight, params.conv_bias, segment_start)
+    y = backend.scan_conv_output(conv_out, _ScanSizes.of(first, copies=2), pair.dt, params.A, params.D, segment_start,
+                                 max_segment_len=max_segment_len)
     y_1, y_2 = y.flatten(-2).chunk(2, dim=-1)
     return first._output(y_1, pair.z[0]), second._output(y_2, pair.z[1])
 

@@ -537,18 +537,102 @@ def test_windowed_ssd_falls_back_to_the_chunked_kernels(monkeypatch, bound, fina
     assert not calls
 
 
-def test_windowed_ssd_op_fake_matches_and_compiles_whole():
-    b, n = 1, 40
-    u, dt, A, B, C, D = (t.requires_grad_() for t in ssd_inputs(b, n, 2, 16, 1, 16))
+@pytest.mark.parametrize("silu", [False, True])
+def test_windowed_ssd_op_fake_matches_and_compiles_whole(silu):
+    b, n, g, s = 1, 40, 1, 16
+    u, dt, A, B, C, D = ssd_inputs(b, n, 2, 16, g, s)
+    x = torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1).requires_grad_()
+    dt, A, D = (t.requires_grad_() for t in (dt, A, D))
     starts = ssd_triton._as_bytes(uniform_starts(b, n, 8, offset=2).to(DEVICE))
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.attamba.ssd_window_fwd.default, (u, dt, A, B, C, D, starts, 32), test_utils=checks)
-    backward_args = (torch.randn_like(u), *(t.detach() for t in (u, dt, A, B, C, D)), starts, 32)
+    sizes = (g, s, 32, silu)
+    torch.library.opcheck(torch.ops.attamba.ssd_window_fwd.default, (x, dt, A, D, starts, *sizes), test_utils=checks)
+    backward_args = (torch.randn_like(u), *(t.detach() for t in (x, dt, A, D)), starts, *sizes)
     torch.library.opcheck(torch.ops.attamba.ssd_window_bwd.default, backward_args, test_utils=checks[:2])
     torch._dynamo.reset()
-    compiled = torch.compile(window_with_bound(8), backend="aot_eager", fullgraph=True)
     segment_start = uniform_starts(b, n, 8, offset=2).to(DEVICE)
-    torch.testing.assert_close(compiled(u, dt, A, B, C, D, segment_start), window_with_bound(8)(u, dt, A, B, C, D, segment_start))
+    if silu:
+        def scan(x, dt, A, D):
+            return ssd_triton_window.ssd_on_conv_output(x, dt, A, D, segment_start, g, s, max_segment_len=8)
+        inputs = (x, dt, A, D)
+    else:
+        def scan(u, dt, A, B, C, D):
+            return window_with_bound(8)(u, dt, A, B, C, D, segment_start)
+        inputs = (u, dt, A, B, C, D)
+    compiled = torch.compile(scan, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), scan(*inputs))
+
+
+def conv_output_inputs(b, n, h, p, g, s, dtype=torch.float32, seed=0):
+    """(x, dt, A, D): x [b, n, h·p + 2·g·s] a conv output before its SiLU, u | B | C side by side."""
+    u, dt, A, B, C, D = ssd_inputs(b, n, h, p, g, s, dtype=dtype, seed=seed)
+    return [torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1), dt, A, D]
+
+
+def assert_scan_on_conv_output_matches(inputs, heads, groups, state_dim, segment_start, bound, tolerance, record=None):
+    """ssd_on_conv_output against SiLU, a split and ssd_reference in float64: output and the
+    gradients of x, dt, A and D."""
+    def oracle(x, dt, A, D, segment_start):
+        bc = groups * state_dim
+        u, B, C = torch.nn.functional.silu(x).split([x.shape[-1] - 2 * bc, bc, bc], dim=-1)
+        u, B, C = u.unflatten(-1, (heads, -1)), B.unflatten(-1, (groups, state_dim)), C.unflatten(-1, (groups, state_dim))
+        return ssd_reference(u, dt, A, B, C, D, segment_start)
+
+    def candidate(x, dt, A, D, segment_start):
+        return ssd_triton_window.ssd_on_conv_output(x, dt, A, D, segment_start, groups, state_dim, max_segment_len=bound)
+
+    x = inputs[0]
+    b, n = x.shape[:2]
+    grad_out = torch.randn(b, n, heads, (x.shape[-1] - 2 * groups * state_dim) // heads,
+                           generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
+    y, grads = forward_and_grads(candidate, inputs, segment_start, grad_out, False)
+    y_ref, grads_ref = forward_and_grads(oracle, inputs, segment_start, grad_out, True)
+    errors = {"y": relative_error(y, y_ref)}
+    for name, tensor, grad, grad_ref in zip(("x", "dt", "A", "D"), inputs, grads, grads_ref):
+        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape
+        errors[f"d{name}"] = relative_error(grad, grad_ref)
+    if record is not None:
+        for name, error in errors.items():
+            record(name, error)
+    failing = {name: error for name, error in errors.items() if not error < tolerance}
+    assert not failing, f"relative errors above {tolerance}: {failing}"
+    assert y.dtype == x.dtype and y.shape == grad_out.shape
+
+
+@pytest.mark.parametrize("chunking", sorted(SHORT_CHUNKINGS))
+def test_scan_on_conv_output_applies_the_silu_inside(chunking):
+    # Two groups of two heads: the SiLU's gradient must reach dB and dC after the heads' sums.
+    b, n, h, p, g, s = 2, 77, 4, 16, 2, 24
+    make_starts, bound = SHORT_CHUNKINGS[chunking]
+    inputs = conv_output_inputs(b, n, h, p, g, s, seed=2)
+    assert_scan_on_conv_output_matches(inputs, h, g, s, make_starts(b, n).to(DEVICE), bound, 1e-5)
+
+
+def test_scan_on_conv_output_falls_back_to_the_chunked_kernels(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ssd_triton_window, "_window_forward", lambda *a: calls.append(a))
+    b, n, h, p, g, s = 1, 20, 2, 16, 1, 16
+    inputs = conv_output_inputs(b, n, h, p, g, s)
+    assert_scan_on_conv_output_matches(inputs, h, g, s, uniform_starts(b, n, 8).to(DEVICE), None, 1e-5)
+    assert not calls
+
+
+def test_scan_on_conv_output_rejects_a_bad_width():
+    x, dt, A, D = conv_output_inputs(1, 8, 2, 16, 1, 16)
+    with pytest.raises(ValueError, match="h·p \\+ 2·g·s"):
+        ssd_triton_window.ssd_on_conv_output(x[..., 1:], dt, A, D, uniform_starts(1, 8, 4), 1, 16, max_segment_len=4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("chunking", ["cyclic_offset", "documents_cut_chunks", "block_long_straddling"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scan_on_conv_output_at_model_shape_on_gpu(chunking, dtype, record_property):
+    b, n, h, p, g, s = 2, 300, 16, 64, 2, 128
+    make_starts, bound = SHORT_CHUNKINGS[chunking]
+    inputs = conv_output_inputs(b, n, h, p, g, s, dtype=dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_scan_on_conv_output_matches(inputs, h, g, s, make_starts(b, n).to(DEVICE), bound, tolerance, record_property)
 
 
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
