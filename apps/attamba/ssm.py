@@ -507,15 +507,16 @@ class _PairInputs:
 
     @staticmethod
     def shared(first: KVSSM, second: KVSSM, params: _PairParameters, x: torch.Tensor) -> "_PairInputs":
-        """Both SSMs reading the same x (no kv_proj): one matmul over both in_proj weights, their
-        rows ordered so that it writes the conv input already side by side, then z₁, z₂, dt₁, dt₂.
-        The conv reads its input as a view of the matmul's output: no copy into the paired layout
-        (one fewer pass over the conv channels a layer, forward)."""
+        """Both SSMs reading the same x (no kv_proj): both in_proj weights as two matmuls, one
+        writing the conv input already side by side (its rows ordered so: no copy into the paired
+        layout), one z₁, z₂, dt₁, dt₂. Two rather than one, because the gradient of one output
+        split in parts is a concatenation: the conv's input gradient, a pass over all conv
+        channels, would be copied into it in every backward."""
         z_1, conv_1, dt_1 = first._split_projection(first.in_proj.weight, dim=0)
         z_2, conv_2, dt_2 = first._split_projection(second.in_proj.weight, dim=0)
-        weight = torch.cat([_side_by_side(first, conv_1, conv_2, 0), z_1, z_2, dt_1, dt_2])
-        widths = [2 * first.conv_channels, first.hidden_dim, first.hidden_dim, 2 * first.heads]
-        conv_in, z_1, z_2, dt = F.linear(x, weight).split(widths, dim=-1)
+        conv_in = F.linear(x, _side_by_side(first, conv_1, conv_2, 0))
+        z_1, z_2, dt = F.linear(x, torch.cat([z_1, z_2, dt_1, dt_2])).split(
+            [first.hidden_dim, first.hidden_dim, 2 * first.heads], dim=-1)
         return _PairInputs(z=(z_1, z_2), conv_in=conv_in, dt=params.dt(dt))
 
 

@@ -153,23 +153,24 @@ def test_paired_decode_from_zero_state_equals_forward():
         assert_close(y_2, expected_2[:, t], 1e-10)
 
 
-def test_shared_input_pair_reads_the_conv_input_as_a_view_of_one_matmul():
-    """Without kv_proj, the paired conv input is a slice of the one in_proj matmul's output (no
-    copy into the side-by-side layout), and it equals that layout built from the two SSMs."""
+def test_shared_input_pair_writes_the_conv_input_with_its_own_matmul():
+    """Without kv_proj, the paired conv input comes out of a matmul of its own, already in the
+    side-by-side layout (dense: no copy into it, and its gradient is not concatenated with z's and
+    dt's), and it equals that layout built from the two SSMs; z₁ and z₂ share the other matmul."""
     from apps.attamba.ssm import _PairInputs, _PairParameters
 
     first, second = tiny_ssm(seed=0, n_groups=2), tiny_ssm(seed=5, n_groups=2)
     x, _ = inputs(2, 9, torch.float64)
     params = _PairParameters.of(first, second, torch.float64)
     pair = _PairInputs.shared(first, second, params, x)
-    storage = pair.conv_in.untyped_storage().data_ptr()
-    assert all(t.untyped_storage().data_ptr() == storage for t in (pair.z[0], pair.z[1]))
+    assert pair.conv_in.is_contiguous() and pair.conv_in.shape[-1] == 2 * first.conv_channels
+    assert pair.z[0].untyped_storage().data_ptr() == pair.z[1].untyped_storage().data_ptr()
+    assert pair.z[0].untyped_storage().data_ptr() != pair.conv_in.untyped_storage().data_ptr()
     expected = _PairInputs.of(first, params, first.in_proj(x), second.in_proj(x))
     assert_close(pair.conv_in, expected.conv_in, 1e-12)
     assert_close(pair.dt, expected.dt, 1e-12)
     for got, want in zip(pair.z, expected.z):
         assert_close(got, want, 1e-12)
-    assert expected.conv_in.untyped_storage().data_ptr() != storage
 
 
 def test_paired_forward_refuses_mismatched_ssms():
