@@ -9,11 +9,10 @@ the conv forward and backward under the profiler. Reported: each kernel's mean G
 only, no host time) and the scan's relative error (‖triton − ref‖ / ‖ref‖ over y and every input
 gradient, worst one) against the float64 ``torch`` scan on the same inputs.
 
-    python benchmarks/tune_ssm_kernels.py [--repeats 10] [--out tune_ssm.json] [--silu]
+    python benchmarks/tune_ssm_kernels.py [--repeats 10] [--out tune_ssm.json]
 
-``--silu`` runs the scan as the model does (:func:`apps.attamba.ssd_triton_window.ssd_on_conv_output`:
-u, B and C side by side before their SiLU, which the kernels apply); the reference applies the
-SiLU in float64.
+Both run as in the model: the conv with its SiLU inside, the scan on u, B and C side by side in one
+tensor (:func:`apps.attamba.ssd_triton_window.ssd_segmented_window_packed`).
 
 Needs CUDA; on a CPU it says so and exits.
 """
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import sys
 from pathlib import Path
@@ -34,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apps.attamba import ssd_triton_conv, ssd_triton_window  # noqa: E402
 from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
 from apps.attamba.ssd_triton_window import _unpacked  # noqa: E402
-from apps.attamba.ssd_triton import causal_conv_segmented_triton  # noqa: E402
+from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
 from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, ssd_inputs, uniform_segment_starts  # noqa: E402
 from benchmarks.tune_attention_triton import parse_variant  # noqa: E402
 
@@ -92,7 +90,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    parser.add_argument("--silu", action="store_true", help="the scan over SiLU of a packed conv output, as in the model")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_ssm_kernels needs a CUDA device; none found, nothing measured.")
@@ -102,24 +99,21 @@ def main(argv: list[str]) -> int:
     device, shape = torch.device("cuda"), MODEL_LAYER
     torch.manual_seed(0)
     segment_start = uniform_segment_starts(shape, device)
-    scan_in = ssd_inputs(shape, torch.bfloat16, device)
+    u, dt, A, B, C, D = ssd_inputs(shape, torch.bfloat16, device)
+    groups, state = B.shape[2:]
+    scan_in = [torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1), dt, A, D]
     conv_in = conv_inputs(shape, torch.bfloat16, device)
-    grad_y = torch.randn_like(scan_in[0])
+    grad_y = torch.randn_like(u)
     grad_conv = torch.randn_like(conv_in[0])
-    if args.silu:
-        u, dt, A, B, C, D = scan_in
-        groups, state = B.shape[2:]
-        scan_in = [torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1), dt, A, D]
 
-        def window(x, dt, A, D, segment_start):
-            return ssd_triton_window.ssd_on_conv_output(x, dt, A, D, segment_start, groups, state, max_segment_len=shape.chunk)
+    def window(x, dt, A, D, segment_start):
+        return ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, segment_start, groups, state,
+                                                             max_segment_len=shape.chunk)
 
-        def reference_scan(x, dt, A, D, segment_start):
-            u, B, C = _unpacked(torch.nn.functional.silu(x), A.shape[0], groups, state)
-            return ssd_segmented(u, dt, A, B, C, D, segment_start)
-    else:
-        window = functools.partial(ssd_triton_window.ssd_segmented_window, max_segment_len=shape.chunk)
-        reference_scan = ssd_segmented
+    def reference_scan(x, dt, A, D, segment_start):
+        u, B, C = _unpacked(x, A.shape[0], groups, state)
+        return ssd_segmented(u, dt, A, B, C, D, segment_start)
+
     # The reference: the torch scan in float64 on the same (bf16-valued) inputs.
     leaves = [tensor.detach().double().requires_grad_() for tensor in scan_in]
     y_ref = reference_scan(*leaves, segment_start)
@@ -128,7 +122,7 @@ def main(argv: list[str]) -> int:
 
     def run_once():
         window(*scan_in, segment_start).backward(grad_y)
-        causal_conv_segmented_triton(*conv_in, segment_start).backward(grad_conv)
+        causal_conv_silu_segmented_triton(*conv_in, segment_start).backward(grad_conv)
 
     rows = []
     for text in args.variants:
@@ -148,8 +142,8 @@ def main(argv: list[str]) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shape": vars(shape), "silu": args.silu,
-                                        "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shape": vars(shape), "rows": rows},
+                                       indent=1))
     print(f"\n{'variant':52s} " + " ".join(f"{k.strip('_').replace('_kernel', ''):>15s}" for k in KERNELS) + "   rel.err")
     for row in rows:
         cells = " ".join(f"{row[k]:15.1f}" if row.get(k) is not None else f"{'-':>15s}" for k in KERNELS)

@@ -119,31 +119,32 @@ def compile_attention_kernels() -> list[str]:
 
 def compile_ssm_kernels() -> list[str]:
     """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 16,
-    32 and 64 tokens, TF32 and bf16 dots, bf16 with the SiLU inside) and its segmented conv (forward with and without a bias,
-    backward, and the split backward's two kernels), in bf16."""
+    32 and 64 tokens, TF32 and bf16 dots) and its segmented conv (forward with and without a bias
+    or the SiLU, backward, and the split backward's two kernels, the weights' with and without the
+    SiLU), in bf16."""
     from apps.attamba import ssd_triton_conv as conv
     from apps.attamba import ssd_triton_window as window
 
-    tensors = ("u", "B", "C", "y", "dy", "du", "dB", "dC", "x", "w", "bias", "out", "dout", "dx")
+    tensors = ("u", "B", "C", "y", "dy", "du", "dB", "dC", "x", "w", "bias", "out", "dout", "dx", "dpre")
     pointers = {f"{name}_ptr": "bf16" for name in tensors}
     pointers.update({f"{name}_ptr": "fp32" for name in ("A", "D", "ddt", "dA_part", "dD_rows", "dw_part")})
     pointers.update(dt_ptr="bf16", start_ptr="u8", dist_ptr="i32")
     ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S)
     conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
+    dw_tiles = dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS)
     variants = [
-        (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, SILU=silu, **ssd_tiles), window._warps(block_q, backward),
-         window.NUM_STAGES)
+        (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, **ssd_tiles), window._warps(block_q, backward), window.NUM_STAGES)
         for kernel, backward in ((window._window_fwd_kernel, False), (window._window_bwd_kernel, True))
         for block_q in (16, 32, 64)
-        # The model's path applies the SiLU in the kernels and runs bf16 dots; tests also take TF32.
-        for precision, silu in (("tf32", False), ("bf16", False), ("bf16", True))
+        for precision in ("tf32", "bf16")
     ] + [
-        (conv._conv_fwd_kernel, dict(HAS_BIAS=True, **conv_tiles), conv.NUM_WARPS, 3),
-        (conv._conv_fwd_kernel, dict(HAS_BIAS=False, **conv_tiles), conv.NUM_WARPS, 3),
+        (conv._conv_fwd_kernel, dict(HAS_BIAS=True, SILU=True, **conv_tiles), conv.NUM_WARPS, 3),  # the model's
+        (conv._conv_fwd_kernel, dict(HAS_BIAS=True, SILU=False, **conv_tiles), conv.NUM_WARPS, 3),
+        (conv._conv_fwd_kernel, dict(HAS_BIAS=False, SILU=False, **conv_tiles), conv.NUM_WARPS, 3),
         (conv._conv_bwd_kernel, conv_tiles, conv.NUM_WARPS, 3),
         (conv._conv_dx_kernel, conv_tiles, conv.NUM_WARPS, 3),
-        (conv._conv_dw_kernel, dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS),
-         conv.SPLIT_WARPS, 3),
+        (conv._conv_dw_kernel, dict(HAS_BIAS=True, SILU=True, **dw_tiles), conv.SPLIT_WARPS, 3),  # the model's
+        (conv._conv_dw_kernel, dict(HAS_BIAS=False, SILU=False, **dw_tiles), conv.SPLIT_WARPS, 3),
     ]
     done = []
     for kernel, constexprs, warps, stages in variants:

@@ -5,6 +5,11 @@ out_t = bias + Σ_{i<k} weight[:, k-1-i] · x_{t-i}, where a tap reaching before
 segment reads zero. Each token's distance to its segment start is computed once (a cummax over
 start positions) and shared by both kernels; a tap i is live at t iff i <= that distance.
 
+With ``silu`` the kernels also apply the KV-SSM's SiLU to the output: the forward writes only
+SiLU(out), and the backward, given the gradient w.r.t. SiLU(out), recomputes out from the taps it
+reads anyway. Neither the SiLU nor its gradient is then a pass over memory of its own, and the
+pre-activation is neither written nor kept for the backward.
+
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
 
@@ -78,10 +83,26 @@ def _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d
 
 
 @triton.jit
+def _silu_grad(grad, pre):
+    """grad · SiLU'(pre), fp32."""
+    sig = tl.sigmoid(pre)
+    return grad * (sig * (1.0 + pre * (1.0 - sig)))
+
+
+@triton.jit
+def _bias(bias_ptr, ch, in_ch, HAS_BIAS: tl.constexpr):
+    """The bias [C] in fp32 (zeros without one)."""
+    if HAS_BIAS:
+        return tl.load(bias_ptr + ch, mask=in_ch, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros(ch.shape, dtype=tl.float32)
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, dist_ptr, out_ptr,
     n, c, stride_x_b, stride_x_n,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     bi = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -93,8 +114,9 @@ def _conv_fwd_kernel(
     for i in tl.static_range(K):
         tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
         acc += x * tap[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + ch, mask=in_ch, other=0.0).to(tl.float32)[None, :]
+    acc += _bias(bias_ptr, ch, in_ch, HAS_BIAS)[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
     out_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
 
@@ -154,13 +176,18 @@ def _conv_dx_kernel(
 
 @triton.jit
 def _conv_dw_kernel(
-    x_ptr, dist_ptr, dout_ptr, dw_part_ptr,
+    x_ptr, w_ptr, bias_ptr, dist_ptr, dout_ptr, dw_part_ptr, dpre_ptr,
     n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
-    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPAN: tl.constexpr,
 ):
     """Weight and bias gradients of the split backward over SPAN tokens of one (row, channel
     block): each tap's products summed elementwise tile by tile, reduced over tokens once at the
-    end. At most 4 taps (one accumulator each; Triton has no list of tensors)."""
+    end. At most 4 taps (one accumulator each; Triton has no list of tensors).
+
+    With ``SILU``, dout is the gradient w.r.t. SiLU(out): the kernel recomputes out from the
+    inputs the taps read (the weight gradients read them anyway), turns dout into the gradient
+    w.r.t. out, and writes that to dpre ([b, n, c], dense) for :func:`_conv_dx_kernel`."""
     bi = tl.program_id(0).to(tl.int64)
     span = tl.program_id(1)
     ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -178,14 +205,32 @@ def _conv_dw_kernel(
             mask=in_seq[:, None] & in_ch[None, :], other=0.0,
         ).to(tl.float32)
         dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)
-        acc_bias += dout
-        acc_0 += dout * _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 0, stride_x_b, stride_x_n)
+        x_0 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 0, stride_x_b, stride_x_n)
         if K > 1:
-            acc_1 += dout * _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 1, stride_x_b, stride_x_n)
+            x_1 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 1, stride_x_b, stride_x_n)
         if K > 2:
-            acc_2 += dout * _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 2, stride_x_b, stride_x_n)
+            x_2 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 2, stride_x_b, stride_x_n)
         if K > 3:
-            acc_3 += dout * _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 3, stride_x_b, stride_x_n)
+            x_3 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 3, stride_x_b, stride_x_n)
+        if SILU:
+            pre = _bias(bias_ptr, ch, in_ch, HAS_BIAS)[None, :] + x_0 * _tap(w_ptr, ch, in_ch, 0, K)[None, :]
+            if K > 1:
+                pre += x_1 * _tap(w_ptr, ch, in_ch, 1, K)[None, :]
+            if K > 2:
+                pre += x_2 * _tap(w_ptr, ch, in_ch, 2, K)[None, :]
+            if K > 3:
+                pre += x_3 * _tap(w_ptr, ch, in_ch, 3, K)[None, :]
+            dout = _silu_grad(dout, pre)
+            dpre_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+            tl.store(dpre_ptr + dpre_offs, dout.to(dpre_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
+        acc_bias += dout
+        acc_0 += dout * x_0
+        if K > 1:
+            acc_1 += dout * x_1
+        if K > 2:
+            acc_2 += dout * x_2
+        if K > 3:
+            acc_3 += dout * x_3
     # Rows as in _conv_bwd_kernel: tap i's gradient in row K-1-i (the weight's column), the bias in row K.
     row = (bi * tl.num_programs(1) + span) * (K + 1)
     tl.store(dw_part_ptr + (row + K) * c + ch, tl.sum(acc_bias, axis=0), mask=in_ch)
@@ -210,52 +255,72 @@ def _distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
 
 # Custom ops rather than an autograd.Function, so that torch.compile keeps the calling block in
 # one graph (see apps.attamba.ssd_triton).
-@torch.library.custom_op("attamba::causal_conv_segmented_fwd", mutates_args=())
-def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor) -> torch.Tensor:
+def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor,
+                    silu: bool) -> torch.Tensor:
     b, n, c = x.shape
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    weight = weight.contiguous()
     out = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
     grid = (b, triton.cdiv(n, BLOCK_N), triton.cdiv(c, BLOCK_C))
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, dist, out,
         n, c, x.stride(0), x.stride(1),
-        K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
     )
     return out
 
 
+def _dense_inputs(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (x if x.stride(-1) == 1 else x.contiguous()), weight.contiguous()
+
+
+@torch.library.custom_op("attamba::causal_conv_segmented_fwd", mutates_args=())
+def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor,
+                  silu: bool) -> torch.Tensor:
+    """-> the conv's output, or its SiLU with ``silu``."""
+    x, weight = _dense_inputs(x, weight)
+    return _launch_forward(x, weight, bias, dist, silu)
+
+
 @_conv_forward.register_fake
-def _conv_forward_fake(x, weight, bias, dist):
+def _conv_forward_fake(x, weight, bias, dist, silu):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("attamba::causal_conv_segmented_bwd", mutates_args=())
 def _conv_backward(
-    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dist: torch.Tensor, has_bias: bool
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor,
+    silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx, dweight, dbias (fp32; empty without a bias)."""
+    """-> dx, dweight, dbias (fp32; empty without a bias). With ``silu``, dout is the gradient
+    w.r.t. the SiLU of the output (the bias then enters the recomputed output)."""
     b, n, c = x.shape
     k = weight.shape[1]
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    weight = weight.contiguous()
+    x, weight = _dense_inputs(x, weight)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
     channel_blocks = triton.cdiv(c, BLOCK_C)
     if SPLIT_BACKWARD and k <= 4:
         if SPLIT_TOKENS % SPLIT_BLOCK_N:
             raise ValueError(f"SPLIT_TOKENS ({SPLIT_TOKENS}) must be a multiple of SPLIT_BLOCK_N ({SPLIT_BLOCK_N})")
-        _conv_dx_kernel[(b, triton.cdiv(n, BLOCK_N), channel_blocks)](
-            weight, dist, dout, dx, n, c, dout.stride(0), dout.stride(1),
-            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
-        )
         spans = triton.cdiv(n, SPLIT_TOKENS)
         dw_part = torch.empty((b * spans, k + 1, c), device=x.device, dtype=torch.float32)
+        # With the SiLU, this kernel turns dout into the gradient w.r.t. the conv's output, which
+        # the dx kernel then reads.
+        dpre = torch.empty((b, n, c), device=x.device, dtype=x.dtype) if silu else dout
         _conv_dw_kernel[(b, spans, channel_blocks)](
-            x, dist, dout, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            K=k, BLOCK_N=SPLIT_BLOCK_N, BLOCK_C=BLOCK_C, SPAN=SPLIT_TOKENS, num_warps=SPLIT_WARPS,
+            x, weight, bias if bias is not None else weight, dist, dout, dw_part, dpre,
+            n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
+            K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=SPLIT_BLOCK_N, BLOCK_C=BLOCK_C, SPAN=SPLIT_TOKENS,
+            num_warps=SPLIT_WARPS,
+        )
+        _conv_dx_kernel[(b, triton.cdiv(n, BLOCK_N), channel_blocks)](
+            weight, dist, dpre, dx, n, c, dpre.stride(0), dpre.stride(1),
+            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
         )
     else:
+        if silu:  # the one-kernel backward takes the gradient w.r.t. the output itself
+            pre = _launch_forward(x, weight, bias, dist, silu=False).float()
+            sig = torch.sigmoid(pre)
+            dout = (dout.float() * sig * (1 + pre * (1 - sig))).to(x.dtype)
         token_blocks = triton.cdiv(n, BLOCK_N)
         dw_part = torch.empty((b * token_blocks, k + 1, c), device=x.device, dtype=torch.float32)
         _conv_bwd_kernel[(b, token_blocks, channel_blocks)](
@@ -265,26 +330,27 @@ def _conv_backward(
     sums = dw_part.sum(0)
     dweight = sums[:k].t().contiguous().to(weight.dtype)  # [c, k], laid out as the fake says
     # A copy, not a view into sums: a custom op's outputs must be fresh tensors (as the fake says).
-    dbias = sums[k].clone() if has_bias else torch.empty(0, device=x.device, dtype=torch.float32)
+    dbias = sums[k].clone() if bias is not None else torch.empty(0, device=x.device, dtype=torch.float32)
     return dx, dweight, dbias
 
 
 @_conv_backward.register_fake
-def _conv_backward_fake(dout, x, weight, dist, has_bias):
+def _conv_backward_fake(dout, x, weight, bias, dist, silu):
     c = x.shape[2]
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty((c,) if has_bias else (0,), dtype=torch.float32)
+    dbias = x.new_empty((c,) if bias is not None else (0,), dtype=torch.float32)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), dbias
 
 
 def _conv_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, dist = inputs
-    ctx.save_for_backward(x, weight, dist)
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    x, weight, bias, dist, silu = inputs
+    ctx.save_for_backward(x, weight, bias, dist)
+    ctx.silu = silu
 
 
 def _conv_autograd(ctx, dout):
-    x, weight, dist = ctx.saved_tensors
-    dx, dweight, dbias = _conv_backward(dout, x, weight, dist, ctx.bias_dtype is not None)
-    return dx, dweight, dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None, None
+    x, weight, bias, dist = ctx.saved_tensors
+    dx, dweight, dbias = _conv_backward(dout, x, weight, bias, dist, ctx.silu)
+    return dx, dweight, dbias.to(bias.dtype) if bias is not None else None, None, None
 
 
 torch.library.register_autograd("attamba::causal_conv_segmented_fwd", _conv_autograd, setup_context=_conv_setup_context)
@@ -295,11 +361,13 @@ def causal_conv_segmented_triton(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     segment_start: torch.Tensor,
+    silu: bool = False,
 ) -> torch.Tensor:
     """Depthwise causal conv that never reaches back across a segment start (Triton).
 
     x [b, n, c]; weight [c, k], tap k-1 multiplying the current token; bias [c] or None;
-    segment_start [b, n] bool (position 0 always starts a segment). Returns x.dtype; no activation.
+    segment_start [b, n] bool (position 0 always starts a segment). Returns x.dtype: the conv's
+    output, or with ``silu`` its SiLU, applied inside the kernels (see the module's docstring).
     """
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
         raise ValueError(f"expected x [b, n, c] and weight [c, k]; got {tuple(x.shape)}, {tuple(weight.shape)}")
@@ -309,4 +377,11 @@ def causal_conv_segmented_triton(
         raise ValueError(f"segment_start must be {list(x.shape[:2])}, got {tuple(segment_start.shape)}")
     if x.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("causal_conv_segmented_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    return _conv_forward(x, weight, bias, _distance_to_segment_start(segment_start))
+    return _conv_forward(x, weight, bias, _distance_to_segment_start(segment_start), silu)
+
+
+def causal_conv_silu_segmented_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], segment_start: torch.Tensor
+) -> torch.Tensor:
+    """SiLU(:func:`causal_conv_segmented_triton`), with the SiLU and its gradient in the conv's kernels."""
+    return causal_conv_segmented_triton(x, weight, bias, segment_start, silu=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -104,36 +103,14 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _operand(stored, SILU: tl.constexpr, PRECISION: tl.constexpr):
-    """A tile as the dots take it: SiLU(stored) with ``SILU`` (rounded to the stored dtype, as an
-    activation written to memory would be), as stored (bf16) when the dots take bf16 operands,
-    which halves the registers it holds, else in fp32."""
-    tile = stored
-    if SILU:
-        pre = stored.to(tl.float32)
-        tile = (pre * tl.sigmoid(pre)).to(stored.dtype)
+def _load_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
+    """A [Q, W] tile of tokens t (:func:`apps.attamba.ssd_triton._load_stored`): as stored (bf16) when the
+    dots take bf16 operands, which halves the registers it holds, else in fp32."""
+    tile = _load_stored(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W)
     if PRECISION == "bf16":
         return tile
     else:
         return tile.to(tl.float32)
-
-
-@triton.jit
-def _load_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr, SILU: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """A [Q, W] tile of tokens t (:func:`apps.attamba.ssd_triton._load_stored`) as an operand (:func:`_operand`)."""
-    return _operand(_load_stored(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W), SILU, PRECISION)
-
-
-@triton.jit
-def _through_silu(grad, stored, SILU: tl.constexpr):
-    """The gradient w.r.t. an activation -> w.r.t. the stored tile it came from (fp32)."""
-    if SILU:
-        pre = stored.to(tl.float32)
-        sig = tl.sigmoid(pre)
-        return grad * (sig * (1.0 + pre * (1.0 - sig)))
-    else:
-        return grad
 
 
 @triton.jit
@@ -181,12 +158,11 @@ def _window_fwd_kernel(
     n, h, p, s, heads_per_group,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
-    SILU: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One (head group, block, batch row): y of the block's tokens, for every head of the group,
     from keys in this and the previous block. The group's heads share B and C, so the score
-    tiles C Bᵀ are computed once for all of them. With ``SILU``, u, B and C are read before their
-    SiLU, which the kernel applies."""
+    tiles C Bᵀ are computed once for all of them."""
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
     t_c = blk * BLOCK_Q + offs  # this block: queries, and keys of the diagonal tile
@@ -197,9 +173,9 @@ def _window_fwd_kernel(
     G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
     G_c = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_cᵀ
     for s0 in range(0, BLOCK_S, TILE):
-        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, SILU, PRECISION)
-        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, SILU, PRECISION)
-        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, SILU, PRECISION)
+        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
         G_p = _dot(C_c, tl.trans(B_p), G_p, PRECISION)
         G_c = _dot(C_c, tl.trans(B_c), G_c, PRECISION)
 
@@ -207,8 +183,8 @@ def _window_fwd_kernel(
     for j in range(heads_per_group):
         hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, _, _ = _group_head(
             A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
-        u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, SILU, PRECISION)
-        u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, SILU, PRECISION)
+        u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
+        u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
         P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
         P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
         y = _dot(P_p, u_p * dt_p[:, None], None, PRECISION)
@@ -225,7 +201,7 @@ def _window_bwd_kernel(
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     stride_dy_b, stride_dy_n, stride_dy_h, stride_du_b, stride_du_n, stride_dbc_b, stride_dbc_n,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
-    SILU: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One (head group, block, batch row): the gradients of the block's tokens, as queries (over
     keys of blocks k-1 and k) and as keys (for queries of blocks k and k+1), for every head of
@@ -234,8 +210,7 @@ def _window_bwd_kernel(
     Writes du, ddt, the block's sum of the gradient of A per head and each token's Σ_p dy·u per
     head (the caller sums both into dA and dD), and dB, dC of the group: its heads share B and C,
     so their score gradients are summed before the one pass over the state that turns them into
-    dB and dC. With ``SILU`` (inputs read before their SiLU), du, dB and dC are the gradients
-    w.r.t. those inputs. du, dB and dC are addressed by their own (batch, token) strides.
+    dB and dC. du, dB and dC are addressed by their own (batch, token) strides.
     """
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
@@ -250,10 +225,10 @@ def _window_bwd_kernel(
     G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     for s0 in range(0, BLOCK_S, TILE):
-        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, SILU, PRECISION)
-        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, SILU, PRECISION)
-        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, SILU, PRECISION)
-        C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, SILU, PRECISION)
+        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
         G_cp = _dot(C_c, tl.trans(B_p), G_cp, PRECISION)
         G_cc = _dot(C_c, tl.trans(B_c), G_cc, PRECISION)
         G_nc = _dot(C_n, tl.trans(B_c), G_nc, PRECISION)
@@ -273,10 +248,10 @@ def _window_bwd_kernel(
         L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
         L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
 
-        u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, SILU, PRECISION)
-        u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, SILU, PRECISION)
-        dy_c = _load_tile(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P, False, PRECISION)
-        dy_n = _load_tile(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P, False, PRECISION)
+        u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
+        u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
+        dy_c = _load_tile(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P, PRECISION)
+        dy_n = _load_tile(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P, PRECISION)
         x_p = u_p * dt_p[:, None]
         x_c = u_c * dt_c[:, None]
 
@@ -300,9 +275,6 @@ def _window_bwd_kernel(
         dx = _dot(tl.trans(G_cc * L_cc), dy_c, None, PRECISION)
         dx = _dot(tl.trans(G_nc * L_nc), dy_n, dx, PRECISION)
         du = dx * dt_c[:, None] + D_h * dy_c
-        if SILU:  # reloaded rather than kept live through the head's dots
-            u_stored = _load_stored(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P)
-            du = _through_silu(du, u_stored, SILU)
         du_offs = bi * stride_du_b + t64[:, None] * stride_du_n + hi * p + offs_p[None, :]
         tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
         tl.store(ddt_ptr + (bi * n + t64) * h + hi, tl.sum(dx * u_c, axis=1) + d_a * A_h, mask=valid_c)
@@ -316,14 +288,12 @@ def _window_bwd_kernel(
     dG_cc_t = tl.trans(dG_cc_sum)
     dG_nc_t = tl.trans(dG_nc_sum)
     for s0 in range(0, BLOCK_S, TILE):
-        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, SILU, PRECISION)
-        B_c_stored = _load_stored(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        C_c_stored = _load_stored(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE)
-        C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, SILU, PRECISION)
-        dC = _dot(dG_cc_sum, _operand(B_c_stored, SILU, PRECISION), _dot(dG_cp_sum, B_p, None, PRECISION), PRECISION)
-        dB = _dot(dG_nc_t, C_n, _dot(dG_cc_t, _operand(C_c_stored, SILU, PRECISION), None, PRECISION), PRECISION)
-        dB = _through_silu(dB, B_c_stored, SILU)
-        dC = _through_silu(dC, C_c_stored, SILU)
+        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
+        dC = _dot(dG_cc_sum, B_c, _dot(dG_cp_sum, B_p, None, PRECISION), PRECISION)
+        dB = _dot(dG_nc_t, C_n, _dot(dG_cc_t, C_c, None, PRECISION), PRECISION)
         offs_out = bi * stride_dbc_b + t64[:, None] * stride_dbc_n + gi * s + s0 + offs_s[None, :]
         out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
         tl.store(dB_ptr + offs_out, dB.to(dB_ptr.dtype.element_ty), mask=out_mask)
@@ -337,9 +307,9 @@ def _unpacked(x: torch.Tensor, heads: int, groups: int, state_dim: int):
     return u.unflatten(-1, (heads, -1)), B.unflatten(-1, (groups, state_dim)), C.unflatten(-1, (groups, state_dim))
 
 
-def _launch_meta(block_q: int, p: int, s: int, dtype: torch.dtype, silu: bool, backward: bool) -> dict:
+def _launch_meta(block_q: int, p: int, s: int, dtype: torch.dtype, backward: bool) -> dict:
     return dict(
-        BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)), SILU=silu,
+        BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
         PRECISION=_precision(dtype), num_warps=_warps(block_q, backward), num_stages=NUM_STAGES,
     )
 
@@ -348,15 +318,15 @@ def _strides(u, dt, B):
     return (u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), B.stride(2))
 
 
-# The ops take u, B and C side by side in one tensor x [b, n, h·p + 2·g·s], as the conv writes
-# them, and the backward returns their gradients the same way: a model's conv output goes in
-# without a split copy, and its gradient comes out without a concatenation.
+# The ops take u, B and C side by side in one tensor x [b, n, h·p + 2·g·s], as a KV-SSM's conv
+# writes them, and the backward returns their gradients the same way: the model's conv output goes
+# in as it is, and its gradient reaches the conv's backward without a concatenation.
 @torch.library.custom_op("attamba::ssd_window_fwd", mutates_args=())
 def _window_forward(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
-    groups: int, state_dim: int, block_q: int, silu: bool,
+    groups: int, state_dim: int, block_q: int,
 ) -> torch.Tensor:
-    """-> y [b, n, h, p] of the scan over (u, B, C) = x, or over SiLU(x) with ``silu``."""
+    """-> y [b, n, h, p] of the scan over (u, B, C) = x."""
     x = _last_dim_contiguous(x)
     u, B, C = _unpacked(x, A.shape[0], groups, state_dim)
     b, n, h, p = u.shape
@@ -364,13 +334,13 @@ def _window_forward(
     y = torch.empty((b, n, h, p), device=x.device, dtype=x.dtype)
     _window_fwd_kernel[(groups, triton.cdiv(n, block_q), b)](
         u, dt, A, B, C, D, starts, y, n, h, p, state_dim, h // groups, *_strides(u, dt, B),
-        **_launch_meta(block_q, p, state_dim, x.dtype, silu, backward=False),
+        **_launch_meta(block_q, p, state_dim, x.dtype, backward=False),
     )
     return y
 
 
 @_window_forward.register_fake
-def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q, silu):
+def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q):
     b, n, _ = x.shape
     return x.new_empty((b, n, A.shape[0], (x.shape[-1] - 2 * groups * state_dim) // A.shape[0]))
 
@@ -378,7 +348,7 @@ def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q, silu):
 @torch.library.custom_op("attamba::ssd_window_bwd", mutates_args=())
 def _window_backward(
     dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
-    groups: int, state_dim: int, block_q: int, silu: bool,
+    groups: int, state_dim: int, block_q: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx (like x: du, dB, dC side by side), ddt, dA, dD."""
     x = _last_dim_contiguous(x)
@@ -398,25 +368,25 @@ def _window_backward(
         u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC,
         n, h, p, state_dim, groups, h // groups, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(0), dx.stride(1),
-        **_launch_meta(block_q, p, state_dim, x.dtype, silu, backward=True),
+        **_launch_meta(block_q, p, state_dim, x.dtype, backward=True),
     )
     return dx, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dD_rows.sum((0, 1)).to(D.dtype)
 
 
 @_window_backward.register_fake
-def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q, silu):
+def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q):
     return tuple(t.new_empty(t.shape) for t in (x, dt, A, D))
 
 
 def _window_setup_context(ctx, inputs, output) -> None:
-    x, dt, A, D, starts, groups, state_dim, block_q, silu = inputs
+    x, dt, A, D, starts, groups, state_dim, block_q = inputs
     ctx.save_for_backward(x, dt, A, D, starts)
-    ctx.sizes = (groups, state_dim, block_q, silu)
+    ctx.sizes = (groups, state_dim, block_q)
 
 
 def _window_autograd(ctx, dy):
     x, dt, A, D, starts = ctx.saved_tensors
-    return (*_window_backward(dy, x, dt, A, D, starts, *ctx.sizes), None, None, None, None, None)
+    return (*_window_backward(dy, x, dt, A, D, starts, *ctx.sizes), None, None, None, None)
 
 
 torch.library.register_autograd("attamba::ssd_window_fwd", _window_autograd, setup_context=_window_setup_context)
@@ -439,7 +409,8 @@ def ssd_segmented_window(
 
     The bound is trusted, not checked (checking costs a device-to-host sync): a longer segment
     silently loses the contributions from more than one block back. The kernels read u, B and C
-    from one tensor: this copies them side by side (:func:`ssd_on_conv_output` takes them so).
+    from one tensor: this copies them side by side (:func:`ssd_segmented_window_packed` takes
+    them so).
     """
     if not supports(max_segment_len, return_final_state):
         return ssd_segmented_triton(u, dt, A, B, C, D, segment_start, return_final_state)
@@ -447,10 +418,10 @@ def ssd_segmented_window(
     if not u.dtype == B.dtype == C.dtype:
         raise ValueError(f"u, B and C must share a dtype; got {u.dtype}, {B.dtype}, {C.dtype}")
     x = torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1)
-    return _window_forward(x, dt, A, D, _as_bytes(segment_start), B.shape[2], B.shape[3], block_size(max_segment_len), False)
+    return _window_forward(x, dt, A, D, _as_bytes(segment_start), B.shape[2], B.shape[3], block_size(max_segment_len))
 
 
-def ssd_on_conv_output(
+def ssd_segmented_window_packed(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -460,23 +431,18 @@ def ssd_on_conv_output(
     state_dim: int,
     max_segment_len: Optional[int] = None,
 ) -> torch.Tensor:
-    """The segmented scan over (u, B, C) = SiLU(x), x [b, n, h·p + 2·g·s] a KV-SSM's conv output
-    before its SiLU (h = A's length) -> y [b, n, h, p].
-
-    The windowed kernels apply the SiLU as they load x and return the gradient w.r.t. x itself,
-    all of it in one tensor: neither the SiLU nor its gradient is a pass over memory of its own,
-    and the gradients of u, B and C need no concatenation. Without a usable ``max_segment_len``
-    (:func:`supports`), the SiLU runs on its own before the chunked kernels.
-    """
+    """:func:`ssd_segmented_window` with u, B and C side by side in x [b, n, h·p + 2·g·s] (h =
+    A's length), as a KV-SSM's conv writes them -> y [b, n, h, p]. The gradient of x is one
+    tensor too. Without a usable ``max_segment_len`` (:func:`supports`), the chunked kernels run
+    on views of x."""
     heads = A.shape[0]
     bc = groups * state_dim
-    if x.dim() != 3 or (x.shape[-1] - 2 * bc) % heads or x.shape[-1] <= 2 * bc:
+    if x.dim() != 3 or x.shape[-1] <= 2 * bc or (x.shape[-1] - 2 * bc) % heads:
         raise ValueError(
             f"x must be [b, n, h·p + 2·g·s] with h={heads}, g={groups}, s={state_dim}; got {tuple(x.shape)}"
         )
-    if not supports(max_segment_len, return_final_state=False):
-        u, B, C = _unpacked(F.silu(x), heads, groups, state_dim)
-        return ssd_segmented_triton(u, dt, A, B, C, D, segment_start)
     u, B, C = _unpacked(x, heads, groups, state_dim)
+    if not supports(max_segment_len, return_final_state=False):
+        return ssd_segmented_triton(u, dt, A, B, C, D, segment_start)
     _check_inputs(u, dt, A, B, C, D, segment_start)
-    return _window_forward(x, dt, A, D, _as_bytes(segment_start), groups, state_dim, block_size(max_segment_len), True)
+    return _window_forward(x, dt, A, D, _as_bytes(segment_start), groups, state_dim, block_size(max_segment_len))

@@ -159,19 +159,27 @@ class Backend(NamedTuple):
     """The segmented SSD scan, with the signature of ``ssd_reference``."""
     conv: ConvFunction
     """The segmented causal conv, with the signature of ``causal_conv_reference``."""
-    ssd_on_conv_output: Optional[Callable[..., torch.Tensor]] = None
-    """The scan reading the conv output before its SiLU and applying it itself (signature of
-    :func:`apps.attamba.ssd_triton_window.ssd_on_conv_output`), where the backend has one."""
+    conv_silu: Optional[ConvFunction] = None
+    """SiLU(conv(...)) with the SiLU inside the conv's kernels (same signature), where the
+    backend has them."""
+    ssd_packed: Optional[Callable[..., torch.Tensor]] = None
+    """The scan reading u, B and C side by side in one tensor (signature of
+    :func:`apps.attamba.ssd_triton_window.ssd_segmented_window_packed`), where the backend has it."""
 
-    def scan_conv_output(self, conv_out: torch.Tensor, sizes: "_ScanSizes", dt: torch.Tensor, A: torch.Tensor,
-                         D: torch.Tensor, segment_start: torch.Tensor, return_final_state: bool = False,
-                         max_segment_len: Optional[int] = None):
-        """The scan over (u, B, C) = SiLU(conv_out), conv_out [b, n, channels] -> y [b, n, heads,
-        head_dim] (and the final state with ``return_final_state``)."""
-        if self.ssd_on_conv_output is not None and not return_final_state:
-            return self.ssd_on_conv_output(conv_out, dt, A, D, segment_start, sizes.groups, sizes.state_dim,
-                                           max_segment_len=max_segment_len)
-        u, B, C = sizes.split_conv_output(F.silu(conv_out))
+    def conv_and_scan(self, conv_in: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+                      sizes: "_ScanSizes", dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                      segment_start: torch.Tensor, return_final_state: bool = False,
+                      max_segment_len: Optional[int] = None):
+        """(u, B, C) = SiLU(conv(conv_in)), then the scan: y [b, n, heads, head_dim] (and the
+        final state with ``return_final_state``)."""
+        if self.conv_silu is not None:
+            conv_out = self.conv_silu(conv_in, conv_weight, conv_bias, segment_start)
+        else:
+            conv_out = F.silu(self.conv(conv_in, conv_weight, conv_bias, segment_start))
+        if self.ssd_packed is not None and not return_final_state:
+            return self.ssd_packed(conv_out, dt, A, D, segment_start, sizes.groups, sizes.state_dim,
+                                   max_segment_len=max_segment_len)
+        u, B, C = sizes.split_conv_output(conv_out)
         return self.ssd(u, dt, A, B, C, D, segment_start, return_final_state=return_final_state,
                         max_segment_len=max_segment_len)
 
@@ -207,12 +215,14 @@ def load_backend(impl: str, device: torch.device) -> Backend:
                 f"ssm impl 'triton' needs apps.attamba.ssd_triton and the triton package ({error}); "
                 "set ssm impl to 'torch' to run without them"
             ) from error
-        return Backend(module.ssd_segmented_triton, module.causal_conv_segmented_triton)
+        from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton
+
+        return Backend(module.ssd_segmented_triton, module.causal_conv_segmented_triton, causal_conv_silu_segmented_triton)
     if impl == "triton_window":
-        conv = load_backend("triton", device).conv
+        chunked = load_backend("triton", device)
         import apps.attamba.ssd_triton_window as window
 
-        return Backend(window.ssd_segmented_window, conv, window.ssd_on_conv_output)
+        return chunked._replace(ssd=window.ssd_segmented_window, ssd_packed=window.ssd_segmented_window_packed)
     raise ValueError(f"ssm impl must be one of {', '.join(IMPLS)}; got '{impl}'")
 
 
@@ -366,11 +376,11 @@ class KVSSM(nn.Module):
             segment_start = torch.zeros(batch, n, dtype=torch.bool, device=x.device)
         backend = load_backend(self.impl, x.device)
         z, conv_in, dt = self._split_projection(self.in_proj(x))
-        conv_out = backend.conv(conv_in, self.conv_weight, self.conv_bias, segment_start)
         state_dtype = _state_dtype(x.dtype)
         A = -torch.exp(self.A_log.to(state_dtype))
-        result = backend.scan_conv_output(conv_out, _ScanSizes.of(self), self._dt(dt, state_dtype), A,
-                                          self.D.to(state_dtype), segment_start, return_final_state, max_segment_len)
+        result = backend.conv_and_scan(conv_in, self.conv_weight, self.conv_bias, _ScanSizes.of(self),
+                                       self._dt(dt, state_dtype), A, self.D.to(state_dtype), segment_start,
+                                       return_final_state, max_segment_len)
         y, final_ssm = result if return_final_state else (result, None)
         out = self._output(y.flatten(-2), z)
         if not return_final_state:
@@ -452,9 +462,8 @@ def paired_forward(
         pair = _PairInputs.shared(first, second, params, x_first)
     else:
         pair = _PairInputs.of(first, params, first.in_proj(x_first), second.in_proj(x_second))
-    conv_out = backend.conv(pair.conv_in, params.conv_weight, params.conv_bias, segment_start)
-    y = backend.scan_conv_output(conv_out, _ScanSizes.of(first, copies=2), pair.dt, params.A, params.D, segment_start,
-                                 max_segment_len=max_segment_len)
+    y = backend.conv_and_scan(pair.conv_in, params.conv_weight, params.conv_bias, _ScanSizes.of(first, copies=2),
+                              pair.dt, params.A, params.D, segment_start, max_segment_len=max_segment_len)
     y_1, y_2 = y.flatten(-2).chunk(2, dim=-1)
     return first._output(y_1, pair.z[0]), second._output(y_2, pair.z[1])
 

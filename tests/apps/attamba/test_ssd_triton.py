@@ -17,6 +17,7 @@ from apps.attamba import ssd_triton  # noqa: E402
 from apps.attamba.ssd_reference import causal_conv_reference, ssd_reference  # noqa: E402
 from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
 from apps.attamba.ssd_triton import causal_conv_segmented_triton, ssd_segmented_triton  # noqa: E402
+from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(
@@ -266,9 +267,20 @@ def test_ssd_rejects_mismatched_shapes():
         ssd_segmented_triton(u, dt, A, B, C, D, starts[:, :4])
 
 
+def silu_of_reference_conv(x, weight, bias, starts):
+    return torch.nn.functional.silu(causal_conv_reference(x, weight, bias, starts))
+
+
+CONVS = {  # with the SiLU or without: (kernels, float64 oracle)
+    "conv": (causal_conv_segmented_triton, causal_conv_reference),
+    "conv_silu": (causal_conv_silu_segmented_triton, silu_of_reference_conv),
+}
+
+
+@pytest.mark.parametrize("conv", sorted(CONVS))
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("width", [4, 2])
-def test_conv_matches_reference(with_bias, width):
+def test_conv_matches_reference(with_bias, width, conv):
     b, n, c = 2, 70, 20  # two token blocks, a partial channel block
     generator = torch.Generator().manual_seed(8)
     x = torch.randn(b, n, 2 * c, generator=generator)[..., :c].to(DEVICE)  # strided, like a split
@@ -277,8 +289,9 @@ def test_conv_matches_reference(with_bias, width):
     starts = random_length_starts(b, n, 3, seed=9).to(DEVICE)
     grad_out = torch.randn(b, n, c, generator=generator).to(DEVICE)
     inputs = [x, weight, bias]
-    out, grads = forward_and_grads(causal_conv_segmented_triton, inputs, starts, grad_out, False)
-    out_ref, grads_ref = forward_and_grads(causal_conv_reference, inputs, starts, grad_out, True)
+    kernels, oracle = CONVS[conv]
+    out, grads = forward_and_grads(kernels, inputs, starts, grad_out, False)
+    out_ref, grads_ref = forward_and_grads(oracle, inputs, starts, grad_out, True)
     assert relative_error(out, out_ref) < 1e-6
     for grad, grad_ref in zip(grads, grads_ref):
         if grad_ref is None:
@@ -287,9 +300,10 @@ def test_conv_matches_reference(with_bias, width):
             assert relative_error(grad, grad_ref) < 1e-6
 
 
+@pytest.mark.parametrize("conv", sorted(CONVS))
 @pytest.mark.parametrize("split", [True, False], ids=["split", "one_kernel"])
 @pytest.mark.parametrize("width, tokens, tile", [(4, 32, 8), (3, 48, 16), (1, 16, 16), (2, 128, 32), (5, 32, 16)])
-def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens, tile):
+def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens, tile, conv):
     # n = 70 leaves a partial span and a partial tile; width 5 takes the one-kernel backward either way.
     from apps.attamba import ssd_triton_conv
 
@@ -304,8 +318,9 @@ def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens
     starts = (random_length_starts(b, n, 3, seed=9) | document_starts(b, n, seed=2)).to(DEVICE)
     grad_out = torch.randn(b, n, c, generator=generator).to(DEVICE)
     inputs = [x, weight, bias]
-    out, grads = forward_and_grads(causal_conv_segmented_triton, inputs, starts, grad_out, False)
-    out_ref, grads_ref = forward_and_grads(causal_conv_reference, inputs, starts, grad_out, True)
+    kernels, oracle = CONVS[conv]
+    out, grads = forward_and_grads(kernels, inputs, starts, grad_out, False)
+    out_ref, grads_ref = forward_and_grads(oracle, inputs, starts, grad_out, True)
     assert relative_error(out, out_ref) < 1e-6
     for name, grad, grad_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
         assert relative_error(grad, grad_ref) < 1e-6, name
@@ -393,7 +408,8 @@ def test_ssd_kernel_configs_on_gpu(monkeypatch, config, dtype, record_property):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("split", [False, True], ids=["one_kernel", "split"])
-def test_conv_matches_reference_on_gpu(dtype, split, monkeypatch, record_property):
+@pytest.mark.parametrize("conv", sorted(CONVS))
+def test_conv_matches_reference_on_gpu(dtype, split, conv, monkeypatch, record_property):
     from apps.attamba import ssd_triton_conv
 
     monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", split)
@@ -405,8 +421,9 @@ def test_conv_matches_reference_on_gpu(dtype, split, monkeypatch, record_propert
     starts = random_length_starts(b, n, 6, seed=11).to(DEVICE)
     grad_out = torch.randn(b, n, c, generator=generator).to(DEVICE, dtype)
     inputs = [x, weight, bias]
-    out, grads = forward_and_grads(causal_conv_segmented_triton, inputs, starts, grad_out, False)
-    out_ref, grads_ref = forward_and_grads(causal_conv_reference, inputs, starts, grad_out, True)
+    kernels, oracle = CONVS[conv]
+    out, grads = forward_and_grads(kernels, inputs, starts, grad_out, False)
+    out_ref, grads_ref = forward_and_grads(oracle, inputs, starts, grad_out, True)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     errors = [relative_error(out, out_ref)] + [relative_error(a, r) for a, r in zip(grads, grads_ref)]
     for name, error in zip(("out", "dx", "dweight", "dbias"), errors):
@@ -468,9 +485,13 @@ def test_custom_ops_fakes_match_their_kernels(dtype):
     weight = torch.randn(8, 3, device=DEVICE).to(dtype).requires_grad_()
     bias = torch.randn(8, device=DEVICE).to(dtype).requires_grad_()
     dist = _distance_to_segment_start(starts)
-    torch.library.opcheck(torch.ops.attamba.causal_conv_segmented_fwd.default, (x, weight, bias, dist), test_utils=checks)
-    backward_args = (torch.randn_like(x), x.detach(), weight.detach(), dist, True)
-    torch.library.opcheck(torch.ops.attamba.causal_conv_segmented_bwd.default, backward_args, test_utils=checks[:2])
+    for silu in (False, True):
+        for conv_bias in (bias, None):
+            args = (x, weight, conv_bias, dist, silu)
+            torch.library.opcheck(torch.ops.attamba.causal_conv_segmented_fwd.default, args, test_utils=checks)
+            backward_args = (torch.randn_like(x), x.detach(), weight.detach(),
+                             None if conv_bias is None else conv_bias.detach(), dist, silu)
+            torch.library.opcheck(torch.ops.attamba.causal_conv_segmented_bwd.default, backward_args, test_utils=checks[:2])
 
 
 # The windowed kernels (no carried state) for segments no longer than a block.
@@ -537,23 +558,22 @@ def test_windowed_ssd_falls_back_to_the_chunked_kernels(monkeypatch, bound, fina
     assert not calls
 
 
-@pytest.mark.parametrize("silu", [False, True])
-def test_windowed_ssd_op_fake_matches_and_compiles_whole(silu):
+@pytest.mark.parametrize("packed", [False, True])
+def test_windowed_ssd_op_fake_matches_and_compiles_whole(packed):
     b, n, g, s = 1, 40, 1, 16
     u, dt, A, B, C, D = ssd_inputs(b, n, 2, 16, g, s)
     x = torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1).requires_grad_()
-    dt, A, D = (t.requires_grad_() for t in (dt, A, D))
+    u, dt, A, B, C, D = (t.requires_grad_() for t in (u, dt, A, B, C, D))
     starts = ssd_triton._as_bytes(uniform_starts(b, n, 8, offset=2).to(DEVICE))
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    sizes = (g, s, 32, silu)
-    torch.library.opcheck(torch.ops.attamba.ssd_window_fwd.default, (x, dt, A, D, starts, *sizes), test_utils=checks)
-    backward_args = (torch.randn_like(u), *(t.detach() for t in (x, dt, A, D)), starts, *sizes)
+    torch.library.opcheck(torch.ops.attamba.ssd_window_fwd.default, (x, dt, A, D, starts, g, s, 32), test_utils=checks)
+    backward_args = (torch.randn_like(u), *(t.detach() for t in (x, dt, A, D)), starts, g, s, 32)
     torch.library.opcheck(torch.ops.attamba.ssd_window_bwd.default, backward_args, test_utils=checks[:2])
     torch._dynamo.reset()
     segment_start = uniform_starts(b, n, 8, offset=2).to(DEVICE)
-    if silu:
+    if packed:
         def scan(x, dt, A, D):
-            return ssd_triton_window.ssd_on_conv_output(x, dt, A, D, segment_start, g, s, max_segment_len=8)
+            return ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, segment_start, g, s, max_segment_len=8)
         inputs = (x, dt, A, D)
     else:
         def scan(u, dt, A, B, C, D):
@@ -563,76 +583,57 @@ def test_windowed_ssd_op_fake_matches_and_compiles_whole(silu):
     torch.testing.assert_close(compiled(*inputs), scan(*inputs))
 
 
-def conv_output_inputs(b, n, h, p, g, s, dtype=torch.float32, seed=0):
-    """(x, dt, A, D): x [b, n, h·p + 2·g·s] a conv output before its SiLU, u | B | C side by side."""
-    u, dt, A, B, C, D = ssd_inputs(b, n, h, p, g, s, dtype=dtype, seed=seed)
+def packed_inputs(b, n, h, p, g, s, seed=0):
+    """(x, dt, A, D): u | B | C side by side in x [b, n, h·p + 2·g·s], as a KV-SSM's conv writes them."""
+    u, dt, A, B, C, D = ssd_inputs(b, n, h, p, g, s, seed=seed)
     return [torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1), dt, A, D]
 
 
-def assert_scan_on_conv_output_matches(inputs, heads, groups, state_dim, segment_start, bound, tolerance, record=None):
-    """ssd_on_conv_output against SiLU, a split and ssd_reference in float64: output and the
+def assert_packed_scan_matches(inputs, heads, groups, state_dim, segment_start, bound):
+    """ssd_segmented_window_packed against a split and ssd_reference in float64: the output and the
     gradients of x, dt, A and D."""
     def oracle(x, dt, A, D, segment_start):
-        bc = groups * state_dim
-        u, B, C = torch.nn.functional.silu(x).split([x.shape[-1] - 2 * bc, bc, bc], dim=-1)
-        u, B, C = u.unflatten(-1, (heads, -1)), B.unflatten(-1, (groups, state_dim)), C.unflatten(-1, (groups, state_dim))
+        u, B, C = ssd_triton_window._unpacked(x, heads, groups, state_dim)
         return ssd_reference(u, dt, A, B, C, D, segment_start)
 
     def candidate(x, dt, A, D, segment_start):
-        return ssd_triton_window.ssd_on_conv_output(x, dt, A, D, segment_start, groups, state_dim, max_segment_len=bound)
+        return ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, segment_start, groups, state_dim,
+                                                             max_segment_len=bound)
 
     x = inputs[0]
-    b, n = x.shape[:2]
-    grad_out = torch.randn(b, n, heads, (x.shape[-1] - 2 * groups * state_dim) // heads,
-                           generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
+    head_dim = (x.shape[-1] - 2 * groups * state_dim) // heads
+    grad_out = torch.randn(*x.shape[:2], heads, head_dim, generator=torch.Generator().manual_seed(7)).to(x.device)
     y, grads = forward_and_grads(candidate, inputs, segment_start, grad_out, False)
     y_ref, grads_ref = forward_and_grads(oracle, inputs, segment_start, grad_out, True)
     errors = {"y": relative_error(y, y_ref)}
     for name, tensor, grad, grad_ref in zip(("x", "dt", "A", "D"), inputs, grads, grads_ref):
         assert grad.dtype == tensor.dtype and grad.shape == tensor.shape
         errors[f"d{name}"] = relative_error(grad, grad_ref)
-    if record is not None:
-        for name, error in errors.items():
-            record(name, error)
-    failing = {name: error for name, error in errors.items() if not error < tolerance}
-    assert not failing, f"relative errors above {tolerance}: {failing}"
-    assert y.dtype == x.dtype and y.shape == grad_out.shape
+    failing = {name: error for name, error in errors.items() if not error < 1e-5}
+    assert not failing, f"relative errors above 1e-5: {failing}"
+    assert y.shape == grad_out.shape
 
 
-@pytest.mark.parametrize("chunking", sorted(SHORT_CHUNKINGS))
-def test_scan_on_conv_output_applies_the_silu_inside(chunking):
-    # Two groups of two heads: the SiLU's gradient must reach dB and dC after the heads' sums.
+@pytest.mark.parametrize("chunking", ["cyclic_offset", "documents_cut_chunks"])
+def test_packed_windowed_scan_matches_reference(chunking):
+    # Two groups of two heads: dB and dC land in the packed gradient after the heads' sums.
     b, n, h, p, g, s = 2, 77, 4, 16, 2, 24
     make_starts, bound = SHORT_CHUNKINGS[chunking]
-    inputs = conv_output_inputs(b, n, h, p, g, s, seed=2)
-    assert_scan_on_conv_output_matches(inputs, h, g, s, make_starts(b, n).to(DEVICE), bound, 1e-5)
+    assert_packed_scan_matches(packed_inputs(b, n, h, p, g, s, seed=2), h, g, s, make_starts(b, n).to(DEVICE), bound)
 
 
-def test_scan_on_conv_output_falls_back_to_the_chunked_kernels(monkeypatch):
+def test_packed_scan_falls_back_to_the_chunked_kernels(monkeypatch):
     calls = []
     monkeypatch.setattr(ssd_triton_window, "_window_forward", lambda *a: calls.append(a))
     b, n, h, p, g, s = 1, 20, 2, 16, 1, 16
-    inputs = conv_output_inputs(b, n, h, p, g, s)
-    assert_scan_on_conv_output_matches(inputs, h, g, s, uniform_starts(b, n, 8).to(DEVICE), None, 1e-5)
+    assert_packed_scan_matches(packed_inputs(b, n, h, p, g, s), h, g, s, uniform_starts(b, n, 8).to(DEVICE), None)
     assert not calls
 
 
-def test_scan_on_conv_output_rejects_a_bad_width():
-    x, dt, A, D = conv_output_inputs(1, 8, 2, 16, 1, 16)
+def test_packed_scan_rejects_a_bad_width():
+    x, dt, A, D = packed_inputs(1, 8, 2, 16, 1, 16)
     with pytest.raises(ValueError, match="h·p \\+ 2·g·s"):
-        ssd_triton_window.ssd_on_conv_output(x[..., 1:], dt, A, D, uniform_starts(1, 8, 4), 1, 16, max_segment_len=4)
-
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("chunking", ["cyclic_offset", "documents_cut_chunks", "block_long_straddling"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_scan_on_conv_output_at_model_shape_on_gpu(chunking, dtype, record_property):
-    b, n, h, p, g, s = 2, 300, 16, 64, 2, 128
-    make_starts, bound = SHORT_CHUNKINGS[chunking]
-    inputs = conv_output_inputs(b, n, h, p, g, s, dtype=dtype)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    assert_scan_on_conv_output_matches(inputs, h, g, s, make_starts(b, n).to(DEVICE), bound, tolerance, record_property)
+        ssd_triton_window.ssd_segmented_window_packed(x[..., 1:], dt, A, D, uniform_starts(1, 8, 4), 1, 16, max_segment_len=4)
 
 
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])

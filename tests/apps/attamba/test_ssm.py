@@ -263,7 +263,7 @@ def test_state_rows_index_and_assign():
 
 
 def test_auto_uses_torch_on_cpu():
-    assert load_backend("auto", torch.device("cpu")) == (ssd_segmented, causal_conv_segmented, None)
+    assert load_backend("auto", torch.device("cpu")) == (ssd_segmented, causal_conv_segmented, None, None)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
@@ -271,9 +271,11 @@ def test_auto_uses_the_windowed_kernels_on_cuda():
     # Only the device type is read, so this runs without a GPU; the windowed scan falls back to
     # the chunked kernels by itself where no segment bound is given.
     from apps.attamba.ssd_triton import causal_conv_segmented_triton
-    from apps.attamba.ssd_triton_window import ssd_on_conv_output, ssd_segmented_window
+    from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton
+    from apps.attamba.ssd_triton_window import ssd_segmented_window, ssd_segmented_window_packed
 
-    expected = (ssd_segmented_window, causal_conv_segmented_triton, ssd_on_conv_output)
+    expected = (ssd_segmented_window, causal_conv_segmented_triton, causal_conv_silu_segmented_triton,
+                ssd_segmented_window_packed)
     assert load_backend("auto", torch.device("cuda")) == expected
 
 
