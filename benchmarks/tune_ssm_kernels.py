@@ -4,8 +4,9 @@ At a 60M layer's paired K/V SSM shape (``bench_ssm.MODEL_LAYER``: b=16, n=1024, 
 2 B/C groups, state 128, P=8, 1536 conv channels, bf16), each variant sets module knobs of
 :mod:`apps.attamba.ssd_triton_window` (``MIN_BLOCK_Q``, ``FORWARD_WARPS``, ``BACKWARD_WARPS``,
 ``NUM_STAGES``, ``TILE_S``, ``BF16_DOTS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``,
-``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``), then runs the scan and
-the conv forward and backward under the profiler. Reported: each kernel's mean GPU µs (kernels
+``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``) or :mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``,
+``norm.NUM_WARPS``, ``norm.SPAN``), then runs the scan, the conv and the output gates forward and
+backward under the profiler. Reported: each kernel's mean GPU µs (kernels
 only, no host time) and the scan's relative error (‖triton − ref‖ / ‖ref‖ over y and every input
 gradient, worst one) against the float64 ``torch`` scan on the same inputs.
 
@@ -29,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apps.attamba import ssd_triton_conv, ssd_triton_window  # noqa: E402
+from apps.attamba import gated_norm_triton, ssd_triton_conv, ssd_triton_window  # noqa: E402
 from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
 from apps.attamba.ssd_triton_window import _unpacked  # noqa: E402
 from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
@@ -55,10 +56,18 @@ VARIANTS = (
     "conv.SPLIT_BLOCK_N=16",
     "conv.SPLIT_BLOCK_N=64,conv.SPLIT_WARPS=8",
     "conv.BLOCK_C=128,conv.NUM_WARPS=8,conv.SPLIT_WARPS=8",
+    "conv.SPLIT_WARPS=4,conv.SPLIT_BLOCK_N=32,conv.SPLIT_TOKENS=1024",  # the thirteenth session's
+    "conv.SPLIT_WARPS=1",
+    "conv.SPLIT_TOKENS=256",
+    "norm.BLOCK_M=2",
+    "norm.BLOCK_M=8,norm.NUM_WARPS=8",
+    "norm.SPAN=32",
+    "norm.SPAN=128",
     "default",  # the two default rows' spread is the noise
 )
-MODULES = {"window": ssd_triton_window, "conv": ssd_triton_conv}
-KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_dx_kernel", "_conv_dw_kernel")
+MODULES = {"window": ssd_triton_window, "conv": ssd_triton_conv, "norm": gated_norm_triton}
+KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_dx_kernel",
+           "_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel")
 
 
 @contextlib.contextmanager
@@ -105,6 +114,11 @@ def main(argv: list[str]) -> int:
     conv_in = conv_inputs(shape, torch.bfloat16, device)
     grad_y = torch.randn_like(u)
     grad_conv = torch.randn_like(conv_in[0])
+    # Both output gates: y as the scan writes it, z as its matmul does.
+    hidden = u.shape[2] * u.shape[3] // 2
+    gate_in = [torch.randn(*u.shape[:2], 2 * hidden, device=device, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(2)] + [torch.ones(2, hidden, device=device, requires_grad=True)]
+    grad_gate = torch.randn(2, *u.shape[:2], hidden, device=device, dtype=torch.bfloat16)
 
     def window(x, dt, A, D, segment_start):
         return ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, segment_start, groups, state,
@@ -123,6 +137,7 @@ def main(argv: list[str]) -> int:
     def run_once():
         window(*scan_in, segment_start).backward(grad_y)
         causal_conv_silu_segmented_triton(*conv_in, segment_start).backward(grad_conv)
+        gated_norm_triton.gated_rms_norm_triton(*gate_in, 1e-5).backward(grad_gate)
 
     rows = []
     for text in args.variants:
@@ -144,9 +159,10 @@ def main(argv: list[str]) -> int:
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shape": vars(shape), "rows": rows},
                                        indent=1))
-    print(f"\n{'variant':52s} " + " ".join(f"{k.strip('_').replace('_kernel', ''):>15s}" for k in KERNELS) + "   rel.err")
+    names = [k.strip("_").replace("_kernel", "").replace("gated_norm", "gate") for k in KERNELS]
+    print(f"\n{'variant':52s} " + " ".join(f"{name:>11s}" for name in names) + "   rel.err")
     for row in rows:
-        cells = " ".join(f"{row[k]:15.1f}" if row.get(k) is not None else f"{'-':>15s}" for k in KERNELS)
+        cells = " ".join(f"{row[k]:11.1f}" if row.get(k) is not None else f"{'-':>11s}" for k in KERNELS)
         print(f"{row['variant']:52s} {cells}   {row.get('scan_rel_error', float('nan')):.2e} {row.get('error', '')}")
     return 0
 

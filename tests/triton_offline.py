@@ -121,7 +121,7 @@ def compile_ssm_kernels() -> list[str]:
     """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 16,
     32 and 64 tokens, TF32 and bf16 dots) and its segmented conv (forward with and without a bias
     or the SiLU, backward, and the split backward's two kernels, the weights' with and without the
-    SiLU), in bf16."""
+    SiLU), and the output gates' norm (forward, backward), in bf16."""
     from apps.attamba import ssd_triton_conv as conv
     from apps.attamba import ssd_triton_window as window
 
@@ -146,10 +146,19 @@ def compile_ssm_kernels() -> list[str]:
         (conv._conv_dw_kernel, dict(HAS_BIAS=True, SILU=True, **dw_tiles), conv.SPLIT_WARPS, 3),  # the model's
         (conv._conv_dw_kernel, dict(HAS_BIAS=False, SILU=False, **dw_tiles), conv.SPLIT_WARPS, 3),
     ]
+    from apps.attamba import gated_norm_triton as gate
+
+    gate_tiles = dict(BLOCK_M=gate.BLOCK_M, BLOCK_H=512)  # a 60M layer's gates: 512 channels each
+    variants += [
+        (gate._gated_norm_fwd_kernel, gate_tiles, gate.NUM_WARPS, 3),
+        (gate._gated_norm_bwd_kernel, dict(SPAN=gate.SPAN, **gate_tiles), gate.NUM_WARPS, 3),
+    ]
+    pointers.update({f"{name}_ptr": "bf16" for name in ("z", "dz")})
+    pointers.update({f"{name}_ptr": "fp32" for name in ("rstd",)})
     done = []
     for kernel, constexprs, warps, stages in variants:
         used = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
-        compiled = compile_for_hopper(kernel, used, set(), constexprs, warps, stages)
+        compiled = compile_for_hopper(kernel, used, {"eps"} & set(kernel.arg_names), constexprs, warps, stages)
         switches = " ".join(f"{key}={value}" for key, value in constexprs.items() if key in ("BLOCK_Q", "HAS_BIAS", "PRECISION", "SILU"))
         done.append(f"{kernel.__name__}{' ' + switches if switches else ''}: " + resource_usage(compiled))
     return done

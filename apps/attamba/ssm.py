@@ -165,6 +165,10 @@ class Backend(NamedTuple):
     ssd_packed: Optional[Callable[..., torch.Tensor]] = None
     """The scan reading u, B and C side by side in one tensor (signature of
     :func:`apps.attamba.ssd_triton_window.ssd_segmented_window_packed`), where the backend has it."""
+    gated_norm: Optional[Callable[..., torch.Tensor]] = None
+    """The output gates RMSNorm(y * SiLU(z)) of several SSMs side by side in one kernel each way
+    (signature of :func:`apps.attamba.gated_norm_triton.gated_rms_norm_triton`), where the backend
+    has it."""
 
     def conv_and_scan(self, conv_in: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
                       sizes: "_ScanSizes", dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
@@ -215,9 +219,11 @@ def load_backend(impl: str, device: torch.device) -> Backend:
                 f"ssm impl 'triton' needs apps.attamba.ssd_triton and the triton package ({error}); "
                 "set ssm impl to 'torch' to run without them"
             ) from error
+        from apps.attamba.gated_norm_triton import gated_rms_norm_triton
         from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton
 
-        return Backend(module.ssd_segmented_triton, module.causal_conv_segmented_triton, causal_conv_silu_segmented_triton)
+        return Backend(module.ssd_segmented_triton, module.causal_conv_segmented_triton, causal_conv_silu_segmented_triton,
+                       gated_norm=gated_rms_norm_triton)
     if impl == "triton_window":
         chunked = load_backend("triton", device)
         import apps.attamba.ssd_triton_window as window
@@ -464,8 +470,16 @@ def paired_forward(
         pair = _PairInputs.of(first, params, first.in_proj(x_first), second.in_proj(x_second))
     y = backend.conv_and_scan(pair.conv_in, params.conv_weight, params.conv_bias, _ScanSizes.of(first, copies=2),
                               pair.dt, params.A, params.D, segment_start, max_segment_len=max_segment_len)
-    y_1, y_2 = y.flatten(-2).chunk(2, dim=-1)
-    return first._output(y_1, pair.z[0]), second._output(y_2, pair.z[1])
+    y = y.flatten(-2)  # [b, n, 2·hidden]: the first SSM's heads, then the second's
+    if backend.gated_norm is None:
+        y_1, y_2 = y.chunk(2, dim=-1)
+        return first._output(y_1, pair.z[0]), second._output(y_2, pair.z[1])
+    # Both gates in one kernel each way, then both out_proj as one batched matmul.
+    z = pair.z_side_by_side if pair.z_side_by_side is not None else torch.cat(pair.z, dim=-1)
+    gated = backend.gated_norm(y, z, torch.stack([first.norm.weight, second.norm.weight]), first.norm.eps)
+    out_weight = torch.stack([first.out_proj.weight, second.out_proj.weight]).transpose(1, 2)
+    out = torch.matmul(gated.flatten(1, -2), out_weight).unflatten(1, y.shape[:-1])
+    return out[0], out[1]
 
 
 @dataclass
@@ -505,6 +519,8 @@ class _PairInputs:
     """[..., 2·channels] in the side-by-side order [u₁, u₂, B₁, B₂, C₁, C₂]."""
     dt: torch.Tensor
     """[..., 2·heads], after the softplus."""
+    z_side_by_side: Optional[torch.Tensor] = None
+    """z₁ and z₂ as one tensor [..., 2·hidden], where one matmul wrote them so."""
 
     @staticmethod
     def of(first: KVSSM, params: _PairParameters, projected_first: torch.Tensor, projected_second: torch.Tensor) -> "_PairInputs":
@@ -516,17 +532,17 @@ class _PairInputs:
 
     @staticmethod
     def shared(first: KVSSM, second: KVSSM, params: _PairParameters, x: torch.Tensor) -> "_PairInputs":
-        """Both SSMs reading the same x (no kv_proj): both in_proj weights as two matmuls, one
-        writing the conv input already side by side (its rows ordered so: no copy into the paired
-        layout), one z₁, z₂, dt₁, dt₂. Two rather than one, because the gradient of one output
-        split in parts is a concatenation: the conv's input gradient, a pass over all conv
-        channels, would be copied into it in every backward."""
+        """Both SSMs reading the same x (no kv_proj): both in_proj weights as three matmuls, writing
+        the conv input already side by side (its rows ordered so: no copy into the paired
+        layout), z₁ and z₂ side by side, and dt₁, dt₂. Three rather than one, because the gradient
+        of one output split in parts is a concatenation: the conv's and the gates' input gradients,
+        each a pass over thousands of channels, would be copied into it in every backward."""
         z_1, conv_1, dt_1 = first._split_projection(first.in_proj.weight, dim=0)
         z_2, conv_2, dt_2 = first._split_projection(second.in_proj.weight, dim=0)
         conv_in = F.linear(x, _side_by_side(first, conv_1, conv_2, 0))
-        z_1, z_2, dt = F.linear(x, torch.cat([z_1, z_2, dt_1, dt_2])).split(
-            [first.hidden_dim, first.hidden_dim, 2 * first.heads], dim=-1)
-        return _PairInputs(z=(z_1, z_2), conv_in=conv_in, dt=params.dt(dt))
+        z = F.linear(x, torch.cat([z_1, z_2]))
+        dt = F.linear(x, torch.cat([dt_1, dt_2]))
+        return _PairInputs(z=tuple(z.chunk(2, dim=-1)), conv_in=conv_in, dt=params.dt(dt), z_side_by_side=z)
 
 
 def _side_by_side(first: KVSSM, a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:

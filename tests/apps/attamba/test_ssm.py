@@ -156,7 +156,8 @@ def test_paired_decode_from_zero_state_equals_forward():
 def test_shared_input_pair_writes_the_conv_input_with_its_own_matmul():
     """Without kv_proj, the paired conv input comes out of a matmul of its own, already in the
     side-by-side layout (dense: no copy into it, and its gradient is not concatenated with z's and
-    dt's), and it equals that layout built from the two SSMs; z₁ and z₂ share the other matmul."""
+    dt's), and it equals that layout built from the two SSMs; z₁ and z₂ come side by side from
+    another, as the fused gates read them."""
     from apps.attamba.ssm import _PairInputs, _PairParameters
 
     first, second = tiny_ssm(seed=0, n_groups=2), tiny_ssm(seed=5, n_groups=2)
@@ -164,8 +165,8 @@ def test_shared_input_pair_writes_the_conv_input_with_its_own_matmul():
     params = _PairParameters.of(first, second, torch.float64)
     pair = _PairInputs.shared(first, second, params, x)
     assert pair.conv_in.is_contiguous() and pair.conv_in.shape[-1] == 2 * first.conv_channels
-    assert pair.z[0].untyped_storage().data_ptr() == pair.z[1].untyped_storage().data_ptr()
-    assert pair.z[0].untyped_storage().data_ptr() != pair.conv_in.untyped_storage().data_ptr()
+    assert pair.z_side_by_side.is_contiguous() and pair.z_side_by_side.shape[-1] == 2 * first.hidden_dim
+    assert all(z.data_ptr() == pair.z_side_by_side[..., i * first.hidden_dim:].data_ptr() for i, z in enumerate(pair.z))
     expected = _PairInputs.of(first, params, first.in_proj(x), second.in_proj(x))
     assert_close(pair.conv_in, expected.conv_in, 1e-12)
     assert_close(pair.dt, expected.dt, 1e-12)
@@ -263,7 +264,7 @@ def test_state_rows_index_and_assign():
 
 
 def test_auto_uses_torch_on_cpu():
-    assert load_backend("auto", torch.device("cpu")) == (ssd_segmented, causal_conv_segmented, None, None)
+    assert load_backend("auto", torch.device("cpu")) == (ssd_segmented, causal_conv_segmented, None, None, None)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
@@ -271,11 +272,12 @@ def test_auto_uses_the_windowed_kernels_on_cuda():
     # Only the device type is read, so this runs without a GPU; the windowed scan falls back to
     # the chunked kernels by itself where no segment bound is given.
     from apps.attamba.ssd_triton import causal_conv_segmented_triton
+    from apps.attamba.gated_norm_triton import gated_rms_norm_triton
     from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton
     from apps.attamba.ssd_triton_window import ssd_segmented_window, ssd_segmented_window_packed
 
     expected = (ssd_segmented_window, causal_conv_segmented_triton, causal_conv_silu_segmented_triton,
-                ssd_segmented_window_packed)
+                ssd_segmented_window_packed, gated_rms_norm_triton)
     assert load_backend("auto", torch.device("cuda")) == expected
 
 
