@@ -83,7 +83,9 @@ def _gated_norm_bwd_kernel(
     G = tl.num_programs(1)
     cols = tl.arange(0, BLOCK_H)
     w = tl.load(w_ptr + g * H + cols, mask=cols < H, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    # Summed elementwise tile by tile and over rows once at the end: a reduction across rows in
+    # every tile crosses warps.
+    dw = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     for first in range(span * SPAN, tl.minimum(span * SPAN + SPAN, M), BLOCK_M):
         rows = first + tl.arange(0, BLOCK_M)
         y, z, sig, mask = _gate_tile(y_ptr, z_ptr, rows, cols, g, M, H, stride_y, stride_z)
@@ -93,14 +95,14 @@ def _gated_norm_bwd_kernel(
         rstd = tl.load(rstd_ptr + g * M + rows, mask=rows < M, other=0.0)
         act = z * sig
         normed = y * act * rstd[:, None]
-        dw += tl.sum(dout * normed, axis=0)
+        dw += dout * normed
         dnormed = dout * w[None, :]
         dgated = rstd[:, None] * (dnormed - normed * (tl.sum(dnormed * normed, axis=1) / H)[:, None])
         grad_offs = r64 * (G * H) + g * H + cols[None, :]
         tl.store(dy_ptr + grad_offs, (dgated * act).to(dy_ptr.dtype.element_ty), mask=mask)
         dz = dgated * y * sig * (1.0 + z * (1.0 - sig))
         tl.store(dz_ptr + grad_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_part_ptr + (span * G + g) * H + cols, dw, mask=cols < H)
+    tl.store(dw_part_ptr + (span * G + g) * H + cols, tl.sum(dw, axis=0), mask=cols < H)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
