@@ -5,9 +5,9 @@ what out_proj reads), for G gates side by side — an Attamba layer's K and V SS
 
     y, z [..., G·H] -> out [G, ..., H],  out[g] = RMSNorm_g(y[..., g] * SiLU(z[..., g]))
 
-One kernel each way. Left to torch.compile, the gate took six fused kernels a layer on the 60M
-model (the product, the norm's reduction, and four backward passes; ~0.36 ms a layer of a step on
-an H100, docs/benchmarks.md, fourteenth session), each reading and writing [tokens, G·H] again.
+One kernel each way. Left to torch.compile, the gates took several fused kernels a layer of the
+60M model, forward and backward, each reading and writing [tokens, G·H] again, and the gradient of
+z was copied into one with dt's.
 Here the forward reads y and z once and writes the normalised output and one float32 scale per
 row; the backward reads y, z and the output gradient once, recomputes the rest, and writes the
 gradients of y and z (each as one [.., G·H] tensor, as their producers wrote them) and per-span
@@ -27,12 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 4
-"""Rows per tile (each row is one token's H channels of one gate)."""
+BLOCK_M = 2
+"""Rows per tile (each row is one token's H channels of one gate). At a 60M layer's two gates (16k
+tokens, H = 512, bf16, H100): forward 36.3 µs, backward 69.2 µs with 2 rows on 4 warps, against
+36.9 / 81.0 with 4 rows and 37.1 / 90.3 with 8 (benchmarks/tune_ssm_kernels.py, fourteenth
+session)."""
 NUM_WARPS = 4
 SPAN = 64
-"""Rows of one backward program: its weight-gradient sums cover them (fewer spans, less to add up
-after the kernel; more spans, more programs in flight)."""
+"""Rows of one backward program: its weight-gradient sums cover them (32 or 128 timed the same)."""
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
