@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.attamba import ssd_triton, ssd_triton_window  # noqa: E402
 from apps.attamba.ssd_torch import causal_conv_segmented, ssd_segmented  # noqa: E402
+from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
 from apps.attamba.ssd_triton_window import ssd_segmented_window  # noqa: E402
 
 
@@ -194,8 +195,19 @@ MODEL_LAYER = Shape(heads=16, head_dim=64, groups=2)
 """A 60M Attamba layer's K and V SSMs as the model runs them: one scan over both (paired_forward)."""
 
 
+def packed_scan_case(shape: Shape, dtype: torch.dtype, device: torch.device):
+    """The windowed scan as the model calls it: (function, inputs [x, dt, A, D]) with u, B and C
+    side by side in x (:func:`apps.attamba.ssd_triton_window.ssd_segmented_window_packed`)."""
+    u, dt, A, B, C, D = (t.detach() for t in ssd_inputs(shape, dtype, device))
+    x = torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1)
+    scan = functools.partial(ssd_triton_window.ssd_segmented_window_packed, groups=shape.groups,
+                             state_dim=shape.state_dim, max_segment_len=shape.chunk)
+    return scan, [t.requires_grad_() for t in (x, dt, A, D)]
+
+
 def time_model_layer(window_blocks: list[int], device: torch.device) -> list[Measurement]:
-    """bf16 scans and conv at MODEL_LAYER's shape; the windowed scan at each smallest block size."""
+    """bf16 scans and conv at MODEL_LAYER's shape as the model runs them (the conv with its SiLU,
+    the windowed scan on u, B, C side by side), the windowed scan at each smallest block size."""
     dtype, shape = torch.bfloat16, MODEL_LAYER
     segment_start = uniform_segment_starts(shape, device)
     rows = [measure("ssd", "triton", dtype, ssd_triton.ssd_segmented_triton, ssd_inputs(shape, dtype, device), segment_start)]
@@ -204,11 +216,10 @@ def time_model_layer(window_blocks: list[int], device: torch.device) -> list[Mea
         for smallest in window_blocks:
             ssd_triton_window.MIN_BLOCK_Q = smallest
             name = f"triton_window Q={ssd_triton_window.block_size(shape.chunk)}"
-            window = functools.partial(ssd_segmented_window, max_segment_len=shape.chunk)
-            rows.append(measure("ssd", name, dtype, window, ssd_inputs(shape, dtype, device), segment_start))
+            rows.append(measure("ssd", name, dtype, *packed_scan_case(shape, dtype, device), segment_start))
     finally:
         ssd_triton_window.MIN_BLOCK_Q = default
-    rows.append(measure("conv", "triton", dtype, ssd_triton.causal_conv_segmented_triton,
+    rows.append(measure("conv", "triton + SiLU", dtype, causal_conv_silu_segmented_triton,
                         conv_inputs(shape, dtype, device), segment_start))
     return rows
 

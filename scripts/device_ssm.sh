@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device-machine check of the Triton KV-SSM kernels: their tests (compiled, GPU sizes, bf16), then
+# Device-machine check of the Triton KV-SSM kernels (scan, conv, output gates): their tests (compiled, GPU sizes, bf16), then
 # benchmarks/bench_ssm.py. Full logs, a JUnit XML with the measured relative errors and the
 # benchmark JSON go under $OUT; a short summary and the timing table are printed last.
 #
@@ -15,7 +15,7 @@ source "$(dirname "$0")/device_env.sh"
   > "$OUT/environment.txt" 2>&1
 
 # Every test runs (no -x) so that one failure does not hide the others' errors.
-timeout -k 10 $((budget * 3 / 5)) python -m pytest tests/apps/attamba/test_ssd_triton.py -q -rfE -p no:cacheprovider -o junit_family=xunit1 \
+timeout -k 10 $((budget * 3 / 5)) python -m pytest tests/apps/attamba/test_ssd_triton.py tests/apps/attamba/test_gated_norm_triton.py -q -rfE -p no:cacheprovider -o junit_family=xunit1 \
   --junitxml="$OUT/junit_ssd_triton.xml" > "$OUT/pytest.txt" 2>&1
 echo "pytest exit code $?" >> "$OUT/pytest.txt"
 

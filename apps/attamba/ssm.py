@@ -457,7 +457,8 @@ def paired_forward(
     with both weights, the scan over 2·heads heads (and 2·groups B/C groups, each still serving
     the heads of its own SSM). Same result as two calls, with half the kernel launches and half the
     host work per step: on the GPU a training step of the 60M model was host-bound, largely in
-    these calls.
+    these calls. Where the backend has them (:class:`Backend`), both SSMs' output gates run as one
+    fused kernel each way and both out_proj as one batched matmul.
     """
     batch, n, _ = x_first.shape
     if segment_start is None:
@@ -657,5 +658,6 @@ def _segment_starts(segment_start: Optional[torch.Tensor], like: torch.Tensor) -
 
 
 def _check_pair(first: KVSSM, second: KVSSM) -> None:
-    if first.impl != second.impl or first.in_proj.weight.shape != second.in_proj.weight.shape or first.args != second.args:
+    if (first.impl != second.impl or first.in_proj.weight.shape != second.in_proj.weight.shape or first.args != second.args
+            or first.norm.eps != second.norm.eps):
         raise ValueError("a KV-SSM pair needs two KV-SSMs of the same shapes, settings and backend")
