@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.attamba import gated_norm_triton, ssd_triton_conv, ssd_triton_window  # noqa: E402
 from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
-from apps.attamba.ssd_triton_window import _unpacked  # noqa: E402
+from apps.attamba.ssd_reference import split_scan_inputs  # noqa: E402
 from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
 from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, ssd_inputs, uniform_segment_starts  # noqa: E402
 from benchmarks.tune_attention_triton import parse_variant  # noqa: E402
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
                                                              max_segment_len=shape.chunk)
 
     def reference_scan(x, dt, A, D, segment_start):
-        u, B, C = _unpacked(x, A.shape[0], groups, state)
+        u, B, C = split_scan_inputs(x, A.shape[0], groups, state)
         return ssd_segmented(u, dt, A, B, C, D, segment_start)
 
     # The reference: the torch scan in float64 on the same (bf16-valued) inputs.

@@ -15,6 +15,14 @@ from typing import Optional, Union
 import torch
 
 
+def split_scan_inputs(x: torch.Tensor, heads: int, groups: int, state_dim: int) -> tuple[torch.Tensor, ...]:
+    """The scan's inputs side by side, as a KV-SSM's conv writes them: x [..., h·p + 2·g·s] ->
+    views u [..., h, p], B and C [..., g, s] (h = ``heads``, g = ``groups``, s = ``state_dim``)."""
+    bc = groups * state_dim
+    u, B, C = x.split([x.shape[-1] - 2 * bc, bc, bc], dim=-1)
+    return u.unflatten(-1, (heads, -1)), B.unflatten(-1, (groups, state_dim)), C.unflatten(-1, (groups, state_dim))
+
+
 def with_first_start(segment_start: torch.Tensor) -> torch.Tensor:
     """segment_start [b, n] as bool with position 0 always a start (the sequence start resets)."""
     first = torch.zeros_like(segment_start, dtype=torch.bool)

@@ -44,6 +44,7 @@ from apps.attamba.ssd_triton import (
     _sum_before,
     ssd_segmented_triton,
 )
+from apps.attamba.ssd_reference import split_scan_inputs
 
 MAX_BLOCK_Q = 64
 """Longest segment these kernels take (the block must hold a whole segment)."""
@@ -300,13 +301,6 @@ def _window_bwd_kernel(
         tl.store(dC_ptr + offs_out, dC.to(dC_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _unpacked(x: torch.Tensor, heads: int, groups: int, state_dim: int):
-    """x [b, n, h·p + 2·g·s] -> views u [b, n, h, p], B and C [b, n, g, s]."""
-    bc = groups * state_dim
-    u, B, C = x.split([x.shape[-1] - 2 * bc, bc, bc], dim=-1)
-    return u.unflatten(-1, (heads, -1)), B.unflatten(-1, (groups, state_dim)), C.unflatten(-1, (groups, state_dim))
-
-
 def _launch_meta(block_q: int, p: int, s: int, dtype: torch.dtype, backward: bool) -> dict:
     return dict(
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
@@ -328,7 +322,7 @@ def _window_forward(
 ) -> torch.Tensor:
     """-> y [b, n, h, p] of the scan over (u, B, C) = x."""
     x = _last_dim_contiguous(x)
-    u, B, C = _unpacked(x, A.shape[0], groups, state_dim)
+    u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
     b, n, h, p = u.shape
     dt = dt.contiguous()
     y = torch.empty((b, n, h, p), device=x.device, dtype=x.dtype)
@@ -352,12 +346,12 @@ def _window_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx (like x: du, dB, dC side by side), ddt, dA, dD."""
     x = _last_dim_contiguous(x)
-    u, B, C = _unpacked(x, A.shape[0], groups, state_dim)
+    u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
     b, n, h, p = u.shape
     dt = dt.contiguous()
     dy = _last_dim_contiguous(dy)
     dx = torch.empty((b, n, x.shape[-1]), device=x.device, dtype=x.dtype)
-    du, dB, dC = _unpacked(dx, h, groups, state_dim)
+    du, dB, dC = split_scan_inputs(dx, h, groups, state_dim)
     ddt = torch.empty((b, n, h), device=x.device, dtype=torch.float32)
     blocks = triton.cdiv(n, block_q)
     # Summing dy·u over the whole [b, n, h, p] outside the kernel read both tensors again, in
@@ -441,7 +435,7 @@ def ssd_segmented_window_packed(
         raise ValueError(
             f"x must be [b, n, h·p + 2·g·s] with h={heads}, g={groups}, s={state_dim}; got {tuple(x.shape)}"
         )
-    u, B, C = _unpacked(x, heads, groups, state_dim)
+    u, B, C = split_scan_inputs(x, heads, groups, state_dim)
     if not supports(max_segment_len, return_final_state=False):
         return ssd_segmented_triton(u, dt, A, B, C, D, segment_start)
     _check_inputs(u, dt, A, B, C, D, segment_start)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apps.attamba.ssd_reference import split_scan_inputs
 from apps.attamba.ssd_torch import positions_in_segment
 from lingua.decode_weights import PairedLinear
 from lingua.kv_cache import cuda_kernel
@@ -239,24 +240,20 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class _ScanSizes:
-    """Widths of a KV-SSM's scan (or of two side by side): u is heads x head_dim, B and C are
-    groups x state_dim each."""
+    """Widths of a KV-SSM's scan (or of two side by side): u is heads x head_dim (the rest of the
+    conv channels), B and C are groups x state_dim each."""
 
     heads: int
-    head_dim: int
     groups: int
     state_dim: int
 
     @staticmethod
     def of(ssm: "KVSSM", copies: int = 1) -> "_ScanSizes":
-        return _ScanSizes(copies * ssm.heads, ssm.head_dim, copies * ssm.args.n_groups, ssm.args.state_dim)
+        return _ScanSizes(copies * ssm.heads, copies * ssm.args.n_groups, ssm.args.state_dim)
 
     def split_conv_output(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[..., channels] -> u [..., heads, head_dim], B and C [..., groups, state_dim]."""
-        bc = self.groups * self.state_dim
-        u, B, C = conv_out.split([self.heads * self.head_dim, bc, bc], dim=-1)
-        groups = (self.groups, self.state_dim)
-        return u.unflatten(-1, (self.heads, self.head_dim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
+        return split_scan_inputs(conv_out, self.heads, self.groups, self.state_dim)
 
 
 def _recurrent_step(

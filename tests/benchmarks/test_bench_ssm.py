@@ -13,8 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from bench_ssm import Shape, packed_scan_case, uniform_segment_starts  # noqa: E402
 
-from apps.attamba import ssd_triton_window  # noqa: E402
-from apps.attamba.ssd_reference import ssd_reference  # noqa: E402
+from apps.attamba.ssd_reference import split_scan_inputs, ssd_reference  # noqa: E402
 from tests.triton_interpreter import allow_one_element_index_in_interpreter  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,7 +25,7 @@ def test_packed_scan_case_is_the_scan_over_its_inputs():
     shape = Shape(batch=1, seq_len=24, heads=2, head_dim=8, groups=2, state_dim=16, chunk=8)
     scan, (x, dt, A, D) = packed_scan_case(shape, torch.float32, DEVICE)
     starts = uniform_segment_starts(shape, DEVICE)
-    u, B, C = ssd_triton_window._unpacked(x.detach(), shape.heads, shape.groups, shape.state_dim)
+    u, B, C = split_scan_inputs(x.detach(), shape.heads, shape.groups, shape.state_dim)
     expected = ssd_reference(u.double(), dt.detach().double(), A.detach().double(), B.double(), C.double(),
                              D.detach().double(), starts)
     got = scan(x, dt, A, D, starts)

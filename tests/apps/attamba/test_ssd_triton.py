@@ -14,7 +14,7 @@ from tests.triton_interpreter import allow_one_element_index_in_interpreter
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from apps.attamba import ssd_triton  # noqa: E402
-from apps.attamba.ssd_reference import causal_conv_reference, ssd_reference  # noqa: E402
+from apps.attamba.ssd_reference import causal_conv_reference, split_scan_inputs, ssd_reference  # noqa: E402
 from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
 from apps.attamba.ssd_triton import causal_conv_segmented_triton, ssd_segmented_triton  # noqa: E402
 from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
@@ -593,7 +593,7 @@ def assert_packed_scan_matches(inputs, heads, groups, state_dim, segment_start, 
     """ssd_segmented_window_packed against a split and ssd_reference in float64: the output and the
     gradients of x, dt, A and D."""
     def oracle(x, dt, A, D, segment_start):
-        u, B, C = ssd_triton_window._unpacked(x, heads, groups, state_dim)
+        u, B, C = split_scan_inputs(x, heads, groups, state_dim)
         return ssd_reference(u, dt, A, B, C, D, segment_start)
 
     def candidate(x, dt, A, D, segment_start):
