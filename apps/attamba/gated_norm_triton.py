@@ -188,10 +188,3 @@ def gated_rms_norm_triton(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor
     out, _ = _gated_norm_forward(_rows(y), _rows(z), weight, eps)
     return out.unflatten(1, y.shape[:-1])
 
-
-def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """What :func:`gated_rms_norm_triton` computes, in PyTorch (in y's dtype, through fp32)."""
-    G, H = weight.shape
-    gated = y.float().unflatten(-1, (G, H)) * torch.nn.functional.silu(z.float().unflatten(-1, (G, H)))
-    out = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return out.movedim(-2, 0).to(y.dtype)

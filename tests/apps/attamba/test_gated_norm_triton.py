@@ -14,7 +14,7 @@ from tests.triton_interpreter import allow_one_element_index_in_interpreter
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from apps.attamba import gated_norm_triton  # noqa: E402
-from apps.attamba.gated_norm_triton import gated_rms_norm_reference, gated_rms_norm_triton  # noqa: E402
+from apps.attamba.gated_norm_triton import gated_rms_norm_triton  # noqa: E402
 from lingua.transformer import rms_norm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,6 +22,15 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="compil
 
 if gated_norm_triton._INTERPRETED:
     allow_one_element_index_in_interpreter()
+
+
+def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """What gated_rms_norm_triton computes, in PyTorch and in y's dtype throughout (float64 here;
+    lingua's rms_norm would round through float32)."""
+    G, H = weight.shape
+    gated = y.unflatten(-1, (G, H)) * torch.nn.functional.silu(z.unflatten(-1, (G, H)))
+    out = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps) * weight.to(y.dtype)
+    return out.movedim(-2, 0)
 
 
 def gate_inputs(shape, groups, hidden, dtype=torch.float32, seed=0):
