@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.attamba import ssd_triton, ssd_triton_window  # noqa: E402
+from apps.attamba.ssd_reference import join_scan_inputs  # noqa: E402
 from apps.attamba.ssd_torch import causal_conv_segmented, ssd_segmented  # noqa: E402
 from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
 from apps.attamba.ssd_triton_window import ssd_segmented_window  # noqa: E402
@@ -199,7 +200,7 @@ def packed_scan_case(shape: Shape, dtype: torch.dtype, device: torch.device):
     """The windowed scan as the model calls it: (function, inputs [x, dt, A, D]) with u, B and C
     side by side in x (:func:`apps.attamba.ssd_triton_window.ssd_segmented_window_packed`)."""
     u, dt, A, B, C, D = (t.detach() for t in ssd_inputs(shape, dtype, device))
-    x = torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1)
+    x = join_scan_inputs(u, B, C)
     scan = functools.partial(ssd_triton_window.ssd_segmented_window_packed, groups=shape.groups,
                              state_dim=shape.state_dim, max_segment_len=shape.chunk)
     return scan, [t.requires_grad_() for t in (x, dt, A, D)]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.attamba import gated_norm_triton, ssd_triton_conv, ssd_triton_window  # noqa: E402
 from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
-from apps.attamba.ssd_reference import split_scan_inputs  # noqa: E402
+from apps.attamba.ssd_reference import join_scan_inputs, split_scan_inputs  # noqa: E402
 from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
 from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, ssd_inputs, uniform_segment_starts  # noqa: E402
 from benchmarks.tune_attention_triton import parse_variant  # noqa: E402
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
     segment_start = uniform_segment_starts(shape, device)
     u, dt, A, B, C, D = ssd_inputs(shape, torch.bfloat16, device)
     groups, state = B.shape[2:]
-    scan_in = [torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1), dt, A, D]
+    scan_in = [join_scan_inputs(u, B, C), dt, A, D]
     conv_in = conv_inputs(shape, torch.bfloat16, device)
     grad_y = torch.randn_like(u)
     grad_conv = torch.randn_like(conv_in[0])

@@ -23,6 +23,12 @@ def split_scan_inputs(x: torch.Tensor, heads: int, groups: int, state_dim: int) 
     return u.unflatten(-1, (heads, -1)), B.unflatten(-1, (groups, state_dim)), C.unflatten(-1, (groups, state_dim))
 
 
+def join_scan_inputs(u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """u [b, n, h, p], B and C [b, n, g, s] -> one tensor [b, n, h·p + 2·g·s] (a copy; the inverse
+    of :func:`split_scan_inputs`)."""
+    return torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1)
+
+
 def with_first_start(segment_start: torch.Tensor) -> torch.Tensor:
     """segment_start [b, n] as bool with position 0 always a start (the sequence start resets)."""
     first = torch.zeros_like(segment_start, dtype=torch.bool)

@@ -323,8 +323,7 @@ def _conv_backward(
     else:
         if silu:  # the one-kernel backward takes the gradient w.r.t. the output itself
             pre = _launch_forward(x, weight, bias, dist, silu=False).float()
-            sig = torch.sigmoid(pre)
-            dout = (dout.float() * sig * (1 + pre * (1 - sig))).to(x.dtype)
+            dout = torch.ops.aten.silu_backward(dout.float(), pre).to(x.dtype)
         token_blocks = triton.cdiv(n, BLOCK_N)
         dw_part = torch.empty((b * token_blocks, k + 1, c), device=x.device, dtype=torch.float32)
         _conv_bwd_kernel[(b, token_blocks, channel_blocks)](

@@ -44,7 +44,7 @@ from apps.attamba.ssd_triton import (
     _sum_before,
     ssd_segmented_triton,
 )
-from apps.attamba.ssd_reference import split_scan_inputs
+from apps.attamba.ssd_reference import join_scan_inputs, split_scan_inputs
 
 MAX_BLOCK_Q = 64
 """Longest segment these kernels take (the block must hold a whole segment)."""
@@ -411,7 +411,7 @@ def ssd_segmented_window(
     _check_inputs(u, dt, A, B, C, D, segment_start)
     if not u.dtype == B.dtype == C.dtype:
         raise ValueError(f"u, B and C must share a dtype; got {u.dtype}, {B.dtype}, {C.dtype}")
-    x = torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1)
+    x = join_scan_inputs(u, B, C)
     return _window_forward(x, dt, A, D, _as_bytes(segment_start), B.shape[2], B.shape[3], block_size(max_segment_len))
 
 

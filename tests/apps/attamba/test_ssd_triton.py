@@ -14,7 +14,9 @@ from tests.triton_interpreter import allow_one_element_index_in_interpreter
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from apps.attamba import ssd_triton  # noqa: E402
-from apps.attamba.ssd_reference import causal_conv_reference, split_scan_inputs, ssd_reference  # noqa: E402
+from apps.attamba.ssd_reference import (  # noqa: E402
+    causal_conv_reference, join_scan_inputs, split_scan_inputs, ssd_reference,
+)
 from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
 from apps.attamba.ssd_triton import causal_conv_segmented_triton, ssd_segmented_triton  # noqa: E402
 from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
@@ -562,7 +564,7 @@ def test_windowed_ssd_falls_back_to_the_chunked_kernels(monkeypatch, bound, fina
 def test_windowed_ssd_op_fake_matches_and_compiles_whole(packed):
     b, n, g, s = 1, 40, 1, 16
     u, dt, A, B, C, D = ssd_inputs(b, n, 2, 16, g, s)
-    x = torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1).requires_grad_()
+    x = join_scan_inputs(u, B, C).requires_grad_()
     u, dt, A, B, C, D = (t.requires_grad_() for t in (u, dt, A, B, C, D))
     starts = ssd_triton._as_bytes(uniform_starts(b, n, 8, offset=2).to(DEVICE))
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
@@ -586,7 +588,7 @@ def test_windowed_ssd_op_fake_matches_and_compiles_whole(packed):
 def packed_inputs(b, n, h, p, g, s, seed=0):
     """(x, dt, A, D): u | B | C side by side in x [b, n, h·p + 2·g·s], as a KV-SSM's conv writes them."""
     u, dt, A, B, C, D = ssd_inputs(b, n, h, p, g, s, seed=seed)
-    return [torch.cat([u.flatten(2), B.flatten(2), C.flatten(2)], dim=-1), dt, A, D]
+    return [join_scan_inputs(u, B, C), dt, A, D]
 
 
 def assert_packed_scan_matches(inputs, heads, groups, state_dim, segment_start, bound):
