@@ -109,15 +109,16 @@ def forward_and_grads(fn, inputs, segment_start, grad_out, as_double):
     return out.detach(), [None if leaf is None else leaf.grad for leaf in leaves]
 
 
-def assert_ssd_matches(oracle, inputs, segment_start, tolerance, record=None, candidate=None):
-    """``candidate`` (default: the chunked Triton scan) against ``oracle`` in float64."""
-    u = inputs[0]
-    # Rounded to u's dtype first, so that both sides see the same upstream gradient.
-    grad_out = torch.randn(u.shape, generator=torch.Generator().manual_seed(7)).to(u.device, u.dtype)
-    y, grads = forward_and_grads(candidate or ssd_segmented_triton, inputs, segment_start, grad_out, False)
+def assert_scan_matches(candidate, oracle, inputs, names, y_shape, segment_start, tolerance, record=None):
+    """``candidate``'s output y (shaped ``y_shape``, in the first input's dtype) and the gradients
+    of its ``inputs`` (called ``names``) against ``oracle``'s in float64."""
+    first = inputs[0]
+    # Rounded to the inputs' dtype first, so that both sides see the same upstream gradient.
+    grad_out = torch.randn(y_shape, generator=torch.Generator().manual_seed(7)).to(first.device, first.dtype)
+    y, grads = forward_and_grads(candidate, inputs, segment_start, grad_out, False)
     y_ref, grads_ref = forward_and_grads(oracle, inputs, segment_start, grad_out, True)
     errors = {"y": relative_error(y, y_ref)}
-    for name, tensor, grad, grad_ref in zip(("u", "dt", "A", "B", "C", "D"), inputs, grads, grads_ref):
+    for name, tensor, grad, grad_ref in zip(names, inputs, grads, grads_ref):
         assert grad.dtype == tensor.dtype and grad.shape == tensor.shape
         errors[f"d{name}"] = relative_error(grad, grad_ref)
     if record is not None:
@@ -125,7 +126,13 @@ def assert_ssd_matches(oracle, inputs, segment_start, tolerance, record=None, ca
             record(name, error)
     failing = {name: error for name, error in errors.items() if not error < tolerance}
     assert not failing, f"relative errors above {tolerance}: {failing}"
-    assert y.dtype == u.dtype and y.shape == u.shape
+    assert y.dtype == first.dtype and y.shape == y_shape
+
+
+def assert_ssd_matches(oracle, inputs, segment_start, tolerance, record=None, candidate=None):
+    """``candidate`` (default: the chunked Triton scan) against ``oracle`` in float64."""
+    assert_scan_matches(candidate or ssd_segmented_triton, oracle, inputs, ("u", "dt", "A", "B", "C", "D"),
+                        inputs[0].shape, segment_start, tolerance, record)
 
 
 # Small shapes: the interpreter on CPU, compiled on CUDA.
@@ -603,17 +610,8 @@ def assert_packed_scan_matches(inputs, heads, groups, state_dim, segment_start, 
                                                              max_segment_len=bound)
 
     x = inputs[0]
-    head_dim = (x.shape[-1] - 2 * groups * state_dim) // heads
-    grad_out = torch.randn(*x.shape[:2], heads, head_dim, generator=torch.Generator().manual_seed(7)).to(x.device)
-    y, grads = forward_and_grads(candidate, inputs, segment_start, grad_out, False)
-    y_ref, grads_ref = forward_and_grads(oracle, inputs, segment_start, grad_out, True)
-    errors = {"y": relative_error(y, y_ref)}
-    for name, tensor, grad, grad_ref in zip(("x", "dt", "A", "D"), inputs, grads, grads_ref):
-        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape
-        errors[f"d{name}"] = relative_error(grad, grad_ref)
-    failing = {name: error for name, error in errors.items() if not error < 1e-5}
-    assert not failing, f"relative errors above 1e-5: {failing}"
-    assert y.shape == grad_out.shape
+    y_shape = split_scan_inputs(x, heads, groups, state_dim)[0].shape
+    assert_scan_matches(candidate, oracle, inputs, ("x", "dt", "A", "D"), y_shape, segment_start, 1e-5)
 
 
 @pytest.mark.parametrize("chunking", ["cyclic_offset", "documents_cut_chunks"])
