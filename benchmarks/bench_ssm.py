@@ -111,8 +111,10 @@ def ssd_backends(shape: Shape) -> dict[str, Callable[..., torch.Tensor]]:
     backends = {
         "torch (compiled)": torch.compile(ssd_segmented, dynamic=False),
         "triton": ssd_triton.ssd_segmented_triton,
-        # The model passes its chunk size as the segment bound.
-        "triton_window": functools.partial(ssd_segmented_window, max_segment_len=shape.chunk),
+        # The model passes its chunk size as the segment bound, and the chunks' period
+        # (uniform_segment_starts: offset 0), on which the kernels align their blocks.
+        "triton_window": functools.partial(ssd_segmented_window, max_segment_len=shape.chunk,
+                                           segment_period=(shape.chunk, 0)),
     }
     try:
         import mamba_ssm  # noqa: F401
@@ -202,7 +204,7 @@ def packed_scan_case(shape: Shape, dtype: torch.dtype, device: torch.device):
     u, dt, A, B, C, D = (t.detach() for t in ssd_inputs(shape, dtype, device))
     x = join_scan_inputs(u, B, C)
     scan = functools.partial(ssd_triton_window.ssd_segmented_window_packed, groups=shape.groups,
-                             state_dim=shape.state_dim, max_segment_len=shape.chunk)
+                             state_dim=shape.state_dim, max_segment_len=shape.chunk, segment_period=(shape.chunk, 0))
     return scan, [t.requires_grad_() for t in (x, dt, A, D)]
 
 

@@ -2,8 +2,8 @@
 
 At a 60M layer's paired K/V SSM shape (``bench_ssm.MODEL_LAYER``: b=16, n=1024, 16 heads of 64,
 2 B/C groups, state 128, P=8, 1536 conv channels, bf16), each variant sets module knobs of
-:mod:`apps.attamba.ssd_triton_window` (``MIN_BLOCK_Q``, ``FORWARD_WARPS``, ``BACKWARD_WARPS``,
-``NUM_STAGES``, ``TILE_S``, ``BF16_DOTS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``,
+:mod:`apps.attamba.ssd_triton_window` (``ALIGNED_BLOCKS``, ``MIN_BLOCK_Q``, ``FORWARD_WARPS``,
+``BACKWARD_WARPS``, ``NUM_STAGES``, ``TILE_S``, ``BF16_DOTS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``,
 ``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``) or :mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``,
 ``norm.NUM_WARPS``, ``norm.SPAN``), then runs the scan, the conv and the output gates forward and
 backward under the profiler. Reported: each kernel's mean GPU µs (kernels
@@ -39,6 +39,7 @@ from benchmarks.tune_attention_triton import parse_variant  # noqa: E402
 
 VARIANTS = (
     "default",
+    "window.ALIGNED_BLOCKS=0",  # blocks at k·Q, three score tiles (as for random chunks)
     "window.BF16_DOTS=0",
     "window.MIN_BLOCK_Q=32",  # 32-token blocks take LARGER_BLOCK_WARPS[32]: the earlier defaults
     "window.BACKWARD_WARPS=2",
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> int:
 
     def window(x, dt, A, D, segment_start):
         return ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, segment_start, groups, state,
-                                                             max_segment_len=shape.chunk)
+                                                             max_segment_len=shape.chunk, segment_period=(shape.chunk, 0))
 
     def reference_scan(x, dt, A, D, segment_start):
         u, B, C = split_scan_inputs(x, A.shape[0], groups, state)

@@ -57,6 +57,9 @@ class LayerPlan:
     ``causal`` says whether the layer attends every earlier key (pseudo-chunking, fattn's layer 0)."""
     max_segment_len: Optional[int] = None
     """A bound on the SSM segments' lengths when the chunking gives one (for the SSM backend)."""
+    segment_period: Optional[tuple[int, int]] = None
+    """(P, offset) of periodic chunks: the SSMs reset (at least) at every chunk start, which lets
+    the windowed scan start its blocks there."""
 
 
 class AttambaAttention(nn.Module):
@@ -93,10 +96,11 @@ class AttambaAttention(nn.Module):
         """A key or value from its SSM's input and output (the residual around the SSM)."""
         return ssm_input + ssm_output if self.residual_ssm else ssm_output
 
-    def keys_values(self, x: torch.Tensor, segment_start: torch.Tensor, max_segment_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, x: torch.Tensor, segment_start: torch.Tensor, max_segment_len: Optional[int] = None,
+                    segment_period: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, n, E] -> unrotated keys and values [B, n, E]."""
         k_in, v_in = self.ssm_inputs(x)
-        k_out, v_out = paired_forward(self.ssm_k, self.ssm_v, k_in, v_in, segment_start, max_segment_len)
+        k_out, v_out = paired_forward(self.ssm_k, self.ssm_v, k_in, v_in, segment_start, max_segment_len, segment_period)
         return self.combine(k_in, k_out), self.combine(v_in, v_out)
 
     def output(self, attended: torch.Tensor) -> torch.Tensor:
@@ -106,7 +110,7 @@ class AttambaAttention(nn.Module):
     def forward(self, x, cos, sin, doc_ids, plan: LayerPlan, need_key_mass: bool = False):
         """-> (output [B, n, E], key mass [B, n] from layer-wide attention, or None)."""
         q = self.queries(x, cos, sin)
-        k, v = self.keys_values(x, plan.segment_start, plan.max_segment_len)
+        k, v = self.keys_values(x, plan.segment_start, plan.max_segment_len, plan.segment_period)
         k, v = apply_rotary(self.split_heads(k), cos, sin), self.split_heads(v)
         attended = attend_prepared(q, k, v, plan.attention)
         key_mass = None
@@ -205,7 +209,7 @@ class AttambaLM(TransformerLMBase):
         attention = prepare_attention(
             boundaries, leading_tokens, doc_ids, n, batch, self.args.attn_impl, causal, self.args.head_dim
         )
-        return LayerPlan(boundaries, starts, leading_tokens, attention, self._segment_bound(boundaries, n))
+        return LayerPlan(boundaries, starts, leading_tokens, attention, self._segment_bound(boundaries, n), boundaries.period)
 
     def _segment_bound(self, boundaries: LayerBoundaries, n: int) -> Optional[int]:
         """The longest SSM segment the chunking can make (documents only cut segments shorter)."""

@@ -64,6 +64,10 @@ LARGER_BLOCK_WARPS = {32: (2, 4), 64: (4, 4)}
 compile); 32-token blocks were tuned in the eleventh session, 64 keeps the earlier 4 warps."""
 NUM_STAGES = 3  # Triton's default on CUDA
 TILE_S = 32
+ALIGNED_BLOCKS = True
+"""With periodic segment starts (``segment_period``), start the blocks on them: a block's tokens then
+see keys of their own block only, one score tile where the backward needs three (and the forward
+two), and no tokens of the neighbouring blocks are read."""
 BF16_DOTS = True
 """With bf16 inputs, multiply bf16 operands (fp32 accumulation, as Mamba2's kernels do) rather
 than TF32 ones: half the operand registers and twice the tensor-core rate, at the cost of rounding
@@ -92,6 +96,31 @@ def block_size(max_segment_len: int) -> int:
 def supports(max_segment_len, return_final_state: bool) -> bool:
     """Whether the windowed kernels can run: a known bound within MAX_BLOCK_Q, no final state."""
     return max_segment_len is not None and 1 <= max_segment_len <= MAX_BLOCK_Q and not return_final_state
+
+
+SegmentPeriod = tuple[int, int]
+"""(P, offset): a segment starts at every position s with (s + offset) mod P == 0 (and perhaps at
+others too), as with Attamba's periodic chunks (``LayerBoundaries.period``)."""
+
+
+def _segment_bound(max_segment_len: Optional[int], segment_period: Optional[SegmentPeriod]) -> Optional[int]:
+    """The bound on segment lengths the caller gave, or the period's (no segment outlasts it)."""
+    if max_segment_len is None and segment_period is not None:
+        return segment_period[0]
+    return max_segment_len
+
+
+def block_layout(max_segment_len: int, segment_period: Optional[SegmentPeriod]) -> tuple[int, int]:
+    """(tokens per block, shift): blocks start at k·Q - shift. With a period that divides the block
+    (ALIGNED_BLOCKS), the shift puts every block's first token on a segment start, so that no
+    segment crosses into the next block and the kernels skip the neighbouring blocks' tiles; else
+    shift -1: blocks at k·Q, three tiles."""
+    if ALIGNED_BLOCKS and segment_period is not None:
+        period, offset = segment_period
+        block_q = block_size(period)
+        if 1 <= period <= MAX_BLOCK_Q and block_q % period == 0:
+            return block_q, offset % period
+    return block_size(max_segment_len), -1
 
 
 @triton.jit
@@ -157,39 +186,42 @@ def _group_head(A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p
 def _window_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, y_ptr,
     n, h, p, s, heads_per_group,
-    stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
+    stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g, shift,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One (head group, block, batch row): y of the block's tokens, for every head of the group,
-    from keys in this and the previous block. The group's heads share B and C, so the score
-    tiles C Bᵀ are computed once for all of them."""
+    from keys in this and the previous block (only this one when ALIGNED: blocks start at
+    ``blk·Q - shift``, where segments start, so none reaches back into the previous block). The
+    group's heads share B and C, so the score tiles C Bᵀ are computed once for all of them."""
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
-    t_c = blk * BLOCK_Q + offs  # this block: queries, and keys of the diagonal tile
+    t_c = blk * BLOCK_Q - shift + offs  # this block: queries, and keys of the diagonal tile
     t_p = t_c - BLOCK_Q  # the previous block: keys
-    valid_p, valid_c = (t_p >= 0) & (t_p < n), t_c < n
+    valid_p, valid_c = (t_p >= 0) & (t_p < n), (t_c >= 0) & (t_c < n)
 
     bc_col = gi * stride_bc_g
     G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
     G_c = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_cᵀ
     for s0 in range(0, BLOCK_S, TILE):
         C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
         B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        G_p = _dot(C_c, tl.trans(B_p), G_p, PRECISION)
         G_c = _dot(C_c, tl.trans(B_c), G_c, PRECISION)
+        if not ALIGNED:
+            B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+            G_p = _dot(C_c, tl.trans(B_p), G_p, PRECISION)
 
     offs_p = tl.arange(0, BLOCK_P)
     for j in range(heads_per_group):
         hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, _, _ = _group_head(
             A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
-        u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
         u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
-        P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
         P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
-        y = _dot(P_p, u_p * dt_p[:, None], None, PRECISION)
-        y = _dot(P_c, u_c * dt_c[:, None], y, PRECISION) + D_h * u_c
+        y = _dot(P_c, u_c * dt_c[:, None], None, PRECISION) + D_h * u_c
+        if not ALIGNED:
+            u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
+            P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
+            y = _dot(P_p, u_p * dt_p[:, None], y, PRECISION)
         y_offs = (bi * n + t_c.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
         tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
 
@@ -200,9 +232,9 @@ def _window_bwd_kernel(
     du_ptr, ddt_ptr, dA_part_ptr, dD_rows_ptr, dB_ptr, dC_ptr,
     n, h, p, s, g, heads_per_group,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
-    stride_dy_b, stride_dy_n, stride_dy_h, stride_du_b, stride_du_n, stride_dbc_b, stride_dbc_n,
+    stride_dy_b, stride_dy_n, stride_dy_h, stride_du_b, stride_du_n, stride_dbc_b, stride_dbc_n, shift,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One (head group, block, batch row): the gradients of the block's tokens, as queries (over
     keys of blocks k-1 and k) and as keys (for queries of blocks k and k+1), for every head of
@@ -211,14 +243,15 @@ def _window_bwd_kernel(
     Writes du, ddt, the block's sum of the gradient of A per head and each token's Σ_p dy·u per
     head (the caller sums both into dA and dD), and dB, dC of the group: its heads share B and C,
     so their score gradients are summed before the one pass over the state that turns them into
-    dB and dC. du, dB and dC are addressed by their own (batch, token) strides.
+    dB and dC. du, dB and dC are addressed by their own (batch, token) strides. ALIGNED (blocks
+    start where segments start, see the forward): the block's own tile is the only one.
     """
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
-    t_c = blk * BLOCK_Q + offs
+    t_c = blk * BLOCK_Q - shift + offs
     t_p = t_c - BLOCK_Q
     t_n = t_c + BLOCK_Q
-    valid_p, valid_c, valid_n = (t_p >= 0) & (t_p < n), t_c < n, t_n < n
+    valid_p, valid_c, valid_n = (t_p >= 0) & (t_p < n), (t_c >= 0) & (t_c < n), t_n < n
 
     # Score tiles, named query block then key block: G_cp = C_c B_pᵀ, G_cc = C_c B_cᵀ, G_nc = C_n B_cᵀ.
     bc_col = gi * stride_bc_g
@@ -226,13 +259,14 @@ def _window_bwd_kernel(
     G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     for s0 in range(0, BLOCK_S, TILE):
-        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
         B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
         C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
-        G_cp = _dot(C_c, tl.trans(B_p), G_cp, PRECISION)
         G_cc = _dot(C_c, tl.trans(B_c), G_cc, PRECISION)
-        G_nc = _dot(C_n, tl.trans(B_c), G_nc, PRECISION)
+        if not ALIGNED:
+            B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+            C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
+            G_cp = _dot(C_c, tl.trans(B_p), G_cp, PRECISION)
+            G_nc = _dot(C_n, tl.trans(B_c), G_nc, PRECISION)
 
     # Σ over the group's heads of the gradient reaching each score tile.
     dG_cp_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
@@ -243,38 +277,41 @@ def _window_bwd_kernel(
     for j in range(heads_per_group):
         hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end = _group_head(
             A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
-        _, cs_n, seg_n, _, _ = _block_terms(
-            dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
-        L_cp = _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
+        # The neighbouring blocks' terms (not ALIGNED) are interleaved in this order, which the
+        # compiler turns into fewer spilled registers than with them all at the end.
+        if not ALIGNED:
+            _, cs_n, seg_n, _, _ = _block_terms(
+                dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+            L_cp = _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
+            L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
+            u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
         L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
-        L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
-
-        u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
         u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
         dy_c = _load_tile(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P, PRECISION)
-        dy_n = _load_tile(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P, PRECISION)
-        x_p = u_p * dt_p[:, None]
         x_c = u_c * dt_c[:, None]
 
         # y_t = Σ_j (G ∘ L)[t, j] x_j: the gradient reaching G is (dy xᵀ) ∘ L, and the one reaching
         # the exponent cs_t - cs_j is that times G.
-        dG_cp = _dot(dy_c, tl.trans(x_p), None, PRECISION) * L_cp
         dG_cc = _dot(dy_c, tl.trans(x_c), None, PRECISION) * L_cc
-        dG_nc = _dot(dy_n, tl.trans(x_c), None, PRECISION) * L_nc
-        dG_cp_sum += dG_cp
         dG_cc_sum += dG_cc
-        dG_nc_sum += dG_nc
+        if not ALIGNED:
+            dy_n = _load_tile(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P, PRECISION)
+            dG_cp = _dot(dy_c, tl.trans(u_p * dt_p[:, None]), None, PRECISION) * L_cp
+            dG_nc = _dot(dy_n, tl.trans(x_c), None, PRECISION) * L_nc
+            dG_cp_sum += dG_cp
+            dG_nc_sum += dG_nc
         # The gradient of a_i = dt_i·A is Σ dE[t, j] over the pairs (t, j) that decay across i,
         # j < i <= t; for i in this block those pairs sit in the three tiles (dE = dG ∘ G).
-        # Keys in the previous block: every i <= t of this block.
-        d_a = tl.cumsum(tl.sum(dG_cp * G_cp, axis=1), axis=0, reverse=True)
         # Both in this block: Σ_{t >= i} Σ_{j < i} dE[t, j].
-        d_a += _spanned_sum(dG_cc * G_cc, BLOCK_Q)
-        # Queries in the next block: every t there is after i, so every key j < i counts.
-        d_a += _sum_before(tl.sum(dG_nc * G_nc, axis=0), BLOCK_Q)
-
+        d_a = _spanned_sum(dG_cc * G_cc, BLOCK_Q)
+        if not ALIGNED:
+            # Keys in the previous block: every i <= t of this block.
+            d_a += tl.cumsum(tl.sum(dG_cp * G_cp, axis=1), axis=0, reverse=True)
+            # Queries in the next block: every t there is after i, so every key j < i counts.
+            d_a += _sum_before(tl.sum(dG_nc * G_nc, axis=0), BLOCK_Q)
         dx = _dot(tl.trans(G_cc * L_cc), dy_c, None, PRECISION)
-        dx = _dot(tl.trans(G_nc * L_nc), dy_n, dx, PRECISION)
+        if not ALIGNED:
+            dx = _dot(tl.trans(G_nc * L_nc), dy_n, dx, PRECISION)
         du = dx * dt_c[:, None] + D_h * dy_c
         du_offs = bi * stride_du_b + t64[:, None] * stride_du_n + hi * p + offs_p[None, :]
         tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
@@ -289,23 +326,31 @@ def _window_bwd_kernel(
     dG_cc_t = tl.trans(dG_cc_sum)
     dG_nc_t = tl.trans(dG_nc_sum)
     for s0 in range(0, BLOCK_S, TILE):
-        B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
         B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
         C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
-        dC = _dot(dG_cc_sum, B_c, _dot(dG_cp_sum, B_p, None, PRECISION), PRECISION)
-        dB = _dot(dG_nc_t, C_n, _dot(dG_cc_t, C_c, None, PRECISION), PRECISION)
+        dC = _dot(dG_cc_sum, B_c, None, PRECISION)
+        dB = _dot(dG_cc_t, C_c, None, PRECISION)
+        if not ALIGNED:
+            B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+            C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
+            dC = _dot(dG_cp_sum, B_p, dC, PRECISION)
+            dB = _dot(dG_nc_t, C_n, dB, PRECISION)
         offs_out = bi * stride_dbc_b + t64[:, None] * stride_dbc_n + gi * s + s0 + offs_s[None, :]
         out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
         tl.store(dB_ptr + offs_out, dB.to(dB_ptr.dtype.element_ty), mask=out_mask)
         tl.store(dC_ptr + offs_out, dC.to(dC_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _launch_meta(block_q: int, p: int, s: int, dtype: torch.dtype, backward: bool) -> dict:
+def _launch_meta(block_q: int, block_shift: int, p: int, s: int, dtype: torch.dtype, backward: bool) -> dict:
     return dict(
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
-        PRECISION=_precision(dtype), num_warps=_warps(block_q, backward), num_stages=NUM_STAGES,
+        PRECISION=_precision(dtype), ALIGNED=block_shift >= 0, num_warps=_warps(block_q, backward),
+        num_stages=NUM_STAGES,
     )
+
+
+def _grid(groups: int, n: int, b: int, block_q: int, block_shift: int) -> tuple[int, int, int]:
+    return groups, triton.cdiv(n + max(block_shift, 0), block_q), b
 
 
 def _strides(u, dt, B):
@@ -318,23 +363,23 @@ def _strides(u, dt, B):
 @torch.library.custom_op("attamba::ssd_window_fwd", mutates_args=())
 def _window_forward(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
-    groups: int, state_dim: int, block_q: int,
+    groups: int, state_dim: int, block_q: int, block_shift: int,
 ) -> torch.Tensor:
-    """-> y [b, n, h, p] of the scan over (u, B, C) = x."""
+    """-> y [b, n, h, p] of the scan over (u, B, C) = x; blocks as :func:`block_layout` says."""
     x = _last_dim_contiguous(x)
     u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
     b, n, h, p = u.shape
     dt = dt.contiguous()
     y = torch.empty((b, n, h, p), device=x.device, dtype=x.dtype)
-    _window_fwd_kernel[(groups, triton.cdiv(n, block_q), b)](
-        u, dt, A, B, C, D, starts, y, n, h, p, state_dim, h // groups, *_strides(u, dt, B),
-        **_launch_meta(block_q, p, state_dim, x.dtype, backward=False),
+    _window_fwd_kernel[_grid(groups, n, b, block_q, block_shift)](
+        u, dt, A, B, C, D, starts, y, n, h, p, state_dim, h // groups, *_strides(u, dt, B), max(block_shift, 0),
+        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, backward=False),
     )
     return y
 
 
 @_window_forward.register_fake
-def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q):
+def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q, block_shift):
     b, n, _ = x.shape
     return x.new_empty((b, n, A.shape[0], (x.shape[-1] - 2 * groups * state_dim) // A.shape[0]))
 
@@ -342,7 +387,7 @@ def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q):
 @torch.library.custom_op("attamba::ssd_window_bwd", mutates_args=())
 def _window_backward(
     dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
-    groups: int, state_dim: int, block_q: int,
+    groups: int, state_dim: int, block_q: int, block_shift: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx (like x: du, dB, dC side by side), ddt, dA, dD."""
     x = _last_dim_contiguous(x)
@@ -353,34 +398,35 @@ def _window_backward(
     dx = torch.empty((b, n, x.shape[-1]), device=x.device, dtype=x.dtype)
     du, dB, dC = split_scan_inputs(dx, h, groups, state_dim)
     ddt = torch.empty((b, n, h), device=x.device, dtype=torch.float32)
-    blocks = triton.cdiv(n, block_q)
+    grid = _grid(groups, n, b, block_q, block_shift)
+    blocks = grid[1]
     # Summing dy·u over the whole [b, n, h, p] outside the kernel read both tensors again, in
     # float32; the kernel, which has them loaded, leaves sums per token and per block instead.
     dA_part = torch.empty((b, blocks, h), device=x.device, dtype=torch.float32)
     dD_rows = torch.empty((b, n, h), device=x.device, dtype=torch.float32)
-    _window_bwd_kernel[(groups, blocks, b)](
+    _window_bwd_kernel[grid](
         u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC,
         n, h, p, state_dim, groups, h // groups, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
-        dx.stride(0), dx.stride(1), dx.stride(0), dx.stride(1),
-        **_launch_meta(block_q, p, state_dim, x.dtype, backward=True),
+        dx.stride(0), dx.stride(1), dx.stride(0), dx.stride(1), max(block_shift, 0),
+        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, backward=True),
     )
     return dx, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dD_rows.sum((0, 1)).to(D.dtype)
 
 
 @_window_backward.register_fake
-def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q):
+def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q, block_shift):
     return tuple(t.new_empty(t.shape) for t in (x, dt, A, D))
 
 
 def _window_setup_context(ctx, inputs, output) -> None:
-    x, dt, A, D, starts, groups, state_dim, block_q = inputs
+    x, dt, A, D, starts, groups, state_dim, block_q, block_shift = inputs
     ctx.save_for_backward(x, dt, A, D, starts)
-    ctx.sizes = (groups, state_dim, block_q)
+    ctx.sizes = (groups, state_dim, block_q, block_shift)
 
 
 def _window_autograd(ctx, dy):
     x, dt, A, D, starts = ctx.saved_tensors
-    return (*_window_backward(dy, x, dt, A, D, starts, *ctx.sizes), None, None, None, None)
+    return (*_window_backward(dy, x, dt, A, D, starts, *ctx.sizes), None, None, None, None, None)
 
 
 torch.library.register_autograd("attamba::ssd_window_fwd", _window_autograd, setup_context=_window_setup_context)
@@ -396,23 +442,28 @@ def ssd_segmented_window(
     segment_start: torch.Tensor,
     return_final_state: bool = False,
     max_segment_len: Optional[int] = None,
+    segment_period: Optional[SegmentPeriod] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The segmented SSD scan (signature of ``ssd_reference``) through the windowed kernels when
     ``max_segment_len`` (the caller's bound on every segment's length) allows, else through the
-    chunked kernels of :func:`apps.attamba.ssd_triton.ssd_segmented_triton`.
+    chunked kernels of :func:`apps.attamba.ssd_triton.ssd_segmented_triton`. ``segment_period``
+    (:data:`SegmentPeriod`, a bound of its own) lets the kernels start their blocks on segment
+    starts (:func:`block_layout`).
 
-    The bound is trusted, not checked (checking costs a device-to-host sync): a longer segment
-    silently loses the contributions from more than one block back. The kernels read u, B and C
-    from one tensor: this copies them side by side (:func:`ssd_segmented_window_packed` takes
-    them so).
+    The bound and the period are trusted, not checked (checking costs a device-to-host sync): a
+    longer segment, or one crossing a promised start, silently loses the contributions from
+    before the block it reaches into. The kernels read u, B and C from one tensor: this copies
+    them side by side (:func:`ssd_segmented_window_packed` takes them so).
     """
-    if not supports(max_segment_len, return_final_state):
+    bound = _segment_bound(max_segment_len, segment_period)
+    if not supports(bound, return_final_state):
         return ssd_segmented_triton(u, dt, A, B, C, D, segment_start, return_final_state)
     _check_inputs(u, dt, A, B, C, D, segment_start)
     if not u.dtype == B.dtype == C.dtype:
         raise ValueError(f"u, B and C must share a dtype; got {u.dtype}, {B.dtype}, {C.dtype}")
     x = join_scan_inputs(u, B, C)
-    return _window_forward(x, dt, A, D, _as_bytes(segment_start), B.shape[2], B.shape[3], block_size(max_segment_len))
+    return _window_forward(x, dt, A, D, _as_bytes(segment_start), B.shape[2], B.shape[3],
+                           *block_layout(bound, segment_period))
 
 
 def ssd_segmented_window_packed(
@@ -424,11 +475,11 @@ def ssd_segmented_window_packed(
     groups: int,
     state_dim: int,
     max_segment_len: Optional[int] = None,
+    segment_period: Optional[SegmentPeriod] = None,
 ) -> torch.Tensor:
     """:func:`ssd_segmented_window` with u, B and C side by side in x [b, n, h·p + 2·g·s] (h =
     A's length), as a KV-SSM's conv writes them -> y [b, n, h, p]. The gradient of x is one
-    tensor too. Without a usable ``max_segment_len`` (:func:`supports`), the chunked kernels run
-    on views of x."""
+    tensor too. Without a usable bound (:func:`supports`), the chunked kernels run on views of x."""
     heads = A.shape[0]
     bc = groups * state_dim
     if x.dim() != 3 or x.shape[-1] <= 2 * bc or (x.shape[-1] - 2 * bc) % heads:
@@ -436,7 +487,8 @@ def ssd_segmented_window_packed(
             f"x must be [b, n, h·p + 2·g·s] with h={heads}, g={groups}, s={state_dim}; got {tuple(x.shape)}"
         )
     u, B, C = split_scan_inputs(x, heads, groups, state_dim)
-    if not supports(max_segment_len, return_final_state=False):
+    bound = _segment_bound(max_segment_len, segment_period)
+    if not supports(bound, return_final_state=False):
         return ssd_segmented_triton(u, dt, A, B, C, D, segment_start)
     _check_inputs(u, dt, A, B, C, D, segment_start)
-    return _window_forward(x, dt, A, D, _as_bytes(segment_start), groups, state_dim, block_size(max_segment_len))
+    return _window_forward(x, dt, A, D, _as_bytes(segment_start), groups, state_dim, *block_layout(bound, segment_period))

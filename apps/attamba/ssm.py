@@ -174,16 +174,17 @@ class Backend(NamedTuple):
     def conv_and_scan(self, conv_in: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
                       sizes: "_ScanSizes", dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
                       segment_start: torch.Tensor, return_final_state: bool = False,
-                      max_segment_len: Optional[int] = None):
+                      max_segment_len: Optional[int] = None, segment_period: Optional[tuple[int, int]] = None):
         """(u, B, C) = SiLU(conv(conv_in)), then the scan: y [b, n, heads, head_dim] (and the
-        final state with ``return_final_state``)."""
+        final state with ``return_final_state``). ``segment_period`` (P, offset): segments start at
+        least wherever (t + offset) mod P == 0 (periodic chunks); the packed scan can use it."""
         if self.conv_silu is not None:
             conv_out = self.conv_silu(conv_in, conv_weight, conv_bias, segment_start)
         else:
             conv_out = F.silu(self.conv(conv_in, conv_weight, conv_bias, segment_start))
         if self.ssd_packed is not None and not return_final_state:
             return self.ssd_packed(conv_out, dt, A, D, segment_start, sizes.groups, sizes.state_dim,
-                                   max_segment_len=max_segment_len)
+                                   max_segment_len=max_segment_len, segment_period=segment_period)
         u, B, C = sizes.split_conv_output(conv_out)
         return self.ssd(u, dt, A, B, C, D, segment_start, return_final_state=return_final_state,
                         max_segment_len=max_segment_len)
@@ -372,7 +373,7 @@ class KVSSM(nn.Module):
         return self.out_proj(self._gate(y, z))
 
     def _mix(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], return_final_state: bool,
-             max_segment_len: Optional[int] = None):
+             max_segment_len: Optional[int] = None, segment_period: Optional[tuple[int, int]] = None):
         """Shared body of forward and forward_with_state."""
         batch, n, _ = x.shape
         if segment_start is None:
@@ -383,19 +384,22 @@ class KVSSM(nn.Module):
         A = -torch.exp(self.A_log.to(state_dtype))
         result = backend.conv_and_scan(conv_in, self.conv_weight, self.conv_bias, _ScanSizes.of(self),
                                        self._dt(dt, state_dtype), A, self.D.to(state_dtype), segment_start,
-                                       return_final_state, max_segment_len)
+                                       return_final_state, max_segment_len, segment_period)
         y, final_ssm = result if return_final_state else (result, None)
         out = self._output(y.flatten(-2), z)
         if not return_final_state:
             return out
         return out, SSMState(self._conv_tail(conv_in, segment_start), final_ssm.to(state_dtype))
 
-    def forward(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], max_segment_len: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], max_segment_len: Optional[int] = None,
+                segment_period: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """x [B, n, dim_in], segment_start [B, n] bool (None: one segment per row) -> [B, n, dim_out].
 
         ``max_segment_len``: a bound on every segment's length that the caller guarantees (for
-        backends that can use it), or None."""
-        return self._mix(x, segment_start, return_final_state=False, max_segment_len=max_segment_len)
+        backends that can use it), or None; ``segment_period`` (P, offset): the caller guarantees a
+        segment start wherever (t + offset) mod P == 0 (:meth:`Backend.conv_and_scan`), or None."""
+        return self._mix(x, segment_start, return_final_state=False, max_segment_len=max_segment_len,
+                         segment_period=segment_period)
 
     def forward_with_state(self, x: torch.Tensor, segment_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, SSMState]:
         """:meth:`forward`, plus the decode state after the last token (for prefill)."""
@@ -446,6 +450,7 @@ def paired_forward(
     x_second: torch.Tensor,
     segment_start: Optional[torch.Tensor],
     max_segment_len: Optional[int] = None,
+    segment_period: Optional[tuple[int, int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(first(x_first, ...), second(x_second, ...))`` through one conv and one scan call.
 
@@ -467,7 +472,8 @@ def paired_forward(
     else:
         pair = _PairInputs.of(first, params, first.in_proj(x_first), second.in_proj(x_second))
     y = backend.conv_and_scan(pair.conv_in, params.conv_weight, params.conv_bias, _ScanSizes.of(first, copies=2),
-                              pair.dt, params.A, params.D, segment_start, max_segment_len=max_segment_len)
+                              pair.dt, params.A, params.D, segment_start, max_segment_len=max_segment_len,
+                              segment_period=segment_period)
     y = y.flatten(-2)  # [b, n, 2·hidden]: the first SSM's heads, then the second's
     if backend.gated_norm is None:
         y_1, y_2 = y.chunk(2, dim=-1)

@@ -508,42 +508,69 @@ def test_custom_ops_fakes_match_their_kernels(dtype):
 from apps.attamba import ssd_triton_window  # noqa: E402
 from apps.attamba.ssd_triton_window import ssd_segmented_window  # noqa: E402
 
-SHORT_CHUNKINGS = {  # name: (segment_start maker, the bound the caller would pass)
-    "uniform": (lambda b, n: uniform_starts(b, n, 4), 4),
-    "cyclic_offset": (lambda b, n: uniform_starts(b, n, 8, offset=3), 8),
-    "random_lengths": (lambda b, n: random_length_starts(b, n, 5, seed=1), 9),
-    "every_token": (lambda b, n: torch.ones(b, n, dtype=torch.bool), 1),
-    "block_long_straddling": (lambda b, n: uniform_starts(b, n, 32, offset=5), 32),
-    "documents_cut_chunks": (lambda b, n: uniform_starts(b, n, 8, offset=1) | document_starts(b, n, seed=3), 8),
+SHORT_CHUNKINGS = {  # name: (segment_start maker, the bound the caller would pass, the period or None)
+    "uniform": (lambda b, n: uniform_starts(b, n, 4), 4, (4, 0)),
+    "cyclic_offset": (lambda b, n: uniform_starts(b, n, 8, offset=3), 8, (8, 3)),
+    "random_lengths": (lambda b, n: random_length_starts(b, n, 5, seed=1), 9, None),
+    "every_token": (lambda b, n: torch.ones(b, n, dtype=torch.bool), 1, (1, 0)),
+    "block_long_straddling": (lambda b, n: uniform_starts(b, n, 32, offset=5), 32, (32, 5)),
+    "documents_cut_chunks": (lambda b, n: uniform_starts(b, n, 8, offset=1) | document_starts(b, n, seed=3), 8, (8, 1)),
 }
+PERIODIC_CHUNKINGS = sorted(name for name, (_, _, period) in SHORT_CHUNKINGS.items() if period is not None)
 
 
-def window_with_bound(bound):
-    return lambda *args: ssd_segmented_window(*args, max_segment_len=bound)
+def window_with_bound(bound, period=None):
+    """The windowed scan given the caller's bound and, for blocks aligned to the segments, the period."""
+    if period is not None:  # the aligned kernels must be the ones that run
+        assert ssd_triton_window.block_layout(bound, period)[1] >= 0
+    return lambda *args: ssd_segmented_window(*args, max_segment_len=bound, segment_period=period)
 
 
 @pytest.mark.parametrize("chunking", sorted(SHORT_CHUNKINGS))
 def test_windowed_ssd_matches_reference(chunking):
     # n = 77 spans three 32-token blocks, partial last; segments cross block edges.
     b, n, h, p, g, s = 2, 77, 2, 16, 1, 40
-    make_starts, bound = SHORT_CHUNKINGS[chunking]
+    make_starts, bound, _ = SHORT_CHUNKINGS[chunking]
     inputs = ssd_inputs(b, n, h, p, g, s)
     assert_ssd_matches(ssd_reference, inputs, make_starts(b, n).to(DEVICE), 1e-5, candidate=window_with_bound(bound))
 
 
+@pytest.mark.parametrize("chunking", PERIODIC_CHUNKINGS)
+def test_windowed_ssd_on_blocks_aligned_to_the_segments_matches_reference(chunking):
+    # The blocks start at k·Q - offset: the first one reaches before token 0, the last past n.
+    b, n, h, p, g, s = 2, 77, 2, 16, 1, 40
+    make_starts, bound, period = SHORT_CHUNKINGS[chunking]
+    inputs = ssd_inputs(b, n, h, p, g, s, seed=4)
+    assert_ssd_matches(ssd_reference, inputs, make_starts(b, n).to(DEVICE), 1e-5,
+                       candidate=window_with_bound(bound, period))
+
+
+def test_block_layout_aligns_blocks_only_to_periods_that_divide_them(monkeypatch):
+    assert ssd_triton_window.block_layout(8, (8, 3)) == (16, 3)
+    assert ssd_triton_window.block_layout(32, (32, 5)) == (32, 5)
+    assert ssd_triton_window.block_layout(8, None) == (16, -1)
+    assert ssd_triton_window.block_layout(6, (6, 2)) == (16, -1)  # 6 divides no power of two
+    assert ssd_triton_window.block_layout(65, (65, 0)) == (128, -1)  # too long for one block: no window kernels
+    monkeypatch.setattr(ssd_triton_window, "ALIGNED_BLOCKS", False)
+    assert ssd_triton_window.block_layout(8, (8, 3)) == (16, -1)
+
+
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("chunking", ["cyclic_offset", "random_lengths", "documents_cut_chunks", "block_long_straddling"])
+@pytest.mark.parametrize("chunking, aligned", [
+    ("cyclic_offset", False), ("cyclic_offset", True), ("random_lengths", False), ("documents_cut_chunks", False),
+    ("documents_cut_chunks", True), ("block_long_straddling", False), ("block_long_straddling", True),
+])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_windowed_ssd_matches_reference_at_model_shape_on_gpu(chunking, dtype, record_property):
+def test_windowed_ssd_matches_reference_at_model_shape_on_gpu(chunking, aligned, dtype, record_property):
     # A 60M layer's paired K/V heads (16 of 64, two B/C groups, state 128) on fewer tokens. bf16 runs
     # the kernels' bf16 dots (ssd_triton_window.BF16_DOTS), which the interpreter never takes.
     b, n, h, p, g, s = 2, 300, 16, 64, 2, 128
-    make_starts, bound = SHORT_CHUNKINGS[chunking]
+    make_starts, bound, period = SHORT_CHUNKINGS[chunking]
     inputs = ssd_inputs(b, n, h, p, g, s, dtype=dtype)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert_ssd_matches(ssd_reference, inputs, make_starts(b, n).to(DEVICE), tolerance, record_property,
-                       candidate=window_with_bound(bound))
+                       candidate=window_with_bound(bound, period if aligned else None))
 
 
 def test_windowed_ssd_with_head_groups_and_the_largest_block():
@@ -575,14 +602,17 @@ def test_windowed_ssd_op_fake_matches_and_compiles_whole(packed):
     u, dt, A, B, C, D = (t.requires_grad_() for t in (u, dt, A, B, C, D))
     starts = ssd_triton._as_bytes(uniform_starts(b, n, 8, offset=2).to(DEVICE))
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.attamba.ssd_window_fwd.default, (x, dt, A, D, starts, g, s, 32), test_utils=checks)
-    backward_args = (torch.randn_like(u), *(t.detach() for t in (x, dt, A, D)), starts, g, s, 32)
-    torch.library.opcheck(torch.ops.attamba.ssd_window_bwd.default, backward_args, test_utils=checks[:2])
+    for block_shift in (-1, 2):
+        args = (x, dt, A, D, starts, g, s, 16, block_shift)
+        torch.library.opcheck(torch.ops.attamba.ssd_window_fwd.default, args, test_utils=checks)
+        backward_args = (torch.randn_like(u), *(t.detach() for t in (x, dt, A, D)), starts, g, s, 16, block_shift)
+        torch.library.opcheck(torch.ops.attamba.ssd_window_bwd.default, backward_args, test_utils=checks[:2])
     torch._dynamo.reset()
     segment_start = uniform_starts(b, n, 8, offset=2).to(DEVICE)
     if packed:
         def scan(x, dt, A, D):
-            return ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, segment_start, g, s, max_segment_len=8)
+            return ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, segment_start, g, s, max_segment_len=8,
+                                                                 segment_period=(8, 2))
         inputs = (x, dt, A, D)
     else:
         def scan(u, dt, A, B, C, D):
@@ -598,7 +628,7 @@ def packed_inputs(b, n, h, p, g, s, seed=0):
     return [join_scan_inputs(u, B, C), dt, A, D]
 
 
-def assert_packed_scan_matches(inputs, heads, groups, state_dim, segment_start, bound):
+def assert_packed_scan_matches(inputs, heads, groups, state_dim, segment_start, bound, period=None):
     """ssd_segmented_window_packed against a split and ssd_reference in float64: the output and the
     gradients of x, dt, A and D."""
     def oracle(x, dt, A, D, segment_start):
@@ -607,19 +637,21 @@ def assert_packed_scan_matches(inputs, heads, groups, state_dim, segment_start, 
 
     def candidate(x, dt, A, D, segment_start):
         return ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, segment_start, groups, state_dim,
-                                                             max_segment_len=bound)
+                                                             max_segment_len=bound, segment_period=period)
 
     x = inputs[0]
     y_shape = split_scan_inputs(x, heads, groups, state_dim)[0].shape
     assert_scan_matches(candidate, oracle, inputs, ("x", "dt", "A", "D"), y_shape, segment_start, 1e-5)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("chunking", ["cyclic_offset", "documents_cut_chunks"])
-def test_packed_windowed_scan_matches_reference(chunking):
+def test_packed_windowed_scan_matches_reference(chunking, aligned):
     # Two groups of two heads: dB and dC land in the packed gradient after the heads' sums.
     b, n, h, p, g, s = 2, 77, 4, 16, 2, 24
-    make_starts, bound = SHORT_CHUNKINGS[chunking]
-    assert_packed_scan_matches(packed_inputs(b, n, h, p, g, s, seed=2), h, g, s, make_starts(b, n).to(DEVICE), bound)
+    make_starts, bound, period = SHORT_CHUNKINGS[chunking]
+    assert_packed_scan_matches(packed_inputs(b, n, h, p, g, s, seed=2), h, g, s, make_starts(b, n).to(DEVICE), bound,
+                               period if aligned else None)
 
 
 def test_packed_scan_falls_back_to_the_chunked_kernels(monkeypatch):

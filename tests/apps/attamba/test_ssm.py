@@ -118,8 +118,9 @@ def test_paired_forward_equals_two_calls(impl, overrides, same_input):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 @pytest.mark.parametrize("same_input", [False, True])  # True: the z₁ | z₂ matmul feeds the fused gates
-@pytest.mark.parametrize("max_segment_len", [4, None])  # None: the chunked scan on views of the conv output
-def test_paired_forward_on_the_triton_kernels_equals_two_torch_calls(same_input, max_segment_len):
+# None: the chunked scan on views of the conv output; with the period, blocks aligned to the segments.
+@pytest.mark.parametrize("max_segment_len, segment_period", [(4, None), (4, (4, 3)), (None, None)])
+def test_paired_forward_on_the_triton_kernels_equals_two_torch_calls(same_input, max_segment_len, segment_period):
     """The Triton path fuses across the two SSMs (conv with its SiLU, the scan on u | B | C, both
     gates in one kernel, both out_proj in one batched matmul); each SSM alone in PyTorch is the
     oracle, gradients included. On CPU the kernels run under the Triton interpreter."""
@@ -129,7 +130,7 @@ def test_paired_forward_on_the_triton_kernels_equals_two_torch_calls(same_input,
         allow_one_element_index_in_interpreter()
     first, second = (tiny_ssm(torch.float32, seed=seed, impl="triton_window", n_groups=2) for seed in (0, 5))
     x, _ = inputs(2, 17, torch.float32)
-    segment_start = (torch.arange(17) % 4 == 1).expand(2, 17).clone()
+    segment_start = (torch.arange(17) % 4 == 1).expand(2, 17).clone()  # (t + 3) mod 4 == 0: period (4, 3)
     x_second = x if same_input else inputs(2, 17, torch.float32, seed=9)[0]
 
     def outputs_and_grads(run):
@@ -137,7 +138,8 @@ def test_paired_forward_on_the_triton_kernels_equals_two_torch_calls(same_input,
         loss = sum((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() for out in outputs)
         return outputs, torch.autograd.grad(loss, [*first.parameters(), *second.parameters()])
 
-    paired = outputs_and_grads(lambda: paired_forward(first, second, x, x_second, segment_start, max_segment_len))
+    paired = outputs_and_grads(lambda: paired_forward(first, second, x, x_second, segment_start, max_segment_len,
+                                                      segment_period))
     first.impl = second.impl = "torch"
     separate = outputs_and_grads(lambda: (first(x, segment_start), second(x_second, segment_start)))
     for got, expected in zip([*paired[0], *paired[1]], [*separate[0], *separate[1]]):
