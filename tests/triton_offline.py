@@ -131,8 +131,7 @@ def compile_ssm_kernels() -> list[str]:
     pointers.update(dt_ptr="bf16", start_ptr="u8", dist_ptr="i32")
     ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S)
     conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
-    dw_tiles = dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS,
-                    REDUCE_TILES=conv.SPLIT_REDUCE_TILES)
+    dw_tiles = dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS)
     variants = [
         (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, ALIGNED=aligned, **ssd_tiles), window._warps(block_q, backward),
          window.NUM_STAGES)

@@ -44,10 +44,6 @@ SPLIT_WARPS = 2
 the 1024-token spans of 32-token tiles on 4 warps that were fastest without it (46.8 µs then);
 benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, fourteenth session."""
 
-SPLIT_REDUCE_TILES = False
-"""Sum each tile's products over its tokens at once (one running sum per channel and tap) instead
-of keeping a running tile per tap, reduced at the end: fewer live registers, a reduction per tile."""
-
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -95,15 +91,6 @@ def _silu_grad(grad, pre):
     """grad · SiLU'(pre), fp32."""
     sig = tl.sigmoid(pre)
     return grad * (sig * (1.0 + pre * (1.0 - sig)))
-
-
-@triton.jit
-def _tile_sum(tile, REDUCE: tl.constexpr):
-    """The tile's sum over tokens (axis 0) with REDUCE, else the tile itself."""
-    if REDUCE:
-        return tl.sum(tile, axis=0)
-    else:
-        return tile
 
 
 @triton.jit
@@ -196,7 +183,7 @@ def _conv_dw_kernel(
     x_ptr, w_ptr, bias_ptr, dist_ptr, dout_ptr, dw_part_ptr, dpre_ptr,
     n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPAN: tl.constexpr, REDUCE_TILES: tl.constexpr,
+    SPAN: tl.constexpr,
 ):
     """Weight and bias gradients of the split backward over SPAN tokens of one (row, channel
     block): each tap's products summed elementwise tile by tile, reduced over tokens once at the
@@ -209,18 +196,11 @@ def _conv_dw_kernel(
     span = tl.program_id(1)
     ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_ch = ch < c
-    if REDUCE_TILES:  # one running sum per channel
-        acc_bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    else:
-        acc_bias = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-        acc_0 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-        acc_1 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-        acc_2 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-        acc_3 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_bias = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_0 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_1 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_2 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc_3 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for first in range(span * SPAN, tl.minimum(span * SPAN + SPAN, n), BLOCK_N):
         t = first + tl.arange(0, BLOCK_N)
         in_seq = t < n
@@ -247,24 +227,24 @@ def _conv_dw_kernel(
             dout = _silu_grad(dout, pre)
             dpre_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
             tl.store(dpre_ptr + dpre_offs, dout.to(dpre_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
-        acc_bias += _tile_sum(dout, REDUCE_TILES)
-        acc_0 += _tile_sum(dout * x_0, REDUCE_TILES)
+        acc_bias += dout
+        acc_0 += dout * x_0
         if K > 1:
-            acc_1 += _tile_sum(dout * x_1, REDUCE_TILES)
+            acc_1 += dout * x_1
         if K > 2:
-            acc_2 += _tile_sum(dout * x_2, REDUCE_TILES)
+            acc_2 += dout * x_2
         if K > 3:
-            acc_3 += _tile_sum(dout * x_3, REDUCE_TILES)
+            acc_3 += dout * x_3
     # Rows as in _conv_bwd_kernel: tap i's gradient in row K-1-i (the weight's column), the bias in row K.
     row = (bi * tl.num_programs(1) + span) * (K + 1)
-    tl.store(dw_part_ptr + (row + K) * c + ch, _tile_sum(acc_bias, not REDUCE_TILES), mask=in_ch)
-    tl.store(dw_part_ptr + (row + K - 1) * c + ch, _tile_sum(acc_0, not REDUCE_TILES), mask=in_ch)
+    tl.store(dw_part_ptr + (row + K) * c + ch, tl.sum(acc_bias, axis=0), mask=in_ch)
+    tl.store(dw_part_ptr + (row + K - 1) * c + ch, tl.sum(acc_0, axis=0), mask=in_ch)
     if K > 1:
-        tl.store(dw_part_ptr + (row + K - 2) * c + ch, _tile_sum(acc_1, not REDUCE_TILES), mask=in_ch)
+        tl.store(dw_part_ptr + (row + K - 2) * c + ch, tl.sum(acc_1, axis=0), mask=in_ch)
     if K > 2:
-        tl.store(dw_part_ptr + (row + K - 3) * c + ch, _tile_sum(acc_2, not REDUCE_TILES), mask=in_ch)
+        tl.store(dw_part_ptr + (row + K - 3) * c + ch, tl.sum(acc_2, axis=0), mask=in_ch)
     if K > 3:
-        tl.store(dw_part_ptr + (row + K - 4) * c + ch, _tile_sum(acc_3, not REDUCE_TILES), mask=in_ch)
+        tl.store(dw_part_ptr + (row + K - 4) * c + ch, tl.sum(acc_3, axis=0), mask=in_ch)
 
 
 def _distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
@@ -334,7 +314,7 @@ def _conv_backward(
             x, weight, bias if bias is not None else weight, dist, dout, dw_part, dpre,
             n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
             K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=SPLIT_BLOCK_N, BLOCK_C=BLOCK_C, SPAN=SPLIT_TOKENS,
-            REDUCE_TILES=SPLIT_REDUCE_TILES, num_warps=SPLIT_WARPS,
+            num_warps=SPLIT_WARPS,
         )
         _conv_dx_kernel[(b, triton.cdiv(n, BLOCK_N), channel_blocks)](
             weight, dist, dpre, dx, n, c, dpre.stride(0), dpre.stride(1),
