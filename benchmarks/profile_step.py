@@ -12,7 +12,8 @@ second table says where the host spends it.
 
 ``--gaps`` adds where the GPU idled within the profiled steps and what the host ran meanwhile
 (:mod:`benchmarks.gpu_gaps`); ``--share-of _window_,_conv_`` the GPU time of the kernels so named as a share of
-the step (the KV-SSM share of issue 3).
+the step (the KV-SSM share of issue 3); ``--by-kind`` the GPU time by kind of kernel
+(:mod:`benchmarks.kernel_kinds`: matmuls, attention, KV-SSM kernels, ...), to set two models side by side.
 
 Needs CUDA.
 """
@@ -30,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_gaps import gap_report  # noqa: E402
+from benchmarks.kernel_kinds import format_kinds, time_by_kind  # noqa: E402
 from lingua import distributed  # noqa: E402
 from lingua.args import read_raw  # noqa: E402
 from lingua.optim import build_optimizer, no_weight_decay_names  # noqa: E402
@@ -42,15 +44,23 @@ def kernel_totals(averages, steps: int) -> tuple[float, float]:
 
     Only kernel (device-side) events count: an operator row also carries the time of the kernels
     it launched, so summing every row counts custom ops' and cuDNN's kernels twice."""
-    kernels = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = _kernel_events(averages)
     return sum(e.count for e in kernels) / steps, sum(e.self_device_time_total for e in kernels) / steps
+
+
+def _kernel_events(averages) -> list:
+    return [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def kernel_times(averages, steps: int) -> dict[str, float]:
+    """Kernel name -> µs of GPU time per step, from a profiler's ``key_averages()``."""
+    return {event.key: event.self_device_time_total / steps for event in _kernel_events(averages)}
 
 
 def kernel_share(averages, names: list[str], steps: int, step_ms: float) -> str:
     """GPU time per step of the kernels whose names contain one of ``names``, and its share of a
     step of ``step_ms`` (the unprofiled median: profiling slows the host, not the kernels)."""
-    rows = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA
-            and any(name in event.key for name in names if name)]
+    rows = [event for event in _kernel_events(averages) if any(name in event.key for name in names if name)]
     lines = [f"  {event.self_device_time_total / steps / 1e3:7.3f} ms/step  {event.key}" for event in rows]
     total_ms = sum(event.self_device_time_total for event in rows) / steps / 1e3
     return "\n".join([f"kernels matching {names}: {total_ms:.3f} ms/step = {100 * total_ms / step_ms:.1f}% "
@@ -84,6 +94,8 @@ def main() -> None:
                         help="kernels (substrings of their names) whose GPU time to report as a share of the step")
     parser.add_argument("--gaps", action="store_true",
                         help="also print the GPU's idle gaps per step and the host ops running in them")
+    parser.add_argument("--by-kind", action="store_true",
+                        help="also print the GPU time per step by kind of kernel (benchmarks/kernel_kinds.py)")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     options, overrides = parser.parse_known_args()
     if options.device == "cuda" and not torch.cuda.is_available():
@@ -160,6 +172,8 @@ def main() -> None:
         print(kernel_share(averages, options.share_of.split(","), options.profile_steps, ms))
     if options.gaps:
         print(gap_report(prof.events(), options.profile_steps))
+    if options.by_kind:
+        print(format_kinds(time_by_kind(kernel_times(averages, options.profile_steps))))
 
 
 def print_breakdown(prof, name: str, steps: int, rows: int = 8) -> None:

@@ -1,0 +1,48 @@
+"""Kernel kinds (benchmarks/kernel_kinds.py) on kernel names as the profiler reports them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.kernel_kinds import KINDS, OTHER, format_kinds, kind_of, time_by_kind
+
+
+@pytest.mark.parametrize("kernel, kind", [
+    ("_window_bwd_kernel", "KV-SSM scan and conv"),
+    ("_conv_dw_kernel", "KV-SSM scan and conv"),
+    ("_gated_norm_bwd_kernel", "KV-SSM output gates"),
+    ("_dkv_kernel", "attention"),
+    ("pytorch_flash::flash_bwd_kernel<Flash_bwd_kernel_traits<64, 128>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0", "attention"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdam>", "optimizer"),
+    ("triton_poi_fused__to_copy_add_mul_0", "fused by Inductor"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", OTHER),
+])
+def test_kernels_get_their_kind_by_name(kernel, kind):
+    assert kind_of(kernel) == kind
+
+
+def test_times_sum_by_kind_and_print_with_shares():
+    times = {"_window_fwd_kernel": 300.0, "_conv_fwd_kernel": 100.0, "nvjet_a": 500.0, "nvjet_b": 100.0, "memset": 0.0}
+    totals = time_by_kind(times)
+    assert list(totals) == [kind for kind, _ in KINDS] + [OTHER]
+    assert totals["KV-SSM scan and conv"] == 400.0 and totals["matmul"] == 600.0 and totals[OTHER] == 0.0
+    assert sum(totals.values()) == sum(times.values())
+    text = format_kinds(totals)
+    assert "  0.400 ms/step  40.0%  KV-SSM scan and conv" in text
+    assert text.endswith("  1.000 ms/step        all kernels")
+
+
+def test_profile_step_reads_kernel_times_per_step_from_device_events_only():
+    from types import SimpleNamespace
+
+    from benchmarks.profile_step import kernel_times
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    averages = [
+        SimpleNamespace(key="_window_bwd_kernel", device_type=cuda, self_device_time_total=600.0),
+        SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=900.0),  # an operator, not a kernel
+    ]
+    assert kernel_times(averages, steps=3) == {"_window_bwd_kernel": 200.0}
