@@ -15,6 +15,11 @@ is written, read or passed between programs, unlike the chunked kernels of
 takes every head of one group: the tiles are computed once per group, and the heads' gradients
 of them are summed before they become dB and dC (written once per group, no per-head copies).
 
+When the segments start periodically (Attamba's uniform and cyclic chunks: ``segment_period``)
+and the period divides Q, the blocks are shifted to start on segment starts
+(:func:`block_layout`): no segment then crosses a block edge, and each program needs only its own
+block's tile, forward and backward.
+
 The decay gradient: a_i = dt_i·A enters every exponent cs_t - cs_j with j < i <= t, so its
 gradient sums the exponent's gradient over those pairs; each program sums them for its own tokens
 from the same three tiles, never subtracting (see the note above ``_spanned_sum`` in
