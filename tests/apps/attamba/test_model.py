@@ -97,17 +97,29 @@ def test_documents_do_not_see_each_other():
 
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
 def test_layer_plans_reset_the_ssms_where_segment_starts_says(strategy):
-    """The plans' cached periodic starts (and document starts shared by the layers) change nothing."""
+    """The plans' cached periodic starts (and document starts shared by the layers) change nothing,
+    and a plan's segment period (which lets the windowed scan align its blocks) is a promise its
+    segment starts keep: a start wherever (t + offset) mod P == 0."""
     model = tiny_model(chunk_strategy=strategy)
     n = 24
     doc_ids = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7, [0] * 20 + [1] * 4])
     shared = document_starts(doc_ids)
+    offsets = set()
     for layer in range(model.args.n_layers):
         boundaries = model.layer_boundaries(layer, n, batch=2)
         for docs, doc_starts in ((None, None), (doc_ids, shared)):
             plan = model._plan(boundaries, docs, doc_starts, 2)
             expected = segment_starts(boundaries.is_boundary, docs).expand(2, -1)
             assert torch.equal(plan.segment_start, expected)
+            if strategy == "random":
+                assert plan.segment_period is None
+                continue
+            period, offset = plan.segment_period
+            assert period == model.args.token_chunk
+            promised = (torch.arange(n) + offset) % period == 0
+            assert plan.segment_start[:, promised].all()
+            offsets.add(offset)
+    assert strategy == "random" or len(offsets) == model.args.n_layers  # cyclic: one shift per layer
 
 
 def test_eval_chunking_switches_with_eval_mode():
