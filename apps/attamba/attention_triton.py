@@ -187,15 +187,14 @@ def _query_kernel(
     Q, K, V, DO, O, LSE, DELTA, OUT, DOC_START,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
-    stride_ob, stride_oh, stride_on,
     n, heads, slots, first, chunk_size, leading, offset, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, BACKWARD: tl.constexpr,
 ):
     """One block of queries over every key block it sees. Forward: OUT = attention output, LSE
     written. BACKWARD: OUT = dQ, and rowsum(dO ∘ O) written to DELTA for the dK/dV kernel that runs
-    next. O and OUT share the strides ``stride_o*``; LSE and DELTA are contiguous [B·H, n]
-    (allocated here). DOC_START [B or 1, n]: where each position's document begins (HAS_DOCS)."""
+    next. OUT, O, LSE and DELTA are contiguous (allocated here). DOC_START [B or 1, n]: where each
+    position's document begins (HAS_DOCS)."""
     # Heads vary fastest and the last query blocks (the most keys) go first: fewer stragglers.
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     bh, b, h = _program_head(heads)
@@ -208,7 +207,7 @@ def _query_kernel(
     if BACKWARD:
         do = _load_rows(DO + b * stride_dob + h * stride_doh, t, t_valid, stride_don, dims, True)
         lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
-        out = _load_rows(O + b * stride_ob + h * stride_oh, t, t_valid, stride_on, dims, True)
+        out = _load_rows(O + bh * n * HEAD_DIM, t, t_valid, HEAD_DIM, dims, True)
         delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
         tl.store(DELTA + bh * n + t, delta, mask=t_valid)
     else:
@@ -265,7 +264,7 @@ def _query_kernel(
             True, BACKWARD, PRECISION,
         )
 
-    out_ptrs = _row_ptrs(OUT + b * stride_ob + h * stride_oh, t, stride_on, dims)
+    out_ptrs = _row_ptrs(OUT + bh * n * HEAD_DIM, t, HEAD_DIM, dims)
     if BACKWARD:
         tl.store(out_ptrs, (acc * sm_scale).to(OUT.dtype.element_ty), mask=t_valid[:, None])
     else:
@@ -357,7 +356,6 @@ def _dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, SLOT_GRADS, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
-    stride_gb, stride_gh, stride_gn,
     n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, REVERSE: tl.constexpr,
@@ -365,8 +363,7 @@ def _dkv_kernel(
     """dK, dV of one block of keys (heads vary fastest). The first programs take blocks of
     compressed slots (the long loops, the first slots first) and write their share to SLOT_GRADS
     [2, B·H, slots, d] (float32; the caller adds it to the slots' rows); the rest take blocks of
-    window keys, short loops that fill the launch's tail, and write every row of DK and DV (which
-    share the strides ``stride_g*``).
+    window keys, short loops that fill the launch's tail, and write every row of DK and DV.
     ``window_reach``: the most a query lies after a window key, plus one (L, or P with chunks).
     DOC_END [B or 1, n]: where each position's document ends (exclusive; HAS_DOCS)."""
     pid = tl.program_id(1)
@@ -376,7 +373,7 @@ def _dkv_kernel(
             Q, K, V, DO, LSE, DELTA, SLOT_GRADS, SLOT_GRADS + tl.num_programs(0).to(tl.int64) * slots * HEAD_DIM, DOC_START, DOC_END,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_doc, n, heads, slots, first, chunk_size, leading, offset,
-            window_reach, qk_scale, sm_scale, pid, heads * slots * HEAD_DIM, slots * HEAD_DIM, HEAD_DIM,
+            window_reach, qk_scale, sm_scale, pid, slots,
             HEAD_DIM, BLOCK_M, BLOCK_N, CHUNK_WINDOW, HAS_DOCS, PRECISION, True, REVERSE,
         )
     else:
@@ -384,7 +381,7 @@ def _dkv_kernel(
             Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_doc, n, heads, slots, first, chunk_size, leading, offset,
-            window_reach, qk_scale, sm_scale, pid - slot_blocks, stride_gb, stride_gh, stride_gn,
+            window_reach, qk_scale, sm_scale, pid - slot_blocks, n,
             HEAD_DIM, BLOCK_M, BLOCK_N, CHUNK_WINDOW, HAS_DOCS, PRECISION, False, False,
         )
 
@@ -394,14 +391,13 @@ def _key_block_grads(
     Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
-    n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale, block,
-    stride_out_b, stride_out_h, stride_out_row,
+    n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale, block, out_rows,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
     """dK, dV of key block ``block``: compressed slots (SLOTS) or window keys, written to the block's
-    rows of DK and DV (batch, head and row strides ``stride_out_*``)."""
+    rows of DK and DV [B·H, out_rows, d]."""
     bh, b, h = _program_head(heads)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
@@ -458,23 +454,20 @@ def _key_block_grads(
             dk, dv, *key_args, first_key // BLOCK_M * BLOCK_M, t_end, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False,
         )
         rows = keys
-    out_base = b * stride_out_b + h * stride_out_h
-    tl.store(_row_ptrs(DK + out_base, rows, stride_out_row, dims), (dk * sm_scale).to(DK.dtype.element_ty), mask=keys_valid[:, None])
-    tl.store(_row_ptrs(DV + out_base, rows, stride_out_row, dims), dv.to(DV.dtype.element_ty), mask=keys_valid[:, None])
+    tl.store(_row_ptrs(DK + bh * out_rows * HEAD_DIM, rows, HEAD_DIM, dims), (dk * sm_scale).to(DK.dtype.element_ty), mask=keys_valid[:, None])
+    tl.store(_row_ptrs(DV + bh * out_rows * HEAD_DIM, rows, HEAD_DIM, dims), dv.to(DV.dtype.element_ty), mask=keys_valid[:, None])
 
 
 @triton.jit
 def _add_slot_grads(
-    DK, DV, SLOT_GRADS, heads, slots, first, chunk_size, stride_gb, stride_gh, stride_gn,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    DK, DV, SLOT_GRADS, n, slots, first, chunk_size, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """Rows first + s·P of DK and DV [B, H, n, d] (sharing the strides ``stride_g*``) +=
-    SLOT_GRADS [2, B·H, slots, d] (float32, contiguous)."""
-    bh, b, h = _program_head(heads)
+    """Rows first + s·P of DK and DV [B·H, n, d] += SLOT_GRADS [2, B·H, slots, d] (float32)."""
+    bh = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = s[:, None] < slots
     dims = tl.arange(0, HEAD_DIM)
-    rows = _row_ptrs(b * stride_gb + h * stride_gh, first + s * chunk_size, stride_gn, dims)
+    rows = _row_ptrs(bh * n * HEAD_DIM, first + s * chunk_size, HEAD_DIM, dims)
     shares = SLOT_GRADS + _row_ptrs(bh * slots * HEAD_DIM, s, HEAD_DIM, dims)
     dk = tl.load(DK + rows, mask=valid).to(tl.float32) + tl.load(shares, mask=valid)
     tl.store(DK + rows, dk.to(DK.dtype.element_ty), mask=valid)
@@ -538,13 +531,6 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(stride for tensor in tensors for stride in tensor.stride()[:3])
 
 
-def _token_major(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An empty [B, H, n, d] tensor laid out as [B, n, H, d], the layout of the model's projections:
-    the output (or gradient) becomes a [B, n, H·d] matrix for the next matmul without a copy."""
-    batch, heads, n, head_dim = like.shape
-    return torch.empty((batch, n, heads, head_dim), device=like.device, dtype=dtype).transpose(1, 2)
-
-
 def _forward_kernels(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: Optional[torch.Tensor],
     doc_end: Optional[torch.Tensor], chunk_size: int, offset: int, leading: int, chunk_window: bool,
@@ -554,13 +540,13 @@ def _forward_kernels(
     mask = PeriodicMask(chunk_size, offset, leading, chunk_window)
     config = _config(q.device)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    out = _token_major(q, q.dtype)
+    out = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)
     starts, _, doc_stride = _document_arguments(doc_start, doc_end, q)
     sm_scale = head_dim**-0.5
     # DO, O and DELTA are the backward's; the forward passes stand-ins it never reads.
     _query_kernel[(batch * heads, triton.cdiv(n, config.forward_queries))](
-        q, k, v, q, out, lse, lse, out, starts, *_strides(q, k, v, q), doc_stride, *_strides(out),
+        q, k, v, q, out, lse, lse, out, starts, *_strides(q, k, v, q), doc_stride,
         n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.forward_queries, BLOCK_N=config.forward_keys,
         CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=_dot_precision(q.dtype), BACKWARD=False,
@@ -574,7 +560,7 @@ _periodic_forward = torch.library.custom_op("attamba::periodic_attention_fwd", _
 
 @_periodic_forward.register_fake
 def _periodic_forward_fake(q, k, v, doc_start, doc_end, chunk_size, offset, leading, chunk_window):
-    return _token_major(q, q.dtype), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _backward_kernels(
@@ -586,7 +572,8 @@ def _backward_kernels(
     batch, heads, n, head_dim = q.shape
     mask = PeriodicMask(chunk_size, offset, leading, chunk_window)
     config = _config(q.device)
-    q, k, v, grad_out, out = (_last_dim_contiguous(x) for x in (q, k, v, grad_out, out))
+    q, k, v, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, grad_out))
+    out = out.contiguous()
     delta = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)  # the dQ kernel fills it
     starts, ends, doc_stride = _document_arguments(doc_start, doc_end, q)
     sm_scale = head_dim**-0.5
@@ -595,20 +582,20 @@ def _backward_kernels(
     strides = (*_strides(q, k, v, grad_out), doc_stride)
     mask_arguments = _mask_arguments(mask, n)
 
-    # The dQ kernel reads O and writes dQ with one set of strides.
-    dq = torch.empty_strided(out.shape, out.stride(), device=q.device, dtype=q.dtype)
+    dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     _query_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
-        q, k, v, grad_out, out, lse, delta, dq, starts, *strides, *_strides(out),
+        q, k, v, grad_out, out, lse, delta, dq, starts, *strides,
         n, heads, *mask_arguments, sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, BACKWARD=True, **common,
         num_warps=config.dq_warps, num_stages=config.backward_stages, **_register_limit(config.dq_registers, head_dim),
     )
-    dk, dv = _token_major(k, k.dtype), _token_major(v, v.dtype)
+    dk = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=k.dtype)
+    dv = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=v.dtype)
     first, slots = periodic_slots(n, chunk_size, offset)
     slot_grads = torch.empty((2, batch * heads, slots, head_dim), device=q.device, dtype=torch.float32)
     blocks = triton.cdiv(slots, config.dkv_keys) + triton.cdiv(n, config.dkv_keys)
     _dkv_kernel[(batch * heads, blocks)](
-        q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *strides, *_strides(dk),
+        q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *strides,
         n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, REVERSE=config.dkv_reverse, **common,
         num_warps=config.dkv_warps, num_stages=config.backward_stages, **_register_limit(config.dkv_registers, head_dim),
@@ -617,7 +604,7 @@ def _backward_kernels(
     if slots:
         block = 64
         _add_slot_grads[(batch * heads, triton.cdiv(slots, block))](
-            dk, dv, slot_grads, heads, slots, first, chunk_size, *_strides(dk), HEAD_DIM=head_dim, BLOCK=block, num_warps=4
+            dk, dv, slot_grads, n, slots, first, chunk_size, HEAD_DIM=head_dim, BLOCK=block, num_warps=4
         )
     return dq, dk, dv
 
@@ -627,8 +614,7 @@ _periodic_backward = torch.library.custom_op("attamba::periodic_attention_bwd", 
 
 @_periodic_backward.register_fake
 def _periodic_backward_fake(grad_out, q, k, v, out, lse, doc_start, doc_end, chunk_size, offset, leading, chunk_window):
-    dq = torch.empty_strided(out.shape, out.stride(), device=q.device, dtype=q.dtype)
-    return dq, _token_major(k, k.dtype), _token_major(v, v.dtype)
+    return tuple(torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
