@@ -164,6 +164,17 @@ def test_the_op_passes_opcheck():
     )
 
 
+def test_the_backward_op_passes_opcheck():
+    """The backward op's fake says the gradients' shapes, dtypes and strides as its kernels make them."""
+    torch.manual_seed(8)
+    q, k, v, grad = (torch.randn(2, 2, 24, 16, device=DEVICE) for _ in range(4))
+    starts, ends = document_bounds(documents(2, 24))
+    out, lse = torch.ops.attamba.periodic_attention_fwd(q, k, v, starts, ends, 4, 1, 3, False)
+    torch.library.opcheck(torch.ops.attamba.periodic_attention_bwd.default,
+                          (grad, q, k, v, out, lse, starts, ends, 4, 1, 3, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_eager_calls_and_the_custom_op_give_the_same_outputs_and_gradients():
     """Eager calls skip the custom op's dispatch (an autograd.Function over the same kernels);
     torch.compile traces the op. Both must agree exactly."""
