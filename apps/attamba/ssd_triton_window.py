@@ -458,17 +458,15 @@ def ssd_segmented_window(
     The bound and the period are trusted, not checked (checking costs a device-to-host sync): a
     longer segment, or one crossing a promised start, silently loses the contributions from
     before the block it reaches into. The kernels read u, B and C from one tensor: this copies
-    them side by side (:func:`ssd_segmented_window_packed` takes them so).
+    them side by side for :func:`ssd_segmented_window_packed`, which takes them so.
     """
-    bound = _segment_bound(max_segment_len, segment_period)
-    if not supports(bound, return_final_state):
+    if not supports(_segment_bound(max_segment_len, segment_period), return_final_state):
         return ssd_segmented_triton(u, dt, A, B, C, D, segment_start, return_final_state)
     _check_inputs(u, dt, A, B, C, D, segment_start)
     if not u.dtype == B.dtype == C.dtype:
         raise ValueError(f"u, B and C must share a dtype; got {u.dtype}, {B.dtype}, {C.dtype}")
-    x = join_scan_inputs(u, B, C)
-    return _window_forward(x, dt, A, D, _as_bytes(segment_start), B.shape[2], B.shape[3],
-                           *block_layout(bound, segment_period))
+    return ssd_segmented_window_packed(join_scan_inputs(u, B, C), dt, A, D, segment_start, B.shape[2], B.shape[3],
+                                       max_segment_len, segment_period)
 
 
 def ssd_segmented_window_packed(
