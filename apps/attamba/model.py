@@ -57,9 +57,6 @@ class LayerPlan:
     ``causal`` says whether the layer attends every earlier key (pseudo-chunking, fattn's layer 0)."""
     max_segment_len: Optional[int] = None
     """A bound on the SSM segments' lengths when the chunking gives one (for the SSM backend)."""
-    segment_period: Optional[tuple[int, int]] = None
-    """(P, offset) of periodic chunks: the SSMs reset (at least) at every chunk start, which lets
-    the windowed scan start its blocks there."""
 
 
 class AttambaAttention(nn.Module):
@@ -110,7 +107,9 @@ class AttambaAttention(nn.Module):
     def forward(self, x, cos, sin, doc_ids, plan: LayerPlan, need_key_mass: bool = False):
         """-> (output [B, n, E], key mass [B, n] from layer-wide attention, or None)."""
         q = self.queries(x, cos, sin)
-        k, v = self.keys_values(x, plan.segment_start, plan.max_segment_len, plan.segment_period)
+        # Periodic boundaries' (P, offset): the SSMs reset at every chunk start, so the windowed
+        # scan can start its blocks there.
+        k, v = self.keys_values(x, plan.segment_start, plan.max_segment_len, plan.boundaries.period)
         k, v = apply_rotary(self.split_heads(k), cos, sin), self.split_heads(v)
         attended = attend_prepared(q, k, v, plan.attention)
         key_mass = None
@@ -209,7 +208,7 @@ class AttambaLM(TransformerLMBase):
         attention = prepare_attention(
             boundaries, leading_tokens, doc_ids, n, batch, self.args.attn_impl, causal, self.args.head_dim
         )
-        return LayerPlan(boundaries, starts, leading_tokens, attention, self._segment_bound(boundaries, n), boundaries.period)
+        return LayerPlan(boundaries, starts, leading_tokens, attention, self._segment_bound(boundaries, n))
 
     def _segment_bound(self, boundaries: LayerBoundaries, n: int) -> Optional[int]:
         """The longest SSM segment the chunking can make (documents only cut segments shorter)."""

@@ -373,7 +373,7 @@ class KVSSM(nn.Module):
         return self.out_proj(self._gate(y, z))
 
     def _mix(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], return_final_state: bool,
-             max_segment_len: Optional[int] = None, segment_period: Optional[tuple[int, int]] = None):
+             max_segment_len: Optional[int] = None):
         """Shared body of forward and forward_with_state."""
         batch, n, _ = x.shape
         if segment_start is None:
@@ -384,22 +384,19 @@ class KVSSM(nn.Module):
         A = -torch.exp(self.A_log.to(state_dtype))
         result = backend.conv_and_scan(conv_in, self.conv_weight, self.conv_bias, _ScanSizes.of(self),
                                        self._dt(dt, state_dtype), A, self.D.to(state_dtype), segment_start,
-                                       return_final_state, max_segment_len, segment_period)
+                                       return_final_state, max_segment_len)
         y, final_ssm = result if return_final_state else (result, None)
         out = self._output(y.flatten(-2), z)
         if not return_final_state:
             return out
         return out, SSMState(self._conv_tail(conv_in, segment_start), final_ssm.to(state_dtype))
 
-    def forward(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], max_segment_len: Optional[int] = None,
-                segment_period: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segment_start: Optional[torch.Tensor], max_segment_len: Optional[int] = None) -> torch.Tensor:
         """x [B, n, dim_in], segment_start [B, n] bool (None: one segment per row) -> [B, n, dim_out].
 
         ``max_segment_len``: a bound on every segment's length that the caller guarantees (for
-        backends that can use it), or None; ``segment_period`` (P, offset): the caller guarantees a
-        segment start wherever (t + offset) mod P == 0 (:meth:`Backend.conv_and_scan`), or None."""
-        return self._mix(x, segment_start, return_final_state=False, max_segment_len=max_segment_len,
-                         segment_period=segment_period)
+        backends that can use it), or None."""
+        return self._mix(x, segment_start, return_final_state=False, max_segment_len=max_segment_len)
 
     def forward_with_state(self, x: torch.Tensor, segment_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, SSMState]:
         """:meth:`forward`, plus the decode state after the last token (for prefill)."""

@@ -98,8 +98,8 @@ def test_documents_do_not_see_each_other():
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
 def test_layer_plans_reset_the_ssms_where_segment_starts_says(strategy):
     """The plans' cached periodic starts (and document starts shared by the layers) change nothing,
-    and a plan's segment period (which lets the windowed scan align its blocks) is a promise its
-    segment starts keep: a start wherever (t + offset) mod P == 0."""
+    and the boundaries' period (which the layer passes to the windowed scan to align its blocks) is a
+    promise the plan's segment starts keep: a start wherever (t + offset) mod P == 0."""
     model = tiny_model(chunk_strategy=strategy)
     n = 24
     doc_ids = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7, [0] * 20 + [1] * 4])
@@ -112,9 +112,9 @@ def test_layer_plans_reset_the_ssms_where_segment_starts_says(strategy):
             expected = segment_starts(boundaries.is_boundary, docs).expand(2, -1)
             assert torch.equal(plan.segment_start, expected)
             if strategy == "random":
-                assert plan.segment_period is None
+                assert plan.boundaries.period is None
                 continue
-            period, offset = plan.segment_period
+            period, offset = plan.boundaries.period
             assert period == model.args.token_chunk
             promised = (torch.arange(n) + offset) % period == 0
             assert plan.segment_start[:, promised].all()
