@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.attamba import gated_norm_triton, ssd_triton_conv, ssd_triton_window  # noqa: E402
 from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
-from apps.attamba.ssd_reference import join_scan_inputs, split_scan_inputs  # noqa: E402
+from apps.attamba.ssd_reference import split_scan_inputs  # noqa: E402
 from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
-from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, ssd_inputs, uniform_segment_starts  # noqa: E402
+from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, packed_scan_case, uniform_segment_starts  # noqa: E402
 from benchmarks.tune_attention_triton import parse_variant  # noqa: E402
 
 VARIANTS = (
@@ -54,13 +54,12 @@ VARIANTS = (
     "conv.BLOCK_N=128,conv.NUM_WARPS=8",
     "conv.SPLIT_BACKWARD=0",
     "conv.SPLIT_TOKENS=256",
-    "conv.SPLIT_BLOCK_N=16",
+    "conv.SPLIT_BLOCK_N=32",
     "conv.SPLIT_BLOCK_N=64,conv.SPLIT_WARPS=8",
     "conv.BLOCK_C=128,conv.NUM_WARPS=8,conv.SPLIT_WARPS=8",
     "conv.SPLIT_WARPS=4,conv.SPLIT_BLOCK_N=32,conv.SPLIT_TOKENS=1024",  # the thirteenth session's
     "conv.SPLIT_WARPS=1",
-    "conv.SPLIT_TOKENS=256",
-    "norm.BLOCK_M=2",
+    "norm.BLOCK_M=4",
     "norm.BLOCK_M=8,norm.NUM_WARPS=8",
     "norm.SPAN=32",
     "norm.SPAN=128",
@@ -109,24 +108,19 @@ def main(argv: list[str]) -> int:
     device, shape = torch.device("cuda"), MODEL_LAYER
     torch.manual_seed(0)
     segment_start = uniform_segment_starts(shape, device)
-    u, dt, A, B, C, D = ssd_inputs(shape, torch.bfloat16, device)
-    groups, state = B.shape[2:]
-    scan_in = [join_scan_inputs(u, B, C), dt, A, D]
+    window, scan_in = packed_scan_case(shape, torch.bfloat16, device)
     conv_in = conv_inputs(shape, torch.bfloat16, device)
-    grad_y = torch.randn_like(u)
+    tokens = (shape.batch, shape.seq_len)
+    grad_y = torch.randn(*tokens, shape.heads, shape.head_dim, device=device, dtype=torch.bfloat16)
     grad_conv = torch.randn_like(conv_in[0])
     # Both output gates: y as the scan writes it, z as its matmul does.
-    hidden = u.shape[2] * u.shape[3] // 2
-    gate_in = [torch.randn(*u.shape[:2], 2 * hidden, device=device, dtype=torch.bfloat16).requires_grad_()
+    hidden = shape.heads * shape.head_dim // 2
+    gate_in = [torch.randn(*tokens, 2 * hidden, device=device, dtype=torch.bfloat16).requires_grad_()
                for _ in range(2)] + [torch.ones(2, hidden, device=device, requires_grad=True)]
-    grad_gate = torch.randn(2, *u.shape[:2], hidden, device=device, dtype=torch.bfloat16)
-
-    def window(x, dt, A, D, segment_start):
-        return ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, segment_start, groups, state,
-                                                             max_segment_len=shape.chunk, segment_period=(shape.chunk, 0))
+    grad_gate = torch.randn(2, *tokens, hidden, device=device, dtype=torch.bfloat16)
 
     def reference_scan(x, dt, A, D, segment_start):
-        u, B, C = split_scan_inputs(x, A.shape[0], groups, state)
+        u, B, C = split_scan_inputs(x, shape.heads, shape.groups, shape.state_dim)
         return ssd_segmented(u, dt, A, B, C, D, segment_start)
 
     # The reference: the torch scan in float64 on the same (bf16-valued) inputs.
