@@ -526,23 +526,16 @@ def window_with_bound(bound, period=None):
     return lambda *args: ssd_segmented_window(*args, max_segment_len=bound, segment_period=period)
 
 
-@pytest.mark.parametrize("chunking", sorted(SHORT_CHUNKINGS))
-def test_windowed_ssd_matches_reference(chunking):
-    # n = 77 spans three 32-token blocks, partial last; segments cross block edges.
-    b, n, h, p, g, s = 2, 77, 2, 16, 1, 40
-    make_starts, bound, _ = SHORT_CHUNKINGS[chunking]
-    inputs = ssd_inputs(b, n, h, p, g, s)
-    assert_ssd_matches(ssd_reference, inputs, make_starts(b, n).to(DEVICE), 1e-5, candidate=window_with_bound(bound))
-
-
-@pytest.mark.parametrize("chunking", PERIODIC_CHUNKINGS)
-def test_windowed_ssd_on_blocks_aligned_to_the_segments_matches_reference(chunking):
-    # The blocks start at k·Q - offset: the first one reaches before token 0, the last past n.
+@pytest.mark.parametrize("chunking, aligned", [(name, False) for name in sorted(SHORT_CHUNKINGS)]
+                         + [(name, True) for name in PERIODIC_CHUNKINGS])
+def test_windowed_ssd_matches_reference(chunking, aligned):
+    # n = 77 spans three 32-token blocks, partial last; segments cross block edges. Aligned, the
+    # blocks start at k·Q - offset: the first one reaches before token 0, the last past n.
     b, n, h, p, g, s = 2, 77, 2, 16, 1, 40
     make_starts, bound, period = SHORT_CHUNKINGS[chunking]
-    inputs = ssd_inputs(b, n, h, p, g, s, seed=4)
+    inputs = ssd_inputs(b, n, h, p, g, s, seed=4 if aligned else 0)
     assert_ssd_matches(ssd_reference, inputs, make_starts(b, n).to(DEVICE), 1e-5,
-                       candidate=window_with_bound(bound, period))
+                       candidate=window_with_bound(bound, period if aligned else None))
 
 
 def test_block_layout_aligns_blocks_only_to_periods_that_divide_them(monkeypatch):
