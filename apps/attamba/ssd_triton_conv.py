@@ -44,6 +44,13 @@ SPLIT_WARPS = 2
 the 1024-token spans of 32-token tiles on 4 warps that were fastest without it (46.8 µs then);
 benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, fourteenth session."""
 
+PLAIN_SPLIT_TOKENS = 1024
+PLAIN_SPLIT_BLOCK_N = 32
+PLAIN_SPLIT_WARPS = 4
+"""The weight-gradient kernel's spans, tiles and warps without the SiLU (the conv inside the
+windowed scan, apps.attamba.conv_scan_triton, hands it the gradient w.r.t. the conv's output):
+the thirteenth session's settings, fastest then without the SiLU (46.8 µs a 60M layer, H200)."""
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -247,7 +254,7 @@ def _conv_dw_kernel(
         tl.store(dw_part_ptr + (row + K - 4) * c + ch, tl.sum(acc_3, axis=0), mask=in_ch)
 
 
-def _distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
+def distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
     """[b, n] int32: t minus the position of the segment start at or before t."""
     n = segment_start.shape[1]
     position = torch.arange(n, device=segment_start.device)
@@ -289,13 +296,13 @@ def _conv_forward_fake(x, weight, bias, dist, silu):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("attamba::causal_conv_segmented_bwd", mutates_args=())
-def _conv_backward(
+def conv_backward(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor,
     silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx, dweight, dbias (fp32; empty without a bias). With ``silu``, dout is the gradient
-    w.r.t. the SiLU of the output (the bias then enters the recomputed output)."""
+    """dx, dweight, dbias (fp32; empty without a bias) of the conv (``dist`` from
+    :func:`distance_to_segment_start`). With ``silu``, dout is the gradient w.r.t. the SiLU of the
+    output (the bias then enters the recomputed output)."""
     b, n, c = x.shape
     k = weight.shape[1]
     x, weight = _dense_inputs(x, weight)
@@ -303,9 +310,12 @@ def _conv_backward(
     dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
     channel_blocks = triton.cdiv(c, BLOCK_C)
     if SPLIT_BACKWARD and k <= 4:
-        if SPLIT_TOKENS % SPLIT_BLOCK_N:
-            raise ValueError(f"SPLIT_TOKENS ({SPLIT_TOKENS}) must be a multiple of SPLIT_BLOCK_N ({SPLIT_BLOCK_N})")
-        spans = triton.cdiv(n, SPLIT_TOKENS)
+        span, block_n, warps = ((SPLIT_TOKENS, SPLIT_BLOCK_N, SPLIT_WARPS) if silu
+                                else (PLAIN_SPLIT_TOKENS, PLAIN_SPLIT_BLOCK_N, PLAIN_SPLIT_WARPS))
+        if span % block_n:
+            knobs = "" if silu else "PLAIN_"
+            raise ValueError(f"{knobs}SPLIT_TOKENS ({span}) must be a multiple of {knobs}SPLIT_BLOCK_N ({block_n})")
+        spans = triton.cdiv(n, span)
         dw_part = torch.empty((b * spans, k + 1, c), device=x.device, dtype=torch.float32)
         # With the SiLU, this kernel turns dout into the gradient w.r.t. the conv's output, which
         # the dx kernel then reads.
@@ -313,8 +323,7 @@ def _conv_backward(
         _conv_dw_kernel[(b, spans, channel_blocks)](
             x, weight, bias if bias is not None else weight, dist, dout, dw_part, dpre,
             n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=SPLIT_BLOCK_N, BLOCK_C=BLOCK_C, SPAN=SPLIT_TOKENS,
-            num_warps=SPLIT_WARPS,
+            K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, BLOCK_C=BLOCK_C, SPAN=span, num_warps=warps,
         )
         _conv_dx_kernel[(b, triton.cdiv(n, BLOCK_N), channel_blocks)](
             weight, dist, dpre, dx, n, c, dpre.stride(0), dpre.stride(1),
@@ -335,6 +344,15 @@ def _conv_backward(
     # A copy, not a view into sums: a custom op's outputs must be fresh tensors (as the fake says).
     dbias = sums[k].clone() if bias is not None else torch.empty(0, device=x.device, dtype=torch.float32)
     return dx, dweight, dbias
+
+
+@torch.library.custom_op("attamba::causal_conv_segmented_bwd", mutates_args=())
+def _conv_backward(
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> :func:`conv_backward`."""
+    return conv_backward(dout, x, weight, bias, dist, silu)
 
 
 @_conv_backward.register_fake
@@ -380,7 +398,7 @@ def causal_conv_segmented_triton(
         raise ValueError(f"segment_start must be {list(x.shape[:2])}, got {tuple(segment_start.shape)}")
     if x.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("causal_conv_segmented_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    return _conv_forward(x, weight, bias, _distance_to_segment_start(segment_start), silu)
+    return _conv_forward(x, weight, bias, distance_to_segment_start(segment_start), silu)
 
 
 def causal_conv_silu_segmented_triton(

@@ -31,7 +31,7 @@ kernels apply. Runs on CUDA tensors, or under the Triton interpreter (``TRITON_I
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import triton
@@ -50,6 +50,7 @@ from apps.attamba.ssd_triton import (
     ssd_segmented_triton,
 )
 from apps.attamba.ssd_reference import join_scan_inputs, split_scan_inputs
+from apps.attamba.ssd_triton_conv import _bias, _earlier_input, _silu_grad, _tap
 
 MAX_BLOCK_Q = 64
 """Longest segment these kernels take (the block must hold a whole segment)."""
@@ -73,6 +74,14 @@ ALIGNED_BLOCKS = True
 """With periodic segment starts (``segment_period``), start the blocks on them: a block's tokens then
 see keys of their own block only, one score tile where the backward needs three (and the forward
 two), and no tokens of the neighbouring blocks are read."""
+CONV_TILE_P = 16
+CONV_TILE_S = 16
+"""With the conv inside the kernels (CONV), a head's columns and the state's are taken this many
+at a time: the conv's shifted tiles of a whole 64-column head would not fit a warp's registers
+(the backward at 16-token blocks on one warp spills 192 B a thread with these, 1984 B with a
+whole head and 32 state columns; offline sm_90 compile)."""
+CONV_WARPS = (1, 1)
+"""(forward, backward) warps per program with the conv inside, at 16-token blocks."""
 BF16_DOTS = True
 """With bf16 inputs, multiply bf16 operands (fp32 accumulation, as Mamba2's kernels do) rather
 than TF32 ones: half the operand registers and twice the tensor-core rate, at the cost of rounding
@@ -86,10 +95,13 @@ def _precision(dtype: torch.dtype) -> str:
     return _dot_precision(dtype)
 
 
-def _warps(block_q: int, backward: bool) -> int:
-    """Warps per program of the forward or backward kernel for blocks of ``block_q`` tokens."""
+def _warps(block_q: int, backward: bool, conv: bool = False) -> int:
+    """Warps per program of the forward or backward kernel for blocks of ``block_q`` tokens (with
+    the conv inside them: ``conv``)."""
     if block_q in LARGER_BLOCK_WARPS:
         return LARGER_BLOCK_WARPS[block_q][backward]
+    if conv:
+        return CONV_WARPS[backward]
     return BACKWARD_WARPS if backward else FORWARD_WARPS
 
 
@@ -149,6 +161,59 @@ def _load_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.
 
 
 @triton.jit
+def _conv_pre(x_ptr, w_ptr, bias_ptr, bi, t, dist, in_seq, col0, w_row0, width, stride_b, stride_n,
+              BLOCK_W: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The KV-SSM conv's output before its SiLU, [Q, W] fp32: tokens t, columns col0 .. of the
+    conv input at x_ptr, whose weights and bias are rows w_row0 .. (the packed column). Tap i
+    reads token t - i when t is at least i tokens into its segment (``dist``), as
+    :mod:`apps.attamba.ssd_triton_conv` does; the taps' rows come from L1/L2, not HBM."""
+    offs_w = tl.arange(0, BLOCK_W)
+    in_w = offs_w < width
+    ch, rows = col0 + offs_w, w_row0 + offs_w
+    pre = _bias(bias_ptr, rows, in_w, HAS_BIAS)[None, :] + _tap(w_ptr, rows, in_w, 0, K)[None, :] * _earlier_input(
+        x_ptr, bi, t, ch, dist, in_seq, in_w, 0, stride_b, stride_n)
+    for i in tl.static_range(1, K):
+        pre += _tap(w_ptr, rows, in_w, i, K)[None, :] * _earlier_input(
+            x_ptr, bi, t, ch, dist, in_seq, in_w, i, stride_b, stride_n)
+    return pre
+
+
+@triton.jit
+def _conv_silu_tile(x_ptr, w_ptr, bias_ptr, bi, t, dist, in_seq, col0, w_row0, width, stride_b, stride_n,
+                    BLOCK_W: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """(pre-activation fp32, SiLU of it as :func:`_load_tile` would load it had the conv stored it)."""
+    pre = _conv_pre(x_ptr, w_ptr, bias_ptr, bi, t, dist, in_seq, col0, w_row0, width, stride_b, stride_n,
+                    BLOCK_W, K, HAS_BIAS)
+    post = (pre * tl.sigmoid(pre)).to(x_ptr.dtype.element_ty)
+    if PRECISION == "bf16":
+        return pre, post
+    else:
+        return pre, post.to(tl.float32)
+
+
+@triton.jit
+def _scan_input(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
+                w_ptr, bias_ptr, dist, w_row0, CONV: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A [Q, W] tile of u, B or C: loaded (:func:`_load_tile`), or with CONV computed from the
+    conv's input at ptr (:func:`_conv_silu_tile`)."""
+    if CONV:
+        _, post = _conv_silu_tile(ptr, w_ptr, bias_ptr, bi, t, dist, in_seq, col0, w_row0, width, stride_b, stride_n,
+                                  BLOCK_W, K, HAS_BIAS, PRECISION)
+        return post
+    else:
+        return _load_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W, PRECISION)
+
+
+@triton.jit
+def _token_distance(dist_ptr, bi, t, n, CONV: tl.constexpr):
+    """Tokens since the segment start [Q] (int32) for the conv's taps; zeros without CONV."""
+    if CONV:
+        return tl.load(dist_ptr + bi * n + t, mask=(t >= 0) & (t < n), other=0)
+    else:
+        return tl.zeros(t.shape, dtype=tl.int32)
+
+
+@triton.jit
 def _block_terms(dt_ptr, start_ptr, bi, hi, t, n, stride_dt_b, stride_dt_n, A_h, cs_before, seg_before):
     """Per token of one block (tokens outside 0 .. n-1 read as dt 0, no start): dt, the running
     log-decay cs (cumsum of dt·A) and the running segment number, both continuing from the
@@ -189,57 +254,71 @@ def _group_head(A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p
 
 @triton.jit
 def _window_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, y_ptr,
-    n, h, p, s, heads_per_group,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, y_ptr, w_ptr, bias_ptr, dist_ptr,
+    n, h, p, s, g, heads_per_group,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g, shift,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
-    PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr, TILE_P: tl.constexpr,
+    PRECISION: tl.constexpr, ALIGNED: tl.constexpr, CONV: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """One (head group, block, batch row): y of the block's tokens, for every head of the group,
     from keys in this and the previous block (only this one when ALIGNED: blocks start at
     ``blk·Q - shift``, where segments start, so none reaches back into the previous block). The
-    group's heads share B and C, so the score tiles C Bᵀ are computed once for all of them."""
+    group's heads share B and C, so the score tiles C Bᵀ are computed once for all of them.
+
+    With CONV, u, B and C point into the conv's input (same packed layout) and every tile is
+    SiLU(conv(...)) computed on the fly with the conv's K taps (``w_ptr``, ``bias_ptr``; ``dist_ptr``
+    the tokens since each token's segment start): the conv's output is never written."""
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
     t_c = blk * BLOCK_Q - shift + offs  # this block: queries, and keys of the diagonal tile
     t_p = t_c - BLOCK_Q  # the previous block: keys
     valid_p, valid_c = (t_p >= 0) & (t_p < n), (t_c >= 0) & (t_c < n)
+    dist_p, dist_c = _token_distance(dist_ptr, bi, t_p, n, CONV), _token_distance(dist_ptr, bi, t_c, n, CONV)
 
     bc_col = gi * stride_bc_g
+    row_B, row_C = h * p + bc_col, h * p + g * s + bc_col  # the conv weights' rows of this group's B and C
     G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
     G_c = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_cᵀ
     for s0 in range(0, BLOCK_S, TILE):
-        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_c = _scan_input(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION,
+                          w_ptr, bias_ptr, dist_c, row_C + s0, CONV, K, HAS_BIAS)
+        B_c = _scan_input(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION,
+                          w_ptr, bias_ptr, dist_c, row_B + s0, CONV, K, HAS_BIAS)
         G_c = _dot(C_c, tl.trans(B_c), G_c, PRECISION)
         if not ALIGNED:
-            B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+            B_p = _scan_input(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE,
+                              PRECISION, w_ptr, bias_ptr, dist_p, row_B + s0, CONV, K, HAS_BIAS)
             G_p = _dot(C_c, tl.trans(B_p), G_p, PRECISION)
 
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_p = tl.arange(0, TILE_P)
     for j in range(heads_per_group):
         hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, _, _ = _group_head(
             A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
-        u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
         P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
-        y = _dot(P_c, u_c * dt_c[:, None], None, PRECISION) + D_h * u_c
         if not ALIGNED:
-            u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
             P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
-            y = _dot(P_p, u_p * dt_p[:, None], y, PRECISION)
-        y_offs = (bi * n + t_c.to(tl.int64)[:, None]) * h * p + hi * p + offs_p[None, :]
-        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
+        # The head's columns TILE_P at a time (all at once unless CONV): y's columns are independent.
+        for p0 in range(0, BLOCK_P, TILE_P):
+            u_c = _scan_input(u_ptr, bi, t_c, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_c, p - p0, TILE_P,
+                              PRECISION, w_ptr, bias_ptr, dist_c, hi * p + p0, CONV, K, HAS_BIAS)
+            y = _dot(P_c, u_c * dt_c[:, None], None, PRECISION) + D_h * u_c
+            if not ALIGNED:
+                u_p = _scan_input(u_ptr, bi, t_p, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_p, p - p0,
+                                  TILE_P, PRECISION, w_ptr, bias_ptr, dist_p, hi * p + p0, CONV, K, HAS_BIAS)
+                y = _dot(P_p, u_p * dt_p[:, None], y, PRECISION)
+            y_offs = (bi * n + t_c.to(tl.int64)[:, None]) * h * p + hi * p + p0 + offs_p[None, :]
+            tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=valid_c[:, None] & (p0 + offs_p[None, :] < p))
 
 
 @triton.jit
 def _window_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, dy_ptr,
-    du_ptr, ddt_ptr, dA_part_ptr, dD_rows_ptr, dB_ptr, dC_ptr,
+    du_ptr, ddt_ptr, dA_part_ptr, dD_rows_ptr, dB_ptr, dC_ptr, w_ptr, bias_ptr, dist_ptr,
     n, h, p, s, g, heads_per_group,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     stride_dy_b, stride_dy_n, stride_dy_h, stride_du_b, stride_du_n, stride_dbc_b, stride_dbc_n, shift,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
-    PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr, TILE_P: tl.constexpr,
+    PRECISION: tl.constexpr, ALIGNED: tl.constexpr, CONV: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """One (head group, block, batch row): the gradients of the block's tokens, as queries (over
     keys of blocks k-1 and k) and as keys (for queries of blocks k and k+1), for every head of
@@ -250,6 +329,10 @@ def _window_bwd_kernel(
     so their score gradients are summed before the one pass over the state that turns them into
     dB and dC. du, dB and dC are addressed by their own (batch, token) strides. ALIGNED (blocks
     start where segments start, see the forward): the block's own tile is the only one.
+
+    CONV (see the forward): u, B and C are recomputed from the conv's input, and du, dB, dC are
+    the gradients w.r.t. the conv's output before its SiLU (SiLU's derivative applied here, on
+    the recomputed pre-activations), ready for the conv's backward.
     """
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
@@ -257,19 +340,26 @@ def _window_bwd_kernel(
     t_p = t_c - BLOCK_Q
     t_n = t_c + BLOCK_Q
     valid_p, valid_c, valid_n = (t_p >= 0) & (t_p < n), (t_c >= 0) & (t_c < n), t_n < n
+    dist_p, dist_c = _token_distance(dist_ptr, bi, t_p, n, CONV), _token_distance(dist_ptr, bi, t_c, n, CONV)
+    dist_n = _token_distance(dist_ptr, bi, t_n, n, CONV)
 
     # Score tiles, named query block then key block: G_cp = C_c B_pᵀ, G_cc = C_c B_cᵀ, G_nc = C_n B_cᵀ.
     bc_col = gi * stride_bc_g
+    row_B, row_C = h * p + bc_col, h * p + g * s + bc_col  # the conv weights' rows of this group's B and C
     G_cp = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     for s0 in range(0, BLOCK_S, TILE):
-        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        B_c = _scan_input(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION,
+                          w_ptr, bias_ptr, dist_c, row_B + s0, CONV, K, HAS_BIAS)
+        C_c = _scan_input(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION,
+                          w_ptr, bias_ptr, dist_c, row_C + s0, CONV, K, HAS_BIAS)
         G_cc = _dot(C_c, tl.trans(B_c), G_cc, PRECISION)
         if not ALIGNED:
-            B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
-            C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
+            B_p = _scan_input(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE,
+                              PRECISION, w_ptr, bias_ptr, dist_p, row_B + s0, CONV, K, HAS_BIAS)
+            C_n = _scan_input(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE,
+                              PRECISION, w_ptr, bias_ptr, dist_n, row_C + s0, CONV, K, HAS_BIAS)
             G_cp = _dot(C_c, tl.trans(B_p), G_cp, PRECISION)
             G_nc = _dot(C_n, tl.trans(B_c), G_nc, PRECISION)
 
@@ -278,7 +368,7 @@ def _window_bwd_kernel(
     dG_cc_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     dG_nc_sum = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     t64 = t_c.to(tl.int64)
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_p = tl.arange(0, TILE_P)
     for j in range(heads_per_group):
         hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end = _group_head(
             A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
@@ -289,69 +379,119 @@ def _window_bwd_kernel(
                 dt_ptr, start_ptr, bi, hi, t_n, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
             L_cp = _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
             L_nc = tl.where(valid_n[:, None], _decay(cs_n, seg_n, cs_c, seg_c, valid_c, False, BLOCK_Q), 0.0)
-            u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h, stride_u_b, stride_u_n, valid_p, p, BLOCK_P, PRECISION)
+            W_nc = tl.trans(G_nc * L_nc)
         L_cc = _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
-        u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h, stride_u_b, stride_u_n, valid_c, p, BLOCK_P, PRECISION)
-        dy_c = _load_tile(dy_ptr, bi, t_c, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_c, p, BLOCK_P, PRECISION)
-        x_c = u_c * dt_c[:, None]
+        W_cc = tl.trans(G_cc * L_cc)
 
-        # y_t = Σ_j (G ∘ L)[t, j] x_j: the gradient reaching G is (dy xᵀ) ∘ L, and the one reaching
-        # the exponent cs_t - cs_j is that times G.
-        dG_cc = _dot(dy_c, tl.trans(x_c), None, PRECISION) * L_cc
+        # y_t = Σ_j (G ∘ L)[t, j] x_j with x = u·dt: the gradient reaching G is (dy xᵀ) ∘ L, and the
+        # one reaching the exponent cs_t - cs_j is that times G. The head's columns go TILE_P at a
+        # time (all at once unless CONV): dy xᵀ sums over them, dx and du are column by column.
+        dG_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+        dG_cp = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+        dG_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+        dx_u = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # Σ_p dx·u per token (for ddt)
+        dy_u = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # Σ_p dy·u per token (for dD)
+        for p0 in range(0, BLOCK_P, TILE_P):
+            u_c = _scan_input(u_ptr, bi, t_c, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_c, p - p0, TILE_P,
+                              PRECISION, w_ptr, bias_ptr, dist_c, hi * p + p0, CONV, K, HAS_BIAS)
+            dy_c = _load_tile(dy_ptr, bi, t_c, hi * stride_dy_h + p0, stride_dy_b, stride_dy_n, valid_c, p - p0, TILE_P,
+                              PRECISION)
+            x_c = u_c * dt_c[:, None]
+            dG_cc = _dot(dy_c, tl.trans(x_c), dG_cc, PRECISION)
+            dx = _dot(W_cc, dy_c, None, PRECISION)
+            if not ALIGNED:
+                u_p = _scan_input(u_ptr, bi, t_p, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_p, p - p0,
+                                  TILE_P, PRECISION, w_ptr, bias_ptr, dist_p, hi * p + p0, CONV, K, HAS_BIAS)
+                dy_n = _load_tile(dy_ptr, bi, t_n, hi * stride_dy_h + p0, stride_dy_b, stride_dy_n, valid_n, p - p0,
+                                  TILE_P, PRECISION)
+                dG_cp = _dot(dy_c, tl.trans(u_p * dt_p[:, None]), dG_cp, PRECISION)
+                dG_nc = _dot(dy_n, tl.trans(x_c), dG_nc, PRECISION)
+                dx = _dot(W_nc, dy_n, dx, PRECISION)
+            du = dx * dt_c[:, None] + D_h * dy_c
+            if CONV:  # u's pre-activation again, rather than held through the dots
+                du = _silu_grad(du, _conv_pre(u_ptr, w_ptr, bias_ptr, bi, t_c, dist_c, valid_c, hi * stride_u_h + p0,
+                                              hi * p + p0, p - p0, stride_u_b, stride_u_n, TILE_P, K, HAS_BIAS))
+            du_offs = bi * stride_du_b + t64[:, None] * stride_du_n + hi * p + p0 + offs_p[None, :]
+            tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty),
+                     mask=valid_c[:, None] & (p0 + offs_p[None, :] < p))
+            dx_u += tl.sum(dx * u_c, axis=1)
+            # Per token, not per block: summing the [Q, p] tile down to one number spilled more registers.
+            dy_u += tl.sum(dy_c.to(tl.float32) * u_c.to(tl.float32), axis=1)
+        dG_cc = dG_cc * L_cc
         dG_cc_sum += dG_cc
-        if not ALIGNED:
-            dy_n = _load_tile(dy_ptr, bi, t_n, hi * stride_dy_h, stride_dy_b, stride_dy_n, valid_n, p, BLOCK_P, PRECISION)
-            dG_cp = _dot(dy_c, tl.trans(u_p * dt_p[:, None]), None, PRECISION) * L_cp
-            dG_nc = _dot(dy_n, tl.trans(x_c), None, PRECISION) * L_nc
-            dG_cp_sum += dG_cp
-            dG_nc_sum += dG_nc
         # The gradient of a_i = dt_i·A is Σ dE[t, j] over the pairs (t, j) that decay across i,
         # j < i <= t; for i in this block those pairs sit in the three tiles (dE = dG ∘ G).
         # Both in this block: Σ_{t >= i} Σ_{j < i} dE[t, j].
         d_a = _spanned_sum(dG_cc * G_cc, BLOCK_Q)
         if not ALIGNED:
+            dG_cp = dG_cp * L_cp
+            dG_nc = dG_nc * L_nc
+            dG_cp_sum += dG_cp
+            dG_nc_sum += dG_nc
             # Keys in the previous block: every i <= t of this block.
             d_a += tl.cumsum(tl.sum(dG_cp * G_cp, axis=1), axis=0, reverse=True)
             # Queries in the next block: every t there is after i, so every key j < i counts.
             d_a += _sum_before(tl.sum(dG_nc * G_nc, axis=0), BLOCK_Q)
-        dx = _dot(tl.trans(G_cc * L_cc), dy_c, None, PRECISION)
-        if not ALIGNED:
-            dx = _dot(tl.trans(G_nc * L_nc), dy_n, dx, PRECISION)
-        du = dx * dt_c[:, None] + D_h * dy_c
-        du_offs = bi * stride_du_b + t64[:, None] * stride_du_n + hi * p + offs_p[None, :]
-        tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty), mask=valid_c[:, None] & (offs_p[None, :] < p))
-        tl.store(ddt_ptr + (bi * n + t64) * h + hi, tl.sum(dx * u_c, axis=1) + d_a * A_h, mask=valid_c)
+        tl.store(ddt_ptr + (bi * n + t64) * h + hi, dx_u + d_a * A_h, mask=valid_c)
         # Tokens outside the sequence load as zeros (dt, u and dy), so they add nothing here.
         part = (bi * tl.num_programs(1) + blk) * h + hi
         tl.store(dA_part_ptr + part, tl.sum(d_a * dt_c, axis=0))
-        # Per token, not per block: summing the [Q, p] tile down to one number spilled more registers.
-        tl.store(dD_rows_ptr + (bi * n + t64) * h + hi, tl.sum(dy_c.to(tl.float32) * u_c.to(tl.float32), axis=1), mask=valid_c)
+        tl.store(dD_rows_ptr + (bi * n + t64) * h + hi, dy_u, mask=valid_c)
 
     offs_s = tl.arange(0, TILE)
     dG_cc_t = tl.trans(dG_cc_sum)
     dG_nc_t = tl.trans(dG_nc_sum)
     for s0 in range(0, BLOCK_S, TILE):
-        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        if CONV:
+            pre_B, B_c = _conv_silu_tile(B_ptr, w_ptr, bias_ptr, bi, t_c, dist_c, valid_c, bc_col + s0, row_B + s0,
+                                         s - s0, stride_bc_b, stride_bc_n, TILE, K, HAS_BIAS, PRECISION)
+            pre_C, C_c = _conv_silu_tile(C_ptr, w_ptr, bias_ptr, bi, t_c, dist_c, valid_c, bc_col + s0, row_C + s0,
+                                         s - s0, stride_bc_b, stride_bc_n, TILE, K, HAS_BIAS, PRECISION)
+        else:
+            B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+            C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
         dC = _dot(dG_cc_sum, B_c, None, PRECISION)
         dB = _dot(dG_cc_t, C_c, None, PRECISION)
         if not ALIGNED:
-            B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
-            C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
+            B_p = _scan_input(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE,
+                              PRECISION, w_ptr, bias_ptr, dist_p, row_B + s0, CONV, K, HAS_BIAS)
+            C_n = _scan_input(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE,
+                              PRECISION, w_ptr, bias_ptr, dist_n, row_C + s0, CONV, K, HAS_BIAS)
             dC = _dot(dG_cp_sum, B_p, dC, PRECISION)
             dB = _dot(dG_nc_t, C_n, dB, PRECISION)
+        if CONV:
+            dB, dC = _silu_grad(dB, pre_B), _silu_grad(dC, pre_C)
         offs_out = bi * stride_dbc_b + t64[:, None] * stride_dbc_n + gi * s + s0 + offs_s[None, :]
         out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
         tl.store(dB_ptr + offs_out, dB.to(dB_ptr.dtype.element_ty), mask=out_mask)
         tl.store(dC_ptr + offs_out, dC.to(dC_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _launch_meta(block_q: int, block_shift: int, p: int, s: int, dtype: torch.dtype, backward: bool) -> dict:
+class ConvTaps(NamedTuple):
+    """The KV-SSM conv the kernels compute on the fly (CONV): weight [c, k], bias [c] or None, and
+    each token's distance to its segment start ([b, n] int32, ``ssd_triton_conv``'s)."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    dist: torch.Tensor
+
+
+def _launch_meta(block_q: int, block_shift: int, p: int, s: int, dtype: torch.dtype, backward: bool,
+                 conv: Optional[ConvTaps]) -> dict:
     return dict(
-        BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
-        PRECISION=_precision(dtype), ALIGNED=block_shift >= 0, num_warps=_warps(block_q, backward),
-        num_stages=NUM_STAGES,
+        BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(CONV_TILE_S if conv else TILE_S, _padded(s)),
+        TILE_P=min(CONV_TILE_P, _padded(p)) if conv is not None else _padded(p),
+        PRECISION=_precision(dtype), ALIGNED=block_shift >= 0, num_warps=_warps(block_q, backward, conv is not None),
+        num_stages=NUM_STAGES, CONV=conv is not None, K=conv.weight.shape[1] if conv is not None else 1,
+        HAS_BIAS=conv is not None and conv.bias is not None,
     )
+
+
+def _conv_pointers(conv: Optional[ConvTaps], starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight, bias, dist) for the kernels; without a conv (or a bias) any tensor stands in, unread."""
+    if conv is None:
+        return starts, starts, starts
+    return conv.weight, conv.bias if conv.bias is not None else conv.weight, conv.dist
 
 
 def _grid(groups: int, n: int, b: int, block_q: int, block_shift: int) -> tuple[int, int, int]:
@@ -360,6 +500,48 @@ def _grid(groups: int, n: int, b: int, block_q: int, block_shift: int) -> tuple[
 
 def _strides(u, dt, B):
     return (u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), B.stride(2))
+
+
+def launch_forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
+                   groups: int, state_dim: int, block_q: int, block_shift: int,
+                   conv: Optional[ConvTaps] = None) -> torch.Tensor:
+    """y [b, n, h, p] of the scan over (u, B, C) = x, or with ``conv`` over SiLU(conv(x)); blocks
+    as :func:`block_layout` says. x's last dimension must be dense, dt contiguous."""
+    u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
+    b, n, h, p = u.shape
+    y = torch.empty((b, n, h, p), device=x.device, dtype=x.dtype)
+    _window_fwd_kernel[_grid(groups, n, b, block_q, block_shift)](
+        u, dt, A, B, C, D, starts, y, *_conv_pointers(conv, starts),
+        n, h, p, state_dim, groups, h // groups, *_strides(u, dt, B), max(block_shift, 0),
+        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, False, conv),
+    )
+    return y
+
+
+def launch_backward(dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                    starts: torch.Tensor, groups: int, state_dim: int, block_q: int, block_shift: int,
+                    conv: Optional[ConvTaps] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx like x: du, dB, dC side by side; ddt fp32; dA; dD) of :func:`launch_forward`. With
+    ``conv``, dx is the gradient w.r.t. the conv's output before the SiLU."""
+    u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
+    b, n, h, p = u.shape
+    dy = _last_dim_contiguous(dy)
+    dx = torch.empty((b, n, x.shape[-1]), device=x.device, dtype=x.dtype)
+    du, dB, dC = split_scan_inputs(dx, h, groups, state_dim)
+    ddt = torch.empty((b, n, h), device=x.device, dtype=torch.float32)
+    grid = _grid(groups, n, b, block_q, block_shift)
+    blocks = grid[1]
+    # Summing dy·u over the whole [b, n, h, p] outside the kernel read both tensors again, in
+    # float32; the kernel, which has them loaded, leaves sums per token and per block instead.
+    dA_part = torch.empty((b, blocks, h), device=x.device, dtype=torch.float32)
+    dD_rows = torch.empty((b, n, h), device=x.device, dtype=torch.float32)
+    _window_bwd_kernel[grid](
+        u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC, *_conv_pointers(conv, starts),
+        n, h, p, state_dim, groups, h // groups, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
+        dx.stride(0), dx.stride(1), dx.stride(0), dx.stride(1), max(block_shift, 0),
+        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, True, conv),
+    )
+    return dx, ddt, dA_part.sum((0, 1)).to(A.dtype), dD_rows.sum((0, 1)).to(D.dtype)
 
 
 # The ops take u, B and C side by side in one tensor x [b, n, h·p + 2·g·s], as a KV-SSM's conv
@@ -371,16 +553,8 @@ def _window_forward(
     groups: int, state_dim: int, block_q: int, block_shift: int,
 ) -> torch.Tensor:
     """-> y [b, n, h, p] of the scan over (u, B, C) = x; blocks as :func:`block_layout` says."""
-    x = _last_dim_contiguous(x)
-    u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
-    b, n, h, p = u.shape
-    dt = dt.contiguous()
-    y = torch.empty((b, n, h, p), device=x.device, dtype=x.dtype)
-    _window_fwd_kernel[_grid(groups, n, b, block_q, block_shift)](
-        u, dt, A, B, C, D, starts, y, n, h, p, state_dim, h // groups, *_strides(u, dt, B), max(block_shift, 0),
-        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, backward=False),
-    )
-    return y
+    return launch_forward(_last_dim_contiguous(x), dt.contiguous(), A, D, starts, groups, state_dim, block_q,
+                          block_shift)
 
 
 @_window_forward.register_fake
@@ -395,27 +569,9 @@ def _window_backward(
     groups: int, state_dim: int, block_q: int, block_shift: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx (like x: du, dB, dC side by side), ddt, dA, dD."""
-    x = _last_dim_contiguous(x)
-    u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
-    b, n, h, p = u.shape
-    dt = dt.contiguous()
-    dy = _last_dim_contiguous(dy)
-    dx = torch.empty((b, n, x.shape[-1]), device=x.device, dtype=x.dtype)
-    du, dB, dC = split_scan_inputs(dx, h, groups, state_dim)
-    ddt = torch.empty((b, n, h), device=x.device, dtype=torch.float32)
-    grid = _grid(groups, n, b, block_q, block_shift)
-    blocks = grid[1]
-    # Summing dy·u over the whole [b, n, h, p] outside the kernel read both tensors again, in
-    # float32; the kernel, which has them loaded, leaves sums per token and per block instead.
-    dA_part = torch.empty((b, blocks, h), device=x.device, dtype=torch.float32)
-    dD_rows = torch.empty((b, n, h), device=x.device, dtype=torch.float32)
-    _window_bwd_kernel[grid](
-        u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC,
-        n, h, p, state_dim, groups, h // groups, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
-        dx.stride(0), dx.stride(1), dx.stride(0), dx.stride(1), max(block_shift, 0),
-        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, backward=True),
-    )
-    return dx, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dD_rows.sum((0, 1)).to(D.dtype)
+    dx, ddt, dA, dD = launch_backward(dy, _last_dim_contiguous(x), dt.contiguous(), A, D, starts, groups, state_dim,
+                                      block_q, block_shift)
+    return dx, ddt.to(dt.dtype), dA, dD
 
 
 @_window_backward.register_fake

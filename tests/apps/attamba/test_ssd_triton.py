@@ -335,16 +335,20 @@ def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens
         assert relative_error(grad, grad_ref) < 1e-6, name
 
 
-def test_split_conv_backward_needs_whole_tiles(monkeypatch):
+@pytest.mark.parametrize("silu", [True, False])
+def test_split_conv_backward_needs_whole_tiles(monkeypatch, silu):
+    # With the SiLU (the conv's own kernels) SPLIT_*, without it (the plain conv, and the conv
+    # inside the windowed scan) PLAIN_SPLIT_*.
     from apps.attamba import ssd_triton_conv
 
+    knobs = "SPLIT_" if silu else "PLAIN_SPLIT_"
     monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", True)
-    monkeypatch.setattr(ssd_triton_conv, "SPLIT_TOKENS", 40)
-    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BLOCK_N", 16)
+    monkeypatch.setattr(ssd_triton_conv, knobs + "TOKENS", 40)
+    monkeypatch.setattr(ssd_triton_conv, knobs + "BLOCK_N", 16)
     x = torch.randn(1, 8, 4, device=DEVICE, requires_grad=True)
     starts = torch.zeros(1, 8, dtype=torch.bool, device=DEVICE)
-    out = causal_conv_segmented_triton(x, torch.ones(4, 4, device=DEVICE), None, starts)
-    with pytest.raises(ValueError, match="multiple of SPLIT_BLOCK_N"):
+    out = ssd_triton_conv.causal_conv_segmented_triton(x, torch.ones(4, 4, device=DEVICE), None, starts, silu=silu)
+    with pytest.raises(ValueError, match=f"^{knobs}TOKENS \\(40\\) must be a multiple of {knobs}BLOCK_N"):
         out.sum().backward()
 
 
@@ -488,12 +492,12 @@ def test_custom_ops_fakes_match_their_kernels(dtype):
                      states, decay, 16, 4)
     torch.library.opcheck(torch.ops.attamba.ssd_segmented_bwd.default, backward_args, test_utils=checks[:2])
 
-    from apps.attamba.ssd_triton_conv import _distance_to_segment_start
+    from apps.attamba.ssd_triton_conv import distance_to_segment_start
 
     x = torch.randn(b, n, 8, device=DEVICE).to(dtype).requires_grad_()
     weight = torch.randn(8, 3, device=DEVICE).to(dtype).requires_grad_()
     bias = torch.randn(8, device=DEVICE).to(dtype).requires_grad_()
-    dist = _distance_to_segment_start(starts)
+    dist = distance_to_segment_start(starts)
     for silu in (False, True):
         for conv_bias in (bias, None):
             args = (x, weight, conv_bias, dist, silu)
@@ -659,6 +663,150 @@ def test_packed_scan_rejects_a_bad_width():
     x, dt, A, D = packed_inputs(1, 8, 2, 16, 1, 16)
     with pytest.raises(ValueError, match="h·p \\+ 2·g·s"):
         ssd_triton_window.ssd_segmented_window_packed(x[..., 1:], dt, A, D, uniform_starts(1, 8, 4), 1, 16, max_segment_len=4)
+
+
+# The conv computed inside the windowed scan kernels (apps.attamba.conv_scan_triton).
+
+from apps.attamba import conv_scan_triton  # noqa: E402
+
+
+def conv_scan_inputs(b, n, h, p, g, s, taps=4, bias=True, seed=0, dtype=torch.float32):
+    """(conv_in [b, n, h·p + 2·g·s], weight [c, taps], bias [c] if ``bias``, all three in ``dtype``;
+    dt, A, D)."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = h * p + 2 * g * s
+    conv_in = torch.randn(b, n, channels, generator=generator)
+    weight = torch.randn(channels, taps, generator=generator) * 0.5
+    _, dt, A, _, _, D = ssd_inputs(b, n, h, p, g, s, seed=seed)
+    conv = [conv_in, weight]
+    if bias:
+        conv.append(torch.randn(channels, generator=generator) * 0.2)
+    return [t.to(DEVICE, dtype) for t in conv] + [dt, A, D]
+
+
+def assert_conv_scan_matches(inputs, heads, groups, state_dim, segment_start, bound, period, tolerance=1e-5,
+                             record=None):
+    """conv_silu_scan_window against SiLU(causal_conv_reference) then ssd_reference, in float64:
+    y and the gradients of the conv's input, weight (and bias), dt, A and D."""
+    with_bias = len(inputs) == 6
+
+    def split(args):
+        conv_in, weight, *rest = args
+        bias = rest.pop(0) if with_bias else None
+        return conv_in, weight, bias, rest
+
+    def oracle(*args):
+        conv_in, weight, bias, (dt, A, D, segment_start) = split(args)
+        post = torch.nn.functional.silu(causal_conv_reference(conv_in, weight, bias, segment_start))
+        u, B, C = split_scan_inputs(post, heads, groups, state_dim)
+        return ssd_reference(u, dt, A, B, C, D, segment_start)
+
+    def candidate(*args):
+        conv_in, weight, bias, (dt, A, D, segment_start) = split(args)
+        return conv_scan_triton.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, groups,
+                                                      state_dim, max_segment_len=bound, segment_period=period)
+
+    names = ("conv_in", "weight", "bias", "dt", "A", "D") if with_bias else ("conv_in", "weight", "dt", "A", "D")
+    conv_in = inputs[0]
+    y_shape = (*conv_in.shape[:2], heads, (conv_in.shape[2] - 2 * groups * state_dim) // heads)
+    assert_scan_matches(candidate, oracle, inputs, names, y_shape, segment_start, tolerance, record)
+
+
+@pytest.mark.parametrize("chunking, aligned", [(name, False) for name in sorted(SHORT_CHUNKINGS)]
+                         + [(name, True) for name in PERIODIC_CHUNKINGS])
+def test_conv_inside_the_windowed_scan_matches_reference(monkeypatch, chunking, aligned):
+    # Two groups of two heads, 32 columns a head and 24 state columns taken 16 at a time: the
+    # kernels' column tiles split heads and state, the last one partial.
+    monkeypatch.setattr(ssd_triton_window, "CONV_TILE_P", 16)
+    monkeypatch.setattr(ssd_triton_window, "CONV_TILE_S", 16)
+    b, n, h, p, g, s = 2, 77, 4, 32, 2, 24
+    make_starts, bound, period = SHORT_CHUNKINGS[chunking]
+    calls = []
+    monkeypatch.setattr(ssd_triton_window, "launch_forward", counting(ssd_triton_window.launch_forward, calls))
+    assert_conv_scan_matches(conv_scan_inputs(b, n, h, p, g, s, seed=5), h, g, s, make_starts(b, n).to(DEVICE), bound,
+                             period if aligned else None)
+    assert [call["conv"] is not None for call in calls] == [True], "the fused kernels must be what ran"
+
+
+def counting(function, calls):
+    """``function``, recording each call's keyword arguments in ``calls``."""
+    def wrapper(*args, **kwargs):
+        calls.append(kwargs)
+        return function(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("chunking, aligned", [
+    ("cyclic_offset", True), ("documents_cut_chunks", True), ("block_long_straddling", True), ("random_lengths", False),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_conv_inside_the_windowed_scan_at_model_shape_on_gpu(chunking, aligned, dtype, record_property):
+    # A 60M layer's paired K/V SSMs (1536 conv channels) on fewer tokens, at the kernels' own
+    # column tiles; bf16 takes the bf16 dots.
+    b, n, h, p, g, s = 2, 300, 16, 64, 2, 128
+    make_starts, bound, period = SHORT_CHUNKINGS[chunking]
+    inputs = conv_scan_inputs(b, n, h, p, g, s, seed=8, dtype=dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_conv_scan_matches(inputs, h, g, s, make_starts(b, n).to(DEVICE), bound, period if aligned else None,
+                             tolerance, record_property)
+
+
+@pytest.mark.parametrize("taps, bias", [(2, True), (4, False), (1, True)])
+def test_conv_inside_the_windowed_scan_with_fewer_taps_or_no_bias(taps, bias):
+    b, n, h, p, g, s = 1, 40, 2, 16, 1, 16
+    starts = uniform_starts(b, n, 8, offset=3).to(DEVICE)
+    assert_conv_scan_matches(conv_scan_inputs(b, n, h, p, g, s, taps=taps, bias=bias, seed=6), h, g, s, starts, 8,
+                             (8, 3))
+
+
+@pytest.mark.parametrize("reason", ["no_bound", "five_taps", "switched_off"])
+def test_conv_and_scan_run_apart_where_the_fused_kernels_do_not_apply(monkeypatch, reason):
+    calls = []
+    monkeypatch.setattr(ssd_triton_window, "launch_forward", counting(ssd_triton_window.launch_forward, calls))
+    if reason == "switched_off":
+        monkeypatch.setattr(conv_scan_triton, "FUSED", False)
+    b, n, h, p, g, s = 1, 24, 2, 16, 1, 16
+    bound = None if reason == "no_bound" else 8
+    inputs = conv_scan_inputs(b, n, h, p, g, s, taps=5 if reason == "five_taps" else 4, seed=7)
+    assert_conv_scan_matches(inputs, h, g, s, uniform_starts(b, n, 8).to(DEVICE), bound, None)
+    assert all(call.get("conv") is None for call in calls)
+
+
+def test_conv_scan_rejects_mismatched_shapes():
+    conv_in, weight, bias, dt, A, D = conv_scan_inputs(1, 8, 2, 16, 1, 16)
+    starts = uniform_starts(1, 8, 4).to(DEVICE)
+    with pytest.raises(ValueError, match="h·p \\+ 2·g·s"):
+        conv_scan_triton.conv_silu_scan_window(conv_in[..., 1:], weight, bias, dt, A, D, starts, 1, 16, 4)
+    with pytest.raises(ValueError, match="weight must be"):
+        conv_scan_triton.conv_silu_scan_window(conv_in, weight[1:], bias, dt, A, D, starts, 1, 16, 4)
+
+
+def test_conv_scan_ops_fake_match_and_compile_whole():
+    from apps.attamba.ssd_triton_conv import distance_to_segment_start
+
+    b, n, h, p, g, s = 1, 40, 2, 16, 1, 16
+    conv_in, weight, bias, dt, A, D = (t.requires_grad_() for t in conv_scan_inputs(b, n, h, p, g, s))
+    segment_start = uniform_starts(b, n, 8, offset=2).to(DEVICE)
+    starts, dist = ssd_triton._as_bytes(segment_start), distance_to_segment_start(segment_start)
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for block_shift in (-1, 2):
+        for conv_bias in (bias, None):
+            args = (conv_in, weight, conv_bias, dist, dt, A, D, starts, g, s, 16, block_shift)
+            torch.library.opcheck(torch.ops.attamba.conv_ssd_window_fwd.default, args, test_utils=checks)
+            detached = [None if t is None else t.detach() for t in args[:8]]
+            backward_args = (torch.randn(b, n, h, p, device=DEVICE), *detached, g, s, 16, block_shift)
+            torch.library.opcheck(torch.ops.attamba.conv_ssd_window_bwd.default, backward_args, test_utils=checks[:2])
+    torch._dynamo.reset()
+
+    def scan(conv_in, weight, bias, dt, A, D):
+        return conv_scan_triton.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, g, s,
+                                                      max_segment_len=8, segment_period=(8, 2))
+
+    inputs = (conv_in, weight, bias, dt, A, D)
+    compiled = torch.compile(scan, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), scan(*inputs))
 
 
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
