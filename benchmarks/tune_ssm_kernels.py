@@ -3,10 +3,9 @@
 At a 60M layer's paired K/V SSM shape (``bench_ssm.MODEL_LAYER``: b=16, n=1024, 16 heads of 64,
 2 B/C groups, state 128, P=8, 1536 conv channels, bf16), each variant sets module knobs of
 :mod:`apps.attamba.ssd_triton_window` (``ALIGNED_BLOCKS``, ``MIN_BLOCK_Q``, ``FORWARD_WARPS``,
-``BACKWARD_WARPS``, ``NUM_STAGES``, ``TILE_S``, ``BF16_DOTS``, ``CONV_TILE_P``, ``CONV_TILE_S``,
-``CONV_WARPS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``, ``BLOCK_C``, ``NUM_WARPS``,
-``SPLIT_*``, ``PLAIN_SPLIT_*``) or :mod:`apps.attamba.conv_scan_triton` (``fused.FUSED``) or
-:mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``, ``norm.NUM_WARPS``, ``norm.SPAN``), then
+``BACKWARD_WARPS``, ``NUM_STAGES``, ``TILE_S``, ``BF16_DOTS``, ``SILU_IN_SCAN``, ``SILU_TILE_P``,
+``SILU_TILE_S``, ``SILU_WARPS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``, ``BLOCK_C``,
+``NUM_WARPS``, ``SPLIT_*``, ``PLAIN_SPLIT_*``) or :mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``, ``norm.NUM_WARPS``, ``norm.SPAN``), then
 runs the conv and scan and the output gates forward and backward under the profiler. Reported:
 each kernel's mean GPU µs (kernels only, no host time), the conv and scan kernels' sum, and the
 relative error of the conv and scan (‖triton − ref‖ / ‖ref‖ over y and every input gradient,
@@ -14,10 +13,10 @@ worst one) against the float64 ``torch`` conv and scan on the same inputs.
 
     python benchmarks/tune_ssm_kernels.py [--repeats 10] [--out tune_ssm.json]
 
-The conv and scan run as in the model (:func:`apps.attamba.conv_scan_triton.conv_silu_scan_window`):
-by default the conv computed inside the scan kernels; with ``fused.FUSED=0`` the conv with its SiLU
-inside, then the scan on u, B and C side by side in one tensor. A tuple knob takes its values
-joined by ``/`` (``window.CONV_WARPS=2/2``).
+The conv and scan run as in the model (:func:`apps.attamba.ssd_triton_window.conv_silu_scan_window`):
+the conv, then the scan on u, B and C side by side in one tensor, the SiLU between them in the
+scan's kernels (``window.SILU_IN_SCAN=0``: in the conv's). A tuple knob takes its values joined by
+``/`` (``window.SILU_WARPS=2/2``).
 
 Needs CUDA; on a CPU it says so and exits.
 """
@@ -34,19 +33,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apps.attamba import conv_scan_triton, gated_norm_triton, ssd_triton_conv, ssd_triton_window  # noqa: E402
+from apps.attamba import gated_norm_triton, ssd_triton_conv, ssd_triton_window  # noqa: E402
 from apps.attamba.ssd_torch import causal_conv_segmented, ssd_segmented  # noqa: E402
 from apps.attamba.ssd_reference import split_scan_inputs  # noqa: E402
 from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, packed_scan_case, uniform_segment_starts  # noqa: E402
 
 VARIANTS = (
     "default",
-    "fused.FUSED=0",  # the conv's own kernels, then the scan
-    "window.CONV_TILE_P=32",
-    "window.CONV_TILE_S=32",
-    "window.CONV_WARPS=2/2",
-    "window.CONV_WARPS=1/2",
-    "window.CONV_TILE_P=32,window.CONV_WARPS=2/2",
+    "window.SILU_IN_SCAN=0",  # the SiLU in the conv's kernels (the fourteenth session's layout)
+    "window.SILU_TILE_P=32",
+    "window.SILU_TILE_S=16",
+    "window.SILU_WARPS=2/2",
+    "window.SILU_WARPS=1/2",
     "conv.PLAIN_SPLIT_TOKENS=128,conv.PLAIN_SPLIT_BLOCK_N=16,conv.PLAIN_SPLIT_WARPS=2",
     "window.ALIGNED_BLOCKS=0",  # blocks at k·Q, three score tiles (as for random chunks)
     "window.BF16_DOTS=0",
@@ -74,14 +72,14 @@ VARIANTS = (
     "norm.SPAN=128",
     "default",  # the two default rows' spread is the noise
 )
-MODULES = {"window": ssd_triton_window, "conv": ssd_triton_conv, "norm": gated_norm_triton, "fused": conv_scan_triton}
+MODULES = {"window": ssd_triton_window, "conv": ssd_triton_conv, "norm": gated_norm_triton}
 SSM_KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_dx_kernel",
                "_conv_dw_kernel")
 KERNELS = SSM_KERNELS + ("_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel")
 
 
 def parse_knobs(text: str) -> dict[str, str]:
-    """"conv.BLOCK_N=32,window.CONV_WARPS=2/2" -> {"conv.BLOCK_N": "32", ...}; "default" -> {}."""
+    """"conv.BLOCK_N=32,window.SILU_WARPS=2/2" -> {"conv.BLOCK_N": "32", ...}; "default" -> {}."""
     if text == "default":
         return {}
     return dict(item.split("=", 1) for item in text.split(","))
@@ -137,8 +135,8 @@ def main(argv: list[str]) -> int:
     grad_gate = torch.randn(2, *tokens, hidden, device=device, dtype=torch.bfloat16)
 
     def conv_scan(conv_in, weight, bias, dt, A, D, segment_start):
-        return conv_scan_triton.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, shape.groups,
-                                                      shape.state_dim, segment_period=(shape.chunk, 0))
+        return ssd_triton_window.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, shape.groups,
+                                                       shape.state_dim, segment_period=(shape.chunk, 0))
 
     def reference_conv_scan(conv_in, weight, bias, dt, A, D, segment_start):
         post = torch.nn.functional.silu(causal_conv_segmented(conv_in, weight, bias, segment_start))

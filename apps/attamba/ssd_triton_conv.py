@@ -47,9 +47,9 @@ benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, fourteenth session."""
 PLAIN_SPLIT_TOKENS = 1024
 PLAIN_SPLIT_BLOCK_N = 32
 PLAIN_SPLIT_WARPS = 4
-"""The weight-gradient kernel's spans, tiles and warps without the SiLU (the conv inside the
-windowed scan, apps.attamba.conv_scan_triton, hands it the gradient w.r.t. the conv's output):
-the thirteenth session's settings, fastest then without the SiLU (46.8 µs a 60M layer, H200)."""
+"""The weight-gradient kernel's spans, tiles and warps without the SiLU (the model's conv when
+the windowed scan applies the SiLU, ``ssd_triton_window.SILU_IN_SCAN``): the thirteenth session's
+settings, fastest then without the SiLU (46.8 µs a 60M layer, H200)."""
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -254,7 +254,7 @@ def _conv_dw_kernel(
         tl.store(dw_part_ptr + (row + K - 4) * c + ch, tl.sum(acc_3, axis=0), mask=in_ch)
 
 
-def distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
+def _distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
     """[b, n] int32: t minus the position of the segment start at or before t."""
     n = segment_start.shape[1]
     position = torch.arange(n, device=segment_start.device)
@@ -296,13 +296,13 @@ def _conv_forward_fake(x, weight, bias, dist, silu):
     return x.new_empty(x.shape)
 
 
-def conv_backward(
+@torch.library.custom_op("attamba::causal_conv_segmented_bwd", mutates_args=())
+def _conv_backward(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor,
     silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx, dweight, dbias (fp32; empty without a bias) of the conv (``dist`` from
-    :func:`distance_to_segment_start`). With ``silu``, dout is the gradient w.r.t. the SiLU of the
-    output (the bias then enters the recomputed output)."""
+    """-> dx, dweight, dbias (fp32; empty without a bias). With ``silu``, dout is the gradient
+    w.r.t. the SiLU of the output (the bias then enters the recomputed output)."""
     b, n, c = x.shape
     k = weight.shape[1]
     x, weight = _dense_inputs(x, weight)
@@ -344,15 +344,6 @@ def conv_backward(
     # A copy, not a view into sums: a custom op's outputs must be fresh tensors (as the fake says).
     dbias = sums[k].clone() if bias is not None else torch.empty(0, device=x.device, dtype=torch.float32)
     return dx, dweight, dbias
-
-
-@torch.library.custom_op("attamba::causal_conv_segmented_bwd", mutates_args=())
-def _conv_backward(
-    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor,
-    silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> :func:`conv_backward`."""
-    return conv_backward(dout, x, weight, bias, dist, silu)
 
 
 @_conv_backward.register_fake
@@ -398,7 +389,7 @@ def causal_conv_segmented_triton(
         raise ValueError(f"segment_start must be {list(x.shape[:2])}, got {tuple(segment_start.shape)}")
     if x.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("causal_conv_segmented_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    return _conv_forward(x, weight, bias, distance_to_segment_start(segment_start), silu)
+    return _conv_forward(x, weight, bias, _distance_to_segment_start(segment_start), silu)
 
 
 def causal_conv_silu_segmented_triton(

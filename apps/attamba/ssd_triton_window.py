@@ -43,6 +43,7 @@ from apps.attamba.ssd_triton import (
     _check_inputs,
     _dot_precision,
     _last_dim_contiguous,
+    _load_rows,
     _load_stored,
     _padded,
     _spanned_sum,
@@ -50,7 +51,7 @@ from apps.attamba.ssd_triton import (
     ssd_segmented_triton,
 )
 from apps.attamba.ssd_reference import join_scan_inputs, split_scan_inputs
-from apps.attamba.ssd_triton_conv import _bias, _earlier_input, _silu_grad, _tap
+from apps.attamba.ssd_triton_conv import _silu_grad, causal_conv_segmented_triton, causal_conv_silu_segmented_triton
 
 MAX_BLOCK_Q = 64
 """Longest segment these kernels take (the block must hold a whole segment)."""
@@ -74,14 +75,16 @@ ALIGNED_BLOCKS = True
 """With periodic segment starts (``segment_period``), start the blocks on them: a block's tokens then
 see keys of their own block only, one score tile where the backward needs three (and the forward
 two), and no tokens of the neighbouring blocks are read."""
-CONV_TILE_P = 16
-CONV_TILE_S = 16
-"""With the conv inside the kernels (CONV), a head's columns and the state's are taken this many
-at a time: the conv's shifted tiles of a whole 64-column head would not fit a warp's registers
-(the backward at 16-token blocks on one warp spills 192 B a thread with these, 1984 B with a
-whole head and 32 state columns; offline sm_90 compile)."""
-CONV_WARPS = (1, 1)
-"""(forward, backward) warps per program with the conv inside, at 16-token blocks."""
+SILU_IN_SCAN = True
+"""For the KV-SSM's conv and scan (:func:`conv_silu_scan_window`), apply the SiLU in the scan's
+kernels (SILU) instead of the conv's: the conv's weight-gradient kernel then neither recomputes
+its output nor writes the gradient before the SiLU (the scan's backward, which reads the
+pre-activations anyway, hands it over)."""
+SILU_TILE_P = 64
+SILU_TILE_S = 32
+"""With the SiLU in the kernels, a head's columns and the state's are taken this many at a time."""
+SILU_WARPS = (1, 1)
+"""(forward, backward) warps per program with the SiLU in the kernels, at 16-token blocks."""
 BF16_DOTS = True
 """With bf16 inputs, multiply bf16 operands (fp32 accumulation, as Mamba2's kernels do) rather
 than TF32 ones: half the operand registers and twice the tensor-core rate, at the cost of rounding
@@ -95,13 +98,13 @@ def _precision(dtype: torch.dtype) -> str:
     return _dot_precision(dtype)
 
 
-def _warps(block_q: int, backward: bool, conv: bool = False) -> int:
+def _warps(block_q: int, backward: bool, silu: bool = False) -> int:
     """Warps per program of the forward or backward kernel for blocks of ``block_q`` tokens (with
-    the conv inside them: ``conv``)."""
+    the SiLU in them: ``silu``)."""
     if block_q in LARGER_BLOCK_WARPS:
         return LARGER_BLOCK_WARPS[block_q][backward]
-    if conv:
-        return CONV_WARPS[backward]
+    if silu:
+        return SILU_WARPS[backward]
     return BACKWARD_WARPS if backward else FORWARD_WARPS
 
 
@@ -161,30 +164,11 @@ def _load_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.
 
 
 @triton.jit
-def _conv_pre(x_ptr, w_ptr, bias_ptr, bi, t, dist, in_seq, col0, w_row0, width, stride_b, stride_n,
-              BLOCK_W: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The KV-SSM conv's output before its SiLU, [Q, W] fp32: tokens t, columns col0 .. of the
-    conv input at x_ptr, whose weights and bias are rows w_row0 .. (the packed column). Tap i
-    reads token t - i when t is at least i tokens into its segment (``dist``), as
-    :mod:`apps.attamba.ssd_triton_conv` does; the taps' rows come from L1/L2, not HBM."""
-    offs_w = tl.arange(0, BLOCK_W)
-    in_w = offs_w < width
-    ch, rows = col0 + offs_w, w_row0 + offs_w
-    pre = _bias(bias_ptr, rows, in_w, HAS_BIAS)[None, :] + _tap(w_ptr, rows, in_w, 0, K)[None, :] * _earlier_input(
-        x_ptr, bi, t, ch, dist, in_seq, in_w, 0, stride_b, stride_n)
-    for i in tl.static_range(1, K):
-        pre += _tap(w_ptr, rows, in_w, i, K)[None, :] * _earlier_input(
-            x_ptr, bi, t, ch, dist, in_seq, in_w, i, stride_b, stride_n)
-    return pre
-
-
-@triton.jit
-def _conv_silu_tile(x_ptr, w_ptr, bias_ptr, bi, t, dist, in_seq, col0, w_row0, width, stride_b, stride_n,
-                    BLOCK_W: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """(pre-activation fp32, SiLU of it as :func:`_load_tile` would load it had the conv stored it)."""
-    pre = _conv_pre(x_ptr, w_ptr, bias_ptr, bi, t, dist, in_seq, col0, w_row0, width, stride_b, stride_n,
-                    BLOCK_W, K, HAS_BIAS)
-    post = (pre * tl.sigmoid(pre)).to(x_ptr.dtype.element_ty)
+def _silu_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
+    """A tile of the conv's output before its SiLU (fp32), and its SiLU as :func:`_load_tile` would
+    have loaded it had the conv applied the SiLU and stored the result."""
+    pre = _load_rows(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W)
+    post = (pre * tl.sigmoid(pre)).to(ptr.dtype.element_ty)
     if PRECISION == "bf16":
         return pre, post
     else:
@@ -193,24 +177,14 @@ def _conv_silu_tile(x_ptr, w_ptr, bias_ptr, bi, t, dist, in_seq, col0, w_row0, w
 
 @triton.jit
 def _scan_input(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
-                w_ptr, bias_ptr, dist, w_row0, CONV: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """A [Q, W] tile of u, B or C: loaded (:func:`_load_tile`), or with CONV computed from the
-    conv's input at ptr (:func:`_conv_silu_tile`)."""
-    if CONV:
-        _, post = _conv_silu_tile(ptr, w_ptr, bias_ptr, bi, t, dist, in_seq, col0, w_row0, width, stride_b, stride_n,
-                                  BLOCK_W, K, HAS_BIAS, PRECISION)
+                SILU: tl.constexpr):
+    """A [Q, W] tile of u, B or C (:func:`_load_tile`); with SILU, ptr holds the conv's output
+    before its SiLU, applied here (:func:`_silu_tile`)."""
+    if SILU:
+        _, post = _silu_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W, PRECISION)
         return post
     else:
         return _load_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W, PRECISION)
-
-
-@triton.jit
-def _token_distance(dist_ptr, bi, t, n, CONV: tl.constexpr):
-    """Tokens since the segment start [Q] (int32) for the conv's taps; zeros without CONV."""
-    if CONV:
-        return tl.load(dist_ptr + bi * n + t, mask=(t >= 0) & (t < n), other=0)
-    else:
-        return tl.zeros(t.shape, dtype=tl.int32)
 
 
 @triton.jit
@@ -254,40 +228,35 @@ def _group_head(A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p
 
 @triton.jit
 def _window_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, y_ptr, w_ptr, bias_ptr, dist_ptr,
-    n, h, p, s, g, heads_per_group,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, y_ptr,
+    n, h, p, s, heads_per_group,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g, shift,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr, TILE_P: tl.constexpr,
-    PRECISION: tl.constexpr, ALIGNED: tl.constexpr, CONV: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, ALIGNED: tl.constexpr, SILU: tl.constexpr,
 ):
     """One (head group, block, batch row): y of the block's tokens, for every head of the group,
     from keys in this and the previous block (only this one when ALIGNED: blocks start at
     ``blk·Q - shift``, where segments start, so none reaches back into the previous block). The
     group's heads share B and C, so the score tiles C Bᵀ are computed once for all of them.
 
-    With CONV, u, B and C point into the conv's input (same packed layout) and every tile is
-    SiLU(conv(...)) computed on the fly with the conv's K taps (``w_ptr``, ``bias_ptr``; ``dist_ptr``
-    the tokens since each token's segment start): the conv's output is never written."""
+    With SILU, u, B and C hold the KV-SSM conv's output before its SiLU, which every tile gets
+    here: the conv then needs no SiLU, neither forward nor backward (see the backward)."""
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
     t_c = blk * BLOCK_Q - shift + offs  # this block: queries, and keys of the diagonal tile
     t_p = t_c - BLOCK_Q  # the previous block: keys
     valid_p, valid_c = (t_p >= 0) & (t_p < n), (t_c >= 0) & (t_c < n)
-    dist_p, dist_c = _token_distance(dist_ptr, bi, t_p, n, CONV), _token_distance(dist_ptr, bi, t_c, n, CONV)
 
     bc_col = gi * stride_bc_g
-    row_B, row_C = h * p + bc_col, h * p + g * s + bc_col  # the conv weights' rows of this group's B and C
     G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
     G_c = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_cᵀ
     for s0 in range(0, BLOCK_S, TILE):
-        C_c = _scan_input(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION,
-                          w_ptr, bias_ptr, dist_c, row_C + s0, CONV, K, HAS_BIAS)
-        B_c = _scan_input(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION,
-                          w_ptr, bias_ptr, dist_c, row_B + s0, CONV, K, HAS_BIAS)
+        C_c = _scan_input(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION, SILU)
+        B_c = _scan_input(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION, SILU)
         G_c = _dot(C_c, tl.trans(B_c), G_c, PRECISION)
         if not ALIGNED:
             B_p = _scan_input(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE,
-                              PRECISION, w_ptr, bias_ptr, dist_p, row_B + s0, CONV, K, HAS_BIAS)
+                              PRECISION, SILU)
             G_p = _dot(C_c, tl.trans(B_p), G_p, PRECISION)
 
     offs_p = tl.arange(0, TILE_P)
@@ -297,14 +266,14 @@ def _window_fwd_kernel(
         P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
         if not ALIGNED:
             P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
-        # The head's columns TILE_P at a time (all at once unless CONV): y's columns are independent.
+        # The head's columns TILE_P at a time (all at once unless SILU): y's columns are independent.
         for p0 in range(0, BLOCK_P, TILE_P):
             u_c = _scan_input(u_ptr, bi, t_c, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_c, p - p0, TILE_P,
-                              PRECISION, w_ptr, bias_ptr, dist_c, hi * p + p0, CONV, K, HAS_BIAS)
+                              PRECISION, SILU)
             y = _dot(P_c, u_c * dt_c[:, None], None, PRECISION) + D_h * u_c
             if not ALIGNED:
                 u_p = _scan_input(u_ptr, bi, t_p, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_p, p - p0,
-                                  TILE_P, PRECISION, w_ptr, bias_ptr, dist_p, hi * p + p0, CONV, K, HAS_BIAS)
+                                  TILE_P, PRECISION, SILU)
                 y = _dot(P_p, u_p * dt_p[:, None], y, PRECISION)
             y_offs = (bi * n + t_c.to(tl.int64)[:, None]) * h * p + hi * p + p0 + offs_p[None, :]
             tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=valid_c[:, None] & (p0 + offs_p[None, :] < p))
@@ -313,12 +282,12 @@ def _window_fwd_kernel(
 @triton.jit
 def _window_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, dy_ptr,
-    du_ptr, ddt_ptr, dA_part_ptr, dD_rows_ptr, dB_ptr, dC_ptr, w_ptr, bias_ptr, dist_ptr,
+    du_ptr, ddt_ptr, dA_part_ptr, dD_rows_ptr, dB_ptr, dC_ptr,
     n, h, p, s, g, heads_per_group,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     stride_dy_b, stride_dy_n, stride_dy_h, stride_du_b, stride_du_n, stride_dbc_b, stride_dbc_n, shift,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr, TILE_P: tl.constexpr,
-    PRECISION: tl.constexpr, ALIGNED: tl.constexpr, CONV: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, ALIGNED: tl.constexpr, SILU: tl.constexpr,
 ):
     """One (head group, block, batch row): the gradients of the block's tokens, as queries (over
     keys of blocks k-1 and k) and as keys (for queries of blocks k and k+1), for every head of
@@ -330,9 +299,9 @@ def _window_bwd_kernel(
     dB and dC. du, dB and dC are addressed by their own (batch, token) strides. ALIGNED (blocks
     start where segments start, see the forward): the block's own tile is the only one.
 
-    CONV (see the forward): u, B and C are recomputed from the conv's input, and du, dB, dC are
-    the gradients w.r.t. the conv's output before its SiLU (SiLU's derivative applied here, on
-    the recomputed pre-activations), ready for the conv's backward.
+    SILU (see the forward): du, dB and dC are the gradients w.r.t. the conv's output before the
+    SiLU (SiLU's derivative applied here, on the pre-activations read again), ready for the conv's
+    own backward without its SiLU.
     """
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
@@ -340,26 +309,21 @@ def _window_bwd_kernel(
     t_p = t_c - BLOCK_Q
     t_n = t_c + BLOCK_Q
     valid_p, valid_c, valid_n = (t_p >= 0) & (t_p < n), (t_c >= 0) & (t_c < n), t_n < n
-    dist_p, dist_c = _token_distance(dist_ptr, bi, t_p, n, CONV), _token_distance(dist_ptr, bi, t_c, n, CONV)
-    dist_n = _token_distance(dist_ptr, bi, t_n, n, CONV)
 
     # Score tiles, named query block then key block: G_cp = C_c B_pᵀ, G_cc = C_c B_cᵀ, G_nc = C_n B_cᵀ.
     bc_col = gi * stride_bc_g
-    row_B, row_C = h * p + bc_col, h * p + g * s + bc_col  # the conv weights' rows of this group's B and C
     G_cp = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     for s0 in range(0, BLOCK_S, TILE):
-        B_c = _scan_input(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION,
-                          w_ptr, bias_ptr, dist_c, row_B + s0, CONV, K, HAS_BIAS)
-        C_c = _scan_input(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION,
-                          w_ptr, bias_ptr, dist_c, row_C + s0, CONV, K, HAS_BIAS)
+        B_c = _scan_input(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION, SILU)
+        C_c = _scan_input(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION, SILU)
         G_cc = _dot(C_c, tl.trans(B_c), G_cc, PRECISION)
         if not ALIGNED:
             B_p = _scan_input(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE,
-                              PRECISION, w_ptr, bias_ptr, dist_p, row_B + s0, CONV, K, HAS_BIAS)
+                              PRECISION, SILU)
             C_n = _scan_input(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE,
-                              PRECISION, w_ptr, bias_ptr, dist_n, row_C + s0, CONV, K, HAS_BIAS)
+                              PRECISION, SILU)
             G_cp = _dot(C_c, tl.trans(B_p), G_cp, PRECISION)
             G_nc = _dot(C_n, tl.trans(B_c), G_nc, PRECISION)
 
@@ -385,7 +349,7 @@ def _window_bwd_kernel(
 
         # y_t = Σ_j (G ∘ L)[t, j] x_j with x = u·dt: the gradient reaching G is (dy xᵀ) ∘ L, and the
         # one reaching the exponent cs_t - cs_j is that times G. The head's columns go TILE_P at a
-        # time (all at once unless CONV): dy xᵀ sums over them, dx and du are column by column.
+        # time (all at once unless SILU): dy xᵀ sums over them, dx and du are column by column.
         dG_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
         dG_cp = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
         dG_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
@@ -393,7 +357,7 @@ def _window_bwd_kernel(
         dy_u = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # Σ_p dy·u per token (for dD)
         for p0 in range(0, BLOCK_P, TILE_P):
             u_c = _scan_input(u_ptr, bi, t_c, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_c, p - p0, TILE_P,
-                              PRECISION, w_ptr, bias_ptr, dist_c, hi * p + p0, CONV, K, HAS_BIAS)
+                              PRECISION, SILU)
             dy_c = _load_tile(dy_ptr, bi, t_c, hi * stride_dy_h + p0, stride_dy_b, stride_dy_n, valid_c, p - p0, TILE_P,
                               PRECISION)
             x_c = u_c * dt_c[:, None]
@@ -401,16 +365,16 @@ def _window_bwd_kernel(
             dx = _dot(W_cc, dy_c, None, PRECISION)
             if not ALIGNED:
                 u_p = _scan_input(u_ptr, bi, t_p, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_p, p - p0,
-                                  TILE_P, PRECISION, w_ptr, bias_ptr, dist_p, hi * p + p0, CONV, K, HAS_BIAS)
+                                  TILE_P, PRECISION, SILU)
                 dy_n = _load_tile(dy_ptr, bi, t_n, hi * stride_dy_h + p0, stride_dy_b, stride_dy_n, valid_n, p - p0,
                                   TILE_P, PRECISION)
                 dG_cp = _dot(dy_c, tl.trans(u_p * dt_p[:, None]), dG_cp, PRECISION)
                 dG_nc = _dot(dy_n, tl.trans(x_c), dG_nc, PRECISION)
                 dx = _dot(W_nc, dy_n, dx, PRECISION)
             du = dx * dt_c[:, None] + D_h * dy_c
-            if CONV:  # u's pre-activation again, rather than held through the dots
-                du = _silu_grad(du, _conv_pre(u_ptr, w_ptr, bias_ptr, bi, t_c, dist_c, valid_c, hi * stride_u_h + p0,
-                                              hi * p + p0, p - p0, stride_u_b, stride_u_n, TILE_P, K, HAS_BIAS))
+            if SILU:  # u's pre-activation again (from L1/L2), rather than held through the dots
+                du = _silu_grad(du, _load_rows(u_ptr, bi, t_c, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_c,
+                                               p - p0, TILE_P))
             du_offs = bi * stride_du_b + t64[:, None] * stride_du_n + hi * p + p0 + offs_p[None, :]
             tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty),
                      mask=valid_c[:, None] & (p0 + offs_p[None, :] < p))
@@ -442,11 +406,9 @@ def _window_bwd_kernel(
     dG_cc_t = tl.trans(dG_cc_sum)
     dG_nc_t = tl.trans(dG_nc_sum)
     for s0 in range(0, BLOCK_S, TILE):
-        if CONV:
-            pre_B, B_c = _conv_silu_tile(B_ptr, w_ptr, bias_ptr, bi, t_c, dist_c, valid_c, bc_col + s0, row_B + s0,
-                                         s - s0, stride_bc_b, stride_bc_n, TILE, K, HAS_BIAS, PRECISION)
-            pre_C, C_c = _conv_silu_tile(C_ptr, w_ptr, bias_ptr, bi, t_c, dist_c, valid_c, bc_col + s0, row_C + s0,
-                                         s - s0, stride_bc_b, stride_bc_n, TILE, K, HAS_BIAS, PRECISION)
+        if SILU:
+            pre_B, B_c = _silu_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+            pre_C, C_c = _silu_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
         else:
             B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
             C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
@@ -454,12 +416,12 @@ def _window_bwd_kernel(
         dB = _dot(dG_cc_t, C_c, None, PRECISION)
         if not ALIGNED:
             B_p = _scan_input(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE,
-                              PRECISION, w_ptr, bias_ptr, dist_p, row_B + s0, CONV, K, HAS_BIAS)
+                              PRECISION, SILU)
             C_n = _scan_input(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE,
-                              PRECISION, w_ptr, bias_ptr, dist_n, row_C + s0, CONV, K, HAS_BIAS)
+                              PRECISION, SILU)
             dC = _dot(dG_cp_sum, B_p, dC, PRECISION)
             dB = _dot(dG_nc_t, C_n, dB, PRECISION)
-        if CONV:
+        if SILU:
             dB, dC = _silu_grad(dB, pre_B), _silu_grad(dC, pre_C)
         offs_out = bi * stride_dbc_b + t64[:, None] * stride_dbc_n + gi * s + s0 + offs_s[None, :]
         out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
@@ -467,31 +429,13 @@ def _window_bwd_kernel(
         tl.store(dC_ptr + offs_out, dC.to(dC_ptr.dtype.element_ty), mask=out_mask)
 
 
-class ConvTaps(NamedTuple):
-    """The KV-SSM conv the kernels compute on the fly (CONV): weight [c, k], bias [c] or None, and
-    each token's distance to its segment start ([b, n] int32, ``ssd_triton_conv``'s)."""
-
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    dist: torch.Tensor
-
-
 def _launch_meta(block_q: int, block_shift: int, p: int, s: int, dtype: torch.dtype, backward: bool,
-                 conv: Optional[ConvTaps]) -> dict:
+                 silu: bool) -> dict:
     return dict(
-        BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(CONV_TILE_S if conv else TILE_S, _padded(s)),
-        TILE_P=min(CONV_TILE_P, _padded(p)) if conv is not None else _padded(p),
-        PRECISION=_precision(dtype), ALIGNED=block_shift >= 0, num_warps=_warps(block_q, backward, conv is not None),
-        num_stages=NUM_STAGES, CONV=conv is not None, K=conv.weight.shape[1] if conv is not None else 1,
-        HAS_BIAS=conv is not None and conv.bias is not None,
+        BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(SILU_TILE_S if silu else TILE_S, _padded(s)),
+        TILE_P=min(SILU_TILE_P, _padded(p)) if silu else _padded(p), PRECISION=_precision(dtype),
+        ALIGNED=block_shift >= 0, SILU=silu, num_warps=_warps(block_q, backward, silu), num_stages=NUM_STAGES,
     )
-
-
-def _conv_pointers(conv: Optional[ConvTaps], starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weight, bias, dist) for the kernels; without a conv (or a bias) any tensor stands in, unread."""
-    if conv is None:
-        return starts, starts, starts
-    return conv.weight, conv.bias if conv.bias is not None else conv.weight, conv.dist
 
 
 def _grid(groups: int, n: int, b: int, block_q: int, block_shift: int) -> tuple[int, int, int]:
@@ -502,29 +446,44 @@ def _strides(u, dt, B):
     return (u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), B.stride(2))
 
 
-def launch_forward(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
-                   groups: int, state_dim: int, block_q: int, block_shift: int,
-                   conv: Optional[ConvTaps] = None) -> torch.Tensor:
-    """y [b, n, h, p] of the scan over (u, B, C) = x, or with ``conv`` over SiLU(conv(x)); blocks
-    as :func:`block_layout` says. x's last dimension must be dense, dt contiguous."""
+# The ops take u, B and C side by side in one tensor x [b, n, h·p + 2·g·s], as a KV-SSM's conv
+# writes them, and the backward returns their gradients the same way: the model's conv output goes
+# in as it is, and its gradient reaches the conv's backward without a concatenation.
+@torch.library.custom_op("attamba::ssd_window_fwd", mutates_args=())
+def _window_forward(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
+    groups: int, state_dim: int, block_q: int, block_shift: int, silu: bool,
+) -> torch.Tensor:
+    """-> y [b, n, h, p] of the scan over (u, B, C) = x, or over their SiLU with ``silu``; blocks
+    as :func:`block_layout` says."""
+    x = _last_dim_contiguous(x)
     u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
     b, n, h, p = u.shape
+    dt = dt.contiguous()
     y = torch.empty((b, n, h, p), device=x.device, dtype=x.dtype)
     _window_fwd_kernel[_grid(groups, n, b, block_q, block_shift)](
-        u, dt, A, B, C, D, starts, y, *_conv_pointers(conv, starts),
-        n, h, p, state_dim, groups, h // groups, *_strides(u, dt, B), max(block_shift, 0),
-        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, False, conv),
+        u, dt, A, B, C, D, starts, y, n, h, p, state_dim, h // groups, *_strides(u, dt, B), max(block_shift, 0),
+        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, False, silu),
     )
     return y
 
 
-def launch_backward(dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
-                    starts: torch.Tensor, groups: int, state_dim: int, block_q: int, block_shift: int,
-                    conv: Optional[ConvTaps] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx like x: du, dB, dC side by side; ddt fp32; dA; dD) of :func:`launch_forward`. With
-    ``conv``, dx is the gradient w.r.t. the conv's output before the SiLU."""
+@_window_forward.register_fake
+def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q, block_shift, silu):
+    b, n, _ = x.shape
+    return x.new_empty((b, n, A.shape[0], (x.shape[-1] - 2 * groups * state_dim) // A.shape[0]))
+
+
+@torch.library.custom_op("attamba::ssd_window_bwd", mutates_args=())
+def _window_backward(
+    dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
+    groups: int, state_dim: int, block_q: int, block_shift: int, silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx (like x: du, dB, dC side by side; with ``silu``, w.r.t. x before the SiLU), ddt, dA, dD."""
+    x = _last_dim_contiguous(x)
     u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
     b, n, h, p = u.shape
+    dt = dt.contiguous()
     dy = _last_dim_contiguous(dy)
     dx = torch.empty((b, n, x.shape[-1]), device=x.device, dtype=x.dtype)
     du, dB, dC = split_scan_inputs(dx, h, groups, state_dim)
@@ -536,58 +495,28 @@ def launch_backward(dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torc
     dA_part = torch.empty((b, blocks, h), device=x.device, dtype=torch.float32)
     dD_rows = torch.empty((b, n, h), device=x.device, dtype=torch.float32)
     _window_bwd_kernel[grid](
-        u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC, *_conv_pointers(conv, starts),
+        u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC,
         n, h, p, state_dim, groups, h // groups, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(0), dx.stride(1), max(block_shift, 0),
-        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, True, conv),
+        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, True, silu),
     )
-    return dx, ddt, dA_part.sum((0, 1)).to(A.dtype), dD_rows.sum((0, 1)).to(D.dtype)
-
-
-# The ops take u, B and C side by side in one tensor x [b, n, h·p + 2·g·s], as a KV-SSM's conv
-# writes them, and the backward returns their gradients the same way: the model's conv output goes
-# in as it is, and its gradient reaches the conv's backward without a concatenation.
-@torch.library.custom_op("attamba::ssd_window_fwd", mutates_args=())
-def _window_forward(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
-    groups: int, state_dim: int, block_q: int, block_shift: int,
-) -> torch.Tensor:
-    """-> y [b, n, h, p] of the scan over (u, B, C) = x; blocks as :func:`block_layout` says."""
-    return launch_forward(_last_dim_contiguous(x), dt.contiguous(), A, D, starts, groups, state_dim, block_q,
-                          block_shift)
-
-
-@_window_forward.register_fake
-def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q, block_shift):
-    b, n, _ = x.shape
-    return x.new_empty((b, n, A.shape[0], (x.shape[-1] - 2 * groups * state_dim) // A.shape[0]))
-
-
-@torch.library.custom_op("attamba::ssd_window_bwd", mutates_args=())
-def _window_backward(
-    dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
-    groups: int, state_dim: int, block_q: int, block_shift: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx (like x: du, dB, dC side by side), ddt, dA, dD."""
-    dx, ddt, dA, dD = launch_backward(dy, _last_dim_contiguous(x), dt.contiguous(), A, D, starts, groups, state_dim,
-                                      block_q, block_shift)
-    return dx, ddt.to(dt.dtype), dA, dD
+    return dx, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dD_rows.sum((0, 1)).to(D.dtype)
 
 
 @_window_backward.register_fake
-def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q, block_shift):
+def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q, block_shift, silu):
     return tuple(t.new_empty(t.shape) for t in (x, dt, A, D))
 
 
 def _window_setup_context(ctx, inputs, output) -> None:
-    x, dt, A, D, starts, groups, state_dim, block_q, block_shift = inputs
+    x, dt, A, D, starts, *sizes = inputs
     ctx.save_for_backward(x, dt, A, D, starts)
-    ctx.sizes = (groups, state_dim, block_q, block_shift)
+    ctx.sizes = sizes
 
 
 def _window_autograd(ctx, dy):
     x, dt, A, D, starts = ctx.saved_tensors
-    return (*_window_backward(dy, x, dt, A, D, starts, *ctx.sizes), None, None, None, None, None)
+    return (*_window_backward(dy, x, dt, A, D, starts, *ctx.sizes), None, None, None, None, None, None)
 
 
 torch.library.register_autograd("attamba::ssd_window_fwd", _window_autograd, setup_context=_window_setup_context)
@@ -635,19 +564,53 @@ def ssd_segmented_window_packed(
     state_dim: int,
     max_segment_len: Optional[int] = None,
     segment_period: Optional[SegmentPeriod] = None,
+    silu_inputs: bool = False,
 ) -> torch.Tensor:
     """:func:`ssd_segmented_window` with u, B and C side by side in x [b, n, h·p + 2·g·s] (h =
     A's length), as a KV-SSM's conv writes them -> y [b, n, h, p]. The gradient of x is one
-    tensor too. Without a usable bound (:func:`supports`), the chunked kernels run on views of x."""
+    tensor too. With ``silu_inputs`` the scan runs over SiLU(x), applied in the kernels. Without a
+    usable bound (:func:`supports`), the chunked kernels run on views of x."""
     heads = A.shape[0]
     bc = groups * state_dim
     if x.dim() != 3 or x.shape[-1] <= 2 * bc or (x.shape[-1] - 2 * bc) % heads:
         raise ValueError(
             f"x must be [b, n, h·p + 2·g·s] with h={heads}, g={groups}, s={state_dim}; got {tuple(x.shape)}"
         )
-    u, B, C = split_scan_inputs(x, heads, groups, state_dim)
     bound = _segment_bound(max_segment_len, segment_period)
     if not supports(bound, return_final_state=False):
+        u, B, C = split_scan_inputs(torch.nn.functional.silu(x) if silu_inputs else x, heads, groups, state_dim)
         return ssd_segmented_triton(u, dt, A, B, C, D, segment_start)
+    u, B, C = split_scan_inputs(x, heads, groups, state_dim)
     _check_inputs(u, dt, A, B, C, D, segment_start)
-    return _window_forward(x, dt, A, D, _as_bytes(segment_start), groups, state_dim, *block_layout(bound, segment_period))
+    return _window_forward(x, dt, A, D, _as_bytes(segment_start), groups, state_dim,
+                           *block_layout(bound, segment_period), silu_inputs)
+
+
+def conv_silu_scan_window(
+    conv_in: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    segment_start: torch.Tensor,
+    groups: int,
+    state_dim: int,
+    max_segment_len: Optional[int] = None,
+    segment_period: Optional[SegmentPeriod] = None,
+) -> torch.Tensor:
+    """A KV-SSM's conv and scan: the scan over (u, B, C) = SiLU(conv(conv_in)) -> y [b, n, h, p].
+
+    conv_in [b, n, h·p + 2·g·s] holds the conv's input channels in the scan's order (u, then B,
+    then C); weight [c, k] and bias [c] or None as
+    :func:`apps.attamba.ssd_triton_conv.causal_conv_segmented_triton` takes them; the rest as
+    :func:`ssd_segmented_window_packed`. The SiLU runs in the windowed scan's kernels
+    (SILU_IN_SCAN) where they apply, else in the conv's.
+    """
+    if SILU_IN_SCAN and supports(_segment_bound(max_segment_len, segment_period), return_final_state=False):
+        pre = causal_conv_segmented_triton(conv_in, weight, bias, segment_start)
+        return ssd_segmented_window_packed(pre, dt, A, D, segment_start, groups, state_dim, max_segment_len,
+                                           segment_period, silu_inputs=True)
+    post = causal_conv_silu_segmented_triton(conv_in, weight, bias, segment_start)
+    return ssd_segmented_window_packed(post, dt, A, D, segment_start, groups, state_dim, max_segment_len,
+                                       segment_period)

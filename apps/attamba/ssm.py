@@ -171,8 +171,8 @@ class Backend(NamedTuple):
     (signature of :func:`apps.attamba.gated_norm_triton.gated_rms_norm_triton`), where the backend
     has it."""
     conv_silu_scan: Optional[Callable[..., torch.Tensor]] = None
-    """SiLU(conv(...)) and the packed scan as one op, the conv's output never written (signature
-    of :func:`apps.attamba.conv_scan_triton.conv_silu_scan_window`), where the backend has it."""
+    """SiLU(conv(...)) then the packed scan, the SiLU in the scan's kernels (signature of
+    :func:`apps.attamba.ssd_triton_window.conv_silu_scan_window`), where the backend has it."""
 
     def conv_and_scan(self, conv_in: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
                       sizes: "_ScanSizes", dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
@@ -235,10 +235,9 @@ def load_backend(impl: str, device: torch.device) -> Backend:
     if impl == "triton_window":
         chunked = load_backend("triton", device)
         import apps.attamba.ssd_triton_window as window
-        from apps.attamba.conv_scan_triton import conv_silu_scan_window
 
         return chunked._replace(ssd=window.ssd_segmented_window, ssd_packed=window.ssd_segmented_window_packed,
-                                conv_silu_scan=conv_silu_scan_window)
+                                conv_silu_scan=window.conv_silu_scan_window)
     raise ValueError(f"ssm impl must be one of {', '.join(IMPLS)}; got '{impl}'")
 
 

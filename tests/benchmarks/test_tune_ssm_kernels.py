@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from tune_ssm_kernels import variant_applied  # noqa: E402
 
-from apps.attamba import conv_scan_triton, ssd_triton_conv, ssd_triton_window  # noqa: E402
+from apps.attamba import ssd_triton_conv, ssd_triton_window  # noqa: E402
 
 
 def test_a_variant_sets_its_knobs_in_their_types_and_restores_them():
@@ -23,9 +23,9 @@ def test_a_variant_sets_its_knobs_in_their_types_and_restores_them():
     with pytest.raises(RuntimeError), variant_applied("conv.NUM_WARPS=8"):
         raise RuntimeError("a failing variant")
     assert ssd_triton_conv.NUM_WARPS == 4
-    with variant_applied("window.CONV_WARPS=2/1,fused.FUSED=0"):
-        assert ssd_triton_window.CONV_WARPS == (2, 1)
-        assert conv_scan_triton.FUSED is False
-    assert ssd_triton_window.CONV_WARPS == (1, 1) and conv_scan_triton.FUSED is True
+    with variant_applied("window.SILU_WARPS=2/1,window.SILU_IN_SCAN=0"):
+        assert ssd_triton_window.SILU_WARPS == (2, 1)
+        assert ssd_triton_window.SILU_IN_SCAN is False
+    assert ssd_triton_window.SILU_WARPS == (1, 1) and ssd_triton_window.SILU_IN_SCAN is True
     with variant_applied("default"):
         assert (ssd_triton_conv.BLOCK_N, ssd_triton_conv.NUM_WARPS, ssd_triton_window.BF16_DOTS) == before

@@ -492,12 +492,12 @@ def test_custom_ops_fakes_match_their_kernels(dtype):
                      states, decay, 16, 4)
     torch.library.opcheck(torch.ops.attamba.ssd_segmented_bwd.default, backward_args, test_utils=checks[:2])
 
-    from apps.attamba.ssd_triton_conv import distance_to_segment_start
+    from apps.attamba.ssd_triton_conv import _distance_to_segment_start
 
     x = torch.randn(b, n, 8, device=DEVICE).to(dtype).requires_grad_()
     weight = torch.randn(8, 3, device=DEVICE).to(dtype).requires_grad_()
     bias = torch.randn(8, device=DEVICE).to(dtype).requires_grad_()
-    dist = distance_to_segment_start(starts)
+    dist = _distance_to_segment_start(starts)
     for silu in (False, True):
         for conv_bias in (bias, None):
             args = (x, weight, conv_bias, dist, silu)
@@ -599,10 +599,10 @@ def test_windowed_ssd_op_fake_matches_and_compiles_whole(packed):
     u, dt, A, B, C, D = (t.requires_grad_() for t in (u, dt, A, B, C, D))
     starts = ssd_triton._as_bytes(uniform_starts(b, n, 8, offset=2).to(DEVICE))
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    for block_shift in (-1, 2):
-        args = (x, dt, A, D, starts, g, s, 16, block_shift)
+    for block_shift, silu in ((-1, False), (2, False), (2, True)):
+        args = (x, dt, A, D, starts, g, s, 16, block_shift, silu)
         torch.library.opcheck(torch.ops.attamba.ssd_window_fwd.default, args, test_utils=checks)
-        backward_args = (torch.randn_like(u), *(t.detach() for t in (x, dt, A, D)), starts, g, s, 16, block_shift)
+        backward_args = (torch.randn_like(u), *(t.detach() for t in (x, dt, A, D)), starts, g, s, 16, block_shift, silu)
         torch.library.opcheck(torch.ops.attamba.ssd_window_bwd.default, backward_args, test_utils=checks[:2])
     torch._dynamo.reset()
     segment_start = uniform_starts(b, n, 8, offset=2).to(DEVICE)
@@ -665,9 +665,7 @@ def test_packed_scan_rejects_a_bad_width():
         ssd_triton_window.ssd_segmented_window_packed(x[..., 1:], dt, A, D, uniform_starts(1, 8, 4), 1, 16, max_segment_len=4)
 
 
-# The conv computed inside the windowed scan kernels (apps.attamba.conv_scan_triton).
-
-from apps.attamba import conv_scan_triton  # noqa: E402
+# The conv and the windowed scan as the model runs them: the SiLU in the scan's kernels.
 
 
 def conv_scan_inputs(b, n, h, p, g, s, taps=4, bias=True, seed=0, dtype=torch.float32):
@@ -703,8 +701,8 @@ def assert_conv_scan_matches(inputs, heads, groups, state_dim, segment_start, bo
 
     def candidate(*args):
         conv_in, weight, bias, (dt, A, D, segment_start) = split(args)
-        return conv_scan_triton.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, groups,
-                                                      state_dim, max_segment_len=bound, segment_period=period)
+        return ssd_triton_window.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, groups,
+                                                       state_dim, max_segment_len=bound, segment_period=period)
 
     names = ("conv_in", "weight", "bias", "dt", "A", "D") if with_bias else ("conv_in", "weight", "dt", "A", "D")
     conv_in = inputs[0]
@@ -712,28 +710,31 @@ def assert_conv_scan_matches(inputs, heads, groups, state_dim, segment_start, bo
     assert_scan_matches(candidate, oracle, inputs, names, y_shape, segment_start, tolerance, record)
 
 
+def scan_op_calls(monkeypatch) -> list:
+    """The silu argument of every call of the windowed scan's forward op, from now on."""
+    calls, op = [], ssd_triton_window._window_forward
+
+    def recording(*args):
+        calls.append(args[-1])
+        return op(*args)
+
+    monkeypatch.setattr(ssd_triton_window, "_window_forward", recording)
+    return calls
+
+
 @pytest.mark.parametrize("chunking, aligned", [(name, False) for name in sorted(SHORT_CHUNKINGS)]
                          + [(name, True) for name in PERIODIC_CHUNKINGS])
-def test_conv_inside_the_windowed_scan_matches_reference(monkeypatch, chunking, aligned):
+def test_conv_and_scan_with_the_silu_in_the_scan_match_reference(monkeypatch, chunking, aligned):
     # Two groups of two heads, 32 columns a head and 24 state columns taken 16 at a time: the
     # kernels' column tiles split heads and state, the last one partial.
-    monkeypatch.setattr(ssd_triton_window, "CONV_TILE_P", 16)
-    monkeypatch.setattr(ssd_triton_window, "CONV_TILE_S", 16)
+    monkeypatch.setattr(ssd_triton_window, "SILU_TILE_P", 16)
+    monkeypatch.setattr(ssd_triton_window, "SILU_TILE_S", 16)
     b, n, h, p, g, s = 2, 77, 4, 32, 2, 24
     make_starts, bound, period = SHORT_CHUNKINGS[chunking]
-    calls = []
-    monkeypatch.setattr(ssd_triton_window, "launch_forward", counting(ssd_triton_window.launch_forward, calls))
+    calls = scan_op_calls(monkeypatch)
     assert_conv_scan_matches(conv_scan_inputs(b, n, h, p, g, s, seed=5), h, g, s, make_starts(b, n).to(DEVICE), bound,
                              period if aligned else None)
-    assert [call["conv"] is not None for call in calls] == [True], "the fused kernels must be what ran"
-
-
-def counting(function, calls):
-    """``function``, recording each call's keyword arguments in ``calls``."""
-    def wrapper(*args, **kwargs):
-        calls.append(kwargs)
-        return function(*args, **kwargs)
-    return wrapper
+    assert calls == [True], "the scan's kernels must be what applied the SiLU"
 
 
 @pytest.mark.gpu
@@ -742,7 +743,7 @@ def counting(function, calls):
     ("cyclic_offset", True), ("documents_cut_chunks", True), ("block_long_straddling", True), ("random_lengths", False),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_conv_inside_the_windowed_scan_at_model_shape_on_gpu(chunking, aligned, dtype, record_property):
+def test_conv_and_scan_with_the_silu_in_the_scan_at_model_shape_on_gpu(chunking, aligned, dtype, record_property):
     # A 60M layer's paired K/V SSMs (1536 conv channels) on fewer tokens, at the kernels' own
     # column tiles; bf16 takes the bf16 dots.
     b, n, h, p, g, s = 2, 300, 16, 64, 2, 128
@@ -753,60 +754,57 @@ def test_conv_inside_the_windowed_scan_at_model_shape_on_gpu(chunking, aligned, 
                              tolerance, record_property)
 
 
-@pytest.mark.parametrize("taps, bias", [(2, True), (4, False), (1, True)])
-def test_conv_inside_the_windowed_scan_with_fewer_taps_or_no_bias(taps, bias):
+@pytest.mark.parametrize("taps, bias", [(2, True), (4, False), (1, True), (5, True)])
+def test_conv_and_scan_with_other_taps_or_no_bias(taps, bias):
     b, n, h, p, g, s = 1, 40, 2, 16, 1, 16
     starts = uniform_starts(b, n, 8, offset=3).to(DEVICE)
     assert_conv_scan_matches(conv_scan_inputs(b, n, h, p, g, s, taps=taps, bias=bias, seed=6), h, g, s, starts, 8,
                              (8, 3))
 
 
-@pytest.mark.parametrize("reason", ["no_bound", "five_taps", "switched_off"])
-def test_conv_and_scan_run_apart_where_the_fused_kernels_do_not_apply(monkeypatch, reason):
-    calls = []
-    monkeypatch.setattr(ssd_triton_window, "launch_forward", counting(ssd_triton_window.launch_forward, calls))
+@pytest.mark.parametrize("reason", ["no_bound", "switched_off"])
+def test_the_conv_applies_the_silu_where_the_windowed_kernels_do_not(monkeypatch, reason):
     if reason == "switched_off":
-        monkeypatch.setattr(conv_scan_triton, "FUSED", False)
+        monkeypatch.setattr(ssd_triton_window, "SILU_IN_SCAN", False)
+    calls = scan_op_calls(monkeypatch)
     b, n, h, p, g, s = 1, 24, 2, 16, 1, 16
     bound = None if reason == "no_bound" else 8
-    inputs = conv_scan_inputs(b, n, h, p, g, s, taps=5 if reason == "five_taps" else 4, seed=7)
-    assert_conv_scan_matches(inputs, h, g, s, uniform_starts(b, n, 8).to(DEVICE), bound, None)
-    assert all(call.get("conv") is None for call in calls)
+    assert_conv_scan_matches(conv_scan_inputs(b, n, h, p, g, s, seed=7), h, g, s, uniform_starts(b, n, 8).to(DEVICE),
+                             bound, None)
+    assert calls == ([] if reason == "no_bound" else [False])
 
 
-def test_conv_scan_rejects_mismatched_shapes():
+def test_packed_scan_over_the_silu_of_its_inputs_without_a_bound_falls_back():
+    # A direct caller's silu_inputs reaches the chunked kernels too (the SiLU then in PyTorch).
+    b, n, h, p, g, s = 1, 20, 2, 16, 1, 16
+    x, dt, A, D = packed_inputs(b, n, h, p, g, s)
+    starts = uniform_starts(b, n, 8).to(DEVICE)
+    got = ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, starts, g, s, silu_inputs=True)
+    u, B, C = split_scan_inputs(torch.nn.functional.silu(x), h, g, s)
+    torch.testing.assert_close(got, ssd_reference(u, dt, A, B, C, D, starts), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_and_scan_compile_whole():
+    b, n, h, p, g, s = 1, 40, 2, 16, 1, 16
+    inputs = tuple(t.requires_grad_() for t in conv_scan_inputs(b, n, h, p, g, s))
+    segment_start = uniform_starts(b, n, 8, offset=2).to(DEVICE)
+
+    def conv_and_scan(conv_in, weight, bias, dt, A, D):
+        return ssd_triton_window.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, g, s,
+                                                       max_segment_len=8, segment_period=(8, 2))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(conv_and_scan, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), conv_and_scan(*inputs))
+
+
+def test_conv_and_scan_reject_mismatched_shapes():
     conv_in, weight, bias, dt, A, D = conv_scan_inputs(1, 8, 2, 16, 1, 16)
     starts = uniform_starts(1, 8, 4).to(DEVICE)
     with pytest.raises(ValueError, match="h·p \\+ 2·g·s"):
-        conv_scan_triton.conv_silu_scan_window(conv_in[..., 1:], weight, bias, dt, A, D, starts, 1, 16, 4)
-    with pytest.raises(ValueError, match="weight must be"):
-        conv_scan_triton.conv_silu_scan_window(conv_in, weight[1:], bias, dt, A, D, starts, 1, 16, 4)
-
-
-def test_conv_scan_ops_fake_match_and_compile_whole():
-    from apps.attamba.ssd_triton_conv import distance_to_segment_start
-
-    b, n, h, p, g, s = 1, 40, 2, 16, 1, 16
-    conv_in, weight, bias, dt, A, D = (t.requires_grad_() for t in conv_scan_inputs(b, n, h, p, g, s))
-    segment_start = uniform_starts(b, n, 8, offset=2).to(DEVICE)
-    starts, dist = ssd_triton._as_bytes(segment_start), distance_to_segment_start(segment_start)
-    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    for block_shift in (-1, 2):
-        for conv_bias in (bias, None):
-            args = (conv_in, weight, conv_bias, dist, dt, A, D, starts, g, s, 16, block_shift)
-            torch.library.opcheck(torch.ops.attamba.conv_ssd_window_fwd.default, args, test_utils=checks)
-            detached = [None if t is None else t.detach() for t in args[:8]]
-            backward_args = (torch.randn(b, n, h, p, device=DEVICE), *detached, g, s, 16, block_shift)
-            torch.library.opcheck(torch.ops.attamba.conv_ssd_window_bwd.default, backward_args, test_utils=checks[:2])
-    torch._dynamo.reset()
-
-    def scan(conv_in, weight, bias, dt, A, D):
-        return conv_scan_triton.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, g, s,
-                                                      max_segment_len=8, segment_period=(8, 2))
-
-    inputs = (conv_in, weight, bias, dt, A, D)
-    compiled = torch.compile(scan, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(*inputs), scan(*inputs))
+        ssd_triton_window.conv_silu_scan_window(conv_in[..., 1:], weight[1:], bias[1:], dt, A, D, starts, 1, 16, 4)
+    with pytest.raises(ValueError, match="weight \\[c, k\\]"):
+        ssd_triton_window.conv_silu_scan_window(conv_in, weight[1:], bias, dt, A, D, starts, 1, 16, 4)
 
 
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
