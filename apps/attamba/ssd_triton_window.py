@@ -71,6 +71,9 @@ LARGER_BLOCK_WARPS = {32: (2, 4), 64: (4, 4)}
 compile); 32-token blocks were tuned in the eleventh session, 64 keeps the earlier 4 warps."""
 NUM_STAGES = 3  # Triton's default on CUDA
 TILE_S = 32
+TILE_P = 64
+"""A head's columns taken this many at a time (the forward's y and the backward's du are column
+by column; dy xᵀ sums over them)."""
 ALIGNED_BLOCKS = True
 """With periodic segment starts (``segment_period``), start the blocks on them: a block's tokens then
 see keys of their own block only, one score tile where the backward needs three (and the forward
@@ -80,7 +83,7 @@ SILU_IN_SCAN = True
 kernels (SILU) instead of the conv's: the conv's weight-gradient kernel then neither recomputes
 its output nor writes the gradient before the SiLU (the scan's backward, which reads the
 pre-activations anyway, hands it over)."""
-SILU_TILE_P = 64
+SILU_TILE_P = 32
 SILU_TILE_S = 32
 """With the SiLU in the kernels, a head's columns and the state's are taken this many at a time."""
 SILU_WARPS = (1, 1)
@@ -433,7 +436,7 @@ def _launch_meta(block_q: int, block_shift: int, p: int, s: int, dtype: torch.dt
                  silu: bool) -> dict:
     return dict(
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(SILU_TILE_S if silu else TILE_S, _padded(s)),
-        TILE_P=min(SILU_TILE_P, _padded(p)) if silu else _padded(p), PRECISION=_precision(dtype),
+        TILE_P=min(SILU_TILE_P if silu else TILE_P, _padded(p)), PRECISION=_precision(dtype),
         ALIGNED=block_shift >= 0, SILU=silu, num_warps=_warps(block_q, backward, silu), num_stages=NUM_STAGES,
     )
 
