@@ -3,20 +3,17 @@
 At a 60M layer's paired K/V SSM shape (``bench_ssm.MODEL_LAYER``: b=16, n=1024, 16 heads of 64,
 2 B/C groups, state 128, P=8, 1536 conv channels, bf16), each variant sets module knobs of
 :mod:`apps.attamba.ssd_triton_window` (``ALIGNED_BLOCKS``, ``MIN_BLOCK_Q``, ``FORWARD_WARPS``,
-``BACKWARD_WARPS``, ``NUM_STAGES``, ``TILE_S``, ``BF16_DOTS``, ``SILU_IN_SCAN``, ``SILU_TILE_P``,
-``SILU_TILE_S``, ``SILU_WARPS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``, ``BLOCK_C``,
-``NUM_WARPS``, ``SPLIT_*``, ``PLAIN_SPLIT_*``) or :mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``, ``norm.NUM_WARPS``, ``norm.SPAN``), then
-runs the conv and scan and the output gates forward and backward under the profiler. Reported:
-each kernel's mean GPU µs (kernels only, no host time), the conv and scan kernels' sum, and the
-relative error of the conv and scan (‖triton − ref‖ / ‖ref‖ over y and every input gradient,
-worst one) against the float64 ``torch`` conv and scan on the same inputs.
+``BACKWARD_WARPS``, ``NUM_STAGES``, ``TILE_S``, ``TILE_P``, ``BF16_DOTS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``,
+``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``) or :mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``,
+``norm.NUM_WARPS``, ``norm.SPAN``), then runs the scan, the conv and the output gates forward and
+backward under the profiler. Reported: each kernel's mean GPU µs (kernels
+only, no host time) and the scan's relative error (‖triton − ref‖ / ‖ref‖ over y and every input
+gradient, worst one) against the float64 ``torch`` scan on the same inputs.
 
     python benchmarks/tune_ssm_kernels.py [--repeats 10] [--out tune_ssm.json]
 
-The conv and scan run as in the model (:func:`apps.attamba.ssd_triton_window.conv_silu_scan_window`):
-the conv, then the scan on u, B and C side by side in one tensor, the SiLU between them in the
-scan's kernels (``window.SILU_IN_SCAN=0``: in the conv's). A tuple knob takes its values joined by
-``/`` (``window.SILU_WARPS=2/2``).
+Both run as in the model: the conv with its SiLU inside, the scan on u, B and C side by side in one
+tensor (:func:`apps.attamba.ssd_triton_window.ssd_segmented_window_packed`).
 
 Needs CUDA; on a CPU it says so and exits.
 """
@@ -34,24 +31,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apps.attamba import gated_norm_triton, ssd_triton_conv, ssd_triton_window  # noqa: E402
-from apps.attamba.ssd_torch import causal_conv_segmented, ssd_segmented  # noqa: E402
+from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
 from apps.attamba.ssd_reference import split_scan_inputs  # noqa: E402
+from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
 from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, packed_scan_case, uniform_segment_starts  # noqa: E402
 
 VARIANTS = (
     "default",
-    "window.SILU_IN_SCAN=0",  # the SiLU in the conv's kernels (the fourteenth session's layout)
-    "window.SILU_TILE_P=32",
-    "window.SILU_TILE_S=16",
-    "window.SILU_WARPS=2/2",
-    "window.SILU_WARPS=1/2",
-    "conv.PLAIN_SPLIT_TOKENS=128,conv.PLAIN_SPLIT_BLOCK_N=16,conv.PLAIN_SPLIT_WARPS=2",
     "window.ALIGNED_BLOCKS=0",  # blocks at k·Q, three score tiles (as for random chunks)
     "window.BF16_DOTS=0",
     "window.MIN_BLOCK_Q=32",  # 32-token blocks take LARGER_BLOCK_WARPS[32]: the earlier defaults
     "window.BACKWARD_WARPS=2",
     "window.BACKWARD_WARPS=4",
     "window.FORWARD_WARPS=2",
+    "window.TILE_P=64/64",  # whole heads both ways (before the sixteenth session)
+    "window.TILE_P=32/32",
+    "window.TILE_P=64/16",
     "window.TILE_S=64",
     "window.TILE_S=128",
     "window.NUM_STAGES=2",
@@ -73,13 +68,12 @@ VARIANTS = (
     "default",  # the two default rows' spread is the noise
 )
 MODULES = {"window": ssd_triton_window, "conv": ssd_triton_conv, "norm": gated_norm_triton}
-SSM_KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_dx_kernel",
-               "_conv_dw_kernel")
-KERNELS = SSM_KERNELS + ("_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel")
+KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_dx_kernel",
+           "_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel")
 
 
 def parse_knobs(text: str) -> dict[str, str]:
-    """"conv.BLOCK_N=32,window.SILU_WARPS=2/2" -> {"conv.BLOCK_N": "32", ...}; "default" -> {}."""
+    """"conv.BLOCK_N=32,window.TILE_P=64/32" -> {"conv.BLOCK_N": "32", ...}; "default" -> {}."""
     if text == "default":
         return {}
     return dict(item.split("=", 1) for item in text.split(","))
@@ -88,7 +82,7 @@ def parse_knobs(text: str) -> dict[str, str]:
 @contextlib.contextmanager
 def variant_applied(text: str):
     """Sets the module knobs a variant names ("conv.BLOCK_N=32,window.BF16_DOTS=0"; "default": none),
-    each in its knob's type, and puts the previous values back on exit."""
+    each in its knob's type (a tuple's integers joined by "/"), and puts the previous values back on exit."""
     targets = {name: (MODULES[name.split(".")[0]], name.split(".")[1]) for name in parse_knobs(text)}
     previous = {name: getattr(module, knob) for name, (module, knob) in targets.items()}
     try:
@@ -101,10 +95,10 @@ def variant_applied(text: str):
             setattr(*targets[name], value)
 
 
-def scan_error(conv_scan, reference_grads, inputs, segment_start, grad_out) -> float:
+def scan_error(window, reference_grads, inputs, segment_start, grad_out) -> float:
     """Worst relative error of y and each input gradient against the float64 reference."""
     leaves = [tensor.detach().clone().requires_grad_() for tensor in inputs]
-    y = conv_scan(*leaves, segment_start)
+    y = window(*leaves, segment_start)
     y.backward(grad_out)
     got = [y.detach(), *(leaf.grad for leaf in leaves)]
     return max(float((g.double() - r).norm() / r.norm()) for g, r in zip(got, reference_grads))
@@ -124,33 +118,30 @@ def main(argv: list[str]) -> int:
     device, shape = torch.device("cuda"), MODEL_LAYER
     torch.manual_seed(0)
     segment_start = uniform_segment_starts(shape, device)
-    _, (_, dt, A, D) = packed_scan_case(shape, torch.bfloat16, device)
-    scan_in = [t.detach().requires_grad_() for t in (*conv_inputs(shape, torch.bfloat16, device), dt, A, D)]
+    window, scan_in = packed_scan_case(shape, torch.bfloat16, device)
+    conv_in = conv_inputs(shape, torch.bfloat16, device)
     tokens = (shape.batch, shape.seq_len)
     grad_y = torch.randn(*tokens, shape.heads, shape.head_dim, device=device, dtype=torch.bfloat16)
+    grad_conv = torch.randn_like(conv_in[0])
     # Both output gates: y as the scan writes it, z as its matmul does.
     hidden = shape.heads * shape.head_dim // 2
     gate_in = [torch.randn(*tokens, 2 * hidden, device=device, dtype=torch.bfloat16).requires_grad_()
                for _ in range(2)] + [torch.ones(2, hidden, device=device, requires_grad=True)]
     grad_gate = torch.randn(2, *tokens, hidden, device=device, dtype=torch.bfloat16)
 
-    def conv_scan(conv_in, weight, bias, dt, A, D, segment_start):
-        return ssd_triton_window.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, shape.groups,
-                                                       shape.state_dim, segment_period=(shape.chunk, 0))
-
-    def reference_conv_scan(conv_in, weight, bias, dt, A, D, segment_start):
-        post = torch.nn.functional.silu(causal_conv_segmented(conv_in, weight, bias, segment_start))
-        u, B, C = split_scan_inputs(post, shape.heads, shape.groups, shape.state_dim)
+    def reference_scan(x, dt, A, D, segment_start):
+        u, B, C = split_scan_inputs(x, shape.heads, shape.groups, shape.state_dim)
         return ssd_segmented(u, dt, A, B, C, D, segment_start)
 
-    # The reference: the torch conv and scan in float64 on the same (bf16-valued) inputs.
+    # The reference: the torch scan in float64 on the same (bf16-valued) inputs.
     leaves = [tensor.detach().double().requires_grad_() for tensor in scan_in]
-    y_ref = reference_conv_scan(*leaves, segment_start)
+    y_ref = reference_scan(*leaves, segment_start)
     y_ref.backward(grad_y.double())
     reference = [y_ref.detach(), *(leaf.grad for leaf in leaves)]
 
     def run_once():
-        conv_scan(*scan_in, segment_start).backward(grad_y)
+        window(*scan_in, segment_start).backward(grad_y)
+        causal_conv_silu_segmented_triton(*conv_in, segment_start).backward(grad_conv)
         gated_norm_triton.gated_rms_norm_triton(*gate_in, 1e-5).backward(grad_gate)
 
     rows = []
@@ -165,8 +156,7 @@ def main(argv: list[str]) -> int:
                     torch.cuda.synchronize()
                 times = {event.key: event.device_time_total / args.repeats for event in prof.key_averages()}
                 row = {"variant": text, **{kernel: times.get(kernel) for kernel in KERNELS},
-                       "conv_scan_total": sum(times.get(kernel) or 0.0 for kernel in SSM_KERNELS),
-                       "scan_rel_error": scan_error(conv_scan, reference, scan_in, segment_start, grad_y)}
+                       "scan_rel_error": scan_error(window, reference, scan_in, segment_start, grad_y)}
         except Exception as error:  # one failing variant should not hide the others
             row = {"variant": text, "error": f"{error!r:.300}"}
         rows.append(row)
@@ -174,11 +164,10 @@ def main(argv: list[str]) -> int:
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shape": vars(shape), "rows": rows},
                                        indent=1))
-    columns = KERNELS + ("conv_scan_total",)
-    names = [k.strip("_").replace("_kernel", "").replace("gated_norm", "gate") for k in columns]
+    names = [k.strip("_").replace("_kernel", "").replace("gated_norm", "gate") for k in KERNELS]
     print(f"\n{'variant':52s} " + " ".join(f"{name:>11s}" for name in names) + "   rel.err")
     for row in rows:
-        cells = " ".join(f"{row[k]:11.1f}" if row.get(k) is not None else f"{'-':>11s}" for k in columns)
+        cells = " ".join(f"{row[k]:11.1f}" if row.get(k) is not None else f"{'-':>11s}" for k in KERNELS)
         print(f"{row['variant']:52s} {cells}   {row.get('scan_rel_error', float('nan')):.2e} {row.get('error', '')}")
     return 0
 

@@ -119,8 +119,7 @@ def compile_attention_kernels() -> list[str]:
 
 def compile_ssm_kernels() -> list[str]:
     """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 16,
-    32 and 64 tokens, TF32 and bf16 dots, blocks aligned to the segments or not; with the conv's
-    SiLU in them at 16 and 32 tokens in bf16) and its segmented conv (forward with and without a bias
+    32 and 64 tokens, TF32 and bf16 dots, blocks aligned to the segments or not) and its segmented conv (forward with and without a bias
     or the SiLU, backward, and the split backward's two kernels, the weights' with and without the
     SiLU), and the output gates' norm (forward, backward), in bf16."""
     from apps.attamba import ssd_triton_conv as conv
@@ -133,17 +132,13 @@ def compile_ssm_kernels() -> list[str]:
     ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S)
     conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
     dw_tiles = dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS)
-    plain = dict(SILU=False, TILE_P=64)
-    silu = dict(SILU=True, TILE_P=window.SILU_TILE_P, TILE=window.SILU_TILE_S)
     variants = [
-        (kernel, {**ssd_tiles, **dict(BLOCK_Q=block_q, PRECISION=precision, ALIGNED=aligned), **extra},
-         window._warps(block_q, backward, extra["SILU"]), window.NUM_STAGES)
+        (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, ALIGNED=aligned, TILE_P=window.TILE_P[backward], **ssd_tiles),
+         window._warps(block_q, backward), window.NUM_STAGES)
         for kernel, backward in ((window._window_fwd_kernel, False), (window._window_bwd_kernel, True))
-        for block_q, precision, aligned, extra in [
-            *itertools.product((16, 32, 64), ("tf32", "bf16"), (False, True), (plain,)),
-            # The SiLU of the conv in the kernels (SILU_IN_SCAN): the model's bf16 cases.
-            *itertools.product((16, 32), ("bf16",), (False, True), (silu,)),
-        ]
+        for block_q in (16, 32, 64)
+        for precision in ("tf32", "bf16")
+        for aligned in (False, True)
     ] + [
         (conv._conv_fwd_kernel, dict(HAS_BIAS=True, SILU=True, **conv_tiles), conv.NUM_WARPS, 3),  # the model's
         (conv._conv_fwd_kernel, dict(HAS_BIAS=True, SILU=False, **conv_tiles), conv.NUM_WARPS, 3),

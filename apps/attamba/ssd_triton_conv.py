@@ -47,9 +47,9 @@ benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, fourteenth session."""
 PLAIN_SPLIT_TOKENS = 1024
 PLAIN_SPLIT_BLOCK_N = 32
 PLAIN_SPLIT_WARPS = 4
-"""The weight-gradient kernel's spans, tiles and warps without the SiLU (the model's conv when
-the windowed scan applies the SiLU, ``ssd_triton_window.SILU_IN_SCAN``): the thirteenth session's
-settings, fastest then without the SiLU (46.8 µs a 60M layer, H200)."""
+"""The weight-gradient kernel's spans, tiles and warps without the SiLU (the plain conv): the
+thirteenth session's settings, fastest then without the SiLU (46.8 µs a 60M layer, H200); 53.2 µs
+against 60.6 with SPLIT_*'s (H100, sixteenth session)."""
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -31,7 +31,7 @@ kernels apply. Runs on CUDA tensors, or under the Triton interpreter (``TRITON_I
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 import triton
@@ -43,7 +43,6 @@ from apps.attamba.ssd_triton import (
     _check_inputs,
     _dot_precision,
     _last_dim_contiguous,
-    _load_rows,
     _load_stored,
     _padded,
     _spanned_sum,
@@ -51,7 +50,6 @@ from apps.attamba.ssd_triton import (
     ssd_segmented_triton,
 )
 from apps.attamba.ssd_reference import join_scan_inputs, split_scan_inputs
-from apps.attamba.ssd_triton_conv import _silu_grad, causal_conv_segmented_triton, causal_conv_silu_segmented_triton
 
 MAX_BLOCK_Q = 64
 """Longest segment these kernels take (the block must hold a whole segment)."""
@@ -71,23 +69,15 @@ LARGER_BLOCK_WARPS = {32: (2, 4), 64: (4, 4)}
 compile); 32-token blocks were tuned in the eleventh session, 64 keeps the earlier 4 warps."""
 NUM_STAGES = 3  # Triton's default on CUDA
 TILE_S = 32
-TILE_P = 64
-"""A head's columns taken this many at a time (the forward's y and the backward's du are column
-by column; dy xᵀ sums over them)."""
 ALIGNED_BLOCKS = True
 """With periodic segment starts (``segment_period``), start the blocks on them: a block's tokens then
 see keys of their own block only, one score tile where the backward needs three (and the forward
 two), and no tokens of the neighbouring blocks are read."""
-SILU_IN_SCAN = True
-"""For the KV-SSM's conv and scan (:func:`conv_silu_scan_window`), apply the SiLU in the scan's
-kernels (SILU) instead of the conv's: the conv's weight-gradient kernel then neither recomputes
-its output nor writes the gradient before the SiLU (the scan's backward, which reads the
-pre-activations anyway, hands it over)."""
-SILU_TILE_P = 32
-SILU_TILE_S = 32
-"""With the SiLU in the kernels, a head's columns and the state's are taken this many at a time."""
-SILU_WARPS = (1, 1)
-"""(forward, backward) warps per program with the SiLU in the kernels, at 16-token blocks."""
+TILE_P = (64, 32)
+"""(forward, backward): a head's columns taken this many at a time (y, dx and du are column by
+column; dy xᵀ sums over them). Halves in the backward took 90.5 µs a 60M layer against 101.2 with
+whole heads, the forward 34.9 against 30.6 (H100, benchmarks/tune_ssm_kernels.py, docs/benchmarks.md,
+sixteenth session)."""
 BF16_DOTS = True
 """With bf16 inputs, multiply bf16 operands (fp32 accumulation, as Mamba2's kernels do) rather
 than TF32 ones: half the operand registers and twice the tensor-core rate, at the cost of rounding
@@ -101,13 +91,10 @@ def _precision(dtype: torch.dtype) -> str:
     return _dot_precision(dtype)
 
 
-def _warps(block_q: int, backward: bool, silu: bool = False) -> int:
-    """Warps per program of the forward or backward kernel for blocks of ``block_q`` tokens (with
-    the SiLU in them: ``silu``)."""
+def _warps(block_q: int, backward: bool) -> int:
+    """Warps per program of the forward or backward kernel for blocks of ``block_q`` tokens."""
     if block_q in LARGER_BLOCK_WARPS:
         return LARGER_BLOCK_WARPS[block_q][backward]
-    if silu:
-        return SILU_WARPS[backward]
     return BACKWARD_WARPS if backward else FORWARD_WARPS
 
 
@@ -167,30 +154,6 @@ def _load_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.
 
 
 @triton.jit
-def _silu_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr):
-    """A tile of the conv's output before its SiLU (fp32), and its SiLU as :func:`_load_tile` would
-    have loaded it had the conv applied the SiLU and stored the result."""
-    pre = _load_rows(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W)
-    post = (pre * tl.sigmoid(pre)).to(ptr.dtype.element_ty)
-    if PRECISION == "bf16":
-        return pre, post
-    else:
-        return pre, post.to(tl.float32)
-
-
-@triton.jit
-def _scan_input(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W: tl.constexpr, PRECISION: tl.constexpr,
-                SILU: tl.constexpr):
-    """A [Q, W] tile of u, B or C (:func:`_load_tile`); with SILU, ptr holds the conv's output
-    before its SiLU, applied here (:func:`_silu_tile`)."""
-    if SILU:
-        _, post = _silu_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W, PRECISION)
-        return post
-    else:
-        return _load_tile(ptr, bi, t, col0, stride_b, stride_n, in_seq, width, BLOCK_W, PRECISION)
-
-
-@triton.jit
 def _block_terms(dt_ptr, start_ptr, bi, hi, t, n, stride_dt_b, stride_dt_n, A_h, cs_before, seg_before):
     """Per token of one block (tokens outside 0 .. n-1 read as dt 0, no start): dt, the running
     log-decay cs (cumsum of dt·A) and the running segment number, both continuing from the
@@ -235,15 +198,12 @@ def _window_fwd_kernel(
     n, h, p, s, heads_per_group,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g, shift,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr, TILE_P: tl.constexpr,
-    PRECISION: tl.constexpr, ALIGNED: tl.constexpr, SILU: tl.constexpr,
+    PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One (head group, block, batch row): y of the block's tokens, for every head of the group,
     from keys in this and the previous block (only this one when ALIGNED: blocks start at
     ``blk·Q - shift``, where segments start, so none reaches back into the previous block). The
-    group's heads share B and C, so the score tiles C Bᵀ are computed once for all of them.
-
-    With SILU, u, B and C hold the KV-SSM conv's output before its SiLU, which every tile gets
-    here: the conv then needs no SiLU, neither forward nor backward (see the backward)."""
+    group's heads share B and C, so the score tiles C Bᵀ are computed once for all of them."""
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
     t_c = blk * BLOCK_Q - shift + offs  # this block: queries, and keys of the diagonal tile
@@ -254,12 +214,11 @@ def _window_fwd_kernel(
     G_p = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_pᵀ
     G_c = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)  # C_c B_cᵀ
     for s0 in range(0, BLOCK_S, TILE):
-        C_c = _scan_input(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION, SILU)
-        B_c = _scan_input(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION, SILU)
+        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
         G_c = _dot(C_c, tl.trans(B_c), G_c, PRECISION)
         if not ALIGNED:
-            B_p = _scan_input(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE,
-                              PRECISION, SILU)
+            B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
             G_p = _dot(C_c, tl.trans(B_p), G_p, PRECISION)
 
     offs_p = tl.arange(0, TILE_P)
@@ -269,14 +228,14 @@ def _window_fwd_kernel(
         P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
         if not ALIGNED:
             P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
-        # The head's columns TILE_P at a time (all at once unless SILU): y's columns are independent.
+        # The head's columns TILE_P at a time: y's columns are independent.
         for p0 in range(0, BLOCK_P, TILE_P):
-            u_c = _scan_input(u_ptr, bi, t_c, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_c, p - p0, TILE_P,
-                              PRECISION, SILU)
+            u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_c, p - p0, TILE_P,
+                              PRECISION)
             y = _dot(P_c, u_c * dt_c[:, None], None, PRECISION) + D_h * u_c
             if not ALIGNED:
-                u_p = _scan_input(u_ptr, bi, t_p, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_p, p - p0,
-                                  TILE_P, PRECISION, SILU)
+                u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_p, p - p0,
+                                  TILE_P, PRECISION)
                 y = _dot(P_p, u_p * dt_p[:, None], y, PRECISION)
             y_offs = (bi * n + t_c.to(tl.int64)[:, None]) * h * p + hi * p + p0 + offs_p[None, :]
             tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=valid_c[:, None] & (p0 + offs_p[None, :] < p))
@@ -290,7 +249,7 @@ def _window_bwd_kernel(
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     stride_dy_b, stride_dy_n, stride_dy_h, stride_du_b, stride_du_n, stride_dbc_b, stride_dbc_n, shift,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr, TILE_P: tl.constexpr,
-    PRECISION: tl.constexpr, ALIGNED: tl.constexpr, SILU: tl.constexpr,
+    PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One (head group, block, batch row): the gradients of the block's tokens, as queries (over
     keys of blocks k-1 and k) and as keys (for queries of blocks k and k+1), for every head of
@@ -301,10 +260,6 @@ def _window_bwd_kernel(
     so their score gradients are summed before the one pass over the state that turns them into
     dB and dC. du, dB and dC are addressed by their own (batch, token) strides. ALIGNED (blocks
     start where segments start, see the forward): the block's own tile is the only one.
-
-    SILU (see the forward): du, dB and dC are the gradients w.r.t. the conv's output before the
-    SiLU (SiLU's derivative applied here, on the pre-activations read again), ready for the conv's
-    own backward without its SiLU.
     """
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
@@ -319,14 +274,12 @@ def _window_bwd_kernel(
     G_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     G_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     for s0 in range(0, BLOCK_S, TILE):
-        B_c = _scan_input(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION, SILU)
-        C_c = _scan_input(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION, SILU)
+        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
         G_cc = _dot(C_c, tl.trans(B_c), G_cc, PRECISION)
         if not ALIGNED:
-            B_p = _scan_input(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE,
-                              PRECISION, SILU)
-            C_n = _scan_input(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE,
-                              PRECISION, SILU)
+            B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+            C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
             G_cp = _dot(C_c, tl.trans(B_p), G_cp, PRECISION)
             G_nc = _dot(C_n, tl.trans(B_c), G_nc, PRECISION)
 
@@ -352,32 +305,29 @@ def _window_bwd_kernel(
 
         # y_t = Σ_j (G ∘ L)[t, j] x_j with x = u·dt: the gradient reaching G is (dy xᵀ) ∘ L, and the
         # one reaching the exponent cs_t - cs_j is that times G. The head's columns go TILE_P at a
-        # time (all at once unless SILU): dy xᵀ sums over them, dx and du are column by column.
+        # time: dy xᵀ sums over them, dx and du are column by column.
         dG_cc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
         dG_cp = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
         dG_nc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
         dx_u = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # Σ_p dx·u per token (for ddt)
         dy_u = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # Σ_p dy·u per token (for dD)
         for p0 in range(0, BLOCK_P, TILE_P):
-            u_c = _scan_input(u_ptr, bi, t_c, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_c, p - p0, TILE_P,
-                              PRECISION, SILU)
+            u_c = _load_tile(u_ptr, bi, t_c, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_c, p - p0, TILE_P,
+                              PRECISION)
             dy_c = _load_tile(dy_ptr, bi, t_c, hi * stride_dy_h + p0, stride_dy_b, stride_dy_n, valid_c, p - p0, TILE_P,
                               PRECISION)
             x_c = u_c * dt_c[:, None]
             dG_cc = _dot(dy_c, tl.trans(x_c), dG_cc, PRECISION)
             dx = _dot(W_cc, dy_c, None, PRECISION)
             if not ALIGNED:
-                u_p = _scan_input(u_ptr, bi, t_p, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_p, p - p0,
-                                  TILE_P, PRECISION, SILU)
+                u_p = _load_tile(u_ptr, bi, t_p, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_p, p - p0,
+                                  TILE_P, PRECISION)
                 dy_n = _load_tile(dy_ptr, bi, t_n, hi * stride_dy_h + p0, stride_dy_b, stride_dy_n, valid_n, p - p0,
                                   TILE_P, PRECISION)
                 dG_cp = _dot(dy_c, tl.trans(u_p * dt_p[:, None]), dG_cp, PRECISION)
                 dG_nc = _dot(dy_n, tl.trans(x_c), dG_nc, PRECISION)
                 dx = _dot(W_nc, dy_n, dx, PRECISION)
             du = dx * dt_c[:, None] + D_h * dy_c
-            if SILU:  # u's pre-activation again (from L1/L2), rather than held through the dots
-                du = _silu_grad(du, _load_rows(u_ptr, bi, t_c, hi * stride_u_h + p0, stride_u_b, stride_u_n, valid_c,
-                                               p - p0, TILE_P))
             du_offs = bi * stride_du_b + t64[:, None] * stride_du_n + hi * p + p0 + offs_p[None, :]
             tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty),
                      mask=valid_c[:, None] & (p0 + offs_p[None, :] < p))
@@ -409,35 +359,26 @@ def _window_bwd_kernel(
     dG_cc_t = tl.trans(dG_cc_sum)
     dG_nc_t = tl.trans(dG_nc_sum)
     for s0 in range(0, BLOCK_S, TILE):
-        if SILU:
-            pre_B, B_c = _silu_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-            pre_C, C_c = _silu_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-        else:
-            B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
-            C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        B_c = _load_tile(B_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
+        C_c = _load_tile(C_ptr, bi, t_c, bc_col + s0, stride_bc_b, stride_bc_n, valid_c, s - s0, TILE, PRECISION)
         dC = _dot(dG_cc_sum, B_c, None, PRECISION)
         dB = _dot(dG_cc_t, C_c, None, PRECISION)
         if not ALIGNED:
-            B_p = _scan_input(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE,
-                              PRECISION, SILU)
-            C_n = _scan_input(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE,
-                              PRECISION, SILU)
+            B_p = _load_tile(B_ptr, bi, t_p, bc_col + s0, stride_bc_b, stride_bc_n, valid_p, s - s0, TILE, PRECISION)
+            C_n = _load_tile(C_ptr, bi, t_n, bc_col + s0, stride_bc_b, stride_bc_n, valid_n, s - s0, TILE, PRECISION)
             dC = _dot(dG_cp_sum, B_p, dC, PRECISION)
             dB = _dot(dG_nc_t, C_n, dB, PRECISION)
-        if SILU:
-            dB, dC = _silu_grad(dB, pre_B), _silu_grad(dC, pre_C)
         offs_out = bi * stride_dbc_b + t64[:, None] * stride_dbc_n + gi * s + s0 + offs_s[None, :]
         out_mask = valid_c[:, None] & (s0 + offs_s[None, :] < s)
         tl.store(dB_ptr + offs_out, dB.to(dB_ptr.dtype.element_ty), mask=out_mask)
         tl.store(dC_ptr + offs_out, dC.to(dC_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _launch_meta(block_q: int, block_shift: int, p: int, s: int, dtype: torch.dtype, backward: bool,
-                 silu: bool) -> dict:
+def _launch_meta(block_q: int, block_shift: int, p: int, s: int, dtype: torch.dtype, backward: bool) -> dict:
     return dict(
-        BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(SILU_TILE_S if silu else TILE_S, _padded(s)),
-        TILE_P=min(SILU_TILE_P if silu else TILE_P, _padded(p)), PRECISION=_precision(dtype),
-        ALIGNED=block_shift >= 0, SILU=silu, num_warps=_warps(block_q, backward, silu), num_stages=NUM_STAGES,
+        BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
+        TILE_P=min(TILE_P[backward], _padded(p)), PRECISION=_precision(dtype), ALIGNED=block_shift >= 0,
+        num_warps=_warps(block_q, backward), num_stages=NUM_STAGES,
     )
 
 
@@ -455,10 +396,9 @@ def _strides(u, dt, B):
 @torch.library.custom_op("attamba::ssd_window_fwd", mutates_args=())
 def _window_forward(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
-    groups: int, state_dim: int, block_q: int, block_shift: int, silu: bool,
+    groups: int, state_dim: int, block_q: int, block_shift: int,
 ) -> torch.Tensor:
-    """-> y [b, n, h, p] of the scan over (u, B, C) = x, or over their SiLU with ``silu``; blocks
-    as :func:`block_layout` says."""
+    """-> y [b, n, h, p] of the scan over (u, B, C) = x; blocks as :func:`block_layout` says."""
     x = _last_dim_contiguous(x)
     u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
     b, n, h, p = u.shape
@@ -466,13 +406,13 @@ def _window_forward(
     y = torch.empty((b, n, h, p), device=x.device, dtype=x.dtype)
     _window_fwd_kernel[_grid(groups, n, b, block_q, block_shift)](
         u, dt, A, B, C, D, starts, y, n, h, p, state_dim, h // groups, *_strides(u, dt, B), max(block_shift, 0),
-        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, False, silu),
+        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, backward=False),
     )
     return y
 
 
 @_window_forward.register_fake
-def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q, block_shift, silu):
+def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q, block_shift):
     b, n, _ = x.shape
     return x.new_empty((b, n, A.shape[0], (x.shape[-1] - 2 * groups * state_dim) // A.shape[0]))
 
@@ -480,9 +420,9 @@ def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q, block_
 @torch.library.custom_op("attamba::ssd_window_bwd", mutates_args=())
 def _window_backward(
     dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
-    groups: int, state_dim: int, block_q: int, block_shift: int, silu: bool,
+    groups: int, state_dim: int, block_q: int, block_shift: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx (like x: du, dB, dC side by side; with ``silu``, w.r.t. x before the SiLU), ddt, dA, dD."""
+    """-> dx (like x: du, dB, dC side by side), ddt, dA, dD."""
     x = _last_dim_contiguous(x)
     u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
     b, n, h, p = u.shape
@@ -501,13 +441,13 @@ def _window_backward(
         u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC,
         n, h, p, state_dim, groups, h // groups, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(0), dx.stride(1), max(block_shift, 0),
-        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, True, silu),
+        **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, backward=True),
     )
     return dx, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dD_rows.sum((0, 1)).to(D.dtype)
 
 
 @_window_backward.register_fake
-def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q, block_shift, silu):
+def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q, block_shift):
     return tuple(t.new_empty(t.shape) for t in (x, dt, A, D))
 
 
@@ -519,7 +459,7 @@ def _window_setup_context(ctx, inputs, output) -> None:
 
 def _window_autograd(ctx, dy):
     x, dt, A, D, starts = ctx.saved_tensors
-    return (*_window_backward(dy, x, dt, A, D, starts, *ctx.sizes), None, None, None, None, None, None)
+    return (*_window_backward(dy, x, dt, A, D, starts, *ctx.sizes), None, None, None, None, None)
 
 
 torch.library.register_autograd("attamba::ssd_window_fwd", _window_autograd, setup_context=_window_setup_context)
@@ -567,53 +507,19 @@ def ssd_segmented_window_packed(
     state_dim: int,
     max_segment_len: Optional[int] = None,
     segment_period: Optional[SegmentPeriod] = None,
-    silu_inputs: bool = False,
 ) -> torch.Tensor:
     """:func:`ssd_segmented_window` with u, B and C side by side in x [b, n, h·p + 2·g·s] (h =
     A's length), as a KV-SSM's conv writes them -> y [b, n, h, p]. The gradient of x is one
-    tensor too. With ``silu_inputs`` the scan runs over SiLU(x), applied in the kernels. Without a
-    usable bound (:func:`supports`), the chunked kernels run on views of x."""
+    tensor too. Without a usable bound (:func:`supports`), the chunked kernels run on views of x."""
     heads = A.shape[0]
     bc = groups * state_dim
     if x.dim() != 3 or x.shape[-1] <= 2 * bc or (x.shape[-1] - 2 * bc) % heads:
         raise ValueError(
             f"x must be [b, n, h·p + 2·g·s] with h={heads}, g={groups}, s={state_dim}; got {tuple(x.shape)}"
         )
+    u, B, C = split_scan_inputs(x, heads, groups, state_dim)
     bound = _segment_bound(max_segment_len, segment_period)
     if not supports(bound, return_final_state=False):
-        u, B, C = split_scan_inputs(torch.nn.functional.silu(x) if silu_inputs else x, heads, groups, state_dim)
         return ssd_segmented_triton(u, dt, A, B, C, D, segment_start)
-    u, B, C = split_scan_inputs(x, heads, groups, state_dim)
     _check_inputs(u, dt, A, B, C, D, segment_start)
-    return _window_forward(x, dt, A, D, _as_bytes(segment_start), groups, state_dim,
-                           *block_layout(bound, segment_period), silu_inputs)
-
-
-def conv_silu_scan_window(
-    conv_in: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    D: torch.Tensor,
-    segment_start: torch.Tensor,
-    groups: int,
-    state_dim: int,
-    max_segment_len: Optional[int] = None,
-    segment_period: Optional[SegmentPeriod] = None,
-) -> torch.Tensor:
-    """A KV-SSM's conv and scan: the scan over (u, B, C) = SiLU(conv(conv_in)) -> y [b, n, h, p].
-
-    conv_in [b, n, h·p + 2·g·s] holds the conv's input channels in the scan's order (u, then B,
-    then C); weight [c, k] and bias [c] or None as
-    :func:`apps.attamba.ssd_triton_conv.causal_conv_segmented_triton` takes them; the rest as
-    :func:`ssd_segmented_window_packed`. The SiLU runs in the windowed scan's kernels
-    (SILU_IN_SCAN) where they apply, else in the conv's.
-    """
-    if SILU_IN_SCAN and supports(_segment_bound(max_segment_len, segment_period), return_final_state=False):
-        pre = causal_conv_segmented_triton(conv_in, weight, bias, segment_start)
-        return ssd_segmented_window_packed(pre, dt, A, D, segment_start, groups, state_dim, max_segment_len,
-                                           segment_period, silu_inputs=True)
-    post = causal_conv_silu_segmented_triton(conv_in, weight, bias, segment_start)
-    return ssd_segmented_window_packed(post, dt, A, D, segment_start, groups, state_dim, max_segment_len,
-                                       segment_period)
+    return _window_forward(x, dt, A, D, _as_bytes(segment_start), groups, state_dim, *block_layout(bound, segment_period))

@@ -170,9 +170,6 @@ class Backend(NamedTuple):
     """The output gates RMSNorm(y * SiLU(z)) of several SSMs side by side in one kernel each way
     (signature of :func:`apps.attamba.gated_norm_triton.gated_rms_norm_triton`), where the backend
     has it."""
-    conv_silu_scan: Optional[Callable[..., torch.Tensor]] = None
-    """SiLU(conv(...)) then the packed scan, the SiLU in the scan's kernels (signature of
-    :func:`apps.attamba.ssd_triton_window.conv_silu_scan_window`), where the backend has it."""
 
     def conv_and_scan(self, conv_in: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
                       sizes: "_ScanSizes", dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
@@ -181,9 +178,6 @@ class Backend(NamedTuple):
         """(u, B, C) = SiLU(conv(conv_in)), then the scan: y [b, n, heads, head_dim] (and the
         final state with ``return_final_state``). ``segment_period`` (P, offset): segments start at
         least wherever (t + offset) mod P == 0 (periodic chunks); the packed scan can use it."""
-        if self.conv_silu_scan is not None and not return_final_state:
-            return self.conv_silu_scan(conv_in, conv_weight, conv_bias, dt, A, D, segment_start, sizes.groups,
-                                       sizes.state_dim, max_segment_len=max_segment_len, segment_period=segment_period)
         if self.conv_silu is not None:
             conv_out = self.conv_silu(conv_in, conv_weight, conv_bias, segment_start)
         else:
@@ -236,8 +230,7 @@ def load_backend(impl: str, device: torch.device) -> Backend:
         chunked = load_backend("triton", device)
         import apps.attamba.ssd_triton_window as window
 
-        return chunked._replace(ssd=window.ssd_segmented_window, ssd_packed=window.ssd_segmented_window_packed,
-                                conv_silu_scan=window.conv_silu_scan_window)
+        return chunked._replace(ssd=window.ssd_segmented_window, ssd_packed=window.ssd_segmented_window_packed)
     raise ValueError(f"ssm impl must be one of {', '.join(IMPLS)}; got '{impl}'")
 
 

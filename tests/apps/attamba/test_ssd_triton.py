@@ -599,10 +599,10 @@ def test_windowed_ssd_op_fake_matches_and_compiles_whole(packed):
     u, dt, A, B, C, D = (t.requires_grad_() for t in (u, dt, A, B, C, D))
     starts = ssd_triton._as_bytes(uniform_starts(b, n, 8, offset=2).to(DEVICE))
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    for block_shift, silu in ((-1, False), (2, False), (2, True)):
-        args = (x, dt, A, D, starts, g, s, 16, block_shift, silu)
+    for block_shift in (-1, 2):
+        args = (x, dt, A, D, starts, g, s, 16, block_shift)
         torch.library.opcheck(torch.ops.attamba.ssd_window_fwd.default, args, test_utils=checks)
-        backward_args = (torch.randn_like(u), *(t.detach() for t in (x, dt, A, D)), starts, g, s, 16, block_shift, silu)
+        backward_args = (torch.randn_like(u), *(t.detach() for t in (x, dt, A, D)), starts, g, s, 16, block_shift)
         torch.library.opcheck(torch.ops.attamba.ssd_window_bwd.default, backward_args, test_utils=checks[:2])
     torch._dynamo.reset()
     segment_start = uniform_starts(b, n, 8, offset=2).to(DEVICE)
@@ -643,9 +643,11 @@ def assert_packed_scan_matches(inputs, heads, groups, state_dim, segment_start, 
 
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("chunking", ["cyclic_offset", "documents_cut_chunks"])
-def test_packed_windowed_scan_matches_reference(chunking, aligned):
-    # Two groups of two heads: dB and dC land in the packed gradient after the heads' sums.
-    b, n, h, p, g, s = 2, 77, 4, 16, 2, 24
+def test_packed_windowed_scan_matches_reference(monkeypatch, chunking, aligned):
+    # Two groups of two heads: dB and dC land in the packed gradient after the heads' sums. Heads of
+    # 32 columns taken 16 at a time forward and backward (TILE_P), as the kernels split a 64-column head.
+    monkeypatch.setattr(ssd_triton_window, "TILE_P", (16, 16))
+    b, n, h, p, g, s = 2, 77, 4, 32, 2, 24
     make_starts, bound, period = SHORT_CHUNKINGS[chunking]
     assert_packed_scan_matches(packed_inputs(b, n, h, p, g, s, seed=2), h, g, s, make_starts(b, n).to(DEVICE), bound,
                                period if aligned else None)
@@ -663,148 +665,6 @@ def test_packed_scan_rejects_a_bad_width():
     x, dt, A, D = packed_inputs(1, 8, 2, 16, 1, 16)
     with pytest.raises(ValueError, match="h·p \\+ 2·g·s"):
         ssd_triton_window.ssd_segmented_window_packed(x[..., 1:], dt, A, D, uniform_starts(1, 8, 4), 1, 16, max_segment_len=4)
-
-
-# The conv and the windowed scan as the model runs them: the SiLU in the scan's kernels.
-
-
-def conv_scan_inputs(b, n, h, p, g, s, taps=4, bias=True, seed=0, dtype=torch.float32):
-    """(conv_in [b, n, h·p + 2·g·s], weight [c, taps], bias [c] if ``bias``, all three in ``dtype``;
-    dt, A, D)."""
-    generator = torch.Generator().manual_seed(seed)
-    channels = h * p + 2 * g * s
-    conv_in = torch.randn(b, n, channels, generator=generator)
-    weight = torch.randn(channels, taps, generator=generator) * 0.5
-    _, dt, A, _, _, D = ssd_inputs(b, n, h, p, g, s, seed=seed)
-    conv = [conv_in, weight]
-    if bias:
-        conv.append(torch.randn(channels, generator=generator) * 0.2)
-    return [t.to(DEVICE, dtype) for t in conv] + [dt, A, D]
-
-
-def assert_conv_scan_matches(inputs, heads, groups, state_dim, segment_start, bound, period, tolerance=1e-5,
-                             record=None):
-    """conv_silu_scan_window against SiLU(causal_conv_reference) then ssd_reference, in float64:
-    y and the gradients of the conv's input, weight (and bias), dt, A and D."""
-    with_bias = len(inputs) == 6
-
-    def split(args):
-        conv_in, weight, *rest = args
-        bias = rest.pop(0) if with_bias else None
-        return conv_in, weight, bias, rest
-
-    def oracle(*args):
-        conv_in, weight, bias, (dt, A, D, segment_start) = split(args)
-        post = torch.nn.functional.silu(causal_conv_reference(conv_in, weight, bias, segment_start))
-        u, B, C = split_scan_inputs(post, heads, groups, state_dim)
-        return ssd_reference(u, dt, A, B, C, D, segment_start)
-
-    def candidate(*args):
-        conv_in, weight, bias, (dt, A, D, segment_start) = split(args)
-        return ssd_triton_window.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, groups,
-                                                       state_dim, max_segment_len=bound, segment_period=period)
-
-    names = ("conv_in", "weight", "bias", "dt", "A", "D") if with_bias else ("conv_in", "weight", "dt", "A", "D")
-    conv_in = inputs[0]
-    y_shape = (*conv_in.shape[:2], heads, (conv_in.shape[2] - 2 * groups * state_dim) // heads)
-    assert_scan_matches(candidate, oracle, inputs, names, y_shape, segment_start, tolerance, record)
-
-
-def scan_op_calls(monkeypatch) -> list:
-    """The silu argument of every call of the windowed scan's forward op, from now on."""
-    calls, op = [], ssd_triton_window._window_forward
-
-    def recording(*args):
-        calls.append(args[-1])
-        return op(*args)
-
-    monkeypatch.setattr(ssd_triton_window, "_window_forward", recording)
-    return calls
-
-
-@pytest.mark.parametrize("chunking, aligned", [(name, False) for name in sorted(SHORT_CHUNKINGS)]
-                         + [(name, True) for name in PERIODIC_CHUNKINGS])
-def test_conv_and_scan_with_the_silu_in_the_scan_match_reference(monkeypatch, chunking, aligned):
-    # Two groups of two heads, 32 columns a head and 24 state columns taken 16 at a time: the
-    # kernels' column tiles split heads and state, the last one partial.
-    monkeypatch.setattr(ssd_triton_window, "SILU_TILE_P", 16)
-    monkeypatch.setattr(ssd_triton_window, "SILU_TILE_S", 16)
-    b, n, h, p, g, s = 2, 77, 4, 32, 2, 24
-    make_starts, bound, period = SHORT_CHUNKINGS[chunking]
-    calls = scan_op_calls(monkeypatch)
-    assert_conv_scan_matches(conv_scan_inputs(b, n, h, p, g, s, seed=5), h, g, s, make_starts(b, n).to(DEVICE), bound,
-                             period if aligned else None)
-    assert calls == [True], "the scan's kernels must be what applied the SiLU"
-
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("chunking, aligned", [
-    ("cyclic_offset", True), ("documents_cut_chunks", True), ("block_long_straddling", True), ("random_lengths", False),
-])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_conv_and_scan_with_the_silu_in_the_scan_at_model_shape_on_gpu(chunking, aligned, dtype, record_property):
-    # A 60M layer's paired K/V SSMs (1536 conv channels) on fewer tokens, at the kernels' own
-    # column tiles; bf16 takes the bf16 dots.
-    b, n, h, p, g, s = 2, 300, 16, 64, 2, 128
-    make_starts, bound, period = SHORT_CHUNKINGS[chunking]
-    inputs = conv_scan_inputs(b, n, h, p, g, s, seed=8, dtype=dtype)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    assert_conv_scan_matches(inputs, h, g, s, make_starts(b, n).to(DEVICE), bound, period if aligned else None,
-                             tolerance, record_property)
-
-
-@pytest.mark.parametrize("taps, bias", [(2, True), (4, False), (1, True), (5, True)])
-def test_conv_and_scan_with_other_taps_or_no_bias(taps, bias):
-    b, n, h, p, g, s = 1, 40, 2, 16, 1, 16
-    starts = uniform_starts(b, n, 8, offset=3).to(DEVICE)
-    assert_conv_scan_matches(conv_scan_inputs(b, n, h, p, g, s, taps=taps, bias=bias, seed=6), h, g, s, starts, 8,
-                             (8, 3))
-
-
-@pytest.mark.parametrize("reason", ["no_bound", "switched_off"])
-def test_the_conv_applies_the_silu_where_the_windowed_kernels_do_not(monkeypatch, reason):
-    if reason == "switched_off":
-        monkeypatch.setattr(ssd_triton_window, "SILU_IN_SCAN", False)
-    calls = scan_op_calls(monkeypatch)
-    b, n, h, p, g, s = 1, 24, 2, 16, 1, 16
-    bound = None if reason == "no_bound" else 8
-    assert_conv_scan_matches(conv_scan_inputs(b, n, h, p, g, s, seed=7), h, g, s, uniform_starts(b, n, 8).to(DEVICE),
-                             bound, None)
-    assert calls == ([] if reason == "no_bound" else [False])
-
-
-def test_packed_scan_over_the_silu_of_its_inputs_without_a_bound_falls_back():
-    # A direct caller's silu_inputs reaches the chunked kernels too (the SiLU then in PyTorch).
-    b, n, h, p, g, s = 1, 20, 2, 16, 1, 16
-    x, dt, A, D = packed_inputs(b, n, h, p, g, s)
-    starts = uniform_starts(b, n, 8).to(DEVICE)
-    got = ssd_triton_window.ssd_segmented_window_packed(x, dt, A, D, starts, g, s, silu_inputs=True)
-    u, B, C = split_scan_inputs(torch.nn.functional.silu(x), h, g, s)
-    torch.testing.assert_close(got, ssd_reference(u, dt, A, B, C, D, starts), rtol=1e-5, atol=1e-5)
-
-
-def test_conv_and_scan_compile_whole():
-    b, n, h, p, g, s = 1, 40, 2, 16, 1, 16
-    inputs = tuple(t.requires_grad_() for t in conv_scan_inputs(b, n, h, p, g, s))
-    segment_start = uniform_starts(b, n, 8, offset=2).to(DEVICE)
-
-    def conv_and_scan(conv_in, weight, bias, dt, A, D):
-        return ssd_triton_window.conv_silu_scan_window(conv_in, weight, bias, dt, A, D, segment_start, g, s,
-                                                       max_segment_len=8, segment_period=(8, 2))
-
-    torch._dynamo.reset()
-    compiled = torch.compile(conv_and_scan, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(*inputs), conv_and_scan(*inputs))
-
-
-def test_conv_and_scan_reject_mismatched_shapes():
-    conv_in, weight, bias, dt, A, D = conv_scan_inputs(1, 8, 2, 16, 1, 16)
-    starts = uniform_starts(1, 8, 4).to(DEVICE)
-    with pytest.raises(ValueError, match="h·p \\+ 2·g·s"):
-        ssd_triton_window.conv_silu_scan_window(conv_in[..., 1:], weight[1:], bias[1:], dt, A, D, starts, 1, 16, 4)
-    with pytest.raises(ValueError, match="weight \\[c, k\\]"):
-        ssd_triton_window.conv_silu_scan_window(conv_in, weight[1:], bias, dt, A, D, starts, 1, 16, 4)
 
 
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
