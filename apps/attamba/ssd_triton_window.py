@@ -75,9 +75,9 @@ see keys of their own block only, one score tile where the backward needs three 
 two), and no tokens of the neighbouring blocks are read."""
 TILE_P = (64, 32)
 """(forward, backward): a head's columns taken this many at a time (y, dx and du are column by
-column; dy xᵀ sums over them). Halves in the backward took 90.5 µs a 60M layer against 101.2 with
-whole heads, the forward 34.9 against 30.6 (H100, benchmarks/tune_ssm_kernels.py, docs/benchmarks.md,
-sixteenth session)."""
+column; dy xᵀ sums over them). With 32-column tiles the backward took 90.5–91.1 µs a 60M layer
+against 101.2–102.1 with whole heads, the forward 34.9 against 30.6, so the forward keeps whole
+heads (H100, benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, sixteenth session)."""
 BF16_DOTS = True
 """With bf16 inputs, multiply bf16 operands (fp32 accumulation, as Mamba2's kernels do) rather
 than TF32 ones: half the operand registers and twice the tensor-core rate, at the cost of rounding
@@ -452,9 +452,9 @@ def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q, b
 
 
 def _window_setup_context(ctx, inputs, output) -> None:
-    x, dt, A, D, starts, *sizes = inputs
+    x, dt, A, D, starts, groups, state_dim, block_q, block_shift = inputs
     ctx.save_for_backward(x, dt, A, D, starts)
-    ctx.sizes = sizes
+    ctx.sizes = (groups, state_dim, block_q, block_shift)
 
 
 def _window_autograd(ctx, dy):

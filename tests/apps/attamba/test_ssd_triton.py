@@ -337,8 +337,8 @@ def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens
 
 @pytest.mark.parametrize("silu", [True, False])
 def test_split_conv_backward_needs_whole_tiles(monkeypatch, silu):
-    # With the SiLU (the conv's own kernels) SPLIT_*, without it (the plain conv, and the conv
-    # inside the windowed scan) PLAIN_SPLIT_*.
+    # The weight gradients' settings: SPLIT_* with the SiLU (the model's conv), PLAIN_SPLIT_*
+    # without it (the plain conv).
     from apps.attamba import ssd_triton_conv
 
     knobs = "SPLIT_" if silu else "PLAIN_SPLIT_"
