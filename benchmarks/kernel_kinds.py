@@ -49,3 +49,18 @@ def format_kinds(totals: dict[str, float]) -> str:
     whole = sum(totals.values())
     lines = [f"  {ms / 1e3:7.3f} ms/step {100 * ms / whole if whole else 0.0:5.1f}%  {kind}" for kind, ms in totals.items()]
     return "\n".join(["GPU time per step by kind of kernel:", *lines, f"  {whole / 1e3:7.3f} ms/step        all kernels"])
+
+
+def format_top_kernels(kernel_times: dict[str, float], rows: int) -> str:
+    """Each kind's ``rows`` longest kernels (µs per step), so that a kind's total can be traced to
+    the kernels in it (Inductor's fused kernels are named after the ops they fuse)."""
+    by_kind: dict[str, list[tuple[str, float]]] = {}
+    for kernel, microseconds in kernel_times.items():
+        by_kind.setdefault(kind_of(kernel), []).append((kernel, microseconds))
+    lines = [f"Longest kernels of each kind (µs/step, top {rows}):"]
+    for kind in [kind for kind, _ in KINDS] + [OTHER]:
+        kernels = sorted(by_kind.get(kind, []), key=lambda item: -item[1])
+        if kernels:
+            lines.append(f"  {kind}:")
+            lines += [f"    {microseconds:8.1f}  {kernel[:110]}" for kernel, microseconds in kernels[:rows]]
+    return "\n".join(lines)

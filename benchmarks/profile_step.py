@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_gaps import gap_report  # noqa: E402
-from benchmarks.kernel_kinds import format_kinds, time_by_kind  # noqa: E402
+from benchmarks.kernel_kinds import format_kinds, format_top_kernels, time_by_kind  # noqa: E402
 from lingua import distributed  # noqa: E402
 from lingua.args import read_raw  # noqa: E402
 from lingua.optim import build_optimizer, no_weight_decay_names  # noqa: E402
@@ -96,6 +96,8 @@ def main() -> None:
                         help="also print the GPU's idle gaps per step and the host ops running in them")
     parser.add_argument("--by-kind", action="store_true",
                         help="also print the GPU time per step by kind of kernel (benchmarks/kernel_kinds.py)")
+    parser.add_argument("--kind-rows", type=int, default=0, metavar="N",
+                        help="with --by-kind, also list each kind's N longest kernels")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     options, overrides = parser.parse_known_args()
     if options.device == "cuda" and not torch.cuda.is_available():
@@ -173,7 +175,10 @@ def main() -> None:
     if options.gaps:
         print(gap_report(prof.events(), options.profile_steps))
     if options.by_kind:
-        print(format_kinds(time_by_kind(kernel_times(averages, options.profile_steps))))
+        times_per_step = kernel_times(averages, options.profile_steps)
+        print(format_kinds(time_by_kind(times_per_step)))
+        if options.kind_rows:
+            print(format_top_kernels(times_per_step, options.kind_rows))
 
 
 def print_breakdown(prof, name: str, steps: int, rows: int = 8) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.kernel_kinds import KINDS, OTHER, format_kinds, kind_of, time_by_kind
+from benchmarks.kernel_kinds import KINDS, OTHER, format_kinds, format_top_kernels, kind_of, time_by_kind
 
 
 @pytest.mark.parametrize("kernel, kind", [
@@ -46,3 +46,15 @@ def test_profile_step_reads_kernel_times_per_step_from_device_events_only():
         SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=900.0),  # an operator, not a kernel
     ]
     assert kernel_times(averages, steps=3) == {"_window_bwd_kernel": 200.0}
+
+
+def test_top_kernels_are_listed_longest_first_under_their_kind():
+    times = {"triton_poi_fused_add_0": 5.0, "triton_red_fused_sum_1": 50.0, "triton_poi_fused_mul_2": 20.0,
+             "nvjet_a": 100.0}
+    text = format_top_kernels(times, rows=2)
+    lines = text.splitlines()
+    inductor = lines.index("  fused by Inductor:")
+    assert lines[inductor + 1].split() == ["50.0", "triton_red_fused_sum_1"]
+    assert lines[inductor + 2].split() == ["20.0", "triton_poi_fused_mul_2"]
+    assert "triton_poi_fused_add_0" not in text  # beyond the 2 rows
+    assert "  matmul:" in lines and "KV-SSM output gates" not in text  # kinds without kernels are left out
