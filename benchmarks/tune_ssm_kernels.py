@@ -3,7 +3,7 @@
 At a 60M layer's paired K/V SSM shape (``bench_ssm.MODEL_LAYER``: b=16, n=1024, 16 heads of 64,
 2 B/C groups, state 128, P=8, 1536 conv channels, bf16), each variant sets module knobs of
 :mod:`apps.attamba.ssd_triton_window` (``ALIGNED_BLOCKS``, ``MIN_BLOCK_Q``, ``FORWARD_WARPS``,
-``BACKWARD_WARPS``, ``NUM_STAGES``, ``TILE_S``, ``TILE_P``, ``BF16_DOTS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``,
+``BACKWARD_WARPS``, ``NUM_STAGES``, ``TILE_S``, ``FORWARD_TILE_P``, ``BACKWARD_TILE_P``, ``BF16_DOTS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``,
 ``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``) or :mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``,
 ``norm.NUM_WARPS``, ``norm.SPAN``), then runs the scan, the conv and the output gates forward and
 backward under the profiler. Reported: each kernel's mean GPU µs (kernels
@@ -35,6 +35,7 @@ from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
 from apps.attamba.ssd_reference import split_scan_inputs  # noqa: E402
 from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
 from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, packed_scan_case, uniform_segment_starts  # noqa: E402
+from benchmarks.tune_attention_triton import parse_variant  # noqa: E402
 
 VARIANTS = (
     "default",
@@ -44,9 +45,9 @@ VARIANTS = (
     "window.BACKWARD_WARPS=2",
     "window.BACKWARD_WARPS=4",
     "window.FORWARD_WARPS=2",
-    "window.TILE_P=64/64",  # whole heads both ways (before the sixteenth session)
-    "window.TILE_P=32/32",
-    "window.TILE_P=64/16",
+    "window.BACKWARD_TILE_P=64",  # whole heads both ways (before the sixteenth session)
+    "window.FORWARD_TILE_P=32",
+    "window.BACKWARD_TILE_P=16",
     "window.TILE_S=64",
     "window.TILE_S=128",
     "window.NUM_STAGES=2",
@@ -72,23 +73,15 @@ KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_con
            "_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel")
 
 
-def parse_knobs(text: str) -> dict[str, str]:
-    """"conv.BLOCK_N=32,window.TILE_P=64/32" -> {"conv.BLOCK_N": "32", ...}; "default" -> {}."""
-    if text == "default":
-        return {}
-    return dict(item.split("=", 1) for item in text.split(","))
-
-
 @contextlib.contextmanager
 def variant_applied(text: str):
     """Sets the module knobs a variant names ("conv.BLOCK_N=32,window.BF16_DOTS=0"; "default": none),
-    each in its knob's type (a tuple's integers joined by "/"), and puts the previous values back on exit."""
-    targets = {name: (MODULES[name.split(".")[0]], name.split(".")[1]) for name in parse_knobs(text)}
+    each in its knob's type, and puts the previous values back on exit."""
+    targets = {name: (MODULES[name.split(".")[0]], name.split(".")[1]) for name in parse_variant(text)}
     previous = {name: getattr(module, knob) for name, (module, knob) in targets.items()}
     try:
-        for name, value in parse_knobs(text).items():
-            kind = type(previous[name])
-            setattr(*targets[name], tuple(int(v) for v in value.split("/")) if kind is tuple else kind(int(value)))
+        for name, value in parse_variant(text).items():
+            setattr(*targets[name], type(previous[name])(value))
         yield
     finally:
         for name, value in previous.items():

@@ -133,7 +133,8 @@ def compile_ssm_kernels() -> list[str]:
     conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
     dw_tiles = dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS)
     variants = [
-        (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, ALIGNED=aligned, TILE_P=window.TILE_P[backward], **ssd_tiles),
+        (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, ALIGNED=aligned, **ssd_tiles,
+                      TILE_P=window.BACKWARD_TILE_P if backward else window.FORWARD_TILE_P),
          window._warps(block_q, backward), window.NUM_STAGES)
         for kernel, backward in ((window._window_fwd_kernel, False), (window._window_bwd_kernel, True))
         for block_q in (16, 32, 64)

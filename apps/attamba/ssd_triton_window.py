@@ -73,11 +73,12 @@ ALIGNED_BLOCKS = True
 """With periodic segment starts (``segment_period``), start the blocks on them: a block's tokens then
 see keys of their own block only, one score tile where the backward needs three (and the forward
 two), and no tokens of the neighbouring blocks are read."""
-TILE_P = (64, 32)
-"""(forward, backward): a head's columns taken this many at a time (y, dx and du are column by
-column; dy xᵀ sums over them). With 32-column tiles the backward took 90.5–91.1 µs a 60M layer
-against 101.2–102.1 with whole heads, the forward 34.9 against 30.6, so the forward keeps whole
-heads (H100, benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, sixteenth session)."""
+FORWARD_TILE_P = 64
+BACKWARD_TILE_P = 32
+"""A head's columns taken this many at a time by the forward and the backward kernel (y, dx and du
+are column by column; dy xᵀ sums over them). With 32-column tiles the backward took 90.5–91.1 µs a
+60M layer against 101.2–102.1 with whole heads, the forward 34.9 against 30.6, so the forward keeps
+whole heads (H100, benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, sixteenth session)."""
 BF16_DOTS = True
 """With bf16 inputs, multiply bf16 operands (fp32 accumulation, as Mamba2's kernels do) rather
 than TF32 ones: half the operand registers and twice the tensor-core rate, at the cost of rounding
@@ -377,7 +378,7 @@ def _window_bwd_kernel(
 def _launch_meta(block_q: int, block_shift: int, p: int, s: int, dtype: torch.dtype, backward: bool) -> dict:
     return dict(
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
-        TILE_P=min(TILE_P[backward], _padded(p)), PRECISION=_precision(dtype), ALIGNED=block_shift >= 0,
+        TILE_P=min(BACKWARD_TILE_P if backward else FORWARD_TILE_P, _padded(p)), PRECISION=_precision(dtype), ALIGNED=block_shift >= 0,
         num_warps=_warps(block_q, backward), num_stages=NUM_STAGES,
     )
 

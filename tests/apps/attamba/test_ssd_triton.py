@@ -645,8 +645,9 @@ def assert_packed_scan_matches(inputs, heads, groups, state_dim, segment_start, 
 @pytest.mark.parametrize("chunking", ["cyclic_offset", "documents_cut_chunks"])
 def test_packed_windowed_scan_matches_reference(monkeypatch, chunking, aligned):
     # Two groups of two heads: dB and dC land in the packed gradient after the heads' sums. Heads of
-    # 32 columns taken 16 at a time forward and backward (TILE_P), as the kernels split a 64-column head.
-    monkeypatch.setattr(ssd_triton_window, "TILE_P", (16, 16))
+    # 32 columns taken 16 at a time forward and backward (*_TILE_P), as the kernels split a 64-column head.
+    monkeypatch.setattr(ssd_triton_window, "FORWARD_TILE_P", 16)
+    monkeypatch.setattr(ssd_triton_window, "BACKWARD_TILE_P", 16)
     b, n, h, p, g, s = 2, 77, 4, 32, 2, 24
     make_starts, bound, period = SHORT_CHUNKINGS[chunking]
     assert_packed_scan_matches(packed_inputs(b, n, h, p, g, s, seed=2), h, g, s, make_starts(b, n).to(DEVICE), bound,
