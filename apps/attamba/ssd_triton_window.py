@@ -180,17 +180,26 @@ def _decay(cs_q, seg_q, cs_k, seg_k, key_valid, SAME_BLOCK: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _group_head(A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n):
+def _group_head(A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n,
+                ALIGNED: tl.constexpr):
     """Head j of group gi: its index, A and D, and the decay terms (_block_terms) of the previous
-    and this block, with the running cs and segment number at this block's end."""
+    and this block, with the running cs and segment number at this block's end. ALIGNED: no key
+    of this block's queries lies in the previous block, so its terms are neither loaded nor
+    carried (cs and the segment number start at this block; the previous block's terms returned
+    are this block's, unused)."""
     hi = gi * heads_per_group + j
     A_h = tl.load(A_ptr + hi).to(tl.float32)
     D_h = tl.load(D_ptr + hi).to(tl.float32)
-    dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
-        dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
-    dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
-        dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
-    return hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end
+    if ALIGNED:
+        dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
+            dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
+        return hi, A_h, D_h, dt_c, cs_c, seg_c, dt_c, cs_c, seg_c, cs_end, seg_end
+    else:
+        dt_p, cs_p, seg_p, cs_end, seg_end = _block_terms(
+            dt_ptr, start_ptr, bi, hi, t_p, n, stride_dt_b, stride_dt_n, A_h, 0.0, 0)
+        dt_c, cs_c, seg_c, cs_end, seg_end = _block_terms(
+            dt_ptr, start_ptr, bi, hi, t_c, n, stride_dt_b, stride_dt_n, A_h, cs_end, seg_end)
+        return hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end
 
 
 @triton.jit
@@ -225,7 +234,8 @@ def _window_fwd_kernel(
     offs_p = tl.arange(0, TILE_P)
     for j in range(heads_per_group):
         hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, _, _ = _group_head(
-            A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
+            A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n,
+            ALIGNED)
         P_c = G_c * _decay(cs_c, seg_c, cs_c, seg_c, valid_c, True, BLOCK_Q)
         if not ALIGNED:
             P_p = G_p * _decay(cs_c, seg_c, cs_p, seg_p, valid_p, False, BLOCK_Q)
@@ -292,7 +302,8 @@ def _window_bwd_kernel(
     offs_p = tl.arange(0, TILE_P)
     for j in range(heads_per_group):
         hi, A_h, D_h, dt_p, cs_p, seg_p, dt_c, cs_c, seg_c, cs_end, seg_end = _group_head(
-            A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n)
+            A_ptr, D_ptr, dt_ptr, start_ptr, gi, j, heads_per_group, bi, t_p, t_c, n, stride_dt_b, stride_dt_n,
+            ALIGNED)
         # The neighbouring blocks' terms (not ALIGNED) are interleaved in this order, which the
         # compiler turns into fewer spilled registers than with them all at the end.
         if not ALIGNED:
