@@ -21,11 +21,12 @@ Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_I
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from apps.attamba.ssd_triton import _INTERPRETED
+from apps.attamba.ssd_triton_conv import _silu_grad
 
 BLOCK_M = 2
 """Rows per tile (each row is one token's H channels of one gate). At a 60M layer's two gates (16k
@@ -35,8 +36,6 @@ session)."""
 NUM_WARPS = 4
 SPAN = 64
 """Rows of one backward program: its weight-gradient sums cover them (32 or 128 timed the same)."""
-
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -102,7 +101,7 @@ def _gated_norm_bwd_kernel(
         dgated = rstd[:, None] * (dnormed - normed * (tl.sum(dnormed * normed, axis=1) / H)[:, None])
         grad_offs = r64 * (G * H) + g * H + cols[None, :]
         tl.store(dy_ptr + grad_offs, (dgated * act).to(dy_ptr.dtype.element_ty), mask=mask)
-        dz = dgated * y * sig * (1.0 + z * (1.0 - sig))
+        dz = _silu_grad(dgated * y, z)
         tl.store(dz_ptr + grad_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_part_ptr + (span * G + g) * H + cols, tl.sum(dw, axis=0), mask=cols < H)
 
