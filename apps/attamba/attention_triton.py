@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from apps.attamba.chunking import document_starts, periodic_slots
 from apps.attamba.ssd_torch import positions_in_segment
@@ -171,35 +172,29 @@ def _load_rows(base, rows, valid, stride_row, dims, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _head_rows(base, rows, stride_row, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DESCRIPTORS: tl.constexpr):
-    """A tensor descriptor over ``rows`` rows of one head at ``base``, ``stride_row`` apart, read
-    BLOCK at a time (``base`` itself without DESCRIPTORS)."""
+def _load_block(
+    base, desc, b, h, row0, rows, valid, stride_row, dims, MASKED: tl.constexpr, DESCRIPTORS: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Rows ``rows`` of one head: through ``desc`` [B, H, rows, d] from row0 (rows = row0 + 0..BLOCK,
+    those past its end zero), or from pointers at ``base`` (invalid rows zero when MASKED)."""
     if DESCRIPTORS:
-        return tl.make_tensor_descriptor(base, [tl.maximum(rows, 1), HEAD_DIM], [stride_row, 1], [BLOCK, HEAD_DIM])
-    else:
-        return base
-
-
-@triton.jit
-def _load_block(base, desc, row0, rows, valid, stride_row, dims, MASKED: tl.constexpr, DESCRIPTORS: tl.constexpr):
-    """Rows ``rows`` = row0 + 0..BLOCK of one head: through ``desc`` (rows past its end read as
-    zeros), or from pointers at ``base`` (invalid rows zero when MASKED)."""
-    if DESCRIPTORS:
-        return desc.load([row0, 0])
+        return desc.load([b, h, row0, 0]).reshape(BLOCK, HEAD_DIM)
     else:
         return _load_rows(base, rows, valid, stride_row, dims, MASKED)
 
 
 @triton.jit
 def _query_step(
-    acc, m_i, l_i, q, do, lse, delta, K, V, KD, VD, row0, rows, rows_valid, allowed, stride_kn, stride_vn,
-    dims, qk_scale, MASKED: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr, DESCRIPTORS: tl.constexpr,
+    acc, m_i, l_i, q, do, lse, delta, K, V, KD, VD, b, h, row0, rows, rows_valid, allowed, stride_kn, stride_vn,
+    dims, qk_scale, MASKED: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
+    DESCRIPTORS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """One block of keys (rows of K and V, or of the descriptors KD and VD from row0) for a block of
     queries: the forward's online softmax, or the dQ sum with BACKWARD. Unmasked blocks hold valid
     rows only."""
-    k = _load_block(K, KD, row0, rows, rows_valid, stride_kn, dims, MASKED, DESCRIPTORS)
-    v = _load_block(V, VD, row0, rows, rows_valid, stride_vn, dims, MASKED, DESCRIPTORS)
+    k = _load_block(K, KD, b, h, row0, rows, rows_valid, stride_kn, dims, MASKED, DESCRIPTORS, BLOCK_N, HEAD_DIM)
+    v = _load_block(V, VD, b, h, row0, rows, rows_valid, stride_vn, dims, MASKED, DESCRIPTORS, BLOCK_N, HEAD_DIM)
     if BACKWARD:
         acc = _dq_block(acc, q, do, k, v, lse, delta, allowed, qk_scale, MASKED, PRECISION)
     else:
@@ -209,7 +204,7 @@ def _query_step(
 
 @triton.jit
 def _query_kernel(
-    Q, K, V, DO, O, LSE, DELTA, OUT, DOC_START,
+    Q, K, V, DO, O, LSE, DELTA, OUT, DOC_START, K_ROWS, V_ROWS, K_SLOTS, V_SLOTS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, qk_scale, sm_scale,
@@ -220,17 +215,14 @@ def _query_kernel(
     """One block of queries over every key block it sees. Forward: OUT = attention output, LSE
     written. BACKWARD: OUT = dQ, and rowsum(dO ∘ O) written to DELTA for the dK/dV kernel that runs
     next. OUT, O, LSE and DELTA are contiguous (allocated here). DOC_START [B or 1, n]: where each
-    position's document begins (HAS_DOCS). With DESCRIPTORS, key and value blocks are read through
-    tensor descriptors over the head's rows and over its compressed slots."""
+    position's document begins (HAS_DOCS). With DESCRIPTORS, keys and values are read through
+    K_ROWS, V_ROWS ([B, H, n, d]) and K_SLOTS, V_SLOTS (their compressed slots, [B, H, slots, d])."""
     # Heads vary fastest and the last query blocks (the most keys) go first: fewer stragglers.
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     bh, b, h = _program_head(heads)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    k_rows = _head_rows(K, n, stride_kn, BLOCK_N, HEAD_DIM, DESCRIPTORS)
-    v_rows = _head_rows(V, n, stride_vn, BLOCK_N, HEAD_DIM, DESCRIPTORS)
-    k_slots = _head_rows(K + first * stride_kn, slots, chunk_size * stride_kn, BLOCK_N, HEAD_DIM, DESCRIPTORS)
-    v_slots = _head_rows(V + first * stride_vn, slots, chunk_size * stride_vn, BLOCK_N, HEAD_DIM, DESCRIPTORS)
+    b32, h32 = b.to(tl.int32), h.to(tl.int32)
     dims = tl.arange(0, HEAD_DIM)
     t = m0 + tl.arange(0, BLOCK_M)
     t_valid = t < n
@@ -271,18 +263,21 @@ def _query_kernel(
     unmasked_end = unmasked_begin + tl.maximum(all_windows - unmasked_begin, 0) // BLOCK_N * BLOCK_N
     for s0 in range(slot_begin, tl.minimum(unmasked_begin, slot_end), BLOCK_N):
         acc, m_i, l_i = _query_slots(
-            acc, m_i, l_i, q, do, lse, delta, K, V, k_slots, v_slots, s0, offs_n, ws, doc_start, slots, first,
-            chunk_size, stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION, DESCRIPTORS,
+            acc, m_i, l_i, q, do, lse, delta, K, V, K_SLOTS, V_SLOTS, b32, h32, s0, offs_n, ws, doc_start, slots,
+            first, chunk_size, stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION,
+            DESCRIPTORS, BLOCK_N, HEAD_DIM,
         )
     for s0 in range(unmasked_begin, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _query_slots(
-            acc, m_i, l_i, q, do, lse, delta, K, V, k_slots, v_slots, s0, offs_n, ws, doc_start, slots, first,
-            chunk_size, stride_kn, stride_vn, dims, qk_scale, False, HAS_DOCS, BACKWARD, PRECISION, DESCRIPTORS,
+            acc, m_i, l_i, q, do, lse, delta, K, V, K_SLOTS, V_SLOTS, b32, h32, s0, offs_n, ws, doc_start, slots,
+            first, chunk_size, stride_kn, stride_vn, dims, qk_scale, False, HAS_DOCS, BACKWARD, PRECISION,
+            DESCRIPTORS, BLOCK_N, HEAD_DIM,
         )
     for s0 in range(tl.maximum(unmasked_begin, unmasked_end), slot_end, BLOCK_N):
         acc, m_i, l_i = _query_slots(
-            acc, m_i, l_i, q, do, lse, delta, K, V, k_slots, v_slots, s0, offs_n, ws, doc_start, slots, first,
-            chunk_size, stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION, DESCRIPTORS,
+            acc, m_i, l_i, q, do, lse, delta, K, V, K_SLOTS, V_SLOTS, b32, h32, s0, offs_n, ws, doc_start, slots,
+            first, chunk_size, stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION,
+            DESCRIPTORS, BLOCK_N, HEAD_DIM,
         )
     # The window: positions [ws(t), t], from the block's first document on.
     for j0 in range(tl.maximum(ws_lo, doc_lo), t_last + 1, BLOCK_N):
@@ -291,8 +286,8 @@ def _query_kernel(
         allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :]
         allowed = _in_document(allowed, j[None, :], doc_start[:, None], HAS_DOCS)
         acc, m_i, l_i = _query_step(
-            acc, m_i, l_i, q, do, lse, delta, K, V, k_rows, v_rows, j0, j, j_valid, allowed,
-            stride_kn, stride_vn, dims, qk_scale, True, BACKWARD, PRECISION, DESCRIPTORS,
+            acc, m_i, l_i, q, do, lse, delta, K, V, K_ROWS, V_ROWS, b32, h32, j0, j, j_valid, allowed,
+            stride_kn, stride_vn, dims, qk_scale, True, BACKWARD, PRECISION, DESCRIPTORS, BLOCK_N, HEAD_DIM,
         )
 
     out_ptrs = _row_ptrs(OUT + bh * n * HEAD_DIM, t, HEAD_DIM, dims)
@@ -306,10 +301,10 @@ def _query_kernel(
 
 @triton.jit
 def _query_slots(
-    acc, m_i, l_i, q, do, lse, delta, K, V, KD, VD, s0, offs_n, ws, doc_start, slots, first, chunk_size,
+    acc, m_i, l_i, q, do, lse, delta, K, V, KD, VD, b, h, s0, offs_n, ws, doc_start, slots, first, chunk_size,
     stride_kn, stride_vn, dims, qk_scale,
     MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
-    DESCRIPTORS: tl.constexpr,
+    DESCRIPTORS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """The block of compressed slots from s0 for a block of queries; unmasked blocks lie before
     every row's window, in every row's document."""
@@ -320,8 +315,8 @@ def _query_slots(
     if MASKED:
         allowed = _in_document(allowed, pos[None, :], doc_start[:, None], HAS_DOCS)
     return _query_step(
-        acc, m_i, l_i, q, do, lse, delta, K, V, KD, VD, s0, pos, s_valid, allowed, stride_kn, stride_vn,
-        dims, qk_scale, MASKED, BACKWARD, PRECISION, DESCRIPTORS,
+        acc, m_i, l_i, q, do, lse, delta, K, V, KD, VD, b, h, s0, pos, s_valid, allowed, stride_kn, stride_vn,
+        dims, qk_scale, MASKED, BACKWARD, PRECISION, DESCRIPTORS, BLOCK_N, HEAD_DIM,
     )
 
 
@@ -336,17 +331,17 @@ def _in_document(allowed, keys, doc_start, HAS_DOCS: tl.constexpr):
 
 @triton.jit
 def _key_step(
-    dk, dv, k, v, Q, DO, q_rows, do_rows, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn,
+    dk, dv, k, v, Q, DO, Q_ROWS, DO_ROWS, b, h, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn,
     stride_don, dims, leading, chunk_size, offset, qk_scale, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, SLOTS: tl.constexpr, CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-    PRECISION: tl.constexpr, DESCRIPTORS: tl.constexpr,
+    PRECISION: tl.constexpr, DESCRIPTORS: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """dK, dV of one block of keys from one block of queries at m0. Unmasked: every query of the
     block is < n and sees every key."""
     t = m0 + tl.arange(0, BLOCK_M)
     t_valid = t < n
-    q = _load_block(Q, q_rows, m0, t, t_valid, stride_qn, dims, MASKED, DESCRIPTORS)
-    do = _load_block(DO, do_rows, m0, t, t_valid, stride_don, dims, MASKED, DESCRIPTORS)
+    q = _load_block(Q, Q_ROWS, b, h, m0, t, t_valid, stride_qn, dims, MASKED, DESCRIPTORS, BLOCK_M, HEAD_DIM)
+    do = _load_block(DO, DO_ROWS, b, h, m0, t, t_valid, stride_don, dims, MASKED, DESCRIPTORS, BLOCK_M, HEAD_DIM)
     lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
     delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
     allowed = keys_valid[:, None] & t_valid[None, :]
@@ -364,10 +359,10 @@ def _key_step(
 
 @triton.jit
 def _key_range(
-    dk, dv, k, v, Q, DO, q_rows, do_rows, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn,
+    dk, dv, k, v, Q, DO, Q_ROWS, DO_ROWS, b, h, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn,
     stride_don, dims, leading, chunk_size, offset, qk_scale, lo, hi, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, SLOTS: tl.constexpr, CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-    PRECISION: tl.constexpr, REVERSE: tl.constexpr, DESCRIPTORS: tl.constexpr,
+    PRECISION: tl.constexpr, REVERSE: tl.constexpr, DESCRIPTORS: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """dK, dV of one block of keys from the query blocks at lo, lo + BLOCK_M, ... below hi, the
     last first with REVERSE."""
@@ -378,16 +373,16 @@ def _key_range(
         else:
             m0 = lo + i * BLOCK_M
         dk, dv = _key_step(
-            dk, dv, k, v, Q, DO, q_rows, do_rows, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid,
+            dk, dv, k, v, Q, DO, Q_ROWS, DO_ROWS, b, h, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid,
             stride_qn, stride_don, dims, leading, chunk_size, offset, qk_scale, BLOCK_M, MASKED, SLOTS,
-            CHUNK_WINDOW, HAS_DOCS, PRECISION, DESCRIPTORS,
+            CHUNK_WINDOW, HAS_DOCS, PRECISION, DESCRIPTORS, HEAD_DIM,
         )
     return dk, dv
 
 
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SLOT_GRADS, DOC_START, DOC_END,
+    Q, K, V, DO, LSE, DELTA, DK, DV, SLOT_GRADS, DOC_START, DOC_END, Q_ROWS, DO_ROWS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale,
@@ -401,12 +396,13 @@ def _dkv_kernel(
     window keys, short loops that fill the launch's tail, and write every row of DK and DV.
     ``window_reach``: the most a query lies after a window key, plus one (L, or P with chunks).
     DOC_END [B or 1, n]: where each position's document ends (exclusive; HAS_DOCS). With DESCRIPTORS
-    query and dO blocks are read through tensor descriptors."""
+    query and dO blocks are read through Q_ROWS and DO_ROWS ([B, H, n, d])."""
     pid = tl.program_id(1)
     slot_blocks = tl.cdiv(slots, BLOCK_N)
     if pid < slot_blocks:
         _key_block_grads(
             Q, K, V, DO, LSE, DELTA, SLOT_GRADS, SLOT_GRADS + tl.num_programs(0).to(tl.int64) * slots * HEAD_DIM, DOC_START, DOC_END,
+            Q_ROWS, DO_ROWS,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_doc, n, heads, slots, first, chunk_size, leading, offset,
             window_reach, qk_scale, sm_scale, pid, slots,
@@ -414,7 +410,7 @@ def _dkv_kernel(
         )
     else:
         _key_block_grads(
-            Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
+            Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END, Q_ROWS, DO_ROWS,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_doc, n, heads, slots, first, chunk_size, leading, offset,
             window_reach, qk_scale, sm_scale, pid - slot_blocks, n,
@@ -424,7 +420,7 @@ def _dkv_kernel(
 
 @triton.jit
 def _key_block_grads(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END, Q_ROWS, DO_ROWS,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale, block, out_rows,
@@ -437,8 +433,6 @@ def _key_block_grads(
     bh, b, h = _program_head(heads)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
-    q_rows = _head_rows(Q, n, stride_qn, BLOCK_M, HEAD_DIM, DESCRIPTORS)
-    do_rows = _head_rows(DO, n, stride_don, BLOCK_M, HEAD_DIM, DESCRIPTORS)
     dims = tl.arange(0, HEAD_DIM)
     index = block * BLOCK_N + tl.arange(0, BLOCK_N)
     if SLOTS:
@@ -462,8 +456,8 @@ def _key_block_grads(
         doc_free_end = tl.load(DOC_END + first_key)
     else:
         t_stop, doc_free_end = n, n
-    key_args = (k, v, Q, DO, q_rows, do_rows, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn, stride_don,
-                dims, leading, chunk_size, offset, qk_scale)
+    key_args = (k, v, Q, DO, Q_ROWS, DO_ROWS, b.to(tl.int32), h.to(tl.int32), LSE, DELTA, DOC_START, bh, n, keys,
+                keys_valid, stride_qn, stride_don, dims, leading, chunk_size, offset, qk_scale)
     if SLOTS:
         # A slot at p is seen by t iff ws(t) > p: t >= p + L, or t >= p + 1 (the next chunk).
         if CHUNK_WINDOW:
@@ -482,15 +476,15 @@ def _key_block_grads(
             lead_lo, lead_hi, tail_lo, tail_hi = unmasked_end, t_stop, masked_begin, masked_end
         else:
             lead_lo, lead_hi, tail_lo, tail_hi = masked_begin, masked_end, unmasked_end, t_stop
-        dk, dv = _key_range(dk, dv, *key_args, lead_lo, lead_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE, DESCRIPTORS)
-        dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE, DESCRIPTORS)
-        dk, dv = _key_range(dk, dv, *key_args, tail_lo, tail_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE, DESCRIPTORS)
+        dk, dv = _key_range(dk, dv, *key_args, lead_lo, lead_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE, DESCRIPTORS, HEAD_DIM)
+        dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE, DESCRIPTORS, HEAD_DIM)
+        dk, dv = _key_range(dk, dv, *key_args, tail_lo, tail_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE, DESCRIPTORS, HEAD_DIM)
         rows = index
     else:
         t_end = tl.minimum(last_key + window_reach, t_stop)
         dk, dv = _key_range(
             dk, dv, *key_args, first_key // BLOCK_M * BLOCK_M, t_end, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False,
-            DESCRIPTORS,
+            DESCRIPTORS, HEAD_DIM,
         )
         rows = keys
     tl.store(_row_ptrs(DK + bh * out_rows * HEAD_DIM, rows, HEAD_DIM, dims), (dk * sm_scale).to(DK.dtype.element_ty), mask=keys_valid[:, None])
@@ -579,22 +573,30 @@ def _descriptors_usable(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _descriptor_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+def _row_descriptor(x: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """A descriptor over [B, H, n, d] reading blocks of ``block_rows`` rows of one head."""
+    return TensorDescriptor.from_tensor(x, [1, 1, block_rows, x.shape[-1]])
 
 
-def _use_descriptors(config: KernelConfig, *tensors: torch.Tensor) -> bool:
-    """Whether this launch reads through tensor descriptors. The kernels make theirs on the device,
-    which takes global scratch memory from Triton's allocator: one is set where none is (Triton's
-    default refuses; it is context-local, so the backward's thread needs its own)."""
-    if not (config.descriptors and _descriptors_usable(*tensors)):
-        return False
-    if tensors[0].device.type == "cuda":
-        from triton.runtime import _allocation
+def _slot_descriptor(x: torch.Tensor, first: int, chunk_size: int, slots: int, block_rows: int) -> TensorDescriptor:
+    """A descriptor over the compressed slots' rows first, first + P, ... of [B, H, n, d]."""
+    if not slots:  # no slot is ever read; a descriptor needs a non-empty shape
+        return _row_descriptor(x, block_rows)
+    return TensorDescriptor.from_tensor(x[:, :, first::chunk_size], [1, 1, block_rows, x.shape[-1]])
 
-        if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-            triton.set_allocator(_descriptor_scratch)
-    return True
+
+def _key_descriptors(
+    k: torch.Tensor, v: torch.Tensor, mask: PeriodicMask, n: int, block_rows: int, descriptors: bool
+) -> tuple:
+    """The query kernel's K_ROWS, V_ROWS, K_SLOTS, V_SLOTS (k and v themselves when not used)."""
+    if not descriptors:
+        return k, v, k, v
+    first, slots = periodic_slots(n, mask.chunk_size, mask.offset)
+    return (
+        _row_descriptor(k, block_rows), _row_descriptor(v, block_rows),
+        _slot_descriptor(k, first, mask.chunk_size, slots, block_rows),
+        _slot_descriptor(v, first, mask.chunk_size, slots, block_rows),
+    )
 
 
 def _forward_kernels(
@@ -610,10 +612,11 @@ def _forward_kernels(
     lse = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)
     starts, _, doc_stride = _document_arguments(doc_start, doc_end, q)
     sm_scale = head_dim**-0.5
-    descriptors = _use_descriptors(config, k, v)
+    descriptors = config.descriptors and _descriptors_usable(k, v)
     # DO, O and DELTA are the backward's; the forward passes stand-ins it never reads.
     _query_kernel[(batch * heads, triton.cdiv(n, config.forward_queries))](
-        q, k, v, q, out, lse, lse, out, starts, *_strides(q, k, v, q), doc_stride, n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
+        q, k, v, q, out, lse, lse, out, starts, *_key_descriptors(k, v, mask, n, config.forward_keys, descriptors),
+        *_strides(q, k, v, q), doc_stride, n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.forward_queries, BLOCK_N=config.forward_keys,
         CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=_dot_precision(q.dtype), BACKWARD=False,
         DESCRIPTORS=descriptors, num_warps=config.forward_warps, num_stages=config.forward_stages,
@@ -649,10 +652,11 @@ def _backward_kernels(
     strides = (*_strides(q, k, v, grad_out), doc_stride)
     mask_arguments = _mask_arguments(mask, n)
 
-    descriptors = _use_descriptors(config, q, k, v, grad_out)
+    descriptors = config.descriptors and _descriptors_usable(q, k, v, grad_out)
     dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     _query_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
-        q, k, v, grad_out, out, lse, delta, dq, starts, *strides, n, heads, *mask_arguments, sm_scale * LOG2_E, sm_scale,
+        q, k, v, grad_out, out, lse, delta, dq, starts, *_key_descriptors(k, v, mask, n, config.dq_keys, descriptors),
+        *strides, n, heads, *mask_arguments, sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, BACKWARD=True, DESCRIPTORS=descriptors, **common,
         num_warps=config.dq_warps, num_stages=config.backward_stages, **_register_limit(config.dq_registers, head_dim),
     )
@@ -661,8 +665,11 @@ def _backward_kernels(
     first, slots = periodic_slots(n, chunk_size, offset)
     slot_grads = torch.empty((2, batch * heads, slots, head_dim), device=q.device, dtype=torch.float32)
     blocks = triton.cdiv(slots, config.dkv_keys) + triton.cdiv(n, config.dkv_keys)
+    query_rows = (
+        (_row_descriptor(q, config.dkv_queries), _row_descriptor(grad_out, config.dkv_queries)) if descriptors else (q, grad_out)
+    )
     _dkv_kernel[(batch * heads, blocks)](
-        q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *strides,
+        q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *query_rows, *strides,
         n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
         BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, REVERSE=config.dkv_reverse, DESCRIPTORS=descriptors, **common,
         num_warps=config.dkv_warps, num_stages=config.backward_stages, **_register_limit(config.dkv_registers, head_dim),
