@@ -28,12 +28,11 @@ def ptxas_available() -> bool:
 
 def compile_for_hopper(
     kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int,
-    launch_options: Optional[dict] = None, descriptors: Optional[dict[str, str]] = None,
+    launch_options: Optional[dict] = None,
 ):
-    """Compile ``kernel`` to a cubin for sm_90: pointer arguments by element type, tensor
-    descriptors by their signature (``descriptor_signature``), the named float scalars, every other
-    argument an int32; ``launch_options`` as a launch passes them (e.g. the attention's register
-    caps). Returns Triton's compiled kernel.
+    """Compile ``kernel`` to a cubin for sm_90: pointer arguments by element type, the named float
+    scalars, every other argument an int32; ``launch_options`` as a launch passes them (e.g. the
+    attention's register caps). Returns Triton's compiled kernel.
 
     As a launch with aligned tensors would, pointers and ``stride*`` arguments are marked divisible
     by 16: without that Triton cannot prove the alignment asynchronous copies need, and the code
@@ -47,9 +46,6 @@ def compile_for_hopper(
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        if descriptors and name in descriptors:
-            signature[name] = descriptors[name]
-            continue
         if name in pointers:
             signature[name] = "*" + pointers[name]
         else:
@@ -59,15 +55,6 @@ def compile_for_hopper(
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages, **(launch_options or {})}
     return triton.compile(source, target=GPUTarget(*HOPPER), options=options)
-
-
-def descriptor_signature(dtype, block_shape: list[int]) -> str:
-    """The signature Triton gives a host-side tensor descriptor of this dtype and block shape."""
-    import torch
-    from triton.runtime.jit import mangle_type
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return mangle_type(TensorDescriptor.from_tensor(torch.empty(block_shape, dtype=dtype), block_shape))
 
 
 def resource_usage(compiled) -> str:
@@ -92,52 +79,37 @@ def compile_attention_kernels() -> list[str]:
     """Every constexpr variant of Attamba's attention kernels at the CUDA tiles, d = 64 and 128."""
     from apps.attamba import attention_triton as kernels
 
-    import torch
-
     config = kernels.CUDA_CONFIG
     floats = {"qk_scale", "sm_scale"}
     done = []
-    loads = (False, True)  # pointers, tensor descriptors
-    for head_dim, backward, docs, chunk_window, descriptors in itertools.product(
-        (64, 128), (False, True), (False, True), (False, True), loads
-    ):
-        pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "O", "OUT", "K_ROWS", "V_ROWS", "K_SLOTS", "V_SLOTS")}
+    for head_dim, backward, docs, chunk_window in itertools.product((64, 128), (False, True), (False, True), (False, True)):
+        pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "O", "OUT")}
         pointers.update(LSE="fp32", DELTA="fp32", DOC_START="i32")
-        block_n = config.dq_keys if backward else config.forward_keys
-        key_block = descriptor_signature(torch.bfloat16, [1, 1, block_n, head_dim])
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.dq_queries if backward else config.forward_queries,
-            BLOCK_N=block_n, CHUNK_WINDOW=chunk_window,
-            HAS_DOCS=docs, PRECISION="tf32", BACKWARD=backward, DESCRIPTORS=descriptors,
+            BLOCK_N=config.dq_keys if backward else config.forward_keys, CHUNK_WINDOW=chunk_window,
+            HAS_DOCS=docs, PRECISION="tf32", BACKWARD=backward,
         )
         warps = config.dq_warps if backward else config.forward_warps
         stages = config.backward_stages if backward else config.forward_stages
         registers = kernels._register_limit(config.dq_registers if backward else config.forward_registers, head_dim)
-        compiled = compile_for_hopper(
-            kernels._query_kernel, pointers, floats, constexprs, warps, stages, registers,
-            {name: key_block for name in ("K_ROWS", "V_ROWS", "K_SLOTS", "V_SLOTS")} if descriptors else None,
-        )
+        compiled = compile_for_hopper(kernels._query_kernel, pointers, floats, constexprs, warps, stages, registers)
         done.append(
-            f"_query_kernel d={head_dim} backward={backward} docs={docs} chunk_window={chunk_window} "
-            f"descriptors={descriptors}: " + resource_usage(compiled)
+            f"_query_kernel d={head_dim} backward={backward} docs={docs} chunk_window={chunk_window}: "
+            + resource_usage(compiled)
         )
-    for head_dim, docs, chunk_window, descriptors in itertools.product((64, 128), (False, True), (False, True), loads):
-        pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "DK", "DV", "Q_ROWS", "DO_ROWS")}
+    for head_dim, docs, chunk_window in itertools.product((64, 128), (False, True), (False, True)):
+        pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "DK", "DV")}
         pointers.update(LSE="fp32", DELTA="fp32", SLOT_GRADS="fp32", DOC_START="i32", DOC_END="i32")
-        query_block = descriptor_signature(torch.bfloat16, [1, 1, config.dkv_queries, head_dim])
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, CHUNK_WINDOW=chunk_window,
-            HAS_DOCS=docs, PRECISION="tf32", REVERSE=config.dkv_reverse, DESCRIPTORS=descriptors,
+            HAS_DOCS=docs, PRECISION="tf32", REVERSE=config.dkv_reverse,
         )
         compiled = compile_for_hopper(
             kernels._dkv_kernel, pointers, floats, constexprs, config.dkv_warps, config.backward_stages,
             kernels._register_limit(config.dkv_registers, head_dim),
-            {name: query_block for name in ("Q_ROWS", "DO_ROWS")} if descriptors else None,
         )
-        done.append(
-            f"_dkv_kernel d={head_dim} docs={docs} chunk_window={chunk_window} descriptors={descriptors}: "
-            + resource_usage(compiled)
-        )
+        done.append(f"_dkv_kernel d={head_dim} docs={docs} chunk_window={chunk_window}: " + resource_usage(compiled))
     compiled = compile_for_hopper(
         kernels._add_slot_grads, {"DK": "bf16", "DV": "bf16", "SLOT_GRADS": "fp32"}, set(), dict(HEAD_DIM=64, BLOCK=64), 4, 1
     )

@@ -33,7 +33,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from apps.attamba.chunking import document_starts, periodic_slots
 from apps.attamba.ssd_torch import positions_in_segment
@@ -72,10 +71,6 @@ class KernelConfig:
     (741 -> 724 µs) spills with documents or chunk windows; dQ (109) gained nothing from 96."""
     dq_registers: int = 0
     dkv_registers: int = 0
-    descriptors: bool = False
-    """Key and value blocks (and the dK/dV kernel's query and dO blocks) read through tensor
-    descriptors (Hopper's bulk tensor copies, TMA) rather than per-thread pointers: no address
-    arithmetic or masks in the loops, rows past a descriptor's end read as zeros."""
     dkv_reverse: bool = True
     """The slot blocks' dK/dV visit their queries from the last: the programs of a head then start
     on the same query rows and read them while in L2, instead of each streaming its own range
@@ -172,29 +167,14 @@ def _load_rows(base, rows, valid, stride_row, dims, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _load_block(
-    base, desc, b, h, row0, rows, valid, stride_row, dims, MASKED: tl.constexpr, DESCRIPTORS: tl.constexpr,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-):
-    """Rows ``rows`` of one head: through ``desc`` [B, H, rows, d] from row0 (rows = row0 + 0..BLOCK,
-    those past its end zero), or from pointers at ``base`` (invalid rows zero when MASKED)."""
-    if DESCRIPTORS:
-        return desc.load([b, h, row0, 0]).reshape(BLOCK, HEAD_DIM)
-    else:
-        return _load_rows(base, rows, valid, stride_row, dims, MASKED)
-
-
-@triton.jit
 def _query_step(
-    acc, m_i, l_i, q, do, lse, delta, K, V, KD, VD, b, h, row0, rows, rows_valid, allowed, stride_kn, stride_vn,
-    dims, qk_scale, MASKED: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
-    DESCRIPTORS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    acc, m_i, l_i, q, do, lse, delta, K, V, rows, rows_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
+    MASKED: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One block of keys (rows of K and V, or of the descriptors KD and VD from row0) for a block of
-    queries: the forward's online softmax, or the dQ sum with BACKWARD. Unmasked blocks hold valid
-    rows only."""
-    k = _load_block(K, KD, b, h, row0, rows, rows_valid, stride_kn, dims, MASKED, DESCRIPTORS, BLOCK_N, HEAD_DIM)
-    v = _load_block(V, VD, b, h, row0, rows, rows_valid, stride_vn, dims, MASKED, DESCRIPTORS, BLOCK_N, HEAD_DIM)
+    """One block of keys (rows of K and V) for a block of queries: the forward's online softmax,
+    or the dQ sum with BACKWARD. Unmasked blocks hold valid rows only."""
+    k = _load_rows(K, rows, rows_valid, stride_kn, dims, MASKED)
+    v = _load_rows(V, rows, rows_valid, stride_vn, dims, MASKED)
     if BACKWARD:
         acc = _dq_block(acc, q, do, k, v, lse, delta, allowed, qk_scale, MASKED, PRECISION)
     else:
@@ -204,25 +184,22 @@ def _query_step(
 
 @triton.jit
 def _query_kernel(
-    Q, K, V, DO, O, LSE, DELTA, OUT, DOC_START, K_ROWS, V_ROWS, K_SLOTS, V_SLOTS,
+    Q, K, V, DO, O, LSE, DELTA, OUT, DOC_START,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, BACKWARD: tl.constexpr,
-    DESCRIPTORS: tl.constexpr,
 ):
     """One block of queries over every key block it sees. Forward: OUT = attention output, LSE
     written. BACKWARD: OUT = dQ, and rowsum(dO ∘ O) written to DELTA for the dK/dV kernel that runs
     next. OUT, O, LSE and DELTA are contiguous (allocated here). DOC_START [B or 1, n]: where each
-    position's document begins (HAS_DOCS). With DESCRIPTORS, keys and values are read through
-    K_ROWS, V_ROWS ([B, H, n, d]) and K_SLOTS, V_SLOTS (their compressed slots, [B, H, slots, d])."""
+    position's document begins (HAS_DOCS)."""
     # Heads vary fastest and the last query blocks (the most keys) go first: fewer stragglers.
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     bh, b, h = _program_head(heads)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    b32, h32 = b.to(tl.int32), h.to(tl.int32)
     dims = tl.arange(0, HEAD_DIM)
     t = m0 + tl.arange(0, BLOCK_M)
     t_valid = t < n
@@ -263,21 +240,18 @@ def _query_kernel(
     unmasked_end = unmasked_begin + tl.maximum(all_windows - unmasked_begin, 0) // BLOCK_N * BLOCK_N
     for s0 in range(slot_begin, tl.minimum(unmasked_begin, slot_end), BLOCK_N):
         acc, m_i, l_i = _query_slots(
-            acc, m_i, l_i, q, do, lse, delta, K, V, K_SLOTS, V_SLOTS, b32, h32, s0, offs_n, ws, doc_start, slots,
-            first, chunk_size, stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION,
-            DESCRIPTORS, BLOCK_N, HEAD_DIM,
+            acc, m_i, l_i, q, do, lse, delta, K, V, s0 + offs_n, ws, doc_start, slots, first, chunk_size,
+            stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION,
         )
     for s0 in range(unmasked_begin, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _query_slots(
-            acc, m_i, l_i, q, do, lse, delta, K, V, K_SLOTS, V_SLOTS, b32, h32, s0, offs_n, ws, doc_start, slots,
-            first, chunk_size, stride_kn, stride_vn, dims, qk_scale, False, HAS_DOCS, BACKWARD, PRECISION,
-            DESCRIPTORS, BLOCK_N, HEAD_DIM,
+            acc, m_i, l_i, q, do, lse, delta, K, V, s0 + offs_n, ws, doc_start, slots, first, chunk_size,
+            stride_kn, stride_vn, dims, qk_scale, False, HAS_DOCS, BACKWARD, PRECISION,
         )
     for s0 in range(tl.maximum(unmasked_begin, unmasked_end), slot_end, BLOCK_N):
         acc, m_i, l_i = _query_slots(
-            acc, m_i, l_i, q, do, lse, delta, K, V, K_SLOTS, V_SLOTS, b32, h32, s0, offs_n, ws, doc_start, slots,
-            first, chunk_size, stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION,
-            DESCRIPTORS, BLOCK_N, HEAD_DIM,
+            acc, m_i, l_i, q, do, lse, delta, K, V, s0 + offs_n, ws, doc_start, slots, first, chunk_size,
+            stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION,
         )
     # The window: positions [ws(t), t], from the block's first document on.
     for j0 in range(tl.maximum(ws_lo, doc_lo), t_last + 1, BLOCK_N):
@@ -286,8 +260,8 @@ def _query_kernel(
         allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :]
         allowed = _in_document(allowed, j[None, :], doc_start[:, None], HAS_DOCS)
         acc, m_i, l_i = _query_step(
-            acc, m_i, l_i, q, do, lse, delta, K, V, K_ROWS, V_ROWS, b32, h32, j0, j, j_valid, allowed,
-            stride_kn, stride_vn, dims, qk_scale, True, BACKWARD, PRECISION, DESCRIPTORS, BLOCK_N, HEAD_DIM,
+            acc, m_i, l_i, q, do, lse, delta, K, V, j, j_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
+            True, BACKWARD, PRECISION,
         )
 
     out_ptrs = _row_ptrs(OUT + bh * n * HEAD_DIM, t, HEAD_DIM, dims)
@@ -301,22 +275,20 @@ def _query_kernel(
 
 @triton.jit
 def _query_slots(
-    acc, m_i, l_i, q, do, lse, delta, K, V, KD, VD, b, h, s0, offs_n, ws, doc_start, slots, first, chunk_size,
+    acc, m_i, l_i, q, do, lse, delta, K, V, s, ws, doc_start, slots, first, chunk_size,
     stride_kn, stride_vn, dims, qk_scale,
     MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
-    DESCRIPTORS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """The block of compressed slots from s0 for a block of queries; unmasked blocks lie before
-    every row's window, in every row's document."""
-    s = s0 + offs_n
+    """A block of compressed slots s for a block of queries; unmasked blocks lie before every
+    row's window, in every row's document."""
     pos = first + s * chunk_size
     s_valid = s < slots
     allowed = (pos[None, :] < ws[:, None]) & s_valid[None, :]
     if MASKED:
         allowed = _in_document(allowed, pos[None, :], doc_start[:, None], HAS_DOCS)
     return _query_step(
-        acc, m_i, l_i, q, do, lse, delta, K, V, KD, VD, b, h, s0, pos, s_valid, allowed, stride_kn, stride_vn,
-        dims, qk_scale, MASKED, BACKWARD, PRECISION, DESCRIPTORS, BLOCK_N, HEAD_DIM,
+        acc, m_i, l_i, q, do, lse, delta, K, V, pos, s_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
+        MASKED, BACKWARD, PRECISION,
     )
 
 
@@ -331,17 +303,17 @@ def _in_document(allowed, keys, doc_start, HAS_DOCS: tl.constexpr):
 
 @triton.jit
 def _key_step(
-    dk, dv, k, v, Q, DO, Q_ROWS, DO_ROWS, b, h, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn,
-    stride_don, dims, leading, chunk_size, offset, qk_scale, BLOCK_M: tl.constexpr,
+    dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+    leading, chunk_size, offset, qk_scale, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, SLOTS: tl.constexpr, CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-    PRECISION: tl.constexpr, DESCRIPTORS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dK, dV of one block of keys from one block of queries at m0. Unmasked: every query of the
     block is < n and sees every key."""
     t = m0 + tl.arange(0, BLOCK_M)
     t_valid = t < n
-    q = _load_block(Q, Q_ROWS, b, h, m0, t, t_valid, stride_qn, dims, MASKED, DESCRIPTORS, BLOCK_M, HEAD_DIM)
-    do = _load_block(DO, DO_ROWS, b, h, m0, t, t_valid, stride_don, dims, MASKED, DESCRIPTORS, BLOCK_M, HEAD_DIM)
+    q = _load_rows(Q, t, t_valid, stride_qn, dims, MASKED)
+    do = _load_rows(DO, t, t_valid, stride_don, dims, MASKED)
     lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
     delta = tl.load(DELTA + bh * n + t, mask=t_valid, other=0.0)
     allowed = keys_valid[:, None] & t_valid[None, :]
@@ -359,10 +331,10 @@ def _key_step(
 
 @triton.jit
 def _key_range(
-    dk, dv, k, v, Q, DO, Q_ROWS, DO_ROWS, b, h, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn,
-    stride_don, dims, leading, chunk_size, offset, qk_scale, lo, hi, BLOCK_M: tl.constexpr,
+    dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+    leading, chunk_size, offset, qk_scale, lo, hi, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, SLOTS: tl.constexpr, CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-    PRECISION: tl.constexpr, REVERSE: tl.constexpr, DESCRIPTORS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """dK, dV of one block of keys from the query blocks at lo, lo + BLOCK_M, ... below hi, the
     last first with REVERSE."""
@@ -373,60 +345,56 @@ def _key_range(
         else:
             m0 = lo + i * BLOCK_M
         dk, dv = _key_step(
-            dk, dv, k, v, Q, DO, Q_ROWS, DO_ROWS, b, h, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid,
-            stride_qn, stride_don, dims, leading, chunk_size, offset, qk_scale, BLOCK_M, MASKED, SLOTS,
-            CHUNK_WINDOW, HAS_DOCS, PRECISION, DESCRIPTORS, HEAD_DIM,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DOC_START, m0, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+            leading, chunk_size, offset, qk_scale, BLOCK_M, MASKED, SLOTS, CHUNK_WINDOW, HAS_DOCS, PRECISION,
         )
     return dk, dv
 
 
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SLOT_GRADS, DOC_START, DOC_END, Q_ROWS, DO_ROWS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, SLOT_GRADS, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, REVERSE: tl.constexpr,
-    DESCRIPTORS: tl.constexpr,
 ):
     """dK, dV of one block of keys (heads vary fastest). The first programs take blocks of
     compressed slots (the long loops, the first slots first) and write their share to SLOT_GRADS
     [2, B·H, slots, d] (float32; the caller adds it to the slots' rows); the rest take blocks of
     window keys, short loops that fill the launch's tail, and write every row of DK and DV.
     ``window_reach``: the most a query lies after a window key, plus one (L, or P with chunks).
-    DOC_END [B or 1, n]: where each position's document ends (exclusive; HAS_DOCS). With DESCRIPTORS
-    query and dO blocks are read through Q_ROWS and DO_ROWS ([B, H, n, d])."""
+    DOC_END [B or 1, n]: where each position's document ends (exclusive; HAS_DOCS)."""
     pid = tl.program_id(1)
     slot_blocks = tl.cdiv(slots, BLOCK_N)
     if pid < slot_blocks:
         _key_block_grads(
             Q, K, V, DO, LSE, DELTA, SLOT_GRADS, SLOT_GRADS + tl.num_programs(0).to(tl.int64) * slots * HEAD_DIM, DOC_START, DOC_END,
-            Q_ROWS, DO_ROWS,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_doc, n, heads, slots, first, chunk_size, leading, offset,
             window_reach, qk_scale, sm_scale, pid, slots,
-            HEAD_DIM, BLOCK_M, BLOCK_N, CHUNK_WINDOW, HAS_DOCS, PRECISION, True, REVERSE, DESCRIPTORS,
+            HEAD_DIM, BLOCK_M, BLOCK_N, CHUNK_WINDOW, HAS_DOCS, PRECISION, True, REVERSE,
         )
     else:
         _key_block_grads(
-            Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END, Q_ROWS, DO_ROWS,
+            Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_don, stride_doc, n, heads, slots, first, chunk_size, leading, offset,
             window_reach, qk_scale, sm_scale, pid - slot_blocks, n,
-            HEAD_DIM, BLOCK_M, BLOCK_N, CHUNK_WINDOW, HAS_DOCS, PRECISION, False, False, DESCRIPTORS,
+            HEAD_DIM, BLOCK_M, BLOCK_N, CHUNK_WINDOW, HAS_DOCS, PRECISION, False, False,
         )
 
 
 @triton.jit
 def _key_block_grads(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END, Q_ROWS, DO_ROWS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale, block, out_rows,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
-    REVERSE: tl.constexpr, DESCRIPTORS: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
     """dK, dV of key block ``block``: compressed slots (SLOTS) or window keys, written to the block's
     rows of DK and DV [B·H, out_rows, d]."""
@@ -456,8 +424,8 @@ def _key_block_grads(
         doc_free_end = tl.load(DOC_END + first_key)
     else:
         t_stop, doc_free_end = n, n
-    key_args = (k, v, Q, DO, Q_ROWS, DO_ROWS, b.to(tl.int32), h.to(tl.int32), LSE, DELTA, DOC_START, bh, n, keys,
-                keys_valid, stride_qn, stride_don, dims, leading, chunk_size, offset, qk_scale)
+    key_args = (k, v, Q, DO, LSE, DELTA, DOC_START, bh, n, keys, keys_valid, stride_qn, stride_don, dims,
+                leading, chunk_size, offset, qk_scale)
     if SLOTS:
         # A slot at p is seen by t iff ws(t) > p: t >= p + L, or t >= p + 1 (the next chunk).
         if CHUNK_WINDOW:
@@ -476,15 +444,14 @@ def _key_block_grads(
             lead_lo, lead_hi, tail_lo, tail_hi = unmasked_end, t_stop, masked_begin, masked_end
         else:
             lead_lo, lead_hi, tail_lo, tail_hi = masked_begin, masked_end, unmasked_end, t_stop
-        dk, dv = _key_range(dk, dv, *key_args, lead_lo, lead_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE, DESCRIPTORS, HEAD_DIM)
-        dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE, DESCRIPTORS, HEAD_DIM)
-        dk, dv = _key_range(dk, dv, *key_args, tail_lo, tail_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE, DESCRIPTORS, HEAD_DIM)
+        dk, dv = _key_range(dk, dv, *key_args, lead_lo, lead_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE)
+        dk, dv = _key_range(dk, dv, *key_args, masked_end, unmasked_end, BLOCK_M, False, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE)
+        dk, dv = _key_range(dk, dv, *key_args, tail_lo, tail_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE)
         rows = index
     else:
         t_end = tl.minimum(last_key + window_reach, t_stop)
         dk, dv = _key_range(
             dk, dv, *key_args, first_key // BLOCK_M * BLOCK_M, t_end, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False,
-            DESCRIPTORS, HEAD_DIM,
         )
         rows = keys
     tl.store(_row_ptrs(DK + bh * out_rows * HEAD_DIM, rows, HEAD_DIM, dims), (dk * sm_scale).to(DK.dtype.element_ty), mask=keys_valid[:, None])
@@ -564,41 +531,6 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(stride for tensor in tensors for stride in tensor.stride()[:3])
 
 
-def _descriptors_usable(*tensors: torch.Tensor) -> bool:
-    """Whether bulk tensor copies can read these [B, H, n, d] tensors: 16-byte aligned starts and
-    row strides (the compressed slots' too: a slot row is P rows apart)."""
-    return all(
-        tensor.data_ptr() % 16 == 0 and all(stride * tensor.element_size() % 16 == 0 for stride in tensor.stride()[:3])
-        for tensor in tensors
-    )
-
-
-def _row_descriptor(x: torch.Tensor, block_rows: int) -> TensorDescriptor:
-    """A descriptor over [B, H, n, d] reading blocks of ``block_rows`` rows of one head."""
-    return TensorDescriptor.from_tensor(x, [1, 1, block_rows, x.shape[-1]])
-
-
-def _slot_descriptor(x: torch.Tensor, first: int, chunk_size: int, slots: int, block_rows: int) -> TensorDescriptor:
-    """A descriptor over the compressed slots' rows first, first + P, ... of [B, H, n, d]."""
-    if not slots:  # no slot is ever read; a descriptor needs a non-empty shape
-        return _row_descriptor(x, block_rows)
-    return TensorDescriptor.from_tensor(x[:, :, first::chunk_size], [1, 1, block_rows, x.shape[-1]])
-
-
-def _key_descriptors(
-    k: torch.Tensor, v: torch.Tensor, mask: PeriodicMask, n: int, block_rows: int, descriptors: bool
-) -> tuple:
-    """The query kernel's K_ROWS, V_ROWS, K_SLOTS, V_SLOTS (k and v themselves when not used)."""
-    if not descriptors:
-        return k, v, k, v
-    first, slots = periodic_slots(n, mask.chunk_size, mask.offset)
-    return (
-        _row_descriptor(k, block_rows), _row_descriptor(v, block_rows),
-        _slot_descriptor(k, first, mask.chunk_size, slots, block_rows),
-        _slot_descriptor(v, first, mask.chunk_size, slots, block_rows),
-    )
-
-
 def _forward_kernels(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: Optional[torch.Tensor],
     doc_end: Optional[torch.Tensor], chunk_size: int, offset: int, leading: int, chunk_window: bool,
@@ -612,15 +544,13 @@ def _forward_kernels(
     lse = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)
     starts, _, doc_stride = _document_arguments(doc_start, doc_end, q)
     sm_scale = head_dim**-0.5
-    descriptors = config.descriptors and _descriptors_usable(k, v)
     # DO, O and DELTA are the backward's; the forward passes stand-ins it never reads.
     _query_kernel[(batch * heads, triton.cdiv(n, config.forward_queries))](
-        q, k, v, q, out, lse, lse, out, starts, *_key_descriptors(k, v, mask, n, config.forward_keys, descriptors),
-        *_strides(q, k, v, q), doc_stride, n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
+        q, k, v, q, out, lse, lse, out, starts, *_strides(q, k, v, q), doc_stride,
+        n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.forward_queries, BLOCK_N=config.forward_keys,
         CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=_dot_precision(q.dtype), BACKWARD=False,
-        DESCRIPTORS=descriptors, num_warps=config.forward_warps, num_stages=config.forward_stages,
-        **_register_limit(config.forward_registers, head_dim),
+        num_warps=config.forward_warps, num_stages=config.forward_stages, **_register_limit(config.forward_registers, head_dim),
     )
     return out, lse
 
@@ -652,12 +582,11 @@ def _backward_kernels(
     strides = (*_strides(q, k, v, grad_out), doc_stride)
     mask_arguments = _mask_arguments(mask, n)
 
-    descriptors = config.descriptors and _descriptors_usable(q, k, v, grad_out)
     dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     _query_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
-        q, k, v, grad_out, out, lse, delta, dq, starts, *_key_descriptors(k, v, mask, n, config.dq_keys, descriptors),
-        *strides, n, heads, *mask_arguments, sm_scale * LOG2_E, sm_scale,
-        BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, BACKWARD=True, DESCRIPTORS=descriptors, **common,
+        q, k, v, grad_out, out, lse, delta, dq, starts, *strides,
+        n, heads, *mask_arguments, sm_scale * LOG2_E, sm_scale,
+        BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, BACKWARD=True, **common,
         num_warps=config.dq_warps, num_stages=config.backward_stages, **_register_limit(config.dq_registers, head_dim),
     )
     dk = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=k.dtype)
@@ -665,13 +594,10 @@ def _backward_kernels(
     first, slots = periodic_slots(n, chunk_size, offset)
     slot_grads = torch.empty((2, batch * heads, slots, head_dim), device=q.device, dtype=torch.float32)
     blocks = triton.cdiv(slots, config.dkv_keys) + triton.cdiv(n, config.dkv_keys)
-    query_rows = (
-        (_row_descriptor(q, config.dkv_queries), _row_descriptor(grad_out, config.dkv_queries)) if descriptors else (q, grad_out)
-    )
     _dkv_kernel[(batch * heads, blocks)](
-        q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *query_rows, *strides,
+        q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *strides,
         n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
-        BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, REVERSE=config.dkv_reverse, DESCRIPTORS=descriptors, **common,
+        BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, REVERSE=config.dkv_reverse, **common,
         num_warps=config.dkv_warps, num_stages=config.backward_stages, **_register_limit(config.dkv_registers, head_dim),
     )
     # A slot's row is also a window key: its share as a slot adds to what the window keys wrote.

@@ -73,22 +73,11 @@ CASES = [
 ]
 
 
-def use_config(monkeypatch, **changes) -> None:
-    """Run the kernels with these KernelConfig fields changed, on the GPU and in the interpreter."""
-    for name in ("INTERPRETER_CONFIG", "CUDA_CONFIG"):
-        monkeypatch.setattr(attention_triton, name, replace(getattr(attention_triton, name), **changes))
-
-
-LOADS = [
-    dict(dkv_reverse=False, descriptors=False), dict(dkv_reverse=True, descriptors=False),
-    dict(dkv_reverse=True, descriptors=True),
-]
-
-
-@pytest.mark.parametrize("loads", LOADS, ids=["slot_queries_forward", "slot_queries_reversed", "descriptors"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["slot_queries_forward", "slot_queries_reversed"])
 @pytest.mark.parametrize("n,chunk_size,offset,leading,docs", CASES)
-def test_kernels_equal_the_materialized_mask(n, chunk_size, offset, leading, docs, loads, monkeypatch):
-    use_config(monkeypatch, **loads)
+def test_kernels_equal_the_materialized_mask(n, chunk_size, offset, leading, docs, reverse, monkeypatch):
+    monkeypatch.setattr(attention_triton, "INTERPRETER_CONFIG", replace(attention_triton.INTERPRETER_CONFIG, dkv_reverse=reverse))
+    monkeypatch.setattr(attention_triton, "CUDA_CONFIG", replace(attention_triton.CUDA_CONFIG, dkv_reverse=reverse))
     torch.manual_seed(n + chunk_size + offset)
     q, k, v, grad = (torch.randn(2, 2, n, 16, device=DEVICE) for _ in range(4))
     mask = PeriodicMask(chunk_size, offset, 0 if leading == "chunk" else leading, chunk_window=leading == "chunk")
@@ -136,10 +125,8 @@ def test_document_bounds():
     assert ends.tolist() == [[2, 2, 5, 5, 5, 6], [6] * 6, [1, 2, 4, 4, 6, 6]]
 
 
-@pytest.mark.parametrize("descriptors", [False, True], ids=["pointers", "descriptors"])
-def test_strided_inputs_and_shared_documents_row(descriptors, monkeypatch):
+def test_strided_inputs_and_shared_documents_row():
     """q, k, v as [B, n, H, d] transposed views (what the model passes), documents as [1, n]."""
-    use_config(monkeypatch, descriptors=descriptors)
     torch.manual_seed(5)
     n = 45
     q, k, v, grad = (torch.randn(2, n, 2, 16, device=DEVICE).transpose(1, 2) for _ in range(4))
@@ -317,7 +304,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
         [sys.executable, "-m", "tests.triton_offline"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled for sm_90") == 49 + 33  # attention (pointers, descriptors), then the KV-SSM's kernels (scan in TF32 and bf16, aligned or not; conv; gates)
+    assert result.stdout.count("compiled for sm_90") == 25 + 33  # attention, then the KV-SSM's kernels (scan in TF32 and bf16, aligned or not; conv; gates)
 
 
 def test_compiles_without_a_graph_break_with_documents():
