@@ -55,10 +55,15 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _shifted_input(x_tile, dist, in_seq, in_ch, i, stride_x_n):
-    """x_{t-i} [N, C] from the pointer tile of tokens t (zero before t's segment), fp32."""
+def _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n):
+    """What tap i reads at tokens t: x_{t-i} [N, C] (zero before t's segment), fp32."""
     live = in_seq & (dist >= i)
-    return tl.load(x_tile - i * stride_x_n, mask=live[:, None] & in_ch[None, :], other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + bi * stride_x_b + (t - i).to(tl.int64)[:, None] * stride_x_n + ch[None, :],
+        mask=live[:, None] & in_ch[None, :],
+        other=0.0,
+    )
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -68,18 +73,24 @@ def _tap(w_ptr, ch, in_ch, i, K: tl.constexpr):
 
 
 @triton.jit
-def _later_grad(dout_tile, dist_row, t, in_ch, i, n, stride_d_n):
-    """dout_{t+i} [N, C] from the pointer tile of tokens t, where token t+i's tap i read x_t (t+i
-    is i or more into its segment), else zero; fp32. ``dist_row``: the row's segment distances."""
-    later = t + i
-    later_live = (later < n) & (tl.load(dist_row + later, mask=later < n, other=0) >= i)
-    return tl.load(dout_tile + i * stride_d_n, mask=later_live[:, None] & in_ch[None, :], other=0.0).to(tl.float32)
+def _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n,
+                   K: tl.constexpr):
+    """Tap i's weights [C] and what it reads, x_{t-i} [N, C] (zero before t's segment), fp32."""
+    return _tap(w_ptr, ch, in_ch, i, K), _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n)
 
 
 @triton.jit
-def _token_tile(ptr, bi, t, ch, stride_b, stride_n):
-    """Pointers [N, C] to tokens t, channels ch of batch row bi."""
-    return ptr + bi * stride_b + t.to(tl.int64)[:, None] * stride_n + ch[None, :]
+def _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n):
+    """dout_{t+i} [N, C] where token t+i's tap i read x_t (t+i is i or more into its segment), else
+    zero; fp32."""
+    later = t + i
+    later_live = (later < n) & (tl.load(dist_ptr + bi * n + later, mask=later < n, other=0) >= i)
+    dout = tl.load(
+        dout_ptr + bi * stride_d_b + later.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
+        mask=later_live[:, None] & in_ch[None, :],
+        other=0.0,
+    )
+    return dout.to(tl.float32)
 
 
 @triton.jit
@@ -111,9 +122,9 @@ def _conv_fwd_kernel(
     in_ch = ch < c
     dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)  # [N] tokens since segment start
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    x_tile = _token_tile(x_ptr, bi, t, ch, stride_x_b, stride_x_n)
     for i in tl.static_range(K):
-        acc += _shifted_input(x_tile, dist, in_seq, in_ch, i, stride_x_n) * _tap(w_ptr, ch, in_ch, i, K)[None, :]
+        tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
+        acc += x * tap[None, :]
     acc += _bias(bias_ptr, ch, in_ch, HAS_BIAS)[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
@@ -133,9 +144,11 @@ def _conv_bwd_kernel(
     ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_seq = t < n
     in_ch = ch < c
-    dout_tile = _token_tile(dout_ptr, bi, t, ch, stride_d_b, stride_d_n)
-    x_tile = _token_tile(x_ptr, bi, t, ch, stride_x_b, stride_x_n)
-    dout = tl.load(dout_tile, mask=in_seq[:, None] & in_ch[None, :], other=0.0).to(tl.float32)  # [N, C]
+    dout = tl.load(
+        dout_ptr + bi * stride_d_b + t.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
+        mask=in_seq[:, None] & in_ch[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [N, C]
     dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)
     dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     # The partial weight gradients of this (row, token block) go to their own slot, summed later;
@@ -144,10 +157,11 @@ def _conv_bwd_kernel(
     tl.store(dw_part_ptr + (part_row + K) * c + ch, tl.sum(dout, axis=0), mask=in_ch)
     for i in tl.static_range(K):
         # Weight: token t's tap i read x_{t-i}.
-        dw = tl.sum(dout * _shifted_input(x_tile, dist, in_seq, in_ch, i, stride_x_n), axis=0)  # [C]
+        tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
+        dw = tl.sum(dout * x, axis=0)  # [C]
         tl.store(dw_part_ptr + (part_row + (K - 1 - i)) * c + ch, dw, mask=in_ch)
         # Input: x_t was read by token t+i's tap i.
-        dx += _later_grad(dout_tile, dist_ptr + bi * n, t, in_ch, i, n, stride_d_n) * _tap(w_ptr, ch, in_ch, i, K)[None, :]
+        dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
     dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
     tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
 
@@ -164,9 +178,9 @@ def _conv_dx_kernel(
     ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_ch = ch < c
     dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    dout_tile = _token_tile(dout_ptr, bi, t, ch, stride_d_b, stride_d_n)
     for i in tl.static_range(K):
-        dx += _later_grad(dout_tile, dist_ptr + bi * n, t, in_ch, i, n, stride_d_n) * _tap(w_ptr, ch, in_ch, i, K)[None, :]
+        tap = _tap(w_ptr, ch, in_ch, i, K)
+        dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
     dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
     tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=(t < n)[:, None] & in_ch[None, :])
 
@@ -194,26 +208,22 @@ def _conv_dw_kernel(
     acc_1 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     acc_2 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     acc_3 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    # Pointer tiles made once and moved BLOCK_N rows a step: no 64-bit products per element in the loop.
-    span_start = span * SPAN
-    rows = tl.arange(0, BLOCK_N)
-    x_tile = _token_tile(x_ptr, bi, span_start + rows, ch, stride_x_b, stride_x_n)
-    dout_tile = _token_tile(dout_ptr, bi, span_start + rows, ch, stride_d_b, stride_d_n)
-    dpre_tile = _token_tile(dpre_ptr + bi * n * c, 0, span_start + rows, ch, 0, c)  # dense [b, n, c]; bi is int64
-    for first in range(span_start, tl.minimum(span_start + SPAN, n), BLOCK_N):
-        t = first + rows
+    for first in range(span * SPAN, tl.minimum(span * SPAN + SPAN, n), BLOCK_N):
+        t = first + tl.arange(0, BLOCK_N)
         in_seq = t < n
-        dout = tl.load(dout_tile, mask=in_seq[:, None] & in_ch[None, :], other=0.0).to(tl.float32)
+        dout = tl.load(
+            dout_ptr + bi * stride_d_b + t.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
+            mask=in_seq[:, None] & in_ch[None, :], other=0.0,
+        ).to(tl.float32)
         dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)
-        x_0 = _shifted_input(x_tile, dist, in_seq, in_ch, 0, stride_x_n)
+        x_0 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 0, stride_x_b, stride_x_n)
         if K > 1:
-            x_1 = _shifted_input(x_tile, dist, in_seq, in_ch, 1, stride_x_n)
+            x_1 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 1, stride_x_b, stride_x_n)
         if K > 2:
-            x_2 = _shifted_input(x_tile, dist, in_seq, in_ch, 2, stride_x_n)
+            x_2 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 2, stride_x_b, stride_x_n)
         if K > 3:
-            x_3 = _shifted_input(x_tile, dist, in_seq, in_ch, 3, stride_x_n)
+            x_3 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 3, stride_x_b, stride_x_n)
         if SILU:
-            # The taps are read again each tile (from L1): kept across the loop they spill.
             pre = _bias(bias_ptr, ch, in_ch, HAS_BIAS)[None, :] + x_0 * _tap(w_ptr, ch, in_ch, 0, K)[None, :]
             if K > 1:
                 pre += x_1 * _tap(w_ptr, ch, in_ch, 1, K)[None, :]
@@ -222,7 +232,8 @@ def _conv_dw_kernel(
             if K > 3:
                 pre += x_3 * _tap(w_ptr, ch, in_ch, 3, K)[None, :]
             dout = _silu_grad(dout, pre)
-            tl.store(dpre_tile, dout.to(dpre_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
+            dpre_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+            tl.store(dpre_ptr + dpre_offs, dout.to(dpre_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
         acc_bias += dout
         acc_0 += dout * x_0
         if K > 1:
@@ -231,9 +242,6 @@ def _conv_dw_kernel(
             acc_2 += dout * x_2
         if K > 3:
             acc_3 += dout * x_3
-        x_tile += BLOCK_N * stride_x_n
-        dout_tile += BLOCK_N * stride_d_n
-        dpre_tile += BLOCK_N * c
     # Rows as in _conv_bwd_kernel: tap i's gradient in row K-1-i (the weight's column), the bias in row K.
     row = (bi * tl.num_programs(1) + span) * (K + 1)
     tl.store(dw_part_ptr + (row + K) * c + ch, tl.sum(acc_bias, axis=0), mask=in_ch)
