@@ -57,7 +57,8 @@ VARIANTS = (
     "conv.BLOCK_N=128,conv.NUM_WARPS=8",
     "conv.SPLIT_BACKWARD=0",
     "conv.SPLIT_TOKENS=256",
-    "conv.SPLIT_BLOCK_N=32",
+    "conv.SPLIT_BLOCK_N=16",  # the default before the seventeenth session
+    "conv.SPLIT_BLOCK_N=4",
     "conv.SPLIT_BLOCK_N=64,conv.SPLIT_WARPS=8",
     "conv.BLOCK_C=128,conv.NUM_WARPS=8,conv.SPLIT_WARPS=8",
     "conv.SPLIT_WARPS=4,conv.SPLIT_BLOCK_N=32,conv.SPLIT_TOKENS=1024",  # the thirteenth session's

@@ -37,12 +37,13 @@ kernel (:func:`_conv_bwd_kernel`) that reduces five [64, 64] products over token
 60M layer's paired conv on an H200: 45.6 + 46.8 µs against 133.3 (docs/benchmarks.md, twelfth
 session)."""
 SPLIT_TOKENS = 128
-SPLIT_BLOCK_N = 16
+SPLIT_BLOCK_N = 8
 SPLIT_WARPS = 2
 """With the SiLU's gradient in the weight-gradient kernel (the model's path), 128-token spans of
 16-token tiles on 2 warps took 101.6 µs at a 60M layer's paired conv on an H100, against 128.3 with
-the 1024-token spans of 32-token tiles on 4 warps that were fastest without it (46.8 µs then);
-benchmarks/tune_ssm_kernels.py, docs/benchmarks.md, fourteenth session."""
+the 1024-token spans of 32-token tiles on 4 warps that were fastest without it (46.8 µs then;
+fourteenth session). 8-token tiles: 88.9–89.2 µs against 101.8–102.1 with 16 (4-token tiles 92.6,
+other spans 93.5–100.9; H100, seventeenth session). benchmarks/tune_ssm_kernels.py, docs/benchmarks.md."""
 
 PLAIN_SPLIT_TOKENS = 1024
 PLAIN_SPLIT_BLOCK_N = 32
