@@ -45,6 +45,10 @@ the 1024-token spans of 32-token tiles on 4 warps that were fastest without it (
 fourteenth session). 8-token tiles: 88.9–89.2 µs against 101.8–102.1 with 16 (4-token tiles 92.6,
 other spans 93.5–100.9; H100, seventeenth session). benchmarks/tune_ssm_kernels.py, docs/benchmarks.md."""
 
+DX_BLOCK_C = 64
+DX_WARPS = 4
+"""Channels a program and warps of the split backward's dx kernel (its tiles' tokens are BLOCK_N)."""
+
 PLAIN_SPLIT_TOKENS = 1024
 PLAIN_SPLIT_BLOCK_N = 32
 PLAIN_SPLIT_WARPS = 4
@@ -326,9 +330,9 @@ def _conv_backward(
             n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
             K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, BLOCK_C=BLOCK_C, SPAN=span, num_warps=warps,
         )
-        _conv_dx_kernel[(b, triton.cdiv(n, BLOCK_N), channel_blocks)](
+        _conv_dx_kernel[(b, triton.cdiv(n, BLOCK_N), triton.cdiv(c, DX_BLOCK_C))](
             weight, dist, dpre, dx, n, c, dpre.stride(0), dpre.stride(1),
-            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+            K=k, BLOCK_N=BLOCK_N, BLOCK_C=DX_BLOCK_C, num_warps=DX_WARPS,
         )
     else:
         if silu:  # the one-kernel backward takes the gradient w.r.t. the output itself
