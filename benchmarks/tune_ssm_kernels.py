@@ -59,6 +59,8 @@ VARIANTS = (
     "conv.SPLIT_TOKENS=256",
     "conv.SPLIT_BLOCK_N=16",  # the default before the seventeenth session
     "conv.SPLIT_BLOCK_N=4",
+    "conv.DX_BLOCK_C=64,conv.DX_WARPS=4",  # the forward's tiles (before the seventeenth session)
+    "conv.DX_WARPS=1",
     "conv.SPLIT_BLOCK_N=64,conv.SPLIT_WARPS=8",
     "conv.BLOCK_C=128,conv.NUM_WARPS=8,conv.SPLIT_WARPS=8",
     "conv.SPLIT_WARPS=4,conv.SPLIT_BLOCK_N=32,conv.SPLIT_TOKENS=1024",  # the thirteenth session's

@@ -45,9 +45,11 @@ the 1024-token spans of 32-token tiles on 4 warps that were fastest without it (
 fourteenth session). 8-token tiles: 88.9–89.2 µs against 101.8–102.1 with 16 (4-token tiles 92.6,
 other spans 93.5–100.9; H100, seventeenth session). benchmarks/tune_ssm_kernels.py, docs/benchmarks.md."""
 
-DX_BLOCK_C = 64
-DX_WARPS = 4
-"""Channels a program and warps of the split backward's dx kernel (its tiles' tokens are BLOCK_N)."""
+DX_BLOCK_C = 32
+DX_WARPS = 2
+"""Channels a program and warps of the split backward's dx kernel (its tiles' tokens are BLOCK_N):
+45.4 µs a 60M layer against 50.2–50.4 with the forward's 64 channels on 4 warps (H100, seventeenth
+session; 32 on 1 warp 48.4, 64 on 2 warps 48.1)."""
 
 PLAIN_SPLIT_TOKENS = 1024
 PLAIN_SPLIT_BLOCK_N = 32
