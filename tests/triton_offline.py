@@ -127,7 +127,7 @@ def compile_ssm_kernels() -> list[str]:
 
     tensors = ("u", "B", "C", "y", "dy", "du", "dB", "dC", "x", "w", "bias", "out", "dout", "dx", "dpre")
     pointers = {f"{name}_ptr": "bf16" for name in tensors}
-    pointers.update({f"{name}_ptr": "fp32" for name in ("A", "D", "ddt", "dA_part", "dD_rows", "dw_part")})
+    pointers.update({f"{name}_ptr": "fp32" for name in ("A", "D", "ddt", "dA_part", "dD_part", "dw_part")})
     pointers.update(dt_ptr="bf16", start_ptr="u8", dist_ptr="i32")
     ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S)
     conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)

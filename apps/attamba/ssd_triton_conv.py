@@ -2,8 +2,8 @@
 
 Same signature and semantics as ``ssd_reference.causal_conv_reference``:
 out_t = bias + Σ_{i<k} weight[:, k-1-i] · x_{t-i}, where a tap reaching before the start of t's
-segment reads zero. Each token's distance to its segment start is computed once (a cummax over
-start positions) and shared by both kernels; a tap i is live at t iff i <= that distance.
+segment reads zero. Each token's distance to its segment start (capped at k - 1: all a tap asks)
+is computed once and shared by both kernels; a tap i is live at t iff i <= that distance.
 
 With ``silu`` the kernels also apply the KV-SSM's SiLU to the output: the forward writes only
 SiLU(out), and the backward, given the gradient w.r.t. SiLU(out), recomputes out from the taps it
@@ -19,8 +19,11 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from apps.attamba.ssd_reference import with_first_start
 
 BLOCK_N = 64
 BLOCK_C = 64
@@ -108,6 +111,13 @@ def _silu_grad(grad, pre):
 
 
 @triton.jit
+def _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, column, value, K: tl.constexpr):
+    """Partial weight gradient ``value`` [C] into column ``column`` of slot ``part`` of dw_part
+    [parts, c, K + 1]: tap i's in column K-1-i (the weight's column), the bias's in column K."""
+    tl.store(dw_part_ptr + (part * c + ch) * (K + 1) + column, value, mask=in_ch)
+
+
+@triton.jit
 def _bias(bias_ptr, ch, in_ch, HAS_BIAS: tl.constexpr):
     """The bias [C] in fp32 (zeros without one)."""
     if HAS_BIAS:
@@ -160,13 +170,13 @@ def _conv_bwd_kernel(
     dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     # The partial weight gradients of this (row, token block) go to their own slot, summed later;
     # the slot's row K takes the bias gradient (Σ dout), saving the caller a pass over dout.
-    part_row = (bi * tl.num_programs(1) + block_n) * (K + 1)
-    tl.store(dw_part_ptr + (part_row + K) * c + ch, tl.sum(dout, axis=0), mask=in_ch)
+    part = bi * tl.num_programs(1) + block_n
+    _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K, tl.sum(dout, axis=0), K)
     for i in tl.static_range(K):
         # Weight: token t's tap i read x_{t-i}.
         tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
         dw = tl.sum(dout * x, axis=0)  # [C]
-        tl.store(dw_part_ptr + (part_row + (K - 1 - i)) * c + ch, dw, mask=in_ch)
+        _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 1 - i, dw, K)
         # Input: x_t was read by token t+i's tap i.
         dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
     dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
@@ -249,26 +259,29 @@ def _conv_dw_kernel(
             acc_2 += dout * x_2
         if K > 3:
             acc_3 += dout * x_3
-    # Rows as in _conv_bwd_kernel: tap i's gradient in row K-1-i (the weight's column), the bias in row K.
-    row = (bi * tl.num_programs(1) + span) * (K + 1)
-    tl.store(dw_part_ptr + (row + K) * c + ch, tl.sum(acc_bias, axis=0), mask=in_ch)
-    tl.store(dw_part_ptr + (row + K - 1) * c + ch, tl.sum(acc_0, axis=0), mask=in_ch)
+    part = bi * tl.num_programs(1) + span
+    _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K, tl.sum(acc_bias, axis=0), K)
+    _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 1, tl.sum(acc_0, axis=0), K)
     if K > 1:
-        tl.store(dw_part_ptr + (row + K - 2) * c + ch, tl.sum(acc_1, axis=0), mask=in_ch)
+        _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 2, tl.sum(acc_1, axis=0), K)
     if K > 2:
-        tl.store(dw_part_ptr + (row + K - 3) * c + ch, tl.sum(acc_2, axis=0), mask=in_ch)
+        _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 3, tl.sum(acc_2, axis=0), K)
     if K > 3:
-        tl.store(dw_part_ptr + (row + K - 4) * c + ch, tl.sum(acc_3, axis=0), mask=in_ch)
+        _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 4, tl.sum(acc_3, axis=0), K)
 
 
-def _distance_to_segment_start(segment_start: torch.Tensor) -> torch.Tensor:
-    """[b, n] int32: t minus the position of the segment start at or before t."""
-    n = segment_start.shape[1]
-    position = torch.arange(n, device=segment_start.device)
-    starts = segment_start.to(torch.bool).clone()
-    starts[:, 0] = True
-    start_position = torch.where(starts, position, torch.zeros_like(position))
-    return (position - start_position.cummax(dim=1).values).to(torch.int32).contiguous()
+def _distance_to_segment_start(segment_start: torch.Tensor, cap: int) -> torch.Tensor:
+    """[b, n] int32: t minus the position of the segment start at or before t, capped at ``cap``
+    (a conv of k taps only asks whether that distance reaches i < k, so k - 1 is enough). Made of
+    ``cap`` shifted copies of the starts rather than a scan: a compiled caller fuses them into one
+    kernel, where the cummax this replaced ran as a kernel of its own in every layer."""
+    starts = with_first_start(segment_start)
+    n = starts.shape[1]
+    dist = torch.full(starts.shape, cap, dtype=torch.int32, device=starts.device)
+    for i in range(min(cap, n) - 1, -1, -1):  # the nearest start before t wins
+        start_i_before = F.pad(starts[:, : n - i], (i, 0), value=False)
+        dist = torch.where(start_i_before, i, dist)
+    return dist
 
 
 # Custom ops rather than an autograd.Function, so that torch.compile keeps the calling block in
@@ -307,9 +320,10 @@ def _conv_forward_fake(x, weight, bias, dist, silu):
 def _conv_backward(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor,
     silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx, dweight, dbias (fp32; empty without a bias). With ``silu``, dout is the gradient
-    w.r.t. the SiLU of the output (the bias then enters the recomputed output)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dx, and the weight's and bias's gradients as one float32 [c, k + 1] (the bias's in the
+    last column, computed with or without a bias). With ``silu``, dout is the gradient w.r.t. the
+    SiLU of the output (the bias then enters the recomputed output)."""
     b, n, c = x.shape
     k = weight.shape[1]
     x, weight = _dense_inputs(x, weight)
@@ -323,7 +337,7 @@ def _conv_backward(
             knobs = "" if silu else "PLAIN_"
             raise ValueError(f"{knobs}SPLIT_TOKENS ({span}) must be a multiple of {knobs}SPLIT_BLOCK_N ({block_n})")
         spans = triton.cdiv(n, span)
-        dw_part = torch.empty((b * spans, k + 1, c), device=x.device, dtype=torch.float32)
+        dw_part = torch.empty((b * spans, c, k + 1), device=x.device, dtype=torch.float32)
         # With the SiLU, this kernel turns dout into the gradient w.r.t. the conv's output, which
         # the dx kernel then reads.
         dpre = torch.empty((b, n, c), device=x.device, dtype=x.dtype) if silu else dout
@@ -341,23 +355,19 @@ def _conv_backward(
             pre = _launch_forward(x, weight, bias, dist, silu=False).float()
             dout = torch.ops.aten.silu_backward(dout.float(), pre).to(x.dtype)
         token_blocks = triton.cdiv(n, BLOCK_N)
-        dw_part = torch.empty((b * token_blocks, k + 1, c), device=x.device, dtype=torch.float32)
+        dw_part = torch.empty((b * token_blocks, c, k + 1), device=x.device, dtype=torch.float32)
         _conv_bwd_kernel[(b, token_blocks, channel_blocks)](
             x, weight, dist, dout, dx, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
             K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
         )
-    sums = dw_part.sum(0)
-    dweight = sums[:k].t().contiguous().to(weight.dtype)  # [c, k], laid out as the fake says
-    # A copy, not a view into sums: a custom op's outputs must be fresh tensors (as the fake says).
-    dbias = sums[k].clone() if bias is not None else torch.empty(0, device=x.device, dtype=torch.float32)
-    return dx, dweight, dbias
+    # The weight's and bias's gradients in one reduction; the autograd formula splits them.
+    return dx, dw_part.sum(0)
 
 
 @_conv_backward.register_fake
 def _conv_backward_fake(dout, x, weight, bias, dist, silu):
-    c = x.shape[2]
-    dbias = x.new_empty((c,) if bias is not None else (0,), dtype=torch.float32)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), dbias
+    c, k = weight.shape
+    return x.new_empty(x.shape), x.new_empty((c, k + 1), dtype=torch.float32)
 
 
 def _conv_setup_context(ctx, inputs, output) -> None:
@@ -368,8 +378,10 @@ def _conv_setup_context(ctx, inputs, output) -> None:
 
 def _conv_autograd(ctx, dout):
     x, weight, bias, dist = ctx.saved_tensors
-    dx, dweight, dbias = _conv_backward(dout, x, weight, bias, dist, ctx.silu)
-    return dx, dweight, dbias.to(bias.dtype) if bias is not None else None, None, None
+    dx, dweight_bias = _conv_backward(dout, x, weight, bias, dist, ctx.silu)
+    k = weight.shape[1]
+    dbias = dweight_bias[:, k].to(bias.dtype) if bias is not None else None
+    return dx, dweight_bias[:, :k].to(weight.dtype), dbias, None, None
 
 
 torch.library.register_autograd("attamba::causal_conv_segmented_fwd", _conv_autograd, setup_context=_conv_setup_context)
@@ -396,7 +408,7 @@ def causal_conv_segmented_triton(
         raise ValueError(f"segment_start must be {list(x.shape[:2])}, got {tuple(segment_start.shape)}")
     if x.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("causal_conv_segmented_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    return _conv_forward(x, weight, bias, _distance_to_segment_start(segment_start), silu)
+    return _conv_forward(x, weight, bias, _distance_to_segment_start(segment_start, weight.shape[1] - 1), silu)
 
 
 def causal_conv_silu_segmented_triton(

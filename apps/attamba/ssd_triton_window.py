@@ -255,7 +255,7 @@ def _window_fwd_kernel(
 @triton.jit
 def _window_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, start_ptr, dy_ptr,
-    du_ptr, ddt_ptr, dA_part_ptr, dD_rows_ptr, dB_ptr, dC_ptr,
+    du_ptr, ddt_ptr, dA_part_ptr, dD_part_ptr, dB_ptr, dC_ptr,
     n, h, p, s, g, heads_per_group,
     stride_u_b, stride_u_n, stride_u_h, stride_dt_b, stride_dt_n, stride_bc_b, stride_bc_n, stride_bc_g,
     stride_dy_b, stride_dy_n, stride_dy_h, stride_du_b, stride_du_n, stride_dbc_b, stride_dbc_n, shift,
@@ -266,8 +266,8 @@ def _window_bwd_kernel(
     keys of blocks k-1 and k) and as keys (for queries of blocks k and k+1), for every head of
     the group.
 
-    Writes du, ddt, the block's sum of the gradient of A per head and each token's Σ_p dy·u per
-    head (the caller sums both into dA and dD), and dB, dC of the group: its heads share B and C,
+    Writes du, ddt, the block's sums of the gradients of A and D per head (the caller sums them
+    over blocks), and dB, dC of the group: its heads share B and C,
     so their score gradients are summed before the one pass over the state that turns them into
     dB and dC. du, dB and dC are addressed by their own (batch, token) strides. ALIGNED (blocks
     start where segments start, see the forward): the block's own tile is the only one.
@@ -344,7 +344,7 @@ def _window_bwd_kernel(
             tl.store(du_ptr + du_offs, du.to(du_ptr.dtype.element_ty),
                      mask=valid_c[:, None] & (p0 + offs_p[None, :] < p))
             dx_u += tl.sum(dx * u_c, axis=1)
-            # Per token, not per block: summing the [Q, p] tile down to one number spilled more registers.
+            # Per token first: summing the [Q, p] tile down to one number spilled more registers.
             dy_u += tl.sum(dy_c.to(tl.float32) * u_c.to(tl.float32), axis=1)
         dG_cc = dG_cc * L_cc
         dG_cc_sum += dG_cc
@@ -365,7 +365,7 @@ def _window_bwd_kernel(
         # Tokens outside the sequence load as zeros (dt, u and dy), so they add nothing here.
         part = (bi * tl.num_programs(1) + blk) * h + hi
         tl.store(dA_part_ptr + part, tl.sum(d_a * dt_c, axis=0))
-        tl.store(dD_rows_ptr + (bi * n + t64) * h + hi, dy_u, mask=valid_c)
+        tl.store(dD_part_ptr + part, tl.sum(dy_u, axis=0))
 
     offs_s = tl.arange(0, TILE)
     dG_cc_t = tl.trans(dG_cc_sum)
@@ -433,8 +433,9 @@ def _window_forward_fake(x, dt, A, D, starts, groups, state_dim, block_q, block_
 def _window_backward(
     dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
     groups: int, state_dim: int, block_q: int, block_shift: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx (like x: du, dB, dC side by side), ddt, dA, dD."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx (like x: du, dB, dC side by side), ddt, and dA, dD as the rows of one float32 [2, h]
+    (one reduction; the autograd formula splits them)."""
     x = _last_dim_contiguous(x)
     u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
     b, n, h, p = u.shape
@@ -447,20 +448,20 @@ def _window_backward(
     blocks = grid[1]
     # Summing dy·u over the whole [b, n, h, p] outside the kernel read both tensors again, in
     # float32; the kernel, which has them loaded, leaves sums per token and per block instead.
-    dA_part = torch.empty((b, blocks, h), device=x.device, dtype=torch.float32)
-    dD_rows = torch.empty((b, n, h), device=x.device, dtype=torch.float32)
+    # dA's and dD's block sums side by side: one reduction over both.
+    parts = torch.empty((2, b, blocks, h), device=x.device, dtype=torch.float32)
     _window_bwd_kernel[grid](
-        u, dt, A, B, C, D, starts, dy, du, ddt, dA_part, dD_rows, dB, dC,
+        u, dt, A, B, C, D, starts, dy, du, ddt, parts[0], parts[1], dB, dC,
         n, h, p, state_dim, groups, h // groups, *_strides(u, dt, B), dy.stride(0), dy.stride(1), dy.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(0), dx.stride(1), max(block_shift, 0),
         **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, backward=True),
     )
-    return dx, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dD_rows.sum((0, 1)).to(D.dtype)
+    return dx, ddt.to(dt.dtype), parts.sum((1, 2))
 
 
 @_window_backward.register_fake
 def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q, block_shift):
-    return tuple(t.new_empty(t.shape) for t in (x, dt, A, D))
+    return x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty((2, A.shape[0]), dtype=torch.float32)
 
 
 def _window_setup_context(ctx, inputs, output) -> None:
@@ -471,7 +472,8 @@ def _window_setup_context(ctx, inputs, output) -> None:
 
 def _window_autograd(ctx, dy):
     x, dt, A, D, starts = ctx.saved_tensors
-    return (*_window_backward(dy, x, dt, A, D, starts, *ctx.sizes), None, None, None, None, None)
+    dx, ddt, dA_dD = _window_backward(dy, x, dt, A, D, starts, *ctx.sizes)
+    return dx, ddt, dA_dD[0].to(A.dtype), dA_dD[1].to(D.dtype), None, None, None, None, None
 
 
 torch.library.register_autograd("attamba::ssd_window_fwd", _window_autograd, setup_context=_window_setup_context)

@@ -497,7 +497,7 @@ def test_custom_ops_fakes_match_their_kernels(dtype):
     x = torch.randn(b, n, 8, device=DEVICE).to(dtype).requires_grad_()
     weight = torch.randn(8, 3, device=DEVICE).to(dtype).requires_grad_()
     bias = torch.randn(8, device=DEVICE).to(dtype).requires_grad_()
-    dist = _distance_to_segment_start(starts)
+    dist = _distance_to_segment_start(starts, cap=2)
     for silu in (False, True):
         for conv_bias in (bias, None):
             args = (x, weight, conv_bias, dist, silu)
@@ -505,6 +505,21 @@ def test_custom_ops_fakes_match_their_kernels(dtype):
             backward_args = (torch.randn_like(x), x.detach(), weight.detach(),
                              None if conv_bias is None else conv_bias.detach(), dist, silu)
             torch.library.opcheck(torch.ops.attamba.causal_conv_segmented_bwd.default, backward_args, test_utils=checks[:2])
+
+
+@pytest.mark.parametrize("cap", [0, 1, 3, 7])
+def test_distance_to_segment_start_is_capped_positions_in_segment(cap):
+    """The conv's per-token distance to its segment start, made of shifted copies of the starts,
+    equals the scan-based positions in segment capped at ``cap`` (sequences shorter than it too)."""
+    from apps.attamba.ssd_torch import positions_in_segment
+    from apps.attamba.ssd_triton_conv import _distance_to_segment_start
+
+    generator = torch.Generator().manual_seed(cap)
+    for n in (1, 2, 5, 40):
+        starts = torch.rand(3, n, generator=generator) < 0.3
+        distance = _distance_to_segment_start(starts, cap)
+        assert distance.dtype == torch.int32
+        assert torch.equal(distance, positions_in_segment(starts).clamp_max(cap).to(torch.int32))
 
 
 # The windowed kernels (no carried state) for segments no longer than a block.
