@@ -248,8 +248,9 @@ class PreparedAttention:
     """Gathered layout (flex, sdpa_gathered)."""
     periodic: Optional[attention_triton.PeriodicMask] = None
     """The mask as the Triton kernels take it (triton)."""
-    doc_ids: Optional[torch.Tensor] = None
-    """Packed documents' numbers [B, n] (triton, which masks documents itself)."""
+    doc_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    """Where each position's packed document starts and ends, ``attention_triton.document_bounds``
+    (triton, which masks documents itself)."""
 
 
 def prepare_attention(
@@ -261,10 +262,13 @@ def prepare_attention(
     impl: str = "auto",
     causal: bool = False,
     head_dim: Optional[int] = None,
+    doc_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> PreparedAttention:
     """The masks (and gathered layout) of one layer's attention over n tokens of ``batch`` rows.
 
-    ``head_dim`` lets ``triton`` fall back to ``flex`` for heads its kernels do not take."""
+    ``head_dim`` lets ``triton`` fall back to ``flex`` for heads its kernels do not take.
+    ``doc_bounds``: ``attention_triton.document_bounds(doc_ids)`` where the caller has it (a model
+    computes it once for all its layers); ``triton`` computes it otherwise."""
     device = boundaries.is_boundary.device
     impl = resolve_impl(impl, device)
     if impl not in ("reference", "sdpa_dense", "flex", "sdpa_gathered", "triton"):
@@ -272,7 +276,9 @@ def prepare_attention(
     if impl == "triton":
         periodic = None if causal else periodic_mask(boundaries, leading_tokens)
         if periodic is not None and (head_dim is None or attention_triton.supports(head_dim)):
-            return PreparedAttention(impl, False, periodic=periodic, doc_ids=doc_ids)
+            if doc_bounds is None and doc_ids is not None:
+                doc_bounds = attention_triton.document_bounds(doc_ids)
+            return PreparedAttention(impl, False, periodic=periodic, doc_bounds=doc_bounds)
         impl = "flex"  # what the kernels do not take
     if impl in ("reference", "sdpa_dense"):
         return PreparedAttention(impl, causal, reference_mask(boundaries, leading_tokens, doc_ids, n, causal))
@@ -296,7 +302,7 @@ def attend_prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared:
     if prepared.causal:
         return causal_attention(q, k, v, prepared.mask)
     if prepared.impl == "triton":
-        return attention_triton.periodic_attention(q, k, v, prepared.periodic, prepared.doc_ids)
+        return attention_triton.periodic_attention(q, k, v, prepared.periodic, doc_bounds=prepared.doc_bounds)
     keys, values = prepared.layout.gather(k), prepared.layout.gather(v)  # [B, H, nc + n, d]
     if prepared.impl == "flex":
         return masks.flex_attention(q, keys, values, block_mask=prepared.mask)

@@ -662,10 +662,13 @@ def periodic_attention(
     v: torch.Tensor,
     mask: PeriodicMask,
     doc_ids: Optional[torch.Tensor] = None,
+    doc_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Attamba attention of q [B, H, n, d] over k, v [B, H, n, d] under periodic boundaries.
 
-    ``doc_ids`` [B or 1, n] numbers packed documents (each document one run of equal numbers).
+    ``doc_ids`` [B or 1, n] numbers packed documents (each document one run of equal numbers);
+    ``doc_bounds``, :func:`document_bounds` of them, takes their place where the caller has it
+    (a model's layers share one).
     Needs CUDA tensors (or the Triton interpreter) and a head size that :func:`supports`.
     """
     if q.device.type != "cuda" and not _INTERPRETED:
@@ -679,7 +682,9 @@ def periodic_attention(
     # Under autocast q comes out of a bf16 matmul while the SSMs' k and v may stay float32; the
     # kernels multiply one dtype, q's, as autocast would have.
     k, v = k.to(q.dtype), v.to(q.dtype)
-    starts, ends = document_bounds(doc_ids) if doc_ids is not None else (None, None)
+    if doc_bounds is None:
+        doc_bounds = document_bounds(doc_ids) if doc_ids is not None else (None, None)
+    starts, ends = doc_bounds
     arguments = (q, k, v, starts, ends, mask.chunk_size, mask.offset, mask.leading, mask.chunk_window)
     if torch.compiler.is_compiling():
         return _periodic_forward(*arguments)[0]

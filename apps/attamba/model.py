@@ -22,7 +22,15 @@ from torch import nn
 
 from apps.attamba import accounting
 from apps.attamba.args import AttambaArgs
-from apps.attamba.attention import PreparedAttention, attend_prepared, attention_key_mass, prepare_attention, reference_mask
+from apps.attamba.attention import (
+    PreparedAttention,
+    attend_prepared,
+    attention_key_mass,
+    prepare_attention,
+    reference_mask,
+    resolve_impl,
+)
+from apps.attamba.attention_triton import document_bounds
 from apps.attamba.chunking import (
     STATIC_STRATEGIES,
     WHOLE_SEQUENCE_STRATEGIES,
@@ -57,6 +65,23 @@ class LayerPlan:
     ``causal`` says whether the layer attends every earlier key (pseudo-chunking, fattn's layer 0)."""
     max_segment_len: Optional[int] = None
     """A bound on the SSM segments' lengths when the chunking gives one (for the SSM backend)."""
+
+
+@dataclass
+class _Documents:
+    """A batch's packed documents as every layer's plan reads them, worked out once a forward."""
+
+    ids: Optional[torch.Tensor]
+    starts: Optional[torch.Tensor]
+    """``document_starts(ids)``: where the SSMs reset for documents."""
+    bounds: Optional[tuple[torch.Tensor, torch.Tensor]]
+    """``document_bounds(ids)`` for the Triton attention kernels (None when they do not run)."""
+
+    @staticmethod
+    def of(doc_ids: Optional[torch.Tensor], triton_attention: bool) -> "_Documents":
+        if doc_ids is None:
+            return _Documents(None, None, None)
+        return _Documents(doc_ids, document_starts(doc_ids), document_bounds(doc_ids) if triton_attention else None)
 
 
 class AttambaAttention(nn.Module):
@@ -196,17 +221,15 @@ class AttambaLM(TransformerLMBase):
         size = chunking.chunk_size(n)
         return bool(seeded_random_boundaries(max(n, t + 1), size, self.args.random_seed, layer).is_boundary[0, t])
 
-    def _plan(
-        self, boundaries: LayerBoundaries, doc_ids, doc_starts: Optional[torch.Tensor], batch: int, causal: bool = False
-    ) -> LayerPlan:
-        """A layer's segment starts and attention masks, from its boundaries and the documents
-        (``doc_starts`` is ``document_starts(doc_ids)``, computed once for all layers)."""
-        starts = boundaries.segment_starts(doc_starts).expand(batch, -1)
+    def _plan(self, boundaries: LayerBoundaries, documents: "_Documents", batch: int, causal: bool = False) -> LayerPlan:
+        """A layer's segment starts and attention masks, from its boundaries and the documents."""
+        starts = boundaries.segment_starts(documents.starts).expand(batch, -1)
         leading_tokens = self.chunking.leading_tokens
         causal = causal or self.args.pseudo_chunk
         n = boundaries.is_boundary.shape[1]
         attention = prepare_attention(
-            boundaries, leading_tokens, doc_ids, n, batch, self.args.attn_impl, causal, self.args.head_dim
+            boundaries, leading_tokens, documents.ids, n, batch, self.args.attn_impl, causal, self.args.head_dim,
+            documents.bounds,
         )
         return LayerPlan(boundaries, starts, leading_tokens, attention, self._segment_bound(boundaries, n))
 
@@ -225,16 +248,16 @@ class AttambaLM(TransformerLMBase):
         batch, n = tokens.shape
         x = self.tok_embeddings(tokens)
         cos, sin = self.rotary(n, tokens.device)
-        doc_starts = None if doc_ids is None else document_starts(doc_ids)
+        documents = _Documents.of(doc_ids, resolve_impl(self.args.attn_impl, tokens.device) == "triton")
         if self.chunking.strategy in WHOLE_SEQUENCE_STRATEGIES:
-            x = self._forward_attention_chosen(x, cos, sin, doc_ids, doc_starts)
+            x = self._forward_attention_chosen(x, cos, sin, documents)
         else:
             for layer_id, layer in enumerate(self.layers):
                 boundaries = self.layer_boundaries(layer_id, n, batch, tokens.device)
-                x = layer(x, cos, sin, doc_ids, self._plan(boundaries, doc_ids, doc_starts, batch))
+                x = layer(x, cos, sin, doc_ids, self._plan(boundaries, documents, batch))
         return self.output(self.norm(x))
 
-    def _forward_attention_chosen(self, x, cos, sin, doc_ids, doc_starts) -> torch.Tensor:
+    def _forward_attention_chosen(self, x, cos, sin, documents: "_Documents") -> torch.Tensor:
         """fattn / fssm: layer 0 picks the boundaries of every later layer from its attention."""
         batch, n, _ = x.shape
         chunking = self.chunking
@@ -242,13 +265,14 @@ class AttambaLM(TransformerLMBase):
         uniform = periodic_boundaries(n, size, 0, x.device)
         fattn = chunking.strategy == "fattn"
         # fattn's layer 0 attends in full; fssm's attends like any Attamba layer with uniform chunks.
-        x, key_mass = self.layers[0](x, cos, sin, doc_ids, self._plan(uniform, doc_ids, doc_starts, batch, causal=fattn), need_key_mass=True)
+        doc_ids = documents.ids
+        x, key_mass = self.layers[0](x, cos, sin, doc_ids, self._plan(uniform, documents, batch, causal=fattn), need_key_mass=True)
         if fattn:
             chosen = top_key_boundaries(key_mass, math.ceil(n / size))
         else:
             split_count = self.args.fssm_split_count or max(1, (n // size) // 2)
             chosen = split_top_chunks(uniform, key_mass, split_count)
-        plan = self._plan(chosen, doc_ids, doc_starts, batch)
+        plan = self._plan(chosen, documents, batch)
         for layer in self.layers[1:]:
             x = layer(x, cos, sin, doc_ids, plan)
         return x

@@ -9,8 +9,9 @@ import torch
 from apps.attamba import accounting
 from apps.attamba.args import AttambaArgs
 from apps.attamba.attention import reference_mask
-from apps.attamba.chunking import document_starts, periodic_boundaries, segment_starts
-from apps.attamba.model import AttambaLM
+from apps.attamba.attention_triton import document_bounds
+from apps.attamba.chunking import periodic_boundaries, segment_starts
+from apps.attamba.model import AttambaLM, _Documents
 from lingua.args import build_config
 from lingua.registry import get_model_spec
 
@@ -95,6 +96,19 @@ def test_documents_do_not_see_each_other():
     torch.testing.assert_close(packed[:1, 10:], second_alone, atol=1e-4, rtol=1e-4)
 
 
+def test_layers_share_one_computation_of_the_document_bounds():
+    """With the Triton attention every layer's plan carries the forward's one ``document_bounds``
+    (a cummax pair a layer before), and the attention reads them from there."""
+    model = tiny_model(attn_impl="triton")
+    doc_ids = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7, [0] * 20 + [1] * 4])
+    documents = _Documents.of(doc_ids, triton_attention=True)
+    for got, expected in zip(documents.bounds, document_bounds(doc_ids)):
+        assert torch.equal(got, expected)
+    plans = [model._plan(model.layer_boundaries(layer, 24, batch=2), documents, 2) for layer in range(model.args.n_layers)]
+    assert all(plan.attention.periodic is not None and plan.attention.doc_bounds is documents.bounds for plan in plans)
+    assert _Documents.of(doc_ids, triton_attention=False).bounds is None
+
+
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
 def test_layer_plans_reset_the_ssms_where_segment_starts_says(strategy):
     """The plans' cached periodic starts (and document starts shared by the layers) change nothing,
@@ -103,12 +117,11 @@ def test_layer_plans_reset_the_ssms_where_segment_starts_says(strategy):
     model = tiny_model(chunk_strategy=strategy)
     n = 24
     doc_ids = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7, [0] * 20 + [1] * 4])
-    shared = document_starts(doc_ids)
     offsets = set()
     for layer in range(model.args.n_layers):
         boundaries = model.layer_boundaries(layer, n, batch=2)
-        for docs, doc_starts in ((None, None), (doc_ids, shared)):
-            plan = model._plan(boundaries, docs, doc_starts, 2)
+        for docs in (None, doc_ids):
+            plan = model._plan(boundaries, _Documents.of(docs, triton_attention=False), 2)
             expected = segment_starts(boundaries.is_boundary, docs).expand(2, -1)
             assert torch.equal(plan.segment_start, expected)
             if strategy == "random":
