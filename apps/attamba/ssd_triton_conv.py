@@ -169,7 +169,7 @@ def _conv_bwd_kernel(
     dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)
     dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     # The partial weight gradients of this (row, token block) go to their own slot, summed later;
-    # the slot's row K takes the bias gradient (Σ dout), saving the caller a pass over dout.
+    # the slot's column K takes the bias gradient (Σ dout), saving the caller a pass over dout.
     part = bi * tl.num_programs(1) + block_n
     _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K, tl.sum(dout, axis=0), K)
     for i in tl.static_range(K):

@@ -267,9 +267,8 @@ def _window_bwd_kernel(
     the group.
 
     Writes du, ddt, the block's sums of the gradients of A and D per head (the caller sums them
-    over blocks), and dB, dC of the group: its heads share B and C,
-    so their score gradients are summed before the one pass over the state that turns them into
-    dB and dC. du, dB and dC are addressed by their own (batch, token) strides. ALIGNED (blocks
+    over blocks), and dB, dC of the group: its heads share B and C, so their score gradients are
+    summed before the one pass over the state that turns them into dB and dC. du, dB and dC are addressed by their own (batch, token) strides. ALIGNED (blocks
     start where segments start, see the forward): the block's own tile is the only one.
     """
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -447,8 +446,8 @@ def _window_backward(
     grid = _grid(groups, n, b, block_q, block_shift)
     blocks = grid[1]
     # Summing dy·u over the whole [b, n, h, p] outside the kernel read both tensors again, in
-    # float32; the kernel, which has them loaded, leaves sums per token and per block instead.
-    # dA's and dD's block sums side by side: one reduction over both.
+    # float32; the kernel, which has them loaded, leaves sums per block instead, dA's and dD's side
+    # by side: one reduction over both.
     parts = torch.empty((2, b, blocks, h), device=x.device, dtype=torch.float32)
     _window_bwd_kernel[grid](
         u, dt, A, B, C, D, starts, dy, du, ddt, parts[0], parts[1], dB, dC,
