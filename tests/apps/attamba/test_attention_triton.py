@@ -319,3 +319,33 @@ def test_compiles_without_a_graph_break_with_documents():
     out.sum().backward()
     torch.testing.assert_close(out, periodic_attention(q, k, v, mask, doc_ids))
     assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+def test_compiled_blocks_take_the_forwards_shared_document_bounds():
+    """The model computes the documents' bounds once and hands them to every layer's plan: blocks
+    compiled whole (a graph break is an error) give the eager loss and gradients."""
+    from apps.attamba.args import AttambaArgs
+    from apps.attamba.model import AttambaLM
+
+    def loss_and_grads(compile_blocks: bool):
+        torch.manual_seed(3)
+        args = AttambaArgs(
+            dim=32, n_layers=2, n_heads=2, vocab_size=50, state_dim=8, ssm_heads=2, ssm_impl="torch",
+            token_chunk=4, chunk_strategy="cyclic", leading_tokens=3, attn_impl="triton",
+        )
+        model = AttambaLM(args).to(DEVICE)
+        model.init_weights()
+        if compile_blocks:
+            torch._dynamo.reset()
+            for index, block in enumerate(list(model.layers)):
+                model.layers[index] = torch.compile(block, backend="aot_eager", dynamic=False, fullgraph=True)
+        tokens = torch.randint(0, 50, (2, 40), device=DEVICE)
+        loss = torch.nn.functional.cross_entropy(model(tokens, documents(2, 40)).flatten(0, 1), tokens.flatten())
+        loss.backward()
+        # A compiled block names its parameters under _orig_mod.
+        return loss.detach(), {name.replace("._orig_mod", ""): p.grad for name, p in model.named_parameters()}
+
+    (loss_eager, grads_eager), (loss_compiled, grads_compiled) = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(loss_compiled, loss_eager, atol=1e-5, rtol=1e-5)
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grads_compiled[name], grad, atol=1e-5, rtol=1e-4, msg=name)
