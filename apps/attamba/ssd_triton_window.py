@@ -268,8 +268,9 @@ def _window_bwd_kernel(
 
     Writes du, ddt, the block's sums of the gradients of A and D per head (the caller sums them
     over blocks), and dB, dC of the group: its heads share B and C, so their score gradients are
-    summed before the one pass over the state that turns them into dB and dC. du, dB and dC are addressed by their own (batch, token) strides. ALIGNED (blocks
-    start where segments start, see the forward): the block's own tile is the only one.
+    summed before the one pass over the state that turns them into dB and dC. du, dB and dC are
+    addressed by their own (batch, token) strides. ALIGNED (blocks start where segments start, see
+    the forward): the block's own tile is the only one.
     """
     gi, blk, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs = tl.arange(0, BLOCK_Q)
@@ -388,8 +389,8 @@ def _window_bwd_kernel(
 def _launch_meta(block_q: int, block_shift: int, p: int, s: int, dtype: torch.dtype, backward: bool) -> dict:
     return dict(
         BLOCK_Q=block_q, BLOCK_P=_padded(p), BLOCK_S=_padded(s), TILE=min(TILE_S, _padded(s)),
-        TILE_P=min(BACKWARD_TILE_P if backward else FORWARD_TILE_P, _padded(p)), PRECISION=_precision(dtype), ALIGNED=block_shift >= 0,
-        num_warps=_warps(block_q, backward), num_stages=NUM_STAGES,
+        TILE_P=min(BACKWARD_TILE_P if backward else FORWARD_TILE_P, _padded(p)), PRECISION=_precision(dtype),
+        ALIGNED=block_shift >= 0, num_warps=_warps(block_q, backward), num_stages=NUM_STAGES,
     )
 
 
