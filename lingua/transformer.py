@@ -132,6 +132,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate ``x`` [B, H, n, d] by angles cos/sin of shape [n, d/2] or [B, n, d/2]."""
     if cos.dim() == 3:  # per-row positions: broadcast over heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return _rotate_pairs(x, cos, sin)
+
+
+def apply_rotary_token_major(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, n, H, d] (heads after tokens, as a projection writes them) by angles of
+    shape [n, d/2] or [B, n, d/2]; the result keeps that layout."""
+    return _rotate_pairs(x, cos.unsqueeze(-2), sin.unsqueeze(-2))
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x's (even, odd) pairs along its last dim rotated by cos/sin, which broadcast to x[..., ::2]."""
     x32 = x.float().unflatten(-1, (-1, 2))
     real, imag = x32[..., 0], x32[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)

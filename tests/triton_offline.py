@@ -81,6 +81,7 @@ def compile_attention_kernels() -> list[str]:
 
     config = kernels.CUDA_CONFIG
     floats = {"qk_scale", "sm_scale"}
+    benchmarked = kernels.PeriodicMask(chunk_size=8, offset=0, leading=16)  # the window tiles of L = 16
     done = []
     for head_dim, backward, docs, chunk_window in itertools.product((64, 128), (False, True), (False, True), (False, True)):
         pointers = {name: "bf16" for name in ("Q", "K", "V", "DO", "O", "OUT")}
@@ -88,6 +89,7 @@ def compile_attention_kernels() -> list[str]:
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.dq_queries if backward else config.forward_queries,
             BLOCK_N=config.dq_keys if backward else config.forward_keys, CHUNK_WINDOW=chunk_window,
+            WINDOW_KEYS=kernels._window_tile(benchmarked, config.dq_keys if backward else config.forward_keys),
             HAS_DOCS=docs, PRECISION="tf32", BACKWARD=backward,
         )
         warps = config.dq_warps if backward else config.forward_warps
@@ -103,6 +105,7 @@ def compile_attention_kernels() -> list[str]:
         pointers.update(LSE="fp32", DELTA="fp32", SLOT_GRADS="fp32", DOC_START="i32", DOC_END="i32")
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, CHUNK_WINDOW=chunk_window,
+            WINDOW_QUERIES=kernels._window_tile(benchmarked, config.dkv_queries),
             HAS_DOCS=docs, PRECISION="tf32", REVERSE=config.dkv_reverse,
         )
         compiled = compile_for_hopper(

@@ -186,15 +186,17 @@ def _query_step(
 def _query_kernel(
     Q, K, V, DO, O, LSE, DELTA, OUT, DOC_START,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_ob, stride_oh, stride_on, stride_outb, stride_outh, stride_outn, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_KEYS: tl.constexpr,
     CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, BACKWARD: tl.constexpr,
 ):
     """One block of queries over every key block it sees. Forward: OUT = attention output, LSE
     written. BACKWARD: OUT = dQ, and rowsum(dO ∘ O) written to DELTA for the dK/dV kernel that runs
-    next. OUT, O, LSE and DELTA are contiguous (allocated here). DOC_START [B or 1, n]: where each
-    position's document begins (HAS_DOCS)."""
+    next. LSE and DELTA are contiguous [B·H, n] (allocated here); O and OUT are strided like Q.
+    DOC_START [B or 1, n]: where each position's document begins (HAS_DOCS). WINDOW_KEYS: the tile
+    of the window keys before the block (:func:`_window_tile`)."""
     # Heads vary fastest and the last query blocks (the most keys) go first: fewer stragglers.
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     bh, b, h = _program_head(heads)
@@ -207,7 +209,7 @@ def _query_kernel(
     if BACKWARD:
         do = _load_rows(DO + b * stride_dob + h * stride_doh, t, t_valid, stride_don, dims, True)
         lse = tl.load(LSE + bh * n + t, mask=t_valid, other=0.0)
-        out = _load_rows(O + bh * n * HEAD_DIM, t, t_valid, HEAD_DIM, dims, True)
+        out = _load_rows(O + b * stride_ob + h * stride_oh, t, t_valid, stride_on, dims, True)
         delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
         tl.store(DELTA + bh * n + t, delta, mask=t_valid)
     else:
@@ -253,18 +255,22 @@ def _query_kernel(
             acc, m_i, l_i, q, do, lse, delta, K, V, s0 + offs_n, ws, doc_start, slots, first, chunk_size,
             stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION,
         )
-    # The window: positions [ws(t), t], from the block's first document on.
-    for j0 in range(tl.maximum(ws_lo, doc_lo), t_last + 1, BLOCK_N):
-        j = j0 + offs_n
-        j_valid = j < n
-        allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :]
-        allowed = _in_document(allowed, j[None, :], doc_start[:, None], HAS_DOCS)
-        acc, m_i, l_i = _query_step(
-            acc, m_i, l_i, q, do, lse, delta, K, V, j, j_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
-            True, BACKWARD, PRECISION,
+    # The window, positions [ws(t), t] from the block's first document on: the keys before the
+    # block (at most L - 1) in tiles of WINDOW_KEYS that end at m0, then the block's own positions.
+    # A 16-token window so costs a 16-key tile, not a mostly masked BLOCK_N one.
+    window_lo = tl.maximum(ws_lo, doc_lo)
+    for i in range(0, tl.cdiv(tl.maximum(m0 - window_lo, 0), WINDOW_KEYS)):
+        acc, m_i, l_i = _query_window(
+            acc, m_i, l_i, q, do, lse, delta, K, V, m0 - (i + 1) * WINDOW_KEYS + tl.arange(0, WINDOW_KEYS), t, ws,
+            doc_start, n, stride_kn, stride_vn, dims, qk_scale, HAS_DOCS, BACKWARD, PRECISION,
+        )
+    for j0 in range(m0, t_last + 1, BLOCK_N):
+        acc, m_i, l_i = _query_window(
+            acc, m_i, l_i, q, do, lse, delta, K, V, j0 + offs_n, t, ws, doc_start, n, stride_kn, stride_vn, dims,
+            qk_scale, HAS_DOCS, BACKWARD, PRECISION,
         )
 
-    out_ptrs = _row_ptrs(OUT + bh * n * HEAD_DIM, t, HEAD_DIM, dims)
+    out_ptrs = _row_ptrs(OUT + b * stride_outb + h * stride_outh, t, stride_outn, dims)
     if BACKWARD:
         tl.store(out_ptrs, (acc * sm_scale).to(OUT.dtype.element_ty), mask=t_valid[:, None])
     else:
@@ -289,6 +295,22 @@ def _query_slots(
     return _query_step(
         acc, m_i, l_i, q, do, lse, delta, K, V, pos, s_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
         MASKED, BACKWARD, PRECISION,
+    )
+
+
+@triton.jit
+def _query_window(
+    acc, m_i, l_i, q, do, lse, delta, K, V, j, t, ws, doc_start, n, stride_kn, stride_vn, dims, qk_scale,
+    HAS_DOCS: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """A tile of window keys j (any positions, even negative ones: those are masked) for a block of
+    queries t."""
+    j_valid = (j >= 0) & (j < n)
+    allowed = (j[None, :] >= ws[:, None]) & (j[None, :] <= t[:, None]) & j_valid[None, :]
+    allowed = _in_document(allowed, j[None, :], doc_start[:, None], HAS_DOCS)
+    return _query_step(
+        acc, m_i, l_i, q, do, lse, delta, K, V, j, j_valid, allowed, stride_kn, stride_vn, dims, qk_scale,
+        True, BACKWARD, PRECISION,
     )
 
 
@@ -355,34 +377,39 @@ def _key_range(
 def _dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, SLOT_GRADS, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_doc,
     n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_QUERIES: tl.constexpr,
     CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """dK, dV of one block of keys (heads vary fastest). The first programs take blocks of
     compressed slots (the long loops, the first slots first) and write their share to SLOT_GRADS
     [2, B·H, slots, d] (float32; the caller adds it to the slots' rows); the rest take blocks of
-    window keys, short loops that fill the launch's tail, and write every row of DK and DV.
-    ``window_reach``: the most a query lies after a window key, plus one (L, or P with chunks).
-    DOC_END [B or 1, n]: where each position's document ends (exclusive; HAS_DOCS)."""
+    window keys, short loops that fill the launch's tail, and write every row of DK and DV (strided
+    like K and V). ``window_reach``: the most a query lies after a window key, plus one (L, or P
+    with chunks); WINDOW_QUERIES: the tile of the queries after a block of window keys
+    (:func:`_window_tile`). DOC_END [B or 1, n]: where each position's document ends (exclusive;
+    HAS_DOCS)."""
     pid = tl.program_id(1)
     slot_blocks = tl.cdiv(slots, BLOCK_N)
+    inputs = (
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_dob, stride_doh, stride_don,
+    )
+    settings = (stride_doc, n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale)
     if pid < slot_blocks:
+        share = slots * HEAD_DIM
         _key_block_grads(
-            Q, K, V, DO, LSE, DELTA, SLOT_GRADS, SLOT_GRADS + tl.num_programs(0).to(tl.int64) * slots * HEAD_DIM, DOC_START, DOC_END,
-            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_dob, stride_doh, stride_don, stride_doc, n, heads, slots, first, chunk_size, leading, offset,
-            window_reach, qk_scale, sm_scale, pid, slots,
-            HEAD_DIM, BLOCK_M, BLOCK_N, CHUNK_WINDOW, HAS_DOCS, PRECISION, True, REVERSE,
+            Q, K, V, DO, LSE, DELTA, SLOT_GRADS, SLOT_GRADS + tl.num_programs(0).to(tl.int64) * share, DOC_START, DOC_END,
+            *inputs, heads * share, share, HEAD_DIM, heads * share, share, HEAD_DIM, *settings, pid,
+            HEAD_DIM, BLOCK_M, BLOCK_N, WINDOW_QUERIES, CHUNK_WINDOW, HAS_DOCS, PRECISION, True, REVERSE,
         )
     else:
         _key_block_grads(
             Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
-            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_dob, stride_doh, stride_don, stride_doc, n, heads, slots, first, chunk_size, leading, offset,
-            window_reach, qk_scale, sm_scale, pid - slot_blocks, n,
-            HEAD_DIM, BLOCK_M, BLOCK_N, CHUNK_WINDOW, HAS_DOCS, PRECISION, False, False,
+            *inputs, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, *settings, pid - slot_blocks,
+            HEAD_DIM, BLOCK_M, BLOCK_N, WINDOW_QUERIES, CHUNK_WINDOW, HAS_DOCS, PRECISION, False, False,
         )
 
 
@@ -390,14 +417,15 @@ def _dkv_kernel(
 def _key_block_grads(
     Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_doc,
-    n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale, block, out_rows,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_doc,
+    n, heads, slots, first, chunk_size, leading, offset, window_reach, qk_scale, sm_scale, block,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW_QUERIES: tl.constexpr,
     CHUNK_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
     """dK, dV of key block ``block``: compressed slots (SLOTS) or window keys, written to the block's
-    rows of DK and DV [B·H, out_rows, d]."""
+    rows of DK and DV (rows indexed by slot or by position)."""
     bh, b, h = _program_head(heads)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
@@ -449,30 +477,37 @@ def _key_block_grads(
         dk, dv = _key_range(dk, dv, *key_args, tail_lo, tail_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE)
         rows = index
     else:
+        # The block's own positions in BLOCK_M tiles, then the queries after it that still see its
+        # last keys (at most window_reach - 1) in tiles of WINDOW_QUERIES.
         t_end = tl.minimum(last_key + window_reach, t_stop)
-        dk, dv = _key_range(
-            dk, dv, *key_args, first_key // BLOCK_M * BLOCK_M, t_end, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False,
-        )
+        own_lo = first_key // BLOCK_M * BLOCK_M
+        own_hi = tl.minimum(last_key + 1, t_end)
+        after = own_lo + tl.cdiv(tl.maximum(own_hi - own_lo, 0), BLOCK_M) * BLOCK_M
+        dk, dv = _key_range(dk, dv, *key_args, own_lo, own_hi, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
+        dk, dv = _key_range(dk, dv, *key_args, after, t_end, WINDOW_QUERIES, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
         rows = keys
-    tl.store(_row_ptrs(DK + bh * out_rows * HEAD_DIM, rows, HEAD_DIM, dims), (dk * sm_scale).to(DK.dtype.element_ty), mask=keys_valid[:, None])
-    tl.store(_row_ptrs(DV + bh * out_rows * HEAD_DIM, rows, HEAD_DIM, dims), dv.to(DV.dtype.element_ty), mask=keys_valid[:, None])
+    tl.store(_row_ptrs(DK + b * stride_dkb + h * stride_dkh, rows, stride_dkn, dims), (dk * sm_scale).to(DK.dtype.element_ty), mask=keys_valid[:, None])
+    tl.store(_row_ptrs(DV + b * stride_dvb + h * stride_dvh, rows, stride_dvn, dims), dv.to(DV.dtype.element_ty), mask=keys_valid[:, None])
 
 
 @triton.jit
 def _add_slot_grads(
-    DK, DV, SLOT_GRADS, n, slots, first, chunk_size, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
+    DK, DV, SLOT_GRADS, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    heads, slots, first, chunk_size, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """Rows first + s·P of DK and DV [B·H, n, d] += SLOT_GRADS [2, B·H, slots, d] (float32)."""
-    bh = tl.program_id(0).to(tl.int64)
+    """Rows first + s·P of DK and DV [B, H, n, d] (strided) += SLOT_GRADS [2, B·H, slots, d] (float32)."""
+    bh, b, h = _program_head(heads)
     s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = s[:, None] < slots
     dims = tl.arange(0, HEAD_DIM)
-    rows = _row_ptrs(bh * n * HEAD_DIM, first + s * chunk_size, HEAD_DIM, dims)
+    positions = first + s * chunk_size
     shares = SLOT_GRADS + _row_ptrs(bh * slots * HEAD_DIM, s, HEAD_DIM, dims)
-    dk = tl.load(DK + rows, mask=valid).to(tl.float32) + tl.load(shares, mask=valid)
-    tl.store(DK + rows, dk.to(DK.dtype.element_ty), mask=valid)
-    dv = tl.load(DV + rows, mask=valid).to(tl.float32) + tl.load(shares + tl.num_programs(0).to(tl.int64) * slots * HEAD_DIM, mask=valid)
-    tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=valid)
+    dk_rows = _row_ptrs(DK + b * stride_dkb + h * stride_dkh, positions, stride_dkn, dims)
+    dk = tl.load(dk_rows, mask=valid).to(tl.float32) + tl.load(shares, mask=valid)
+    tl.store(dk_rows, dk.to(DK.dtype.element_ty), mask=valid)
+    dv_rows = _row_ptrs(DV + b * stride_dvb + h * stride_dvh, positions, stride_dvn, dims)
+    dv = tl.load(dv_rows, mask=valid).to(tl.float32) + tl.load(shares + tl.num_programs(0).to(tl.int64) * slots * HEAD_DIM, mask=valid)
+    tl.store(dv_rows, dv.to(DV.dtype.element_ty), mask=valid)
 
 
 @dataclass(frozen=True)
@@ -531,6 +566,23 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(stride for tensor in tensors for stride in tensor.stride()[:3])
 
 
+def _empty_like_rows(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of x's [B, H, n, d] shape and dtype, dense, with its first three dims in the
+    order of x's strides and d contiguous. Outputs and gradients so follow their inputs' layout:
+    given token-major views of [B, n, H, d] tensors (the model's), the projections around the
+    attention read them without a transposing copy."""
+    order = sorted(range(3), key=lambda dim: -x.stride(dim))
+    dense = torch.empty([x.shape[dim] for dim in order] + [x.shape[3]], device=x.device, dtype=x.dtype)
+    return dense.permute(*[order.index(dim) for dim in range(3)], 3)
+
+
+def _window_tile(mask: PeriodicMask, block: int) -> int:
+    """The tile of the window positions past a block's edge (the keys before a block of queries,
+    the queries after a block of keys): at most ``window_reach - 1`` of them, so 16 for L = 16,
+    never more than ``block`` nor fewer than tl.dot's 16."""
+    return min(block, max(16, triton.next_power_of_2(mask.window_reach - 1)))
+
+
 def _forward_kernels(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: Optional[torch.Tensor],
     doc_end: Optional[torch.Tensor], chunk_size: int, offset: int, leading: int, chunk_window: bool,
@@ -539,16 +591,17 @@ def _forward_kernels(
     batch, heads, n, head_dim = q.shape
     mask = PeriodicMask(chunk_size, offset, leading, chunk_window)
     config = _config(q.device)
+    out = _empty_like_rows(q)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    out = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)
     starts, _, doc_stride = _document_arguments(doc_start, doc_end, q)
     sm_scale = head_dim**-0.5
     # DO, O and DELTA are the backward's; the forward passes stand-ins it never reads.
     _query_kernel[(batch * heads, triton.cdiv(n, config.forward_queries))](
-        q, k, v, q, out, lse, lse, out, starts, *_strides(q, k, v, q), doc_stride,
+        q, k, v, q, out, lse, lse, out, starts, *_strides(q, k, v, q, out, out), doc_stride,
         n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.forward_queries, BLOCK_N=config.forward_keys,
+        WINDOW_KEYS=_window_tile(mask, config.forward_keys),
         CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=_dot_precision(q.dtype), BACKWARD=False,
         num_warps=config.forward_warps, num_stages=config.forward_stages, **_register_limit(config.forward_registers, head_dim),
     )
@@ -560,7 +613,7 @@ _periodic_forward = torch.library.custom_op("attamba::periodic_attention_fwd", _
 
 @_periodic_forward.register_fake
 def _periodic_forward_fake(q, k, v, doc_start, doc_end, chunk_size, offset, leading, chunk_window):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _empty_like_rows(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _backward_kernels(
@@ -568,43 +621,41 @@ def _backward_kernels(
     lse: torch.Tensor, doc_start: Optional[torch.Tensor], doc_end: Optional[torch.Tensor], chunk_size: int,
     offset: int, leading: int, chunk_window: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq, dk, dv."""
+    """-> dq, dk, dv, each laid out as its input (:func:`_empty_like_rows`)."""
     batch, heads, n, head_dim = q.shape
     mask = PeriodicMask(chunk_size, offset, leading, chunk_window)
     config = _config(q.device)
-    q, k, v, grad_out = (_last_dim_contiguous(x) for x in (q, k, v, grad_out))
-    out = out.contiguous()
+    dq, dk, dv = (_empty_like_rows(x) for x in (q, k, v))
+    q, k, v, grad_out, out = (_last_dim_contiguous(x) for x in (q, k, v, grad_out, out))
     delta = torch.empty((batch, heads, n), device=q.device, dtype=torch.float32)  # the dQ kernel fills it
     starts, ends, doc_stride = _document_arguments(doc_start, doc_end, q)
     sm_scale = head_dim**-0.5
     precision = _dot_precision(q.dtype)
     common = dict(HEAD_DIM=head_dim, CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=precision)
-    strides = (*_strides(q, k, v, grad_out), doc_stride)
+    inputs = _strides(q, k, v, grad_out)
     mask_arguments = _mask_arguments(mask, n)
 
-    dq = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=q.dtype)
     _query_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
-        q, k, v, grad_out, out, lse, delta, dq, starts, *strides,
+        q, k, v, grad_out, out, lse, delta, dq, starts, *inputs, *_strides(out, dq), doc_stride,
         n, heads, *mask_arguments, sm_scale * LOG2_E, sm_scale,
-        BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, BACKWARD=True, **common,
+        BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, WINDOW_KEYS=_window_tile(mask, config.dq_keys), BACKWARD=True, **common,
         num_warps=config.dq_warps, num_stages=config.backward_stages, **_register_limit(config.dq_registers, head_dim),
     )
-    dk = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=k.dtype)
-    dv = torch.empty((batch, heads, n, head_dim), device=q.device, dtype=v.dtype)
     first, slots = periodic_slots(n, chunk_size, offset)
     slot_grads = torch.empty((2, batch * heads, slots, head_dim), device=q.device, dtype=torch.float32)
     blocks = triton.cdiv(slots, config.dkv_keys) + triton.cdiv(n, config.dkv_keys)
     _dkv_kernel[(batch * heads, blocks)](
-        q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *strides,
+        q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *inputs, *_strides(dk, dv), doc_stride,
         n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
-        BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, REVERSE=config.dkv_reverse, **common,
+        BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, WINDOW_QUERIES=_window_tile(mask, config.dkv_queries),
+        REVERSE=config.dkv_reverse, **common,
         num_warps=config.dkv_warps, num_stages=config.backward_stages, **_register_limit(config.dkv_registers, head_dim),
     )
     # A slot's row is also a window key: its share as a slot adds to what the window keys wrote.
     if slots:
         block = 64
         _add_slot_grads[(batch * heads, triton.cdiv(slots, block))](
-            dk, dv, slot_grads, n, slots, first, chunk_size, HEAD_DIM=head_dim, BLOCK=block, num_warps=4
+            dk, dv, slot_grads, *_strides(dk, dv), heads, slots, first, chunk_size, HEAD_DIM=head_dim, BLOCK=block, num_warps=4
         )
     return dq, dk, dv
 
@@ -614,7 +665,7 @@ _periodic_backward = torch.library.custom_op("attamba::periodic_attention_bwd", 
 
 @_periodic_backward.register_fake
 def _periodic_backward_fake(grad_out, q, k, v, out, lse, doc_start, doc_end, chunk_size, offset, leading, chunk_window):
-    return tuple(torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+    return tuple(_empty_like_rows(x) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -314,7 +314,7 @@ def _prefill(model: AttambaLM, tokens: torch.Tensor, cache: AttambaCache, length
         k_in, v_in = attention.ssm_inputs(h)
         k_out, k_state = _ssm_prefill(attention.ssm_k, k_in, starts, lengths)
         v_out, v_state = _ssm_prefill(attention.ssm_v, v_in, starts, lengths)
-        k = apply_rotary(attention.split_heads(attention.combine(k_in, k_out)), cos, sin)
+        k = attention.rotated_heads(attention.combine(k_in, k_out), cos, sin)
         v = attention.split_heads(attention.combine(v_in, v_out))
         attended = attamba_attention(
             q, k, v, boundaries, cache.leading_tokens, None, model.args.attn_impl, causal=cache.pseudo_chunk

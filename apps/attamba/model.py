@@ -49,7 +49,7 @@ from apps.attamba.chunking import (
     top_key_boundaries,
 )
 from apps.attamba.ssm import KVSSM, paired_forward
-from lingua.transformer import TransformerBlock, TransformerLMBase, apply_rotary
+from lingua.transformer import TransformerBlock, TransformerLMBase, apply_rotary_token_major
 
 
 @dataclass
@@ -104,9 +104,15 @@ class AttambaAttention(nn.Module):
         """[B, n, E] -> [B, H, n, d]."""
         return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
 
+    def rotated_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, n, E] -> rotated [B, H, n, d], laid out token-major (a view of [B, n, H, d]): the
+        rotation then writes rows as the projection wrote them, not transposed, and the attention
+        kernels read the view in place; their gradients come back in the same layout."""
+        return apply_rotary_token_major(x.unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).transpose(1, 2)
+
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, n, E] -> rotated queries [B, H, n, d]."""
-        return apply_rotary(self.split_heads(self.wq(x)), cos, sin)
+        """x [B, n, E] -> rotated queries [B, H, n, d] (token-major, see ``rotated_heads``)."""
+        return self.rotated_heads(self.wq(x), cos, sin)
 
     def ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the K and V SSMs read: x, or x·W_k and x·W_v with kv_proj. Any leading shape."""
@@ -135,7 +141,7 @@ class AttambaAttention(nn.Module):
         # Periodic boundaries' (P, offset): the SSMs reset at every chunk start, so the windowed
         # scan can start its blocks there.
         k, v = self.keys_values(x, plan.segment_start, plan.max_segment_len, plan.boundaries.period)
-        k, v = apply_rotary(self.split_heads(k), cos, sin), self.split_heads(v)
+        k, v = self.rotated_heads(k, cos, sin), self.split_heads(v)
         attended = attend_prepared(q, k, v, plan.attention)
         key_mass = None
         if need_key_mass:

@@ -138,6 +138,27 @@ def test_strided_inputs_and_shared_documents_row():
     assert relative_error(out, expected) < bound
     for actual, wanted in zip(grads, expected_grads):
         assert relative_error(actual, wanted) < bound
+    # Written token-major like the inputs: the model's W_o and rotary backward read them as they are.
+    assert out.stride() == q.stride() and all(grad.stride() == q.stride() for grad in grads)
+
+
+def test_outputs_and_gradients_take_their_inputs_layouts():
+    """Each gradient is laid out as its input (a contiguous q, token-major k, a [H, B, n, d]-ordered
+    v), the output as q, and the values do not depend on the layouts."""
+    torch.manual_seed(12)
+    n = 37
+    q = torch.randn(2, 3, n, 16, device=DEVICE)
+    k = torch.randn(2, n, 3, 16, device=DEVICE).transpose(1, 2)
+    v = torch.randn(3, 2, n, 16, device=DEVICE).transpose(0, 1)
+    grad = torch.randn(2, 3, n, 16, device=DEVICE)
+    mask = PeriodicMask(4, 2, 5)
+    out, grads = kernel(q, k, v, mask, None, grad)
+    dense_out, dense_grads = kernel(q.contiguous(), k.contiguous(), v.contiguous(), mask, None, grad)
+    assert out.stride() == q.stride()
+    for name, gradient, x, dense in zip("qkv", grads, (q, k, v), dense_grads):
+        assert gradient.stride() == x.stride(), f"d{name}"
+        torch.testing.assert_close(gradient, dense, rtol=0, atol=0)
+    torch.testing.assert_close(out, dense_out, rtol=0, atol=0)
 
 
 def test_keys_and_values_take_the_query_dtype():
@@ -156,7 +177,8 @@ def test_keys_and_values_take_the_query_dtype():
 def test_the_op_passes_opcheck():
     """Fake (meta) implementation, autograd registration and schema, as torch.compile needs them."""
     torch.manual_seed(6)
-    q, k, v = (torch.randn(1, 2, 24, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    q, k = (torch.randn(1, 2, 24, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 24, 2, 16, device=DEVICE).transpose(1, 2).requires_grad_()  # token-major
     torch.library.opcheck(
         torch.ops.attamba.periodic_attention_fwd.default,
         (q, k, v, *document_bounds(documents(1, 24)), 4, 1, 3, False),
@@ -167,7 +189,8 @@ def test_the_op_passes_opcheck():
 def test_the_backward_op_passes_opcheck():
     """The backward op's fake says the gradients' shapes, dtypes and strides as its kernels make them."""
     torch.manual_seed(8)
-    q, k, v, grad = (torch.randn(2, 2, 24, 16, device=DEVICE) for _ in range(4))
+    q, k, grad = (torch.randn(2, 2, 24, 16, device=DEVICE) for _ in range(3))
+    v = torch.randn(2, 24, 2, 16, device=DEVICE).transpose(1, 2)  # token-major: so is dv
     starts, ends = document_bounds(documents(2, 24))
     out, lse = torch.ops.attamba.periodic_attention_fwd(q, k, v, starts, ends, 4, 1, 3, False)
     torch.library.opcheck(torch.ops.attamba.periodic_attention_bwd.default,

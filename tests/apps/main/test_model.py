@@ -50,3 +50,18 @@ def test_dense_mask_is_causal_within_documents_and_window():
         dtype=torch.bool,
     )
     assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared_positions", "per_row_positions"])
+def test_token_major_rotary_equals_the_head_major_one(per_row):
+    """apply_rotary_token_major on [B, n, H, d] is apply_rotary on the [B, H, n, d] view, and it
+    keeps the token-major layout (what the Attamba kernels read in place)."""
+    from lingua.transformer import RotaryEmbedding, apply_rotary, apply_rotary_token_major
+
+    torch.manual_seed(4)
+    x = torch.randn(2, 7, 3, 8)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9]]) if per_row else torch.arange(7)
+    cos, sin = RotaryEmbedding(8)(positions)
+    rotated = apply_rotary_token_major(x, cos, sin)
+    assert rotated.is_contiguous()
+    torch.testing.assert_close(rotated.transpose(1, 2), apply_rotary(x.transpose(1, 2), cos, sin), rtol=0, atol=0)
