@@ -89,7 +89,10 @@ def compile_attention_kernels() -> list[str]:
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.dq_queries if backward else config.forward_queries,
             BLOCK_N=config.dq_keys if backward else config.forward_keys, CHUNK_WINDOW=chunk_window,
-            WINDOW_KEYS=kernels._window_tile(benchmarked, config.dq_keys if backward else config.forward_keys),
+            WINDOW_KEYS=kernels._window_tile(
+                benchmarked, config.dq_keys if backward else config.forward_keys,
+                config.dq_window_tiles if backward else config.forward_window_tiles,
+            ),
             HAS_DOCS=docs, PRECISION="tf32", BACKWARD=backward,
         )
         warps = config.dq_warps if backward else config.forward_warps
@@ -105,7 +108,7 @@ def compile_attention_kernels() -> list[str]:
         pointers.update(LSE="fp32", DELTA="fp32", SLOT_GRADS="fp32", DOC_START="i32", DOC_END="i32")
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, CHUNK_WINDOW=chunk_window,
-            WINDOW_QUERIES=kernels._window_tile(benchmarked, config.dkv_queries),
+            WINDOW_QUERIES=kernels._window_tile(benchmarked, config.dkv_queries, config.dkv_window_tiles),
             HAS_DOCS=docs, PRECISION="tf32", REVERSE=config.dkv_reverse,
         )
         compiled = compile_for_hopper(

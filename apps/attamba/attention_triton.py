@@ -69,12 +69,25 @@ class KernelConfig:
     memory throughput, 3 blocks of 4 warps per multiprocessor), so a cap that fits a fourth block
     helps the forward: 168 -> 128 registers with 2 stages, 488 -> 459 µs. dK/dV capped at 128
     (741 -> 724 µs) spills with documents or chunk windows; dQ (109) gained nothing from 96."""
-    dq_registers: int = 0
+    dq_registers: int = 128
+    """dQ with documents needs 131-136 registers uncapped since its outputs are strided, which
+    fits 3 blocks a multiprocessor instead of 4 (n=1024 with documents on an H100: 57.9 against
+    51.6 µs before the strides); capped at 128 it does not spill."""
     dkv_registers: int = 0
     dkv_reverse: bool = True
     """The slot blocks' dK/dV visit their queries from the last: the programs of a head then start
     on the same query rows and read them while in L2, instead of each streaming its own range
     (n=16k on an H100: 737 µs against 777 for the dK/dV launch)."""
+    forward_window_tiles: bool = True
+    """The window keys before a block of queries in tiles of ~L (16 for L = 16) rather than BLOCK_N
+    (H100, n=16k: forward 446.6-471.4 against 471.4-510.1 µs; n=1024 with documents: 44.8 against
+    47.2-49.3)."""
+    dq_window_tiles: bool = False
+    """The same for dQ: 469.8-483.4 against 470.5-500.3 µs at n=16k, but 57.0 against 51.2 at n=1024 with documents
+    (its window loops then take one and two tiles, too short for a 3-stage pipeline)."""
+    dkv_window_tiles: bool = False
+    """The queries after a block of window keys in tiles of ~L: at n=16k 735.2-768.8 against
+    740.0-797.8 µs, at n=1024 with documents 70.8 against 66.9."""
 
 
 CUDA_CONFIG = KernelConfig()
@@ -196,7 +209,7 @@ def _query_kernel(
     written. BACKWARD: OUT = dQ, and rowsum(dO ∘ O) written to DELTA for the dK/dV kernel that runs
     next. LSE and DELTA are contiguous [B·H, n] (allocated here); O and OUT are strided like Q.
     DOC_START [B or 1, n]: where each position's document begins (HAS_DOCS). WINDOW_KEYS: the tile
-    of the window keys before the block (:func:`_window_tile`)."""
+    of the window keys before the block (:func:`_window_tile`; 0: the window in BLOCK_N tiles)."""
     # Heads vary fastest and the last query blocks (the most keys) go first: fewer stragglers.
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     bh, b, h = _program_head(heads)
@@ -255,16 +268,19 @@ def _query_kernel(
             acc, m_i, l_i, q, do, lse, delta, K, V, s0 + offs_n, ws, doc_start, slots, first, chunk_size,
             stride_kn, stride_vn, dims, qk_scale, True, HAS_DOCS, BACKWARD, PRECISION,
         )
-    # The window, positions [ws(t), t] from the block's first document on: the keys before the
-    # block (at most L - 1) in tiles of WINDOW_KEYS that end at m0, then the block's own positions.
-    # A 16-token window so costs a 16-key tile, not a mostly masked BLOCK_N one.
+    # The window, positions [ws(t), t] from the block's first document on. With WINDOW_KEYS: the
+    # keys before the block (at most L - 1) in tiles of WINDOW_KEYS that end at m0, then the
+    # block's own positions, so a 16-token window costs a 16-key tile, not a mostly masked BLOCK_N
+    # one. Without: BLOCK_N tiles from the window's start (one loop; fewer, longer iterations).
     window_lo = tl.maximum(ws_lo, doc_lo)
-    for i in range(0, tl.cdiv(tl.maximum(m0 - window_lo, 0), WINDOW_KEYS)):
-        acc, m_i, l_i = _query_window(
-            acc, m_i, l_i, q, do, lse, delta, K, V, m0 - (i + 1) * WINDOW_KEYS + tl.arange(0, WINDOW_KEYS), t, ws,
-            doc_start, n, stride_kn, stride_vn, dims, qk_scale, HAS_DOCS, BACKWARD, PRECISION,
-        )
-    for j0 in range(m0, t_last + 1, BLOCK_N):
+    if WINDOW_KEYS > 0:
+        for i in range(0, tl.cdiv(tl.maximum(m0 - window_lo, 0), WINDOW_KEYS)):
+            acc, m_i, l_i = _query_window(
+                acc, m_i, l_i, q, do, lse, delta, K, V, m0 - (i + 1) * WINDOW_KEYS + tl.arange(0, WINDOW_KEYS), t,
+                ws, doc_start, n, stride_kn, stride_vn, dims, qk_scale, HAS_DOCS, BACKWARD, PRECISION,
+            )
+        window_lo = m0
+    for j0 in range(window_lo, t_last + 1, BLOCK_N):
         acc, m_i, l_i = _query_window(
             acc, m_i, l_i, q, do, lse, delta, K, V, j0 + offs_n, t, ws, doc_start, n, stride_kn, stride_vn, dims,
             qk_scale, HAS_DOCS, BACKWARD, PRECISION,
@@ -389,7 +405,7 @@ def _dkv_kernel(
     window keys, short loops that fill the launch's tail, and write every row of DK and DV (strided
     like K and V). ``window_reach``: the most a query lies after a window key, plus one (L, or P
     with chunks); WINDOW_QUERIES: the tile of the queries after a block of window keys
-    (:func:`_window_tile`). DOC_END [B or 1, n]: where each position's document ends (exclusive;
+    (:func:`_window_tile`; 0: those queries in BLOCK_M tiles). DOC_END [B or 1, n]: where each position's document ends (exclusive;
     HAS_DOCS)."""
     pid = tl.program_id(1)
     slot_blocks = tl.cdiv(slots, BLOCK_N)
@@ -477,14 +493,17 @@ def _key_block_grads(
         dk, dv = _key_range(dk, dv, *key_args, tail_lo, tail_hi, BLOCK_M, True, True, CHUNK_WINDOW, HAS_DOCS, PRECISION, REVERSE)
         rows = index
     else:
-        # The block's own positions in BLOCK_M tiles, then the queries after it that still see its
-        # last keys (at most window_reach - 1) in tiles of WINDOW_QUERIES.
+        # The block's own positions in BLOCK_M tiles, then (with WINDOW_QUERIES) the queries after
+        # it that still see its last keys (at most window_reach - 1) in tiles of WINDOW_QUERIES.
         t_end = tl.minimum(last_key + window_reach, t_stop)
         own_lo = first_key // BLOCK_M * BLOCK_M
-        own_hi = tl.minimum(last_key + 1, t_end)
-        after = own_lo + tl.cdiv(tl.maximum(own_hi - own_lo, 0), BLOCK_M) * BLOCK_M
-        dk, dv = _key_range(dk, dv, *key_args, own_lo, own_hi, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
-        dk, dv = _key_range(dk, dv, *key_args, after, t_end, WINDOW_QUERIES, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
+        if WINDOW_QUERIES > 0:
+            own_hi = tl.minimum(last_key + 1, t_end)
+            after = own_lo + tl.cdiv(tl.maximum(own_hi - own_lo, 0), BLOCK_M) * BLOCK_M
+            dk, dv = _key_range(dk, dv, *key_args, own_lo, own_hi, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
+            dk, dv = _key_range(dk, dv, *key_args, after, t_end, WINDOW_QUERIES, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
+        else:
+            dk, dv = _key_range(dk, dv, *key_args, own_lo, t_end, BLOCK_M, True, False, CHUNK_WINDOW, HAS_DOCS, PRECISION, False)
         rows = keys
     tl.store(_row_ptrs(DK + b * stride_dkb + h * stride_dkh, rows, stride_dkn, dims), (dk * sm_scale).to(DK.dtype.element_ty), mask=keys_valid[:, None])
     tl.store(_row_ptrs(DV + b * stride_dvb + h * stride_dvh, rows, stride_dvn, dims), dv.to(DV.dtype.element_ty), mask=keys_valid[:, None])
@@ -576,11 +595,12 @@ def _empty_like_rows(x: torch.Tensor) -> torch.Tensor:
     return dense.permute(*[order.index(dim) for dim in range(3)], 3)
 
 
-def _window_tile(mask: PeriodicMask, block: int) -> int:
+def _window_tile(mask: PeriodicMask, block: int, enabled: bool) -> int:
     """The tile of the window positions past a block's edge (the keys before a block of queries,
     the queries after a block of keys): at most ``window_reach - 1`` of them, so 16 for L = 16,
-    never more than ``block`` nor fewer than tl.dot's 16."""
-    return min(block, max(16, triton.next_power_of_2(mask.window_reach - 1)))
+    never more than ``block`` nor fewer than tl.dot's 16; 0 where the kernel's config turns the
+    tiles off."""
+    return min(block, max(16, triton.next_power_of_2(mask.window_reach - 1))) if enabled else 0
 
 
 def _forward_kernels(
@@ -601,7 +621,7 @@ def _forward_kernels(
         q, k, v, q, out, lse, lse, out, starts, *_strides(q, k, v, q, out, out), doc_stride,
         n, heads, *_mask_arguments(mask, n), sm_scale * LOG2_E, sm_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.forward_queries, BLOCK_N=config.forward_keys,
-        WINDOW_KEYS=_window_tile(mask, config.forward_keys),
+        WINDOW_KEYS=_window_tile(mask, config.forward_keys, config.forward_window_tiles),
         CHUNK_WINDOW=chunk_window, HAS_DOCS=doc_start is not None, PRECISION=_dot_precision(q.dtype), BACKWARD=False,
         num_warps=config.forward_warps, num_stages=config.forward_stages, **_register_limit(config.forward_registers, head_dim),
     )
@@ -638,7 +658,7 @@ def _backward_kernels(
     _query_kernel[(batch * heads, triton.cdiv(n, config.dq_queries))](
         q, k, v, grad_out, out, lse, delta, dq, starts, *inputs, *_strides(out, dq), doc_stride,
         n, heads, *mask_arguments, sm_scale * LOG2_E, sm_scale,
-        BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, WINDOW_KEYS=_window_tile(mask, config.dq_keys), BACKWARD=True, **common,
+        BLOCK_M=config.dq_queries, BLOCK_N=config.dq_keys, WINDOW_KEYS=_window_tile(mask, config.dq_keys, config.dq_window_tiles), BACKWARD=True, **common,
         num_warps=config.dq_warps, num_stages=config.backward_stages, **_register_limit(config.dq_registers, head_dim),
     )
     first, slots = periodic_slots(n, chunk_size, offset)
@@ -647,7 +667,7 @@ def _backward_kernels(
     _dkv_kernel[(batch * heads, blocks)](
         q, k, v, grad_out, lse, delta, dk, dv, slot_grads, starts, ends, *inputs, *_strides(dk, dv), doc_stride,
         n, heads, *mask_arguments, mask.window_reach, sm_scale * LOG2_E, sm_scale,
-        BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, WINDOW_QUERIES=_window_tile(mask, config.dkv_queries),
+        BLOCK_M=config.dkv_queries, BLOCK_N=config.dkv_keys, WINDOW_QUERIES=_window_tile(mask, config.dkv_queries, config.dkv_window_tiles),
         REVERSE=config.dkv_reverse, **common,
         num_warps=config.dkv_warps, num_stages=config.backward_stages, **_register_limit(config.dkv_registers, head_dim),
     )

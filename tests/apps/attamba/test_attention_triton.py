@@ -73,11 +73,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["slot_queries_forward", "slot_queries_reversed"])
+@pytest.mark.parametrize(
+    "reverse,window_tiles", [(False, True), (True, False)],
+    ids=["slot_queries_forward_window_tiles", "slot_queries_reversed_block_tiles"],
+)
 @pytest.mark.parametrize("n,chunk_size,offset,leading,docs", CASES)
-def test_kernels_equal_the_materialized_mask(n, chunk_size, offset, leading, docs, reverse, monkeypatch):
-    monkeypatch.setattr(attention_triton, "INTERPRETER_CONFIG", replace(attention_triton.INTERPRETER_CONFIG, dkv_reverse=reverse))
-    monkeypatch.setattr(attention_triton, "CUDA_CONFIG", replace(attention_triton.CUDA_CONFIG, dkv_reverse=reverse))
+def test_kernels_equal_the_materialized_mask(n, chunk_size, offset, leading, docs, reverse, window_tiles, monkeypatch):
+    """Every loop order the configs choose between: the dK/dV slots' queries first to last or
+    reversed, and the window's positions past a block's edge in their own tiles or in the block's."""
+    tiles = dict(forward_window_tiles=window_tiles, dq_window_tiles=window_tiles, dkv_window_tiles=window_tiles)
+    for name in ("INTERPRETER_CONFIG", "CUDA_CONFIG"):
+        monkeypatch.setattr(attention_triton, name, replace(getattr(attention_triton, name), dkv_reverse=reverse, **tiles))
     torch.manual_seed(n + chunk_size + offset)
     q, k, v, grad = (torch.randn(2, 2, n, 16, device=DEVICE) for _ in range(4))
     mask = PeriodicMask(chunk_size, offset, 0 if leading == "chunk" else leading, chunk_window=leading == "chunk")
