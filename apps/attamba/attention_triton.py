@@ -7,7 +7,9 @@ first, first + P, first + 2P, ... (first = P - 1 - offset), so a block of querie
 
 - the *compressed* keys: every boundary before its window, i.e. slots s with
   first + s·P < ws(t), read straight from K with a row stride of P (no gathered copy);
-- the *window*: the positions [ws(t), t], one or a few key blocks next to the query block.
+- the *window*: the positions [ws(t), t]: the block's own positions, and before them at most
+  L - 1 keys, which the forward reads as one 16-key tile for L = 16 (a full key block would be
+  mostly masked; ``KernelConfig.forward_window_tiles``).
 
 Work per head is ~n²/(2P) + n·(L + block) instead of the n²/2 of causal attention. FlexAttention
 runs the same mask over the gathered layout [K_c ; K] (``attn_impl: flex``) but spends about three
@@ -22,6 +24,8 @@ launch's tail. A slot is also a window key of the queries just after it: its sha
 a float32 buffer that is added to its rows afterwards.
 
 The log-sum-exp is kept in base 2 (scores are scaled by log2(e) / sqrt(d)) as flash kernels do.
+Inputs may be strided (the head dim contiguous); the output and each gradient are laid out as their
+input, so token-major views of [B, n, H, d] tensors (the model's) need no transposing copy either way.
 Runs on CUDA tensors, or under the Triton interpreter (``TRITON_INTERPRET=1``) for the CPU tests.
 """
 
