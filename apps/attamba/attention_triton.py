@@ -76,7 +76,8 @@ class KernelConfig:
     dq_registers: int = 128
     """dQ with documents needs 131-136 registers uncapped since its outputs are strided, which
     fits 3 blocks a multiprocessor instead of 4 (n=1024 with documents on an H100: 57.9 against
-    51.6 µs before the strides); capped at 128 it does not spill."""
+    51.6 µs before the strides); capped at 128 it does not spill and takes 52.4-52.7 against the
+    unstrided kernel's 51.0-51.5 in the same runs."""
     dkv_registers: int = 0
     dkv_reverse: bool = True
     """The slot blocks' dK/dV visit their queries from the last: the programs of a head then start
@@ -87,8 +88,9 @@ class KernelConfig:
     (H100, n=16k: forward 446.6-471.4 against 471.4-510.1 µs; n=1024 with documents: 44.8 against
     47.2-49.3)."""
     dq_window_tiles: bool = False
-    """The same for dQ: 469.8-483.4 against 470.5-500.3 µs at n=16k, but 57.0 against 51.2 at n=1024 with documents
-    (its window loops then take one and two tiles, too short for a 3-stage pipeline)."""
+    """The same for dQ, measured only before its register cap: 469.8-483.4 against 470.5-500.3 µs
+    at n=16k; at n=1024 with documents 57.0, no faster than without the tiles then (57.7-57.9, the
+    registers' cost, see ``dq_registers``). Off until measured with the cap."""
     dkv_window_tiles: bool = False
     """The queries after a block of window keys in tiles of ~L: at n=16k 735.2-768.8 against
     740.0-797.8 µs, at n=1024 with documents 70.8 against 66.9."""
@@ -409,8 +411,8 @@ def _dkv_kernel(
     window keys, short loops that fill the launch's tail, and write every row of DK and DV (strided
     like K and V). ``window_reach``: the most a query lies after a window key, plus one (L, or P
     with chunks); WINDOW_QUERIES: the tile of the queries after a block of window keys
-    (:func:`_window_tile`; 0: those queries in BLOCK_M tiles). DOC_END [B or 1, n]: where each position's document ends (exclusive;
-    HAS_DOCS)."""
+    (:func:`_window_tile`; 0: those queries in BLOCK_M tiles). DOC_END [B or 1, n]: where each
+    position's document ends (exclusive; HAS_DOCS)."""
     pid = tl.program_id(1)
     slot_blocks = tl.cdiv(slots, BLOCK_N)
     inputs = (
