@@ -592,13 +592,11 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
 
 
 def _empty_like_rows(x: torch.Tensor) -> torch.Tensor:
-    """An empty tensor of x's [B, H, n, d] shape and dtype, dense, with its first three dims in the
-    order of x's strides and d contiguous. Outputs and gradients so follow their inputs' layout:
-    given token-major views of [B, n, H, d] tensors (the model's), the projections around the
-    attention read them without a transposing copy."""
-    order = sorted(range(3), key=lambda dim: -x.stride(dim))
-    dense = torch.empty([x.shape[dim] for dim in order] + [x.shape[3]], device=x.device, dtype=x.dtype)
-    return dense.permute(*[order.index(dim) for dim in range(3)], 3)
+    """An empty tensor of x's [B, H, n, d] shape and dtype, laid out as x is (``empty_like`` keeps
+    the order of x's dims), with d contiguous as the kernels write it. Outputs and gradients so
+    follow their inputs' layout: given token-major views of [B, n, H, d] tensors (the model's), the
+    projections around the attention read them without a transposing copy."""
+    return torch.empty_like(x) if x.stride(-1) == 1 else x.new_empty(x.shape)
 
 
 def _window_tile(mask: PeriodicMask, block: int, enabled: bool) -> int:
