@@ -262,13 +262,14 @@ def prepare_attention(
     impl: str = "auto",
     causal: bool = False,
     head_dim: Optional[int] = None,
-    doc_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    doc_bounds: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> PreparedAttention:
     """The masks (and gathered layout) of one layer's attention over n tokens of ``batch`` rows.
 
     ``head_dim`` lets ``triton`` fall back to ``flex`` for heads its kernels do not take.
-    ``doc_bounds``: ``attention_triton.document_bounds(doc_ids)`` where the caller has it (a model
-    computes it once for all its layers); ``triton`` computes it otherwise."""
+    ``doc_bounds``: returns ``attention_triton.document_bounds(doc_ids)``, called only when the
+    Triton kernels take the mask (a model's caches the result for all its layers); without it
+    ``triton`` computes the bounds itself."""
     device = boundaries.is_boundary.device
     impl = resolve_impl(impl, device)
     if impl not in ("reference", "sdpa_dense", "flex", "sdpa_gathered", "triton"):
@@ -276,9 +277,10 @@ def prepare_attention(
     if impl == "triton":
         periodic = None if causal else periodic_mask(boundaries, leading_tokens)
         if periodic is not None and (head_dim is None or attention_triton.supports(head_dim)):
-            if doc_bounds is None and doc_ids is not None:
-                doc_bounds = attention_triton.document_bounds(doc_ids)
-            return PreparedAttention(impl, False, periodic=periodic, doc_bounds=doc_bounds)
+            bounds = None
+            if doc_ids is not None:
+                bounds = doc_bounds() if doc_bounds is not None else attention_triton.document_bounds(doc_ids)
+            return PreparedAttention(impl, False, periodic=periodic, doc_bounds=bounds)
         impl = "flex"  # what the kernels do not take
     if impl in ("reference", "sdpa_dense"):
         return PreparedAttention(impl, causal, reference_mask(boundaries, leading_tokens, doc_ids, n, causal))

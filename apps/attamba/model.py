@@ -28,7 +28,6 @@ from apps.attamba.attention import (
     attention_key_mass,
     prepare_attention,
     reference_mask,
-    resolve_impl,
 )
 from apps.attamba.attention_triton import document_bounds
 from apps.attamba.chunking import (
@@ -74,14 +73,20 @@ class _Documents:
     ids: Optional[torch.Tensor]
     starts: Optional[torch.Tensor]
     """``document_starts(ids)``: where the SSMs reset for documents."""
-    bounds: Optional[tuple[torch.Tensor, torch.Tensor]]
-    """``document_bounds(ids)`` for the Triton attention kernels (None when they do not run)."""
+    _bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @staticmethod
-    def of(doc_ids: Optional[torch.Tensor], triton_attention: bool) -> "_Documents":
+    def of(doc_ids: Optional[torch.Tensor]) -> "_Documents":
         if doc_ids is None:
-            return _Documents(None, None, None)
-        return _Documents(doc_ids, document_starts(doc_ids), document_bounds(doc_ids) if triton_attention else None)
+            return _Documents(None, None)
+        return _Documents(doc_ids, document_starts(doc_ids))
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``document_bounds(ids)`` for the Triton attention kernels, computed when a layer's
+        kernels first ask (masks they hand to FlexAttention never do) and shared by the layers."""
+        if self._bounds is None:
+            self._bounds = document_bounds(self.ids)
+        return self._bounds
 
 
 class AttambaAttention(nn.Module):
@@ -254,7 +259,7 @@ class AttambaLM(TransformerLMBase):
         batch, n = tokens.shape
         x = self.tok_embeddings(tokens)
         cos, sin = self.rotary(n, tokens.device)
-        documents = _Documents.of(doc_ids, resolve_impl(self.args.attn_impl, tokens.device) == "triton")
+        documents = _Documents.of(doc_ids)
         if self.chunking.strategy in WHOLE_SEQUENCE_STRATEGIES:
             x = self._forward_attention_chosen(x, cos, sin, documents)
         else:

@@ -101,12 +101,23 @@ def test_layers_share_one_computation_of_the_document_bounds():
     (a cummax pair a layer before), and the attention reads them from there."""
     model = tiny_model(attn_impl="triton")
     doc_ids = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7, [0] * 20 + [1] * 4])
-    documents = _Documents.of(doc_ids, triton_attention=True)
-    for got, expected in zip(documents.bounds, document_bounds(doc_ids)):
-        assert torch.equal(got, expected)
+    documents = _Documents.of(doc_ids)
     plans = [model._plan(model.layer_boundaries(layer, 24, batch=2), documents, 2) for layer in range(model.args.n_layers)]
-    assert all(plan.attention.periodic is not None and plan.attention.doc_bounds is documents.bounds for plan in plans)
-    assert _Documents.of(doc_ids, triton_attention=False).bounds is None
+    assert all(plan.attention.periodic is not None and plan.attention.doc_bounds is documents.bounds() for plan in plans)
+    for got, expected in zip(documents.bounds(), document_bounds(doc_ids)):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("settings", [{"attn_impl": "flex"}, {"attn_impl": "triton", "pseudo_chunk": True}])
+def test_document_bounds_are_not_computed_for_masks_the_kernels_do_not_take(settings):
+    """Only the Triton kernels read the bounds: FlexAttention, and what the kernels hand to it
+    (pseudo-chunking's causal mask here), leave them uncomputed."""
+    model = tiny_model(**settings)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7])
+    documents = _Documents.of(doc_ids)
+    plan = model._plan(model.layer_boundaries(0, 24), documents, 1)
+    assert plan.attention.impl == "flex" and plan.attention.doc_bounds is None
+    assert documents._bounds is None
 
 
 @pytest.mark.parametrize("strategy", ["cyclic", "random"])
@@ -121,7 +132,7 @@ def test_layer_plans_reset_the_ssms_where_segment_starts_says(strategy):
     for layer in range(model.args.n_layers):
         boundaries = model.layer_boundaries(layer, n, batch=2)
         for docs in (None, doc_ids):
-            plan = model._plan(boundaries, _Documents.of(docs, triton_attention=False), 2)
+            plan = model._plan(boundaries, _Documents.of(docs), 2)
             expected = segment_starts(boundaries.is_boundary, docs).expand(2, -1)
             assert torch.equal(plan.segment_start, expected)
             if strategy == "random":
