@@ -2,15 +2,16 @@
 
 Loads ``apps/attamba/attention_triton.py`` of this tree and of another checkout (``--base DIR``,
 e.g. made by ``git worktree add /tmp/base <rev>``) side by side, the other under a custom-op
-namespace of its own, and times forward+backward of each in turn, round after round: a machine's
-drift then shows as spread within a row, not as a difference between rows, which separate runs of
+namespace of its own, and times forward+backward of each in turn, round after round (every other
+round in the opposite order; use an even number of rounds): a machine's drift then shows as spread
+within a row, not as a difference between rows, which separate runs of
 ``tune_attention_triton.py`` cannot promise (on one H100 their rows moved 5–8% between runs). Per row: each
 launch's mean GPU time (profiled; forward, dQ, dK/dV), their sum, and the time per call back to
 back, as medians over the rounds. Inputs are head-major ([B, H, n, d] contiguous) or token-major
 ([B, n, H, d] viewed as [B, H, n, d], as the model passes q, k, v and dO), or one row each.
 
     python benchmarks/compare_attention_kernels.py --base /tmp/base [--seq-len 1024] [--batch 16]
-        [--mean-doc 512] [--chunk 8] [--leading 16] [--offset 0] [--layouts head token] [--rounds 3]
+        [--mean-doc 512] [--chunk 8] [--leading 16] [--offset 0] [--layouts head token] [--rounds 4]
 
 The other tree's module runs with this tree's helpers (``apps.attamba.chunking``, ``ssd_triton``),
 so it must not need names they lack. Needs CUDA; on a CPU it says so and exits.
@@ -83,6 +84,13 @@ def attention_step(module: types.ModuleType, inputs: list[torch.Tensor], chunk: 
     return step
 
 
+def round_order(rows: list, round_index: int) -> list:
+    """The rows in the order round ``round_index`` times them: every other round reversed, so
+    whatever running second gains or loses (an H200 gave the second of two identical kernels 2%
+    less time) shows as spread within a row, not as a difference between rows."""
+    return rows[::-1] if round_index % 2 else rows
+
+
 def print_rows(rows: dict[str, list[tuple[float, ...]]]) -> None:
     """Medians over rounds of each row's launches (µs), their sum and the back-to-back ms."""
     print(f"{'row':<18}" + "".join(f"{name:>10}" for name in LAUNCHES) + f"{'sum':>10}{'b2b ms':>10}")
@@ -104,7 +112,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--offset", type=int, default=0, help="the chunks' offset (a cyclic layer's)")
     parser.add_argument("--mean-doc", type=int, default=0, help="pack documents of this mean length (0: none)")
     parser.add_argument("--layouts", nargs="+", choices=("head", "token"), default=["head"])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--iters", type=int, default=10, help="profiled calls a round")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -122,7 +130,7 @@ def main(argv: list[str]) -> int:
             steps[f"{tree} {layout}-major"] = attention_step(module, inputs, args.chunk, args.leading, args.offset, doc_ids)
     rows: dict[str, list[tuple[float, ...]]] = {label: [] for label in steps}
     for round_index in range(args.rounds):
-        for label, step in steps.items():
+        for label, step in round_order(list(steps.items()), round_index):
             launches = launch_times_us(step, args.iters)
             rows[label].append((*launches, time_back_to_back_ms(step, 3, 3 * args.iters)))
         print(f"round {round_index + 1} of {args.rounds} done", file=sys.stderr, flush=True)

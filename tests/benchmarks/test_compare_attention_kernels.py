@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from apps.attamba import attention_triton
-from benchmarks.compare_attention_kernels import attention_inputs, attention_step, load_attention_module, main
+from benchmarks.compare_attention_kernels import (
+    attention_inputs,
+    attention_step,
+    load_attention_module,
+    main,
+    round_order,
+)
 from tests.triton_interpreter import allow_one_element_index_in_interpreter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,3 +59,10 @@ def test_a_tree_without_the_attention_ops_is_refused(tmp_path):
 def test_without_cuda_it_says_so(capsys):
     assert main(["--base", str(REPO_ROOT)]) == 0
     assert "needs a CUDA device" in capsys.readouterr().out
+
+
+def test_each_row_runs_first_in_half_of_the_rounds():
+    rows = ["this", "base"]
+    orders = [round_order(rows, index) for index in range(4)]
+    assert [order[0] for order in orders] == ["this", "base", "this", "base"]
+    assert all(sorted(order) == sorted(rows) for order in orders)
