@@ -87,10 +87,10 @@ class KernelConfig:
     """The window keys before a block of queries in tiles of ~L (16 for L = 16) rather than BLOCK_N
     (H100, n=16k: forward 446.6-471.4 against 471.4-510.1 µs; n=1024 with documents: 44.8 against
     47.2-49.3)."""
-    dq_window_tiles: bool = False
-    """The same for dQ, measured only before its register cap: 469.8-483.4 against 470.5-500.3 µs
-    at n=16k; at n=1024 with documents 57.0, no faster than without the tiles then (57.7-57.9, the
-    registers' cost, see ``dq_registers``). Off until measured with the cap."""
+    dq_window_tiles: bool = True
+    """The same for dQ (with its register cap): n=1024 with documents 46.7 against 49.0-49.1 µs
+    (H200), 52.0 against 52.8 (H100); at n=16k no more apart than two copies of one kernel in a
+    process (H200: 487.6 on against 475.8 off; two identical copies 478.8 and 489.3)."""
     dkv_window_tiles: bool = False
     """The queries after a block of window keys in tiles of ~L: at n=16k 735.2-768.8 against
     740.0-797.8 µs, at n=1024 with documents 70.8 against 66.9."""
