@@ -72,12 +72,20 @@ def _depth(event) -> int:
     return depth
 
 
+def is_device_work(event) -> bool:
+    """Whether a profiler event (or ``key_averages()`` row) is work on the GPU: a kernel, copy or
+    memset. A ``record_function`` range (the optimizer's ``Optimizer.step#AdamW.step``) is also
+    mirrored on the GPU's timeline, spanning its kernels and the idle time between them; it is
+    not work, and counting it would add its kernels twice and hide its gaps."""
+    return event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
 def intervals_from_profile(events) -> tuple[list[Interval], list[HostOp]]:
     """(kernel spans, host operator spans) from ``torch.profiler.profile(...).events()``."""
     kernels, ops = [], []
     for event in events:
         span = event.time_range
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        if is_device_work(event):
             kernels.append(Interval(span.start, span.end))
         elif event.device_type == torch.autograd.DeviceType.CPU:
             ops.append(HostOp(event.name, span.start, span.end, _depth(event)))

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_gaps import gap_report  # noqa: E402
+from benchmarks.gpu_gaps import gap_report, is_device_work  # noqa: E402
 from benchmarks.kernel_kinds import format_kinds, format_top_kernels, time_by_kind  # noqa: E402
 from lingua import distributed  # noqa: E402
 from lingua.args import read_raw  # noqa: E402
@@ -42,14 +42,14 @@ from lingua.train import cross_entropy, load_train_args  # noqa: E402
 def kernel_totals(averages, steps: int) -> tuple[float, float]:
     """(kernels launched, µs of kernel time) per step from a profiler's ``key_averages()``.
 
-    Only kernel (device-side) events count: an operator row also carries the time of the kernels
-    it launched, so summing every row counts custom ops' and cuDNN's kernels twice."""
+    Only device-side work counts: an operator row also carries the time of the kernels it launched,
+    and a ``record_function`` range its kernels' span, so summing every row counts kernels twice."""
     kernels = _kernel_events(averages)
     return sum(e.count for e in kernels) / steps, sum(e.self_device_time_total for e in kernels) / steps
 
 
 def _kernel_events(averages) -> list:
-    return [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA]
+    return [event for event in averages if is_device_work(event)]
 
 
 def kernel_times(averages, steps: int) -> dict[str, float]:

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from gpu_gaps import HostOp, Interval, attribute_gaps, gap_report, idle_gaps  # noqa: E402
+from gpu_gaps import HostOp, Interval, attribute_gaps, gap_report, idle_gaps, intervals_from_profile  # noqa: E402
 
 
 def test_gaps_are_the_uncovered_spans_between_kernels():
@@ -40,6 +40,21 @@ def test_gaps_are_charged_to_the_host_ops_running_at_their_middle():
     # Deep chains keep the outer levels and the innermost op.
     deep = [HostOp(f"op{depth}", 0, 10, depth) for depth in range(6)]
     assert attribute_gaps([Interval(4, 6)], deep, levels=2) == {"op0 > op1 > … > op5": 2}
+
+
+def test_a_record_function_range_on_the_gpu_timeline_is_not_kernel_time():
+    """The optimizer's range spans its kernels and the idle time between them: not busy."""
+    from types import SimpleNamespace
+
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def event(name, start, end, annotation=False):
+        return SimpleNamespace(name=name, device_type=cuda, time_range=SimpleNamespace(start=start, end=end),
+                               is_user_annotation=annotation)
+
+    events = [event("adam_kernel", 0, 10), event("adam_kernel", 30, 40), event("Optimizer.step#AdamW.step", 0, 40, True)]
+    kernels, _ = intervals_from_profile(events)
+    assert idle_gaps(kernels) == [Interval(10, 30)]
 
 
 def test_report_of_a_cpu_profile_has_no_gaps():

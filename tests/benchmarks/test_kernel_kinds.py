@@ -44,6 +44,9 @@ def test_profile_step_reads_kernel_times_per_step_from_device_events_only():
     averages = [
         SimpleNamespace(key="_window_bwd_kernel", device_type=cuda, self_device_time_total=600.0),
         SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=900.0),  # an operator, not a kernel
+        # The optimizer's record_function range, mirrored on the GPU's timeline: its kernels' span.
+        SimpleNamespace(key="Optimizer.step#AdamW.step", device_type=cuda, self_device_time_total=1200.0,
+                        is_user_annotation=True),
     ]
     assert kernel_times(averages, steps=3) == {"_window_bwd_kernel": 200.0}
 
