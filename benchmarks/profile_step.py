@@ -2,7 +2,8 @@
 
 Builds the model of a training config (any app, with dotted overrides), compiles each block and
 runs bf16 autocast as the training loop does, on random tokens with packed documents of random
-length (``--mean-doc`` tokens on average; 0: no documents). Prints the median step time and
+length (``--mean-doc`` tokens on average; 0: no documents), with Python's automatic garbage
+collection off as in the training loop. Prints the median step time and
 tokens/s, then the kernels that took the most GPU time over ``--profile-steps`` steps and the operators
 that took the most host (CPU) time: a step far longer than its GPU time is host-bound, and the
 second table says where the host spends it.
@@ -21,6 +22,7 @@ Needs CUDA.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -81,7 +83,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--mean-doc", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps; the median is of the last half")
     parser.add_argument("--profile-steps", type=int, default=3, help="0: time the steps only")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--cpu-rows", type=int, default=15, help="rows of the host-time table")
@@ -133,6 +135,11 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # As the training loop runs (lingua.train): automatic garbage collection off. Left on, its
+    # collections land in some steps and not others, and cost more the more Python objects a
+    # model's forward makes (Attamba's layer plans).
+    gc.collect()
+    gc.disable()
     times = []
     for _ in range(options.steps):
         start = time.perf_counter()
