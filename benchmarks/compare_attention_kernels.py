@@ -86,8 +86,10 @@ def attention_step(module: types.ModuleType, inputs: list[torch.Tensor], chunk: 
 
 def round_order(rows: list, round_index: int) -> list:
     """The rows in the order round ``round_index`` times them: every other round reversed, so
-    whatever running second gains or loses (an H200 gave the second of two identical kernels 2%
-    less time) shows as spread within a row, not as a difference between rows."""
+    whatever running second gains or loses shows as spread within a row, not as a difference
+    between rows. (Not all of it is order: on an H200 two copies of one kernel differed by ~2% at
+    n=16k in either order, by a different sign on another machine; docs/benchmarks.md, nineteenth
+    session. Differences that small are not resolved here.)"""
     return rows[::-1] if round_index % 2 else rows
 
 
