@@ -268,8 +268,8 @@ def prepare_attention(
 
     ``head_dim`` lets ``triton`` fall back to ``flex`` for heads its kernels do not take.
     ``doc_bounds``: returns ``attention_triton.document_bounds(doc_ids)``, called only when the
-    Triton kernels take the mask (a model's caches the result for all its layers); without it
-    ``triton`` computes the bounds itself."""
+    Triton kernels take the mask (a model passes one that computes the bounds once for all its
+    layers); without it ``triton`` computes them itself."""
     device = boundaries.is_boundary.device
     impl = resolve_impl(impl, device)
     if impl not in ("reference", "sdpa_dense", "flex", "sdpa_gathered", "triton"):
