@@ -35,7 +35,8 @@ VARIANTS = (
     "forward_stages=3", "forward_registers=0,forward_stages=3", "dq_queries=128", "dq_keys=64", "dq_queries=32",
     "dq_warps=8", "dq_registers=96", "dkv_queries=64", "dkv_queries=16", "dkv_keys=32",
     "dkv_keys=128,dkv_queries=32,dkv_warps=8", "dkv_registers=128", "backward_stages=2", "backward_stages=4",
-    "dkv_reverse=0", "default",  # the two default rows' spread is the noise
+    "dkv_reverse=0", "forward_window_tiles=0", "dq_window_tiles=0", "dkv_window_tiles=1",
+    "default",  # the two default rows' spread is the noise
 )
 """Changes to ``CUDA_CONFIG`` (KernelConfig fields), mostly one kernel's tiles at a time."""
 
