@@ -74,6 +74,7 @@ def attention_step(module: types.ModuleType, inputs: list[torch.Tensor], chunk: 
     bounds = module.document_bounds(doc_ids) if doc_ids is not None else None
 
     def step() -> None:
+        # Without documents, call as trees from before ``doc_bounds`` existed also take it.
         if bounds is None:
             out = module.periodic_attention(q, k, v, mask)
         else:
