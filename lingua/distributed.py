@@ -35,6 +35,13 @@ class DistributedArgs:
     """torch.compile mode of the blocks: 'default', 'reduce-overhead' (CUDA graphs: replays each
     compiled block's kernels without the host launching them one by one; for host-bound steps),
     'max-autotune' or 'max-autotune-no-cudagraphs'."""
+    compile_dynamic: bool = False
+    """Compile a block once more with symbolic values for whatever changed between its calls
+    (``torch.compile(dynamic=None)``) instead of once per distinct value (``dynamic=False``).
+    Attamba's cyclic chunks give each layer its own chunk offset, so static compiles make one
+    graph per layer; with this, layers 1 to L-1 share one graph with the offset symbolic. Shapes
+    that change between calls (evaluation lengths) turn symbolic too, and FlexAttention's lowering
+    rejects a symbolic offset: off for ``attn_impl: flex``."""
     activation_checkpointing: str = "none"
     """'none', 'full' (recompute each block) or 'selective' (every other block)."""
     allow_tf32: bool = True
@@ -174,13 +181,15 @@ def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> 
     if args.activation_checkpointing != "none":
         _apply_activation_checkpointing(model, args.activation_checkpointing)
     if args.compile:
-        # Static shapes: blocks share one code object, so a per-layer int (Attamba's chunk
-        # offset) would otherwise turn symbolic after the second layer, which FlexAttention's
-        # lowering rejects. Each distinct layer costs one compile, hence the higher limit.
+        # Static by default: blocks share one code object, so a per-layer int (Attamba's chunk
+        # offset) would otherwise turn symbolic after the second layer (compile_dynamic), which
+        # FlexAttention's lowering rejects. Each distinct layer then costs one compile, hence the
+        # higher limit.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        dynamic = None if args.compile_dynamic else False
         for index, block in enumerate(model.layers):
             mode = None if args.compile_mode == "default" else args.compile_mode
-            model.layers[index] = torch.compile(block, dynamic=False, mode=mode)
+            model.layers[index] = torch.compile(block, dynamic=dynamic, mode=mode)
     parallelism = resolve_parallelism(args, env)
     if parallelism == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

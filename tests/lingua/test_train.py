@@ -160,10 +160,11 @@ def test_periodic_evaluation_runs_compiled_blocks_eagerly(tmp_path, corpus, mode
 def test_cuda_graph_compile_mode_reaches_the_blocks_and_marks_every_micro_step(tmp_path, corpus, monkeypatch):
     from lingua import distributed
 
-    modes, marks = [], []
+    modes, marks, dynamics = [], [], []
 
     def fake_compile(block, **kwargs):  # records what the loop asks for; runs the block eagerly
         modes.append(kwargs.get("mode"))
+        dynamics.append(kwargs.get("dynamic"))
         return block
 
     monkeypatch.setattr(distributed.torch, "compile", fake_compile)
@@ -174,6 +175,13 @@ def test_cuda_graph_compile_mode_reaches_the_blocks_and_marks_every_micro_step(t
     # Every block with the asked mode, then the loss without CUDA graphs (distributed.compile_loss).
     assert modes == ["reduce-overhead"] * args.model.n_layers + [None]
     assert len(marks) == 2 * 2, "one mark before every micro-step's forward"
+    assert dynamics == [False] * args.model.n_layers + [False], "static shapes unless compile_dynamic"
+    modes.clear()
+    dynamics.clear()
+    args = tiny_args(tmp_path / "dynamic", corpus, "steps=1", "checkpoint.every=0", "distributed.compile=true",
+                     "distributed.compile_dynamic=true")
+    train_module.train(args)
+    assert dynamics == [None] * args.model.n_layers + [False], "blocks dynamic; the loss stays static"
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         tiny_args(tmp_path / "bad", corpus, "distributed.compile_mode=fast")
 

@@ -444,18 +444,21 @@ def test_conv_matches_reference_on_gpu(dtype, split, conv, monkeypatch, record_p
     assert max(errors) < tolerance, errors
 
 
+@pytest.mark.parametrize("dynamic", [False, None])
 @pytest.mark.parametrize("doc_ids", [False, True])
-def test_attamba_blocks_compile_whole_with_cyclic_offsets(doc_ids):
-    # What distributed.parallelize_model does on GPU: each block compiled with static shapes.
-    # fullgraph makes any graph break (an SSM backend, the attention masks) an error, and the
-    # layers' different cyclic offsets must each specialise rather than turn symbolic.
+def test_attamba_blocks_compile_whole_with_cyclic_offsets(doc_ids, dynamic):
+    # What distributed.parallelize_model does on GPU: each block compiled, with static shapes, or
+    # (distributed.compile_dynamic) letting what changes between calls turn symbolic. fullgraph
+    # makes any graph break (an SSM backend, the attention masks) an error. Static, each layer's
+    # cyclic offset specialises its own graph; dynamic, the second layer's compile makes the offset
+    # symbolic and serves every later layer.
     from apps.attamba.args import AttambaArgs
     from apps.attamba.model import AttambaLM
     from lingua.args import build_config
 
     torch.manual_seed(0)
     settings = dict(dim=32, n_layers=3, n_heads=2, state_dim=16, ssm_heads=2, vocab_size=40, max_seqlen=64,
-                    token_chunk=4, leading_tokens=3, chunk_strategy="cyclic", ssm_impl="triton")
+                    token_chunk=4, leading_tokens=3, chunk_strategy="cyclic", ssm_impl="triton", attn_impl="triton")
     model = AttambaLM(build_config(AttambaArgs, settings)).to(DEVICE)
     model.init_weights()
     tokens = torch.randint(0, 40, (2, 24), device=DEVICE)
@@ -466,11 +469,15 @@ def test_attamba_blocks_compile_whole_with_cyclic_offsets(doc_ids):
     model.zero_grad()
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     eager_layers = list(model.layers)
     for index, block in enumerate(eager_layers):
-        model.layers[index] = torch.compile(block, backend="aot_eager", dynamic=False, fullgraph=True)
+        model.layers[index] = torch.compile(block, backend="aot_eager", dynamic=dynamic, fullgraph=True)
     logits = model(tokens, docs)
     logits.square().mean().backward()
+    offsets = len(set(model.layer_boundary_offsets(24)))
+    assert offsets == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (offsets if dynamic is False else 2)
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
     for grad, grad_ref in zip((p.grad for p in model.parameters()), grads_ref):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
