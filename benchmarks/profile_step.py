@@ -26,7 +26,9 @@ import gc
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -78,6 +80,62 @@ def random_doc_ids(batch: int, n: int, mean_doc: int, device) -> torch.Tensor | 
     return starts.long().cumsum(1) - 1
 
 
+@dataclass
+class TrainingStep:
+    """One model's training step as the training loop runs it: forward under bf16 autocast, the
+    loss, backward, AdamW, on fixed random tokens (packed documents of random lengths)."""
+
+    run: Callable[[], None]
+    args: object
+    """The model's training args (``lingua.train.TrainArgs``)."""
+
+
+def make_training_step(overrides: list[str], seq_len: int, batch: int, mean_doc: int, device: torch.device,
+                       compile: bool = True, eager_loss: bool = False) -> TrainingStep:
+    """Build a training config's model (``overrides``: ``config=...`` and dotted settings) with each
+    block compiled as ``distributed.parallelize_model`` does, and return its step."""
+    model_type = read_raw(overrides).get("model_type", "attamba")
+    args = load_train_args(
+        [*overrides, f"model.max_seqlen={seq_len}", "distributed.model_dtype=bf16", f"distributed.compile={compile}"],
+        model_type,
+    )
+    env = distributed.DistEnv(0, 0, 1, device)
+    torch.manual_seed(0)
+    with device:
+        model = get_model_spec(args.model_type).build(args.model)
+        model.init_weights()
+    no_decay = no_weight_decay_names(model)
+    model = distributed.parallelize_model(model, args.distributed, env)
+    loss_fn = cross_entropy if eager_loss else distributed.compile_loss(cross_entropy, args.distributed)
+    autocast = distributed.autocast_context(args.distributed, env, "none")
+    optimizer, _ = build_optimizer(model, args.optim, 1000, no_decay)
+    tokens = torch.randint(0, args.model.vocab_size, (batch, seq_len + 1), device=device)
+    doc_ids = random_doc_ids(batch, seq_len, mean_doc, device)
+
+    def run() -> None:
+        distributed.mark_step_begin(args.distributed)
+        with autocast:
+            loss = loss_fn(model(tokens[:, :-1], doc_ids), tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return TrainingStep(run, args)
+
+
+def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``steps`` calls, waiting for the GPU after each (as the training
+    loop's per-step loss check does)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -106,47 +164,15 @@ def main() -> None:
         sys.exit("profile_step.py needs CUDA")
     device = torch.device(options.device)
 
-    model_type = read_raw(overrides).get("model_type", "attamba")
-    args = load_train_args(
-        [*overrides, f"model.max_seqlen={options.seq_len}", "distributed.model_dtype=bf16",
-         f"distributed.compile={not options.no_compile}"],
-        model_type,
-    )
-    env = distributed.DistEnv(0, 0, 1, device)
-    torch.manual_seed(0)
-    with device:
-        model = get_model_spec(args.model_type).build(args.model)
-        model.init_weights()
-    no_decay = no_weight_decay_names(model)
-    model = distributed.parallelize_model(model, args.distributed, env)
-    loss_fn = cross_entropy if options.eager_loss else distributed.compile_loss(cross_entropy, args.distributed)
-    autocast = distributed.autocast_context(args.distributed, env, "none")
-    optimizer, _ = build_optimizer(model, args.optim, 1000, no_decay)
-
-    batch, n = options.batch, options.seq_len
-    tokens = torch.randint(0, args.model.vocab_size, (batch, n + 1), device=device)
-    doc_ids = random_doc_ids(batch, n, options.mean_doc, device)
-
-    def step() -> None:
-        distributed.mark_step_begin(args.distributed)
-        with autocast:
-            loss = loss_fn(model(tokens[:, :-1], doc_ids), tokens[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    training = make_training_step(overrides, options.seq_len, options.batch, options.mean_doc, device,
+                                  compile=not options.no_compile, eager_loss=options.eager_loss)
+    args, step, batch, n = training.args, training.run, options.batch, options.seq_len
     # As the training loop runs (lingua.train): automatic garbage collection off. Left on, its
     # collections land in some steps and not others, and cost more the more Python objects a
     # model's forward makes (Attamba's layer plans).
     gc.collect()
     gc.disable()
-    times = []
-    for _ in range(options.steps):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = time_steps(step, options.steps, device)
     print(f"first step (compiles and autotunes): {times[0] / 1e3:.1f} s")
     steady = times[len(times) // 2:]
     ms = statistics.median(steady)
