@@ -93,12 +93,20 @@ def intervals_from_profile(events) -> tuple[list[Interval], list[HostOp]]:
 
 
 def gap_report(events, steps: int, rows: int = 15, min_us: float = 2.0) -> str:
-    """A table of GPU idle time per step, by what the host was running in the gaps."""
+    """A table of GPU idle time per step, by what the host was running in the gaps, after a line
+    with the kernels a step and the idle time in gaps shorter than ``min_us``."""
     kernels, ops = intervals_from_profile(events)
     gaps = idle_gaps(kernels, min_us)
     totals = attribute_gaps(gaps, ops)
-    lines = [f"GPU idle in gaps of at least {min_us:g} µs: {sum(g.end - g.start for g in gaps) / steps / 1e3:.2f} ms/step "
-             f"in {len(gaps) / steps:.0f} gaps/step; host call chain at each gap's middle:"]
+    short = [gap for gap in idle_gaps(kernels) if gap.end - gap.start < min_us]
+    lines = [
+        # Inside a CUDA graph the host cannot be the cause: short gaps are each kernel's launch
+        # latency and tail, so their total grows with the number of kernels, not with host work.
+        f"GPU kernels (and copies) a step: {len(kernels) / steps:.0f}; idle in gaps shorter than {min_us:g} µs "
+        f"between them: {sum(g.end - g.start for g in short) / steps / 1e3:.2f} ms/step in {len(short) / steps:.0f} gaps/step",
+        f"GPU idle in gaps of at least {min_us:g} µs: {sum(g.end - g.start for g in gaps) / steps / 1e3:.2f} ms/step "
+        f"in {len(gaps) / steps:.0f} gaps/step; host call chain at each gap's middle:",
+    ]
     for chain, us in sorted(totals.items(), key=lambda item: -item[1])[:rows]:
         lines.append(f"  {us / steps / 1e3:7.3f} ms/step  {chain}")
     return "\n".join(lines)

@@ -37,18 +37,26 @@ def kind_of(kernel: str) -> str:
 
 
 def time_by_kind(kernel_times: dict[str, float]) -> dict[str, float]:
-    """Kernel name -> µs per step, summed into kind -> µs per step (every kind listed, in KINDS' order)."""
+    """Kernel name -> µs per step, summed into kind -> µs per step (every kind listed, in KINDS' order).
+    Sums launches per step by kind just as well."""
     totals = {kind: 0.0 for kind, _ in KINDS} | {OTHER: 0.0}
     for kernel, microseconds in kernel_times.items():
         totals[kind_of(kernel)] += microseconds
     return totals
 
 
-def format_kinds(totals: dict[str, float]) -> str:
-    """One line per kind (ms per step and share of the kernels' time), then the total."""
+def format_kinds(totals: dict[str, float], launches: dict[str, float] | None = None) -> str:
+    """One line per kind (ms per step and share of the kernels' time, and with ``launches``, kind
+    -> kernels launched per step, their count), then the total."""
     whole = sum(totals.values())
-    lines = [f"  {ms / 1e3:7.3f} ms/step {100 * ms / whole if whole else 0.0:5.1f}%  {kind}" for kind, ms in totals.items()]
-    return "\n".join(["GPU time per step by kind of kernel:", *lines, f"  {whole / 1e3:7.3f} ms/step        all kernels"])
+
+    def count(kind: str) -> str:
+        return "" if launches is None else f" {launches[kind]:6.0f} launches"
+
+    lines = [f"  {ms / 1e3:7.3f} ms/step {100 * ms / whole if whole else 0.0:5.1f}%{count(kind)}  {kind}"
+             for kind, ms in totals.items()]
+    every = "" if launches is None else f" {sum(launches.values()):6.0f} launches"
+    return "\n".join(["GPU time per step by kind of kernel:", *lines, f"  {whole / 1e3:7.3f} ms/step       {every}  all kernels"])
 
 
 def format_top_kernels(kernel_times: dict[str, float], rows: int) -> str:

@@ -61,6 +61,11 @@ def kernel_times(averages, steps: int) -> dict[str, float]:
     return {event.key: event.self_device_time_total / steps for event in _kernel_events(averages)}
 
 
+def kernel_launches(averages, steps: int) -> dict[str, float]:
+    """Kernel name -> launches per step, from a profiler's ``key_averages()``."""
+    return {event.key: event.count / steps for event in _kernel_events(averages)}
+
+
 def kernel_share(averages, names: list[str], steps: int, step_ms: float) -> str:
     """GPU time per step of the kernels whose names contain one of ``names``, and its share of a
     step of ``step_ms`` (the unprofiled median: profiling slows the host, not the kernels)."""
@@ -209,7 +214,7 @@ def main() -> None:
         print(gap_report(prof.events(), options.profile_steps))
     if options.by_kind:
         times_per_step = kernel_times(averages, options.profile_steps)
-        print(format_kinds(time_by_kind(times_per_step)))
+        print(format_kinds(time_by_kind(times_per_step), time_by_kind(kernel_launches(averages, options.profile_steps))))
         if options.kind_rows:
             print(format_top_kernels(times_per_step, options.kind_rows))
 

@@ -60,7 +60,24 @@ def test_a_record_function_range_on_the_gpu_timeline_is_not_kernel_time():
 def test_report_of_a_cpu_profile_has_no_gaps():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         torch.ones(8).sum()
-    assert gap_report(prof.events(), steps=1).startswith("GPU idle in gaps of at least 2 µs: 0.00 ms/step in 0 gaps/step")
+    lines = gap_report(prof.events(), steps=1).splitlines()
+    assert lines[0] == "GPU kernels (and copies) a step: 0; idle in gaps shorter than 2 µs between them: 0.00 ms/step in 0 gaps/step"
+    assert lines[1].startswith("GPU idle in gaps of at least 2 µs: 0.00 ms/step in 0 gaps/step")
+
+
+def test_report_splits_idle_time_at_the_threshold():
+    from types import SimpleNamespace
+
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def kernel(start, end):
+        return SimpleNamespace(name="k", device_type=cuda, time_range=SimpleNamespace(start=start, end=end))
+
+    # Two steps, a 2 ms threshold: gaps of 1 and 1.5 ms (short) and one of 10 ms.
+    events = [kernel(0, 5000), kernel(6000, 10000), kernel(11500, 20000), kernel(30000, 40000)]
+    lines = gap_report(events, steps=2, min_us=2000).splitlines()
+    assert lines[0] == "GPU kernels (and copies) a step: 2; idle in gaps shorter than 2000 µs between them: 1.25 ms/step in 1 gaps/step"
+    assert lines[1].startswith("GPU idle in gaps of at least 2000 µs: 5.00 ms/step in 0 gaps/step")
 
 
 def test_kernel_share_sums_the_named_kernels_only():

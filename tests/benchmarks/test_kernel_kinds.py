@@ -32,23 +32,29 @@ def test_times_sum_by_kind_and_print_with_shares():
     assert sum(totals.values()) == sum(times.values())
     text = format_kinds(totals)
     assert "  0.400 ms/step  40.0%  KV-SSM scan and conv" in text
-    assert text.endswith("  1.000 ms/step        all kernels")
+    assert text.endswith("  1.000 ms/step         all kernels")
+    launches = time_by_kind({"_window_fwd_kernel": 8.0, "_conv_fwd_kernel": 8.0, "nvjet_a": 40.0, "nvjet_b": 4.0, "memset": 2.0})
+    text = format_kinds(totals, launches)
+    assert "  0.400 ms/step  40.0%     16 launches  KV-SSM scan and conv" in text
+    assert "  0.000 ms/step   0.0%      2 launches  other" in text
+    assert text.endswith("  1.000 ms/step            62 launches  all kernels")
 
 
 def test_profile_step_reads_kernel_times_per_step_from_device_events_only():
     from types import SimpleNamespace
 
-    from benchmarks.profile_step import kernel_times
+    from benchmarks.profile_step import kernel_launches, kernel_times
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     averages = [
-        SimpleNamespace(key="_window_bwd_kernel", device_type=cuda, self_device_time_total=600.0),
-        SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=900.0),  # an operator, not a kernel
+        SimpleNamespace(key="_window_bwd_kernel", device_type=cuda, self_device_time_total=600.0, count=24),
+        SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=900.0, count=3),  # an operator, not a kernel
         # The optimizer's record_function range, mirrored on the GPU's timeline: its kernels' span.
         SimpleNamespace(key="Optimizer.step#AdamW.step", device_type=cuda, self_device_time_total=1200.0,
-                        is_user_annotation=True),
+                        is_user_annotation=True, count=3),
     ]
     assert kernel_times(averages, steps=3) == {"_window_bwd_kernel": 200.0}
+    assert kernel_launches(averages, steps=3) == {"_window_bwd_kernel": 8.0}
 
 
 def test_top_kernels_are_listed_longest_first_under_their_kind():
