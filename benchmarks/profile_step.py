@@ -11,7 +11,9 @@ second table says where the host spends it.
     python benchmarks/profile_step.py config=apps/attamba/configs/attamba_60m.yaml \
         [--seq-len 1024] [--batch 16] [--mean-doc 512] [--rows 25] [--gaps] [model.ssm_impl=torch ...]
 
-``--gaps`` adds where the GPU idled within the profiled steps and what the host ran meanwhile
+``--timeline 20`` times 20 more steps without a profiler, recording when the host and when the GPU
+reach each block's forward and backward (:mod:`benchmarks.step_timeline`): where the GPU's lag
+behind the host falls to ~0, the GPU waits for the host. ``--gaps`` adds where the GPU idled within the profiled steps and what the host ran meanwhile
 (:mod:`benchmarks.gpu_gaps`); ``--share-of _window_,_conv_`` the GPU time of the kernels so named as a share of
 the step (the KV-SSM share of issue 3); ``--by-kind`` the GPU time by kind of kernel
 (:mod:`benchmarks.kernel_kinds`: matmuls, attention, KV-SSM kernels, ...), to set two models side by side.
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_gaps import gap_report, is_device_work  # noqa: E402
 from benchmarks.kernel_kinds import format_kinds, format_top_kernels, time_by_kind  # noqa: E402
+from benchmarks.step_timeline import StepTimeline  # noqa: E402
 from lingua import distributed  # noqa: E402
 from lingua.args import read_raw  # noqa: E402
 from lingua.optim import build_optimizer, no_weight_decay_names  # noqa: E402
@@ -90,9 +93,12 @@ class TrainingStep:
     """One model's training step as the training loop runs it: forward under bf16 autocast, the
     loss, backward, AdamW, on fixed random tokens (packed documents of random lengths)."""
 
-    run: Callable[[], None]
+    run: Callable[..., None]
+    """``run(mark=None)``: one step; ``mark(name)``, if given, is called at the loss, after the
+    backward and after the optimizer (:class:`benchmarks.step_timeline.StepTimeline.mark`)."""
     args: object
     """The model's training args (``lingua.train.TrainArgs``)."""
+    model: torch.nn.Module
 
 
 def make_training_step(overrides: list[str], seq_len: int, batch: int, mean_doc: int, device: torch.device,
@@ -117,15 +123,19 @@ def make_training_step(overrides: list[str], seq_len: int, batch: int, mean_doc:
     tokens = torch.randint(0, args.model.vocab_size, (batch, seq_len + 1), device=device)
     doc_ids = random_doc_ids(batch, seq_len, mean_doc, device)
 
-    def run() -> None:
+    def run(mark: Callable[[str], None] | None = None) -> None:
+        mark = mark or (lambda name: None)
         distributed.mark_step_begin(args.distributed)
         with autocast:
             loss = loss_fn(model(tokens[:, :-1], doc_ids), tokens[:, 1:])
+        mark("loss")
         loss.backward()
+        mark("backward done")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        mark("optimizer done")
 
-    return TrainingStep(run, args)
+    return TrainingStep(run, args, model)
 
 
 def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> list[float]:
@@ -139,6 +149,22 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> li
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def record_timeline(training: TrainingStep, steps: int, device: torch.device) -> StepTimeline:
+    """``steps`` steps with the host's and the GPU's arrival at each point recorded (hooks on the
+    model's blocks, removed afterwards)."""
+    timeline = StepTimeline(device)
+    handles = timeline.attach(training.model.layers)
+    try:
+        for _ in range(steps):
+            timeline.begin_step()
+            training.run(timeline.mark)
+            timeline.end_step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return timeline
 
 
 def main() -> None:
@@ -163,6 +189,9 @@ def main() -> None:
                         help="also print the GPU time per step by kind of kernel (benchmarks/kernel_kinds.py)")
     parser.add_argument("--kind-rows", type=int, default=0, metavar="N",
                         help="with --by-kind, also list each kind's N longest kernels")
+    parser.add_argument("--timeline", type=int, default=0, metavar="STEPS",
+                        help="also time STEPS more steps unprofiled, recording when host and GPU reach each block's "
+                             "forward and backward, the loss and the optimizer (benchmarks/step_timeline.py)")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     options, overrides = parser.parse_known_args()
     if options.device == "cuda" and not torch.cuda.is_available():
@@ -183,6 +212,8 @@ def main() -> None:
     ms = statistics.median(steady)
     print(f"{args.model_type} n={n} batch={batch} mean_doc={options.mean_doc}: "
           f"{ms:.2f} ms/step, {batch * n / ms * 1e3:,.0f} tok/s (median of last {len(steady)})")
+    if options.timeline > 0:
+        print(record_timeline(training, options.timeline, device).report())
 
     if options.profile_steps < 1:
         return
