@@ -2,8 +2,8 @@
 
 A profiler slows the host several-fold, so its idle gaps exaggerate how long a host-bound step
 starves the GPU. Here each point of a step (each block's forward, each block's backward, the loss,
-the optimizer) records the host's clock and a CUDA event; after the step, the event's time says
-when the GPU got there. Their difference, the GPU's lag, is the work the GPU still had queued when
+the optimizer) records the host's clock and a CUDA event; the event's time says when the GPU got
+there. Their difference, the GPU's lag, is the work the GPU still had queued when
 the host passed the point: where it falls to ~0 the GPU has caught up and waits for the host.
 
     timeline = StepTimeline(device)
@@ -39,16 +39,26 @@ class _HostEvent:
 
 
 class StepTimeline:
-    """Host and GPU arrival times (ms since the step began) at named points of each step."""
+    """Host and GPU arrival times (ms since the host began the step) at named points of each step.
+
+    Steps run as the training loop runs them, without waiting for the GPU in between: the GPU may
+    still be on the previous step when the host begins the next (a positive lag at "step begins").
+    The GPU's times come from events measured against one recorded after a synchronization, when
+    the GPU and the host were at the same point."""
 
     def __init__(self, device: torch.device):
         self._event: Callable[..., object] = torch.cuda.Event if device.type == "cuda" else _HostEvent
         self._device = device
+        self._origin: tuple[float, object] | None = None
         self._marks: list[tuple[str, float, object]] = []
-        self._steps: list[list[tuple[str, float, float]]] = []
+        self._steps: list[list[tuple[str, float, object]]] = []
 
     def begin_step(self) -> None:
-        """Call with the GPU idle (after the previous step's synchronization)."""
+        if self._origin is None:
+            self._synchronize()
+            event = self._event(enable_timing=True)
+            event.record()
+            self._origin = (time.perf_counter(), event)
         self._marks = []
         self.mark("step begins")
 
@@ -58,12 +68,12 @@ class StepTimeline:
         self._marks.append((name, time.perf_counter(), event))
 
     def end_step(self) -> None:
-        """Waits for the GPU and keeps the step's (name, host ms, GPU ms) rows."""
         self.mark("step ends")
+        self._steps.append(self._marks)
+
+    def _synchronize(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
-        _, host_0, event_0 = self._marks[0]
-        self._steps.append([(name, (host - host_0) * 1e3, event_0.elapsed_time(event)) for name, host, event in self._marks])
 
     def attach(self, blocks: Iterable[nn.Module]) -> list:
         """Marks each block's forward as it starts and its backward as it starts (when the gradient
@@ -79,13 +89,22 @@ class StepTimeline:
             output.register_hook(lambda grad: self.mark(f"backward of block {index}"))
 
     def rows(self) -> list[tuple[str, float, float]]:
-        """(name, host ms, GPU ms) per point, medians over the steps, in the order of the last step."""
+        """(name, host ms, GPU ms) per point, medians over the steps, in the order of the last step
+        (waits for the GPU)."""
         if not self._steps:
             return []
-        names = [name for name, _, _ in self._steps[-1]]
+        self._synchronize()
+        host_0, event_0 = self._origin
+
+        def since(begun: float, host: float, event) -> tuple[float, float]:
+            """(host ms, GPU ms on the host's clock) since the host began the step."""
+            return (host - begun) * 1e3, (host_0 - begun) * 1e3 + event_0.elapsed_time(event)
+
+        resolved = [[(name, *since(marks[0][1], host, event)) for name, host, event in marks] for marks in self._steps]
+        names = [name for name, _, _ in resolved[-1]]
         rows = []
         for position, name in enumerate(names):
-            same = [step[position] for step in self._steps if len(step) == len(names) and step[position][0] == name]
+            same = [step[position] for step in resolved if len(step) == len(names) and step[position][0] == name]
             rows.append((name, statistics.median(r[1] for r in same), statistics.median(r[2] for r in same)))
         return rows
 

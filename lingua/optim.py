@@ -80,21 +80,21 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
 
 
 def build_optimizer(model: nn.Module, args: OptimArgs, total_steps: int, no_decay: set[str] | None = None):
-    """AdamW (fused on CUDA) and its LambdaLR schedule; parameters named in ``no_decay`` (default:
-    those marked on ``model``) get no weight decay."""
+    """Fused AdamW and its LambdaLR schedule; parameters named in ``no_decay`` (default: those
+    marked on ``model``) get no weight decay. Fused on every device: the training loop skips
+    non-finite updates through its ``found_inf`` (:mod:`lingua.step_check`)."""
     no_decay = no_weight_decay_names(model) if no_decay is None else no_decay
     named = [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     decayed = [p for n, p in named if n not in no_decay]
     exempt = [p for n, p in named if n in no_decay]
     groups = [{"params": decayed}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
-    fused = all(p.is_cuda for _, p in named)
     optimizer = torch.optim.AdamW(
         groups,
         lr=args.lr,
         betas=(args.beta1, args.beta2),
         eps=args.epsilon,
         weight_decay=args.weight_decay,
-        fused=fused or None,
+        fused=True,
     )
     scheduler = LambdaLR(optimizer, partial(lr_multiplier, args=args, total_steps=total_steps))
     return optimizer, scheduler

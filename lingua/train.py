@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import signal
 import sys
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ from lingua.metrics import LoggingArgs, MetricLogger, Throughput, format_line, m
 from lingua.optim import OptimArgs, build_optimizer, no_weight_decay_names
 from lingua.profiling import ProfilerArgs, StepProfiler
 from lingua.registry import get_model_spec
+from lingua.step_check import DeferredStepCheck, StepStats
 from lingua.tokenizer import build_tokenizer, check_vocab
 
 logger = logging.getLogger("lingua")
@@ -53,7 +53,8 @@ class TrainArgs:
     device: str = "auto"
     """'auto' (CUDA if available), 'cuda' or 'cpu'."""
     max_nan_steps: int = 10
-    """Skip steps whose loss or gradient is NaN/inf; stop (with a checkpoint) after this many."""
+    """Skip the update of steps whose loss or gradient is NaN/inf (on the device; a skipped step
+    still counts towards ``steps``); stop (with a checkpoint) after this many."""
     gc_every: int = 1000
     """Run Python's garbage collector every this many steps (automatic collection is off)."""
     eval_every: int = 0
@@ -183,6 +184,21 @@ def train(args: TrainArgs) -> dict:
     last_loss = float("nan")
 
     first_step = step
+    check = DeferredStepCheck(optimizer, env.device)
+
+    def absorb(finished: list[StepStats]) -> Optional[StepStats]:
+        """Counts the finished steps that were skipped (stopping after too many); the last one."""
+        nonlocal nan_steps, last_loss
+        for stats in finished:
+            if stats.finite:
+                last_loss = stats.loss
+                continue
+            nan_steps += 1
+            logger.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", stats.step, nan_steps)
+            if nan_steps >= args.max_nan_steps:
+                save()
+                raise RuntimeError(f"stopping: {nan_steps} non-finite steps (train.max_nan_steps)")
+        return finished[-1] if finished else None
 
     def summary(preempted: bool) -> dict:
         # loss is NaN when this call ran no step (it resumed a run already at args.steps).
@@ -209,32 +225,31 @@ def train(args: TrainArgs) -> dict:
             )
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
-            # One host sync per step, which the non-finite guard needs anyway.
-            stats = torch.stack([distributed.all_reduce_mean(loss_sum, env), grad_norm.to(loss_sum.dtype)])
-            loss_value, grad_norm_value = stats.tolist()
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
-                nan_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                logger.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step, nan_steps)
-                if nan_steps >= args.max_nan_steps:
-                    save()
-                    raise RuntimeError(f"stopping: {nan_steps} non-finite steps (train.max_nan_steps)")
-                continue
+            # The non-finite check runs on the device; the host reads the statistics a step late.
+            check.arm(step + 1, distributed.all_reduce_mean(loss_sum, env), grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            last_loss = loss_value
             profiler.step(step)
             if step % args.gc_every == 0:
                 gc.collect()
 
-            if step % args.logging.freq == 0 or step == args.steps:
+            logged = step % args.logging.freq == 0 or step == args.steps
+            # Saving, evaluating and FSDP are collective: every rank must stop at the same step,
+            # even when the signal reached the ranks at different times.
+            stopping = distributed.any_rank(preemption.requested, env)
+            evaluated = args.eval_every > 0 and step % args.eval_every == 0 and step < args.steps and not stopping
+            saved = bool(args.checkpoint.every and step % args.checkpoint.every == 0 and step < args.steps) or stopping
+            # This step's statistics at once where they are logged or a checkpoint or evaluation
+            # follows; otherwise those of the step before, which the GPU has finished.
+            latest = absorb(check.finished(wait_for_all=logged or evaluated or saved or step == args.steps))
+            if logged:
                 record = {
                     "global_step": step,
-                    "loss/out": loss_value,
+                    "loss/out": latest.loss,
                     "optim/lr": scheduler.get_last_lr()[0],
-                    "optim/grad_norm": grad_norm_value,
+                    "optim/grad_norm": latest.grad_norm,
                     "optim/nan_steps": nan_steps,
                     "data/skipped_lines": data.skipped_lines,
                     **throughput.read(),
@@ -244,15 +259,11 @@ def train(args: TrainArgs) -> dict:
                 logger.info(format_line(record))
                 throughput.reset()
 
-            # Saving, evaluating and FSDP are collective: every rank must stop at the same step,
-            # even when the signal reached the ranks at different times.
-            stopping = distributed.any_rank(preemption.requested, env)
-            evaluated = args.eval_every > 0 and step % args.eval_every == 0 and step < args.steps and not stopping
             if evaluated:
                 evaluator.run(distributed.unwrap(model), step)
                 throughput.reset()  # keep evaluation time out of tokens/s
                 stopping = distributed.any_rank(preemption.requested, env)  # a signal during it
-            if (args.checkpoint.every and step % args.checkpoint.every == 0 and step < args.steps) or stopping:
+            if saved or stopping:
                 save()
             if evaluated and args.checkpoint.keep_eval != 0 and not stopping:
                 save(is_eval=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.profile_step import make_training_step, record_timeline
-from benchmarks.step_timeline import StepTimeline
+from benchmarks.step_timeline import StepTimeline, _HostEvent
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -22,7 +22,7 @@ def test_a_step_passes_every_block_forward_then_backward_in_order(compile):
     hosts = [host for _, host, _ in rows]
     assert hosts[0] == 0 and hosts == sorted(hosts)
     # Off CUDA "the GPU" reaches a point when the host does: no lag.
-    assert all(abs(gpu - host) < 1.0 for _, host, gpu in rows)
+    assert all(abs(gpu - host) < 0.05 for _, host, gpu in rows)
     assert "medians of 2 steps" in timeline.report()
     # The hooks are gone afterwards: a plain step marks nothing.
     other = StepTimeline(torch.device("cpu"))
@@ -32,10 +32,22 @@ def test_a_step_passes_every_block_forward_then_backward_in_order(compile):
     assert [name for name, _, _ in other.rows()] == ["step begins", "step ends"]
 
 
-def test_rows_are_medians_over_steps():
+def test_rows_are_medians_over_steps_with_the_gpu_on_the_hosts_clock():
+    def event(at):
+        recorded = _HostEvent()
+        recorded.at = at
+        return recorded
+
     timeline = StepTimeline(torch.device("cpu"))
-    timeline._steps = [[("step begins", 0.0, 0.0), ("loss", 1.0, 5.0)],
-                       [("step begins", 0.0, 0.0), ("loss", 3.0, 6.0)],
-                       [("step begins", 0.0, 0.0), ("loss", 2.0, 9.0)]]
-    assert timeline.rows() == [("step begins", 0.0, 0.0), ("loss", 2.0, 6.0)]
+    timeline._origin = (100.0, event(100.0))  # host and "GPU" together at 100 s
+    # Three steps begun by the host at 101, 102 and 103 s; the GPU reaches each "loss" later.
+    timeline._steps = [
+        [("step begins", 101.0, event(101.000)), ("loss", 101.001, event(101.005))],
+        [("step begins", 102.0, event(102.002)), ("loss", 102.003, event(102.006))],
+        [("step begins", 103.0, event(103.001)), ("loss", 103.002, event(103.009))],
+    ]
+    rows = timeline.rows()
+    assert [name for name, _, _ in rows] == ["step begins", "loss"]
+    assert rows[0][1:] == pytest.approx((0.0, 1.0), abs=1e-6)  # the GPU still on the previous step
+    assert rows[1][1:] == pytest.approx((2.0, 6.0), abs=1e-6)
     assert timeline.report().splitlines()[-1].split() == ["loss", "2.00", "6.00", "4.00"]

@@ -1,5 +1,6 @@
 """The training loop: exact resume, preemption, crash-safe checkpoints, NaN guard, export."""
 
+import math
 import os
 import signal
 import subprocess
@@ -98,6 +99,23 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, corpus, monkeypatch):
     with pytest.raises(RuntimeError, match="3 non-finite steps"):
         train_module.train(tiny_args(tmp_path / "nan", corpus, "steps=5", "max_nan_steps=3"))
     assert CheckpointManager.complete_checkpoints(tmp_path / "nan" / "checkpoints"), "a checkpoint is saved on stop"
+
+
+def test_one_non_finite_step_is_skipped_and_training_goes_on(tmp_path, corpus, monkeypatch):
+    calls = []
+
+    def loss_nan_on_second_call(logits, labels):
+        calls.append(1)
+        loss = train_module.F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train_module, "cross_entropy", loss_nan_on_second_call)
+    # Logging at every step reads each step's statistics at once; at freq 100 they come a step late.
+    for freq in (1, 100):
+        calls.clear()
+        summary = train_module.train(tiny_args(tmp_path / f"one_nan_{freq}", corpus, "steps=4", f"logging.freq={freq}"))
+        assert summary["step"] == 4 and summary["nan_steps"] == 1
+        assert math.isfinite(summary["loss"])
 
 
 def test_export_loads_for_inference_and_matches(tmp_path, corpus):
