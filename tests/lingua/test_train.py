@@ -101,7 +101,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, corpus, monkeypatch):
     assert CheckpointManager.complete_checkpoints(tmp_path / "nan" / "checkpoints"), "a checkpoint is saved on stop"
 
 
-def test_one_non_finite_step_is_skipped_and_training_goes_on(tmp_path, corpus, monkeypatch):
+def _train_with_one_nan_step(run_dir, corpus, monkeypatch, *overrides) -> dict:
     calls = []
 
     def loss_nan_on_second_call(logits, labels):
@@ -110,12 +110,24 @@ def test_one_non_finite_step_is_skipped_and_training_goes_on(tmp_path, corpus, m
         return loss * float("nan") if len(calls) == 2 else loss
 
     monkeypatch.setattr(train_module, "cross_entropy", loss_nan_on_second_call)
+    return train_module.train(tiny_args(run_dir, corpus, "steps=4", *overrides))
+
+
+def test_one_non_finite_step_is_skipped_and_training_goes_on(tmp_path, corpus, monkeypatch):
     # Logging at every step reads each step's statistics at once; at freq 100 they come a step late.
     for freq in (1, 100):
-        calls.clear()
-        summary = train_module.train(tiny_args(tmp_path / f"one_nan_{freq}", corpus, "steps=4", f"logging.freq={freq}"))
+        summary = _train_with_one_nan_step(tmp_path / f"one_nan_{freq}", corpus, monkeypatch, f"logging.freq={freq}")
         assert summary["step"] == 4 and summary["nan_steps"] == 1
         assert math.isfinite(summary["loss"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: statistics through pinned memory, fused AdamW on the GPU")
+def test_on_cuda_one_non_finite_step_is_skipped_and_training_goes_on(tmp_path, corpus, monkeypatch):
+    summary = _train_with_one_nan_step(tmp_path / "cuda", corpus, monkeypatch, "device=cuda", "logging.freq=100",
+                                       "distributed.compile=false")
+    assert summary["step"] == 4 and summary["nan_steps"] == 1
+    assert math.isfinite(summary["loss"])
 
 
 def test_export_loads_for_inference_and_matches(tmp_path, corpus):
