@@ -136,12 +136,12 @@ def compile_ssm_kernels() -> list[str]:
     pointers.update({f"{name}_ptr": "fp32" for name in ("A", "D", "ddt", "dA_part", "dD_part", "dw_part")})
     pointers.update(dt_ptr="bf16", start_ptr="u8", dist_ptr="i32")
     ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S)
-    conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C, WIDE=False)
+    conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
     # Each conv kernel at the settings its launch uses: the dx kernel its own channel tile, the
     # weight gradients SPLIT_* with the SiLU and PLAIN_SPLIT_* without.
-    dx_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.DX_BLOCK_C, WIDE=False)
+    dx_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.DX_BLOCK_C)
     dw_tiles = dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS)
-    plain_dw_tiles = dict(K=4, BLOCK_N=conv.PLAIN_SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.PLAIN_SPLIT_TOKENS, WIDE=False)
+    plain_dw_tiles = dict(K=4, BLOCK_N=conv.PLAIN_SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.PLAIN_SPLIT_TOKENS)
     variants = [
         (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, ALIGNED=aligned, **ssd_tiles,
                       TILE_P=window.BACKWARD_TILE_P if backward else window.FORWARD_TILE_P),
@@ -156,9 +156,7 @@ def compile_ssm_kernels() -> list[str]:
         (conv._conv_fwd_kernel, dict(HAS_BIAS=False, SILU=False, **conv_tiles), conv.NUM_WARPS, 3),
         (conv._conv_bwd_kernel, conv_tiles, conv.NUM_WARPS, 3),
         (conv._conv_dx_kernel, dx_tiles, conv.DX_WARPS, 3),
-        (conv._conv_dw_kernel, dict(HAS_BIAS=True, SILU=True, WIDE=False, **dw_tiles), conv.SPLIT_WARPS, 3),  # the model's
-        # Rows of 2**31 elements or more (64-bit offsets): compiled, and its registers listed.
-        (conv._conv_dw_kernel, dict(HAS_BIAS=True, SILU=True, WIDE=True, **dw_tiles), conv.SPLIT_WARPS, 3),
+        (conv._conv_dw_kernel, dict(HAS_BIAS=True, SILU=True, **dw_tiles), conv.SPLIT_WARPS, 3),  # the model's
         (conv._conv_dw_kernel, dict(HAS_BIAS=False, SILU=False, **plain_dw_tiles), conv.PLAIN_SPLIT_WARPS, 3),
     ]
     from apps.attamba import gated_norm_triton as gate
@@ -174,7 +172,7 @@ def compile_ssm_kernels() -> list[str]:
     for kernel, constexprs, warps, stages in variants:
         used = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
         compiled = compile_for_hopper(kernel, used, {"eps"} & set(kernel.arg_names), constexprs, warps, stages)
-        switches = " ".join(f"{key}={value}" for key, value in constexprs.items() if key in ("BLOCK_Q", "HAS_BIAS", "PRECISION", "SILU", "ALIGNED", "WIDE"))
+        switches = " ".join(f"{key}={value}" for key, value in constexprs.items() if key in ("BLOCK_Q", "HAS_BIAS", "PRECISION", "SILU", "ALIGNED"))
         done.append(f"{kernel.__name__}{' ' + switches if switches else ''}: " + resource_usage(compiled))
     return done
 

@@ -65,22 +65,11 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _within_row(t, stride, ch, WIDE: tl.constexpr):
-    """Offsets [N, C] of tokens t and channels ch from the start of their batch row: int32 unless
-    a row spans 2**31 elements or more (WIDE). 64-bit offsets per element cost the weight-gradient
-    kernel 195 registers a thread against 164 (sm_90, offline), a block per multiprocessor."""
-    if WIDE:
-        return t.to(tl.int64)[:, None] * stride + ch[None, :]
-    else:
-        return t[:, None] * stride + ch[None, :]
-
-
-@triton.jit
-def _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, WIDE: tl.constexpr):
+def _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n):
     """What tap i reads at tokens t: x_{t-i} [N, C] (zero before t's segment), fp32."""
     live = in_seq & (dist >= i)
     x = tl.load(
-        x_ptr + bi * stride_x_b + _within_row(t - i, stride_x_n, ch, WIDE),
+        x_ptr + bi * stride_x_b + (t - i).to(tl.int64)[:, None] * stride_x_n + ch[None, :],
         mask=live[:, None] & in_ch[None, :],
         other=0.0,
     )
@@ -95,19 +84,19 @@ def _tap(w_ptr, ch, in_ch, i, K: tl.constexpr):
 
 @triton.jit
 def _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n,
-                   K: tl.constexpr, WIDE: tl.constexpr):
+                   K: tl.constexpr):
     """Tap i's weights [C] and what it reads, x_{t-i} [N, C] (zero before t's segment), fp32."""
-    return _tap(w_ptr, ch, in_ch, i, K), _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, WIDE)
+    return _tap(w_ptr, ch, in_ch, i, K), _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n)
 
 
 @triton.jit
-def _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n, WIDE: tl.constexpr):
+def _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n):
     """dout_{t+i} [N, C] where token t+i's tap i read x_t (t+i is i or more into its segment), else
     zero; fp32."""
     later = t + i
     later_live = (later < n) & (tl.load(dist_ptr + bi * n + later, mask=later < n, other=0) >= i)
     dout = tl.load(
-        dout_ptr + bi * stride_d_b + _within_row(later, stride_d_n, ch, WIDE),
+        dout_ptr + bi * stride_d_b + later.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
         mask=later_live[:, None] & in_ch[None, :],
         other=0.0,
     )
@@ -142,7 +131,6 @@ def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, dist_ptr, out_ptr,
     n, c, stride_x_b, stride_x_n,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    WIDE: tl.constexpr,
 ):
     bi = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -152,19 +140,20 @@ def _conv_fwd_kernel(
     dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)  # [N] tokens since segment start
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(K):
-        tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K, WIDE)
+        tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
         acc += x * tap[None, :]
     acc += _bias(bias_ptr, ch, in_ch, HAS_BIAS)[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    tl.store(out_ptr + bi * n * c + _within_row(t, c, ch, WIDE), acc.to(out_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
+    out_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
 
 
 @triton.jit
 def _conv_bwd_kernel(
     x_ptr, w_ptr, dist_ptr, dout_ptr, dx_ptr, dw_part_ptr,
     n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
-    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     bi = tl.program_id(0).to(tl.int64)
     block_n = tl.program_id(1)
@@ -173,7 +162,7 @@ def _conv_bwd_kernel(
     in_seq = t < n
     in_ch = ch < c
     dout = tl.load(
-        dout_ptr + bi * stride_d_b + _within_row(t, stride_d_n, ch, WIDE),
+        dout_ptr + bi * stride_d_b + t.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
         mask=in_seq[:, None] & in_ch[None, :],
         other=0.0,
     ).to(tl.float32)  # [N, C]
@@ -185,19 +174,20 @@ def _conv_bwd_kernel(
     _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K, tl.sum(dout, axis=0), K)
     for i in tl.static_range(K):
         # Weight: token t's tap i read x_{t-i}.
-        tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K, WIDE)
+        tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
         dw = tl.sum(dout * x, axis=0)  # [C]
         _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 1 - i, dw, K)
         # Input: x_t was read by token t+i's tap i.
-        dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n, WIDE) * tap[None, :]
-    tl.store(dx_ptr + bi * n * c + _within_row(t, c, ch, WIDE), dx.to(dx_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
+        dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
+    dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
 
 
 @triton.jit
 def _conv_dx_kernel(
     w_ptr, dist_ptr, dout_ptr, dx_ptr,
     n, c, stride_d_b, stride_d_n,
-    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx of the split backward (SPLIT_BACKWARD): the forward's stencil run on later tokens."""
     bi = tl.program_id(0).to(tl.int64)
@@ -207,8 +197,9 @@ def _conv_dx_kernel(
     dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(K):
         tap = _tap(w_ptr, ch, in_ch, i, K)
-        dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n, WIDE) * tap[None, :]
-    tl.store(dx_ptr + bi * n * c + _within_row(t, c, ch, WIDE), dx.to(dx_ptr.dtype.element_ty), mask=(t < n)[:, None] & in_ch[None, :])
+        dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
+    dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=(t < n)[:, None] & in_ch[None, :])
 
 
 @triton.jit
@@ -216,7 +207,7 @@ def _conv_dw_kernel(
     x_ptr, w_ptr, bias_ptr, dist_ptr, dout_ptr, dw_part_ptr, dpre_ptr,
     n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPAN: tl.constexpr, WIDE: tl.constexpr,
+    SPAN: tl.constexpr,
 ):
     """Weight and bias gradients of the split backward over SPAN tokens of one (row, channel
     block): each tap's products summed elementwise tile by tile, reduced over tokens once at the
@@ -238,17 +229,17 @@ def _conv_dw_kernel(
         t = first + tl.arange(0, BLOCK_N)
         in_seq = t < n
         dout = tl.load(
-            dout_ptr + bi * stride_d_b + _within_row(t, stride_d_n, ch, WIDE),
+            dout_ptr + bi * stride_d_b + t.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
             mask=in_seq[:, None] & in_ch[None, :], other=0.0,
         ).to(tl.float32)
         dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)
-        x_0 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 0, stride_x_b, stride_x_n, WIDE)
+        x_0 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 0, stride_x_b, stride_x_n)
         if K > 1:
-            x_1 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 1, stride_x_b, stride_x_n, WIDE)
+            x_1 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 1, stride_x_b, stride_x_n)
         if K > 2:
-            x_2 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 2, stride_x_b, stride_x_n, WIDE)
+            x_2 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 2, stride_x_b, stride_x_n)
         if K > 3:
-            x_3 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 3, stride_x_b, stride_x_n, WIDE)
+            x_3 = _earlier_input(x_ptr, bi, t, ch, dist, in_seq, in_ch, 3, stride_x_b, stride_x_n)
         if SILU:
             pre = _bias(bias_ptr, ch, in_ch, HAS_BIAS)[None, :] + x_0 * _tap(w_ptr, ch, in_ch, 0, K)[None, :]
             if K > 1:
@@ -258,7 +249,8 @@ def _conv_dw_kernel(
             if K > 3:
                 pre += x_3 * _tap(w_ptr, ch, in_ch, 3, K)[None, :]
             dout = _silu_grad(dout, pre)
-            tl.store(dpre_ptr + bi * n * c + _within_row(t, c, ch, WIDE), dout.to(dpre_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
+            dpre_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+            tl.store(dpre_ptr + dpre_offs, dout.to(dpre_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
         acc_bias += dout
         acc_0 += dout * x_0
         if K > 1:
@@ -294,12 +286,6 @@ def _distance_to_segment_start(segment_start: torch.Tensor, cap: int) -> torch.T
 
 # Custom ops rather than an autograd.Function, so that torch.compile keeps the calling block in
 # one graph (see apps.attamba.ssd_triton).
-def _needs_wide_offsets(n: int, c: int, *token_strides: int) -> bool:
-    """Whether offsets within a batch row of n tokens (c channels, the given token strides) can
-    reach 2**31, past int32 (the kernels' WIDE)."""
-    return n * max((c, *token_strides)) >= 2**31
-
-
 def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor,
                     silu: bool) -> torch.Tensor:
     b, n, c = x.shape
@@ -308,8 +294,7 @@ def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, dist, out,
         n, c, x.stride(0), x.stride(1),
-        K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
-        WIDE=_needs_wide_offsets(n, c, x.stride(1)), num_warps=NUM_WARPS,
+        K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
     )
     return out
 
@@ -345,7 +330,6 @@ def _conv_backward(
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
     channel_blocks = triton.cdiv(c, BLOCK_C)
-    wide = _needs_wide_offsets(n, c, x.stride(1), dout.stride(1))
     if SPLIT_BACKWARD and k <= 4:
         span, block_n, warps = ((SPLIT_TOKENS, SPLIT_BLOCK_N, SPLIT_WARPS) if silu
                                 else (PLAIN_SPLIT_TOKENS, PLAIN_SPLIT_BLOCK_N, PLAIN_SPLIT_WARPS))
@@ -360,12 +344,11 @@ def _conv_backward(
         _conv_dw_kernel[(b, spans, channel_blocks)](
             x, weight, bias if bias is not None else weight, dist, dout, dw_part, dpre,
             n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, BLOCK_C=BLOCK_C, SPAN=span, WIDE=wide,
-            num_warps=warps,
+            K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, BLOCK_C=BLOCK_C, SPAN=span, num_warps=warps,
         )
         _conv_dx_kernel[(b, triton.cdiv(n, BLOCK_N), triton.cdiv(c, DX_BLOCK_C))](
             weight, dist, dpre, dx, n, c, dpre.stride(0), dpre.stride(1),
-            K=k, BLOCK_N=BLOCK_N, BLOCK_C=DX_BLOCK_C, WIDE=wide, num_warps=DX_WARPS,
+            K=k, BLOCK_N=BLOCK_N, BLOCK_C=DX_BLOCK_C, num_warps=DX_WARPS,
         )
     else:
         if silu:  # the one-kernel backward takes the gradient w.r.t. the output itself
@@ -375,7 +358,7 @@ def _conv_backward(
         dw_part = torch.empty((b * token_blocks, c, k + 1), device=x.device, dtype=torch.float32)
         _conv_bwd_kernel[(b, token_blocks, channel_blocks)](
             x, weight, dist, dout, dx, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, WIDE=wide, num_warps=NUM_WARPS,
+            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
         )
     # The weight's and bias's gradients in one reduction; the autograd formula splits them.
     return dx, dw_part.sum(0)

@@ -309,16 +309,13 @@ def test_conv_matches_reference(with_bias, width, conv):
             assert relative_error(grad, grad_ref) < 1e-6
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["int32_offsets", "int64_offsets"])
 @pytest.mark.parametrize("conv", sorted(CONVS))
 @pytest.mark.parametrize("split", [True, False], ids=["split", "one_kernel"])
 @pytest.mark.parametrize("width, tokens, tile", [(4, 32, 8), (3, 48, 16), (1, 16, 16), (2, 128, 32), (5, 32, 16)])
-def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens, tile, conv, wide):
+def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens, tile, conv):
     # n = 70 leaves a partial span and a partial tile; width 5 takes the one-kernel backward either way.
     from apps.attamba import ssd_triton_conv
 
-    if wide:  # the 64-bit offsets of rows of 2**31 elements or more, forced on a small row
-        monkeypatch.setattr(ssd_triton_conv, "_needs_wide_offsets", lambda *sizes: True)
     monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", split)
     monkeypatch.setattr(ssd_triton_conv, "SPLIT_TOKENS", tokens)
     monkeypatch.setattr(ssd_triton_conv, "SPLIT_BLOCK_N", tile)
@@ -336,15 +333,6 @@ def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens
     assert relative_error(out, out_ref) < 1e-6
     for name, grad, grad_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
         assert relative_error(grad, grad_ref) < 1e-6, name
-
-
-def test_conv_offsets_turn_64_bit_only_for_rows_past_int32():
-    from apps.attamba.ssd_triton_conv import _needs_wide_offsets
-
-    assert not _needs_wide_offsets(1024, 1536, 3000)  # a 60M layer's paired conv
-    assert not _needs_wide_offsets(2**20, 2047, 2047)
-    assert _needs_wide_offsets(2**20, 1536, 2048)  # 2**31: one past the largest int32 offset
-    assert _needs_wide_offsets(2**21, 1024)
 
 
 @pytest.mark.parametrize("silu", [True, False])
