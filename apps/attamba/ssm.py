@@ -475,12 +475,36 @@ def paired_forward(
     if backend.gated_norm is None:
         y_1, y_2 = y.chunk(2, dim=-1)
         return first._output(y_1, pair.z[0]), second._output(y_2, pair.z[1])
-    # Both gates in one kernel each way, then both out_proj as one batched matmul.
+    # Both gates in one kernel each way, then both out_proj as one batched matmul each way.
     z = pair.z_side_by_side if pair.z_side_by_side is not None else torch.cat(pair.z, dim=-1)
     gated = backend.gated_norm(y, z, torch.stack([first.norm.weight, second.norm.weight]), first.norm.eps)
-    out_weight = torch.stack([first.out_proj.weight, second.out_proj.weight]).transpose(1, 2)
-    out = torch.matmul(gated.flatten(1, -2), out_weight).unflatten(1, y.shape[:-1])
+    out = _PairedLinear.apply(gated, first.out_proj.weight, second.out_proj.weight)
     return out[0], out[1]
+
+
+class _PairedLinear(torch.autograd.Function):
+    """x [2, ..., H] -> [2, ..., O]: x[i] · W_iᵀ for both weights [O, H], one batched matmul each way.
+
+    Autograd's own formula for a matmul with the stacked, transposed weights returns each weight's
+    gradient transposed (xᵀ·dout), which the gradient accumulation then copies into the weight's
+    layout, eagerly, two copies a layer each step; two separate linears instead make the compiled
+    backward copy both input gradients into the [2, ..., H] the gates' backward reads. Here dW is
+    doutᵀ·x, in the weights' layout, and dx comes out as one tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_1: torch.Tensor, weight_2: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight_1, weight_2)
+        weight = torch.stack([weight_1, weight_2]).to(x.dtype)
+        return torch.matmul(x.flatten(1, -2), weight.transpose(1, 2)).unflatten(1, x.shape[1:-1])
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, weight_1, weight_2 = ctx.saved_tensors
+        dout_rows = dout.flatten(1, -2)  # [2, M, O]
+        weight = torch.stack([weight_1, weight_2]).to(dout.dtype)
+        dx = torch.matmul(dout_rows, weight).view(x.shape).to(x.dtype)
+        dweight = torch.matmul(dout_rows.transpose(1, 2), x.flatten(1, -2).to(dout.dtype)).to(weight_1.dtype)
+        return dx, dweight[0], dweight[1]
 
 
 @dataclass

@@ -122,8 +122,9 @@ def test_paired_forward_equals_two_calls(impl, overrides, same_input):
 @pytest.mark.parametrize("max_segment_len, segment_period", [(4, None), (4, (4, 3)), (None, None)])
 def test_paired_forward_on_the_triton_kernels_equals_two_torch_calls(same_input, max_segment_len, segment_period):
     """The Triton path fuses across the two SSMs (conv with its SiLU, the scan on u | B | C, both
-    gates in one kernel, both out_proj in one batched matmul); each SSM alone in PyTorch is the
-    oracle, gradients included. On CPU the kernels run under the Triton interpreter."""
+    gates in one kernel); each SSM alone in PyTorch is the oracle, gradients included, and every
+    gradient comes back laid out like its parameter (else accumulating it copies it, eagerly, in
+    every step). On CPU the kernels run under the Triton interpreter."""
     from tests.triton_interpreter import allow_one_element_index_in_interpreter
 
     if not torch.cuda.is_available():
@@ -140,6 +141,8 @@ def test_paired_forward_on_the_triton_kernels_equals_two_torch_calls(same_input,
 
     paired = outputs_and_grads(lambda: paired_forward(first, second, x, x_second, segment_start, max_segment_len,
                                                       segment_period))
+    params = [*first.parameters(), *second.parameters()]
+    assert [grad.stride() for grad in paired[1]] == [param.stride() for param in params]
     first.impl = second.impl = "torch"
     separate = outputs_and_grads(lambda: (first(x, segment_start), second(x_second, segment_start)))
     for got, expected in zip([*paired[0], *paired[1]], [*separate[0], *separate[1]]):
