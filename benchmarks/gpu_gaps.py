@@ -96,9 +96,10 @@ def gap_report(events, steps: int, rows: int = 15, min_us: float = 2.0) -> str:
     """A table of GPU idle time per step, by what the host was running in the gaps, after a line
     with the kernels a step and the idle time in gaps shorter than ``min_us``."""
     kernels, ops = intervals_from_profile(events)
-    gaps = idle_gaps(kernels, min_us)
+    every = idle_gaps(kernels)
+    gaps = [gap for gap in every if gap.end - gap.start >= min_us]
+    short = [gap for gap in every if gap.end - gap.start < min_us]
     totals = attribute_gaps(gaps, ops)
-    short = [gap for gap in idle_gaps(kernels) if gap.end - gap.start < min_us]
     lines = [
         # Inside a CUDA graph the host cannot be the cause: short gaps are each kernel's launch
         # latency and tail, so their total grows with the number of kernels, not with host work.

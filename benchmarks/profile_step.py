@@ -46,7 +46,7 @@ from lingua.args import read_raw  # noqa: E402
 from lingua.optim import build_optimizer, no_weight_decay_names  # noqa: E402
 from lingua.registry import get_model_spec  # noqa: E402
 from lingua.step_check import DeferredStepCheck  # noqa: E402
-from lingua.train import cross_entropy, load_train_args  # noqa: E402
+from lingua.train import cross_entropy, load_train_args, update  # noqa: E402
 
 
 def kernel_totals(averages, steps: int) -> tuple[float, float]:
@@ -128,7 +128,6 @@ def make_training_step(overrides: list[str], seq_len: int, batch: int, mean_doc:
     doc_ids = random_doc_ids(batch, seq_len, mean_doc, device)
 
     check = DeferredStepCheck(optimizer, device)
-    clip = args.optim.clip if args.optim.clip > 0 else float("inf")
 
     def run(mark: Callable[[str], None] | None = None) -> None:
         mark = mark or (lambda name: None)
@@ -138,11 +137,8 @@ def make_training_step(overrides: list[str], seq_len: int, batch: int, mean_doc:
         mark("loss")
         loss.backward()
         mark("backward done")
-        # As lingua.train: clipping, the non-finite check armed on the device, and the host
-        # waiting only for the previous step's statistics.
-        check.arm(0, loss.detach(), torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # The training loop's update, and its host waiting only for the previous step's statistics.
+        update(model, optimizer, check, 0, loss.detach(), args.optim.clip)
         check.finished()
         mark("optimizer done")
 

@@ -119,6 +119,20 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=-100)
 
 
+def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, check: DeferredStepCheck, step: int,
+           loss: torch.Tensor, clip: float) -> None:
+    """The optimizer's part of a training step: clip the gradients' norm to ``clip`` (0: no
+    clipping, the norm still measured), arm the non-finite check with it and ``loss`` (the update
+    is skipped on the device where either is not finite; the host reads them later, see
+    :mod:`lingua.step_check`), update and clear the gradients."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    check.arm(step, loss, grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(args: TrainArgs) -> dict:
     """Train; returns a summary (final step, last loss, skipped steps) for scripts and tests."""
     env = distributed.init_distributed(args.distributed, args.device)
@@ -220,16 +234,8 @@ def train(args: TrainArgs) -> dict:
                 loss.backward()
                 loss_sum += loss.detach()
                 throughput.add(tokens.numel())
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), args.optim.clip if args.optim.clip > 0 else float("inf")
-            )
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                grad_norm = grad_norm.full_tensor()
-            # The non-finite check runs on the device; the host reads the statistics a step late.
-            check.arm(step + 1, distributed.all_reduce_mean(loss_sum, env), grad_norm)
-            optimizer.step()
+            update(model, optimizer, check, step + 1, distributed.all_reduce_mean(loss_sum, env), args.optim.clip)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             profiler.step(step)
             if step % args.gc_every == 0:
@@ -243,7 +249,7 @@ def train(args: TrainArgs) -> dict:
             saved = bool(args.checkpoint.every and step % args.checkpoint.every == 0 and step < args.steps) or stopping
             # This step's statistics at once where they are logged or a checkpoint or evaluation
             # follows; otherwise those of the step before, which the GPU has finished.
-            latest = absorb(check.finished(wait_for_all=logged or evaluated or saved or step == args.steps))
+            latest = absorb(check.finished(wait_for_all=logged or evaluated or saved))
             if logged:
                 record = {
                     "global_step": step,

@@ -493,17 +493,17 @@ class _PairedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_1: torch.Tensor, weight_2: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight_1, weight_2)
-        weight = torch.stack([weight_1, weight_2]).to(x.dtype)
+        weight = torch.stack([weight_1, weight_2]).to(x.dtype)  # [2, O, H], kept for the backward
+        ctx.save_for_backward(x, weight)
+        ctx.weight_dtype = weight_1.dtype
         return torch.matmul(x.flatten(1, -2), weight.transpose(1, 2)).unflatten(1, x.shape[1:-1])
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, weight_1, weight_2 = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         dout_rows = dout.flatten(1, -2)  # [2, M, O]
-        weight = torch.stack([weight_1, weight_2]).to(dout.dtype)
-        dx = torch.matmul(dout_rows, weight).view(x.shape).to(x.dtype)
-        dweight = torch.matmul(dout_rows.transpose(1, 2), x.flatten(1, -2).to(dout.dtype)).to(weight_1.dtype)
+        dx = torch.matmul(dout_rows, weight.to(dout.dtype)).view(x.shape).to(x.dtype)
+        dweight = torch.matmul(dout_rows.transpose(1, 2), x.flatten(1, -2).to(dout.dtype)).to(ctx.weight_dtype)
         return dx, dweight[0], dweight[1]
 
 
