@@ -15,10 +15,12 @@ second table says where the host spends it.
 
 ``--timeline 20`` times 20 more steps without a profiler, recording when the host and when the GPU
 reach each block's forward and backward (:mod:`benchmarks.step_timeline`): where the GPU's lag
-behind the host falls to ~0, the GPU waits for the host. ``--gaps`` adds where the GPU idled within the profiled steps and what the host ran meanwhile
-(:mod:`benchmarks.gpu_gaps`); ``--share-of _window_,_conv_`` the GPU time of the kernels so named as a share of
-the step (the KV-SSM share of issue 3); ``--by-kind`` the GPU time by kind of kernel
-(:mod:`benchmarks.kernel_kinds`: matmuls, attention, KV-SSM kernels, ...), to set two models side by side.
+behind the host falls to ~0, the GPU waits for the host. ``--gaps`` adds where the GPU idled
+within the profiled steps and what the host ran meanwhile (:mod:`benchmarks.gpu_gaps`);
+``--share-of _window_,_conv_`` the GPU time of the kernels so named as a share of the step (the
+KV-SSM share of issue 3); ``--by-kind`` the GPU time and launches by kind of kernel
+(:mod:`benchmarks.kernel_kinds`: matmuls, attention, KV-SSM kernels, ...), to set two models side
+by side.
 
 Needs CUDA.
 """
