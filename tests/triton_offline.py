@@ -28,7 +28,7 @@ def ptxas_available() -> bool:
 
 def compile_for_hopper(
     kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int,
-    launch_options: Optional[dict] = None,
+    launch_options: Optional[dict] = None, divisible: frozenset[str] = frozenset(),
 ):
     """Compile ``kernel`` to a cubin for sm_90: pointer arguments by element type, the named float
     scalars, every other argument an int32; ``launch_options`` as a launch passes them (e.g. the
@@ -36,7 +36,9 @@ def compile_for_hopper(
 
     As a launch with aligned tensors would, pointers and ``stride*`` arguments are marked divisible
     by 16: without that Triton cannot prove the alignment asynchronous copies need, and the code
-    (its software pipelining above all) would not be what the device runs."""
+    (its software pipelining above all) would not be what the device runs. So are the int
+    arguments named in ``divisible``, as a launch marks sizes that are multiples of 16 (a 60M
+    layer's token and channel counts): masks on them then keep loads vectorized."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -50,7 +52,7 @@ def compile_for_hopper(
             signature[name] = "*" + pointers[name]
         else:
             signature[name] = "fp32" if name in floats else "i32"
-        if name in pointers or name.startswith("stride"):
+        if name in pointers or name.startswith("stride") or name in divisible:
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages, **(launch_options or {})}
@@ -136,12 +138,16 @@ def compile_ssm_kernels() -> list[str]:
     pointers.update({f"{name}_ptr": "fp32" for name in ("A", "D", "ddt", "dA_part", "dD_part", "dw_part")})
     pointers.update(dt_ptr="bf16", start_ptr="u8", dist_ptr="i32")
     ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S)
-    conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C)
+    conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C, CHANNELS_FASTEST=conv.CHANNELS_FASTEST)
+    forward_tiles = dict(conv_tiles, BLOCK_N=conv.FORWARD_BLOCK_N, TILES=conv.FORWARD_TILES)
     # Each conv kernel at the settings its launch uses: the dx kernel its own channel tile, the
     # weight gradients SPLIT_* with the SiLU and PLAIN_SPLIT_* without.
-    dx_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.DX_BLOCK_C)
-    dw_tiles = dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS)
-    plain_dw_tiles = dict(K=4, BLOCK_N=conv.PLAIN_SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.PLAIN_SPLIT_TOKENS)
+    dx_tiles = dict(K=4, BLOCK_N=conv.DX_BLOCK_N, BLOCK_C=conv.DX_BLOCK_C, CHANNELS_FASTEST=conv.CHANNELS_FASTEST,
+                    TILES=conv.DX_TILES)
+    dw_tiles = dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS,
+                    CHANNELS_FASTEST=conv.DW_CHANNELS_FASTEST)
+    plain_dw_tiles = dict(K=4, BLOCK_N=conv.PLAIN_SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.PLAIN_SPLIT_TOKENS,
+                          CHANNELS_FASTEST=conv.DW_CHANNELS_FASTEST)
     variants = [
         (kernel, dict(BLOCK_Q=block_q, PRECISION=precision, ALIGNED=aligned, **ssd_tiles,
                       TILE_P=window.BACKWARD_TILE_P if backward else window.FORWARD_TILE_P),
@@ -151,9 +157,9 @@ def compile_ssm_kernels() -> list[str]:
         for precision in ("tf32", "bf16")
         for aligned in (False, True)
     ] + [
-        (conv._conv_fwd_kernel, dict(HAS_BIAS=True, SILU=True, **conv_tiles), conv.NUM_WARPS, 3),  # the model's
-        (conv._conv_fwd_kernel, dict(HAS_BIAS=True, SILU=False, **conv_tiles), conv.NUM_WARPS, 3),
-        (conv._conv_fwd_kernel, dict(HAS_BIAS=False, SILU=False, **conv_tiles), conv.NUM_WARPS, 3),
+        (conv._conv_fwd_kernel, dict(HAS_BIAS=True, SILU=True, **forward_tiles), conv.NUM_WARPS, 3),  # the model's
+        (conv._conv_fwd_kernel, dict(HAS_BIAS=True, SILU=False, **forward_tiles), conv.NUM_WARPS, 3),
+        (conv._conv_fwd_kernel, dict(HAS_BIAS=False, SILU=False, **forward_tiles), conv.NUM_WARPS, 3),
         (conv._conv_bwd_kernel, conv_tiles, conv.NUM_WARPS, 3),
         (conv._conv_dx_kernel, dx_tiles, conv.DX_WARPS, 3),
         (conv._conv_dw_kernel, dict(HAS_BIAS=True, SILU=True, **dw_tiles), conv.SPLIT_WARPS, 3),  # the model's
@@ -171,7 +177,10 @@ def compile_ssm_kernels() -> list[str]:
     done = []
     for kernel, constexprs, warps, stages in variants:
         used = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
-        compiled = compile_for_hopper(kernel, used, {"eps"} & set(kernel.arg_names), constexprs, warps, stages)
+        # A 60M layer's token, channel and row counts are multiples of 16, which a launch marks.
+        sizes = frozenset({"n", "c", "M", "H"}) & set(kernel.arg_names)
+        compiled = compile_for_hopper(kernel, used, {"eps"} & set(kernel.arg_names), constexprs, warps, stages,
+                                      divisible=sizes)
         switches = " ".join(f"{key}={value}" for key, value in constexprs.items() if key in ("BLOCK_Q", "HAS_BIAS", "PRECISION", "SILU", "ALIGNED"))
         done.append(f"{kernel.__name__}{' ' + switches if switches else ''}: " + resource_usage(compiled))
     return done

@@ -28,10 +28,17 @@ from apps.attamba.ssd_reference import with_first_start
 BLOCK_N = 64
 BLOCK_C = 64
 NUM_WARPS = 4
-"""64×64 tiles on 4 warps were the fastest of benchmarks/tune_ssm_kernels.py's variants (8 warps;
-32- or 128-token tiles) on an H200 and an H100. A backward that walks 128–1024 tokens a program and
-reduces its weight gradients once took 167–224 µs a layer against this one's 136 on the H100
-(docs/benchmarks.md, twelfth session) and was removed."""
+"""Tiles of the one-kernel backward (and the channels of the forward's): 64×64 tiles on 4 warps
+were the fastest of benchmarks/tune_ssm_kernels.py's variants (8 warps; 32- or 128-token tiles) on
+an H200 and an H100. A backward that walks 128–1024 tokens a program and reduces its weight
+gradients once took 167–224 µs a layer against this one's 136 on the H100 (docs/benchmarks.md,
+twelfth session) and was removed."""
+FORWARD_BLOCK_N = 32
+FORWARD_TILES = 2
+"""The forward's tiles of tokens, and how many of them one program walks (loading its taps
+once): 32-token tiles two a program took 41.3 µs at a 60M layer's paired conv, against 49.3 with
+one 64-token tile (H200, twenty-first session; four 32-token tiles 42.7, eight 43.9; 16-token tiles
+62.5–64.6; one 32-token tile 49.8). benchmarks/tune_ssm_kernels.py, docs/benchmarks.md."""
 SPLIT_BACKWARD = True
 """Run the backward (for convs of at most 4 taps) as two kernels: dx as a stencil like the
 forward's (:func:`_conv_dx_kernel`), and the weight and bias gradients with each program summing
@@ -48,11 +55,14 @@ the 1024-token spans of 32-token tiles on 4 warps that were fastest without it (
 fourteenth session). 8-token tiles: 88.9–89.2 µs against 101.8–102.1 with 16 (4-token tiles 92.6,
 other spans 93.5–100.9; H100, seventeenth session). benchmarks/tune_ssm_kernels.py, docs/benchmarks.md."""
 
+DX_BLOCK_N = 64
 DX_BLOCK_C = 32
 DX_WARPS = 2
-"""Channels a program and warps of the split backward's dx kernel (its tiles' tokens are BLOCK_N):
-45.4 µs a 60M layer against 50.2–50.4 with the forward's 64 channels on 4 warps (H100, seventeenth
-session; 32 on 1 warp 48.4, 64 on 2 warps 48.1)."""
+DX_TILES = 1
+"""Tokens and channels of a tile, warps, and tiles a program of the split backward's dx kernel:
+45.4 µs a 60M layer against 50.2–50.4 with 64 channels on 4 warps (H100, seventeenth session; 32 on
+1 warp 48.4, 64 on 2 warps 48.1). Several tiles a program, as the forward walks, were slower:
+32-token tiles four a program 46.9 µs against 36.4 (H200, twenty-first session)."""
 
 PLAIN_SPLIT_TOKENS = 1024
 PLAIN_SPLIT_BLOCK_N = 32
@@ -61,7 +71,29 @@ PLAIN_SPLIT_WARPS = 4
 thirteenth session's settings, fastest then without the SiLU (46.8 µs a 60M layer, H200); 53.2 µs
 against 60.6 with SPLIT_*'s (H100, sixteenth session)."""
 
+CHANNELS_FASTEST = True
+"""Launch the stencil kernels' programs (the forward's, dx's and the one-kernel backward's) channel
+block first, so that programs running side by side read whole rows of x together: forward 49.5 µs
+against 50.7, dx 36.7 against 38.8 at a 60M layer (H200, twenty-first session)."""
+DW_CHANNELS_FASTEST = False
+"""The same for the weight-gradient kernel, which is faster batch row first: 83.0 µs against 86.8."""
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _grid(b: int, blocks: int, channel_blocks: int, channels_fastest: bool) -> tuple[int, int, int]:
+    """The launch grid of (batch row, token block or span, channel block), channel blocks first or last."""
+    return (channel_blocks, blocks, b) if channels_fastest else (b, blocks, channel_blocks)
+
+
+@triton.jit
+def _program_position(CHANNELS_FASTEST: tl.constexpr):
+    """(batch row as int64, token block or span, channel block) of this program; see _grid."""
+    if CHANNELS_FASTEST:
+        bi, ci = tl.program_id(2), tl.program_id(0)
+    else:
+        bi, ci = tl.program_id(0), tl.program_id(2)
+    return bi.to(tl.int64), tl.program_id(1), ci
 
 
 @triton.jit
@@ -131,34 +163,36 @@ def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, dist_ptr, out_ptr,
     n, c, stride_x_b, stride_x_n,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHANNELS_FASTEST: tl.constexpr, TILES: tl.constexpr,
 ):
-    bi = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_seq = t < n
+    """TILES tiles of BLOCK_N tokens, one after the other, for one (row, channel block)."""
+    bi, block_n, block_c = _program_position(CHANNELS_FASTEST)
+    ch = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_ch = ch < c
-    dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)  # [N] tokens since segment start
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(K):
-        tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
-        acc += x * tap[None, :]
-    acc += _bias(bias_ptr, ch, in_ch, HAS_BIAS)[None, :]
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
-    out_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
+    for tile in range(TILES):
+        t = (block_n * TILES + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_seq = t < n
+        dist = tl.load(dist_ptr + bi * n + t, mask=in_seq, other=0)  # [N] tokens since segment start
+        acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(K):
+            tap, x = _tap_and_input(x_ptr, w_ptr, bi, t, ch, dist, in_seq, in_ch, i, stride_x_b, stride_x_n, K)
+            acc += x * tap[None, :]
+        acc += _bias(bias_ptr, ch, in_ch, HAS_BIAS)[None, :]
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        out_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=in_seq[:, None] & in_ch[None, :])
 
 
 @triton.jit
 def _conv_bwd_kernel(
     x_ptr, w_ptr, dist_ptr, dout_ptr, dx_ptr, dw_part_ptr,
     n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
-    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_FASTEST: tl.constexpr,
 ):
-    bi = tl.program_id(0).to(tl.int64)
-    block_n = tl.program_id(1)
+    bi, block_n, block_c = _program_position(CHANNELS_FASTEST)
     t = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_seq = t < n
     in_ch = ch < c
     dout = tl.load(
@@ -187,19 +221,21 @@ def _conv_bwd_kernel(
 def _conv_dx_kernel(
     w_ptr, dist_ptr, dout_ptr, dx_ptr,
     n, c, stride_d_b, stride_d_n,
-    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_FASTEST: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     """dx of the split backward (SPLIT_BACKWARD): the forward's stencil run on later tokens."""
-    bi = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bi, block_n, block_c = _program_position(CHANNELS_FASTEST)
+    ch = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_ch = ch < c
-    dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(K):
-        tap = _tap(w_ptr, ch, in_ch, i, K)
-        dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
-    dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
-    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=(t < n)[:, None] & in_ch[None, :])
+    for tile in range(TILES):
+        t = (block_n * TILES + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+        dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(K):
+            tap = _tap(w_ptr, ch, in_ch, i, K)
+            dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
+        dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=(t < n)[:, None] & in_ch[None, :])
 
 
 @triton.jit
@@ -207,7 +243,7 @@ def _conv_dw_kernel(
     x_ptr, w_ptr, bias_ptr, dist_ptr, dout_ptr, dw_part_ptr, dpre_ptr,
     n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPAN: tl.constexpr,
+    SPAN: tl.constexpr, CHANNELS_FASTEST: tl.constexpr,
 ):
     """Weight and bias gradients of the split backward over SPAN tokens of one (row, channel
     block): each tap's products summed elementwise tile by tile, reduced over tokens once at the
@@ -216,9 +252,8 @@ def _conv_dw_kernel(
     With ``SILU``, dout is the gradient w.r.t. SiLU(out): the kernel recomputes out from the
     inputs the taps read (the weight gradients read them anyway), turns dout into the gradient
     w.r.t. out, and writes that to dpre ([b, n, c], dense) for :func:`_conv_dx_kernel`."""
-    bi = tl.program_id(0).to(tl.int64)
-    span = tl.program_id(1)
-    ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bi, span, block_c = _program_position(CHANNELS_FASTEST)
+    ch = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_ch = ch < c
     acc_bias = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     acc_0 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
@@ -290,11 +325,11 @@ def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     silu: bool) -> torch.Tensor:
     b, n, c = x.shape
     out = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
-    grid = (b, triton.cdiv(n, BLOCK_N), triton.cdiv(c, BLOCK_C))
-    _conv_fwd_kernel[grid](
+    _conv_fwd_kernel[_grid(b, triton.cdiv(n, FORWARD_BLOCK_N * FORWARD_TILES), triton.cdiv(c, BLOCK_C), CHANNELS_FASTEST)](
         x, weight, bias if bias is not None else weight, dist, out,
         n, c, x.stride(0), x.stride(1),
-        K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=FORWARD_BLOCK_N, BLOCK_C=BLOCK_C,
+        CHANNELS_FASTEST=CHANNELS_FASTEST, TILES=FORWARD_TILES, num_warps=NUM_WARPS,
     )
     return out
 
@@ -341,14 +376,16 @@ def _conv_backward(
         # With the SiLU, this kernel turns dout into the gradient w.r.t. the conv's output, which
         # the dx kernel then reads.
         dpre = torch.empty((b, n, c), device=x.device, dtype=x.dtype) if silu else dout
-        _conv_dw_kernel[(b, spans, channel_blocks)](
+        _conv_dw_kernel[_grid(b, spans, channel_blocks, DW_CHANNELS_FASTEST)](
             x, weight, bias if bias is not None else weight, dist, dout, dw_part, dpre,
             n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, BLOCK_C=BLOCK_C, SPAN=span, num_warps=warps,
+            K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, BLOCK_C=BLOCK_C, SPAN=span,
+            CHANNELS_FASTEST=DW_CHANNELS_FASTEST, num_warps=warps,
         )
-        _conv_dx_kernel[(b, triton.cdiv(n, BLOCK_N), triton.cdiv(c, DX_BLOCK_C))](
+        _conv_dx_kernel[_grid(b, triton.cdiv(n, DX_BLOCK_N * DX_TILES), triton.cdiv(c, DX_BLOCK_C), CHANNELS_FASTEST)](
             weight, dist, dpre, dx, n, c, dpre.stride(0), dpre.stride(1),
-            K=k, BLOCK_N=BLOCK_N, BLOCK_C=DX_BLOCK_C, num_warps=DX_WARPS,
+            K=k, BLOCK_N=DX_BLOCK_N, BLOCK_C=DX_BLOCK_C, CHANNELS_FASTEST=CHANNELS_FASTEST, TILES=DX_TILES,
+            num_warps=DX_WARPS,
         )
     else:
         if silu:  # the one-kernel backward takes the gradient w.r.t. the output itself
@@ -356,9 +393,9 @@ def _conv_backward(
             dout = torch.ops.aten.silu_backward(dout.float(), pre).to(x.dtype)
         token_blocks = triton.cdiv(n, BLOCK_N)
         dw_part = torch.empty((b * token_blocks, c, k + 1), device=x.device, dtype=torch.float32)
-        _conv_bwd_kernel[(b, token_blocks, channel_blocks)](
+        _conv_bwd_kernel[_grid(b, token_blocks, channel_blocks, CHANNELS_FASTEST)](
             x, weight, dist, dout, dx, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, CHANNELS_FASTEST=CHANNELS_FASTEST, num_warps=NUM_WARPS,
         )
     # The weight's and bias's gradients in one reduction; the autograd formula splits them.
     return dx, dw_part.sum(0)

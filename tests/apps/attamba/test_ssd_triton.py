@@ -335,6 +335,30 @@ def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens
         assert relative_error(grad, grad_ref) < 1e-6, name
 
 
+@pytest.mark.parametrize("forward_tiles, dx_tiles, channels_fastest, dw_channels_fastest", [(1, 1, False, True), (3, 2, True, False)])
+def test_conv_launch_layouts_match_reference(monkeypatch, forward_tiles, dx_tiles, channels_fastest, dw_channels_fastest):
+    # Either grid order, and programs walking several token tiles (n = 70: one program, a partial tile).
+    from apps.attamba import ssd_triton_conv
+
+    monkeypatch.setattr(ssd_triton_conv, "FORWARD_TILES", forward_tiles)
+    monkeypatch.setattr(ssd_triton_conv, "DX_TILES", dx_tiles)
+    monkeypatch.setattr(ssd_triton_conv, "CHANNELS_FASTEST", channels_fastest)
+    monkeypatch.setattr(ssd_triton_conv, "DW_CHANNELS_FASTEST", dw_channels_fastest)
+    b, n, c = 3, 70, 80  # two channel blocks
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(b, n, c, generator=generator).to(DEVICE)
+    weight = torch.randn(c, 4, generator=generator).to(DEVICE)
+    bias = torch.randn(c, generator=generator).to(DEVICE)
+    starts = (random_length_starts(b, n, 3, seed=4) | document_starts(b, n, seed=5)).to(DEVICE)
+    grad_out = torch.randn(b, n, c, generator=generator).to(DEVICE)
+    kernels, oracle = CONVS["conv_silu"]
+    out, grads = forward_and_grads(kernels, [x, weight, bias], starts, grad_out, False)
+    out_ref, grads_ref = forward_and_grads(oracle, [x, weight, bias], starts, grad_out, True)
+    assert relative_error(out, out_ref) < 1e-6
+    for name, grad, grad_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        assert relative_error(grad, grad_ref) < 1e-6, name
+
+
 @pytest.mark.parametrize("silu", [True, False])
 def test_split_conv_backward_needs_whole_tiles(monkeypatch, silu):
     # The weight gradients' settings: SPLIT_* with the SiLU (the model's conv), PLAIN_SPLIT_*
