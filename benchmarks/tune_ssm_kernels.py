@@ -4,7 +4,7 @@ At a 60M layer's paired K/V SSM shape (``bench_ssm.MODEL_LAYER``: b=16, n=1024, 
 2 B/C groups, state 128, P=8, 1536 conv channels, bf16), each variant sets module knobs of
 :mod:`apps.attamba.ssd_triton_window` (``ALIGNED_BLOCKS``, ``MIN_BLOCK_Q``, ``FORWARD_WARPS``,
 ``BACKWARD_WARPS``, ``NUM_STAGES``, ``TILE_S``, ``FORWARD_TILE_P``, ``BACKWARD_TILE_P``, ``BF16_DOTS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``,
-``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``, ``DX_*``, ``*CHANNELS_FASTEST``) or :mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``,
+``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``, ``DX_*``, ``FORWARD_*``, ``*_CHANNELS_FASTEST``) or :mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``,
 ``norm.NUM_WARPS``, ``norm.SPAN``), then runs the scan, the conv and the output gates forward and
 backward under the profiler. Reported: each kernel's mean GPU µs (kernels
 only, no host time) and the scan's relative error (‖triton − ref‖ / ‖ref‖ over y and every input
@@ -52,8 +52,10 @@ VARIANTS = (
     "window.TILE_S=128",
     "window.NUM_STAGES=2",
     "window.NUM_STAGES=4",
-    "conv.CHANNELS_FASTEST=0",  # the stencils batch row first (before the twenty-first session)
+    "conv.DX_CHANNELS_FASTEST=0",  # before the twenty-first session
+    "conv.FORWARD_CHANNELS_FASTEST=1",
     "conv.DW_CHANNELS_FASTEST=1",
+    "conv.FORWARD_BLOCK_N=32,conv.FORWARD_TILES=2",  # faster here, slower in the training step
     "conv.NUM_WARPS=8",
     "conv.BLOCK_N=32",
     "conv.BLOCK_N=128,conv.NUM_WARPS=8",

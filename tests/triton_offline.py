@@ -138,11 +138,12 @@ def compile_ssm_kernels() -> list[str]:
     pointers.update({f"{name}_ptr": "fp32" for name in ("A", "D", "ddt", "dA_part", "dD_part", "dw_part")})
     pointers.update(dt_ptr="bf16", start_ptr="u8", dist_ptr="i32")
     ssd_tiles = dict(BLOCK_P=64, BLOCK_S=128, TILE=window.TILE_S)
-    conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C, CHANNELS_FASTEST=conv.CHANNELS_FASTEST)
-    forward_tiles = dict(conv_tiles, BLOCK_N=conv.FORWARD_BLOCK_N, TILES=conv.FORWARD_TILES)
+    conv_tiles = dict(K=4, BLOCK_N=conv.BLOCK_N, BLOCK_C=conv.BLOCK_C, CHANNELS_FASTEST=False)  # the one-kernel backward's
+    forward_tiles = dict(conv_tiles, BLOCK_N=conv.FORWARD_BLOCK_N, TILES=conv.FORWARD_TILES,
+                         CHANNELS_FASTEST=conv.FORWARD_CHANNELS_FASTEST)
     # Each conv kernel at the settings its launch uses: the dx kernel its own channel tile, the
     # weight gradients SPLIT_* with the SiLU and PLAIN_SPLIT_* without.
-    dx_tiles = dict(K=4, BLOCK_N=conv.DX_BLOCK_N, BLOCK_C=conv.DX_BLOCK_C, CHANNELS_FASTEST=conv.CHANNELS_FASTEST,
+    dx_tiles = dict(K=4, BLOCK_N=conv.DX_BLOCK_N, BLOCK_C=conv.DX_BLOCK_C, CHANNELS_FASTEST=conv.DX_CHANNELS_FASTEST,
                     TILES=conv.DX_TILES)
     dw_tiles = dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS,
                     CHANNELS_FASTEST=conv.DW_CHANNELS_FASTEST)

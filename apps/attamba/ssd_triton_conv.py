@@ -33,12 +33,12 @@ were the fastest of benchmarks/tune_ssm_kernels.py's variants (8 warps; 32- or 1
 an H200 and an H100. A backward that walks 128–1024 tokens a program and reduces its weight
 gradients once took 167–224 µs a layer against this one's 136 on the H100 (docs/benchmarks.md,
 twelfth session) and was removed."""
-FORWARD_BLOCK_N = 32
-FORWARD_TILES = 2
-"""The forward's tiles of tokens, and how many of them one program walks (loading its taps
-once): 32-token tiles two a program took 41.3 µs at a 60M layer's paired conv, against 49.3 with
-one 64-token tile (H200, twenty-first session; four 32-token tiles 42.7, eight 43.9; 16-token tiles
-62.5–64.6; one 32-token tile 49.8). benchmarks/tune_ssm_kernels.py, docs/benchmarks.md."""
+FORWARD_BLOCK_N = 64
+FORWARD_TILES = 1
+"""The forward's tiles of tokens (its channels are BLOCK_C), and how many of them one program walks.
+Isolated (benchmarks/tune_ssm_kernels.py, the same input every repeat), 32-token tiles two a program
+took 41.3 µs at a 60M layer against 49.3, but inside the training step (its input fresh from the
+in_proj) 505 µs a step against 461 (H200, twenty-first session, docs/benchmarks.md)."""
 SPLIT_BACKWARD = True
 """Run the backward (for convs of at most 4 taps) as two kernels: dx as a stencil like the
 forward's (:func:`_conv_dx_kernel`), and the weight and bias gradients with each program summing
@@ -71,12 +71,14 @@ PLAIN_SPLIT_WARPS = 4
 thirteenth session's settings, fastest then without the SiLU (46.8 µs a 60M layer, H200); 53.2 µs
 against 60.6 with SPLIT_*'s (H100, sixteenth session)."""
 
-CHANNELS_FASTEST = True
-"""Launch the stencil kernels' programs (the forward's, dx's and the one-kernel backward's) channel
-block first, so that programs running side by side read whole rows of x together: forward 49.5 µs
-against 50.7, dx 36.7 against 38.8 at a 60M layer (H200, twenty-first session)."""
+FORWARD_CHANNELS_FASTEST = False
+DX_CHANNELS_FASTEST = True
 DW_CHANNELS_FASTEST = False
-"""The same for the weight-gradient kernel, which is faster batch row first: 83.0 µs against 86.8."""
+"""Whether a kernel's programs are launched channel block first (programs running side by side then
+read whole rows of their inputs together) or batch row first. dx is faster channel block first:
+36.7 µs a 60M layer against 38.8 isolated, 320 µs a step against 344 in the training step; the
+weight-gradient kernel is slower (86.8 µs against 83.0 isolated); the forward was faster isolated
+(49.5 against 50.7) but was not timed alone in the step (H200, twenty-first session)."""
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -325,11 +327,11 @@ def _launch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     silu: bool) -> torch.Tensor:
     b, n, c = x.shape
     out = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
-    _conv_fwd_kernel[_grid(b, triton.cdiv(n, FORWARD_BLOCK_N * FORWARD_TILES), triton.cdiv(c, BLOCK_C), CHANNELS_FASTEST)](
+    _conv_fwd_kernel[_grid(b, triton.cdiv(n, FORWARD_BLOCK_N * FORWARD_TILES), triton.cdiv(c, BLOCK_C), FORWARD_CHANNELS_FASTEST)](
         x, weight, bias if bias is not None else weight, dist, out,
         n, c, x.stride(0), x.stride(1),
         K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=FORWARD_BLOCK_N, BLOCK_C=BLOCK_C,
-        CHANNELS_FASTEST=CHANNELS_FASTEST, TILES=FORWARD_TILES, num_warps=NUM_WARPS,
+        CHANNELS_FASTEST=FORWARD_CHANNELS_FASTEST, TILES=FORWARD_TILES, num_warps=NUM_WARPS,
     )
     return out
 
@@ -382,9 +384,9 @@ def _conv_backward(
             K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, BLOCK_C=BLOCK_C, SPAN=span,
             CHANNELS_FASTEST=DW_CHANNELS_FASTEST, num_warps=warps,
         )
-        _conv_dx_kernel[_grid(b, triton.cdiv(n, DX_BLOCK_N * DX_TILES), triton.cdiv(c, DX_BLOCK_C), CHANNELS_FASTEST)](
+        _conv_dx_kernel[_grid(b, triton.cdiv(n, DX_BLOCK_N * DX_TILES), triton.cdiv(c, DX_BLOCK_C), DX_CHANNELS_FASTEST)](
             weight, dist, dpre, dx, n, c, dpre.stride(0), dpre.stride(1),
-            K=k, BLOCK_N=DX_BLOCK_N, BLOCK_C=DX_BLOCK_C, CHANNELS_FASTEST=CHANNELS_FASTEST, TILES=DX_TILES,
+            K=k, BLOCK_N=DX_BLOCK_N, BLOCK_C=DX_BLOCK_C, CHANNELS_FASTEST=DX_CHANNELS_FASTEST, TILES=DX_TILES,
             num_warps=DX_WARPS,
         )
     else:
@@ -393,9 +395,9 @@ def _conv_backward(
             dout = torch.ops.aten.silu_backward(dout.float(), pre).to(x.dtype)
         token_blocks = triton.cdiv(n, BLOCK_N)
         dw_part = torch.empty((b * token_blocks, c, k + 1), device=x.device, dtype=torch.float32)
-        _conv_bwd_kernel[_grid(b, token_blocks, channel_blocks, CHANNELS_FASTEST)](
+        _conv_bwd_kernel[_grid(b, token_blocks, channel_blocks, False)](
             x, weight, dist, dout, dx, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, CHANNELS_FASTEST=CHANNELS_FASTEST, num_warps=NUM_WARPS,
+            K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, CHANNELS_FASTEST=False, num_warps=NUM_WARPS,
         )
     # The weight's and bias's gradients in one reduction; the autograd formula splits them.
     return dx, dw_part.sum(0)

@@ -335,15 +335,18 @@ def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens
         assert relative_error(grad, grad_ref) < 1e-6, name
 
 
-@pytest.mark.parametrize("forward_tiles, dx_tiles, channels_fastest, dw_channels_fastest", [(1, 1, False, True), (3, 2, True, False)])
-def test_conv_launch_layouts_match_reference(monkeypatch, forward_tiles, dx_tiles, channels_fastest, dw_channels_fastest):
-    # Either grid order, and programs walking several token tiles (n = 70: one program, a partial tile).
+@pytest.mark.parametrize("tiles", [1, 3])
+@pytest.mark.parametrize("channels_fastest", [False, True])
+def test_conv_launch_layouts_match_reference(monkeypatch, tiles, channels_fastest):
+    # Either grid order in every kernel, programs walking several token tiles (n = 70: one
+    # program, a partial tile).
     from apps.attamba import ssd_triton_conv
 
-    monkeypatch.setattr(ssd_triton_conv, "FORWARD_TILES", forward_tiles)
-    monkeypatch.setattr(ssd_triton_conv, "DX_TILES", dx_tiles)
-    monkeypatch.setattr(ssd_triton_conv, "CHANNELS_FASTEST", channels_fastest)
-    monkeypatch.setattr(ssd_triton_conv, "DW_CHANNELS_FASTEST", dw_channels_fastest)
+    monkeypatch.setattr(ssd_triton_conv, "FORWARD_BLOCK_N", 32)
+    for kernel in ("FORWARD", "DX"):
+        monkeypatch.setattr(ssd_triton_conv, f"{kernel}_TILES", tiles)
+    for kernel in ("FORWARD", "DX", "DW"):
+        monkeypatch.setattr(ssd_triton_conv, f"{kernel}_CHANNELS_FASTEST", channels_fastest)
     b, n, c = 3, 70, 80  # two channel blocks
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(b, n, c, generator=generator).to(DEVICE)
