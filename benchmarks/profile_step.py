@@ -20,7 +20,10 @@ within the profiled steps and what the host ran meanwhile (:mod:`benchmarks.gpu_
 ``--share-of _window_,_conv_`` the GPU time of the kernels so named as a share of the step (the
 KV-SSM share of issue 3); ``--by-kind`` the GPU time and launches by kind of kernel
 (:mod:`benchmarks.kernel_kinds`: matmuls, attention, KV-SSM kernels, ...), to set two models side
-by side.
+by side. ``--knobs conv.FORWARD_TILES=2`` runs the step with other KV-SSM kernel settings
+(:mod:`benchmarks.kernel_knobs`, as ``benchmarks/tune_ssm_kernels.py``'s variants): kernels timed
+alone there, with the same input in L2 every repeat, can rank otherwise than inside the step
+(docs/benchmarks.md, twenty-first session).
 
 Needs CUDA.
 """
@@ -43,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_gaps import gap_report, is_device_work  # noqa: E402
 from benchmarks.kernel_kinds import format_kinds, format_top_kernels, time_by_kind  # noqa: E402
 from benchmarks.step_timeline import StepTimeline  # noqa: E402
+from benchmarks.kernel_knobs import variant_applied  # noqa: E402
 from lingua import distributed  # noqa: E402
 from lingua.args import read_raw  # noqa: E402
 from lingua.optim import build_optimizer, no_weight_decay_names  # noqa: E402
@@ -205,12 +209,19 @@ def main() -> None:
     parser.add_argument("--timeline", type=int, default=0, metavar="STEPS",
                         help="also time STEPS more steps unprofiled, recording when host and GPU reach each block's "
                              "forward and backward, the loss and the optimizer (benchmarks/step_timeline.py)")
+    parser.add_argument("--knobs", default="default", metavar="MODULE.KNOB=V[,...]",
+                        help="KV-SSM kernel settings to run the step with, as tune_ssm_kernels.py's variants "
+                             "(e.g. conv.FORWARD_BLOCK_N=32,conv.FORWARD_TILES=2): that script times kernels alone, "
+                             "this inside the step")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     options, overrides = parser.parse_known_args()
     if options.device == "cuda" and not torch.cuda.is_available():
         sys.exit("profile_step.py needs CUDA")
-    device = torch.device(options.device)
+    with variant_applied(options.knobs):  # set before the first launch: compiled graphs capture them
+        profile_training_step(options, overrides, torch.device(options.device))
 
+
+def profile_training_step(options: argparse.Namespace, overrides: list[str], device: torch.device) -> None:
     training = make_training_step(overrides, options.seq_len, options.batch, options.mean_doc, device,
                                   compile=not options.no_compile, eager_loss=options.eager_loss)
     args, step, batch, n = training.args, training.run, options.batch, options.seq_len

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apps.attamba import attention_triton  # noqa: E402
 from apps.attamba.attention_triton import PeriodicMask, periodic_attention  # noqa: E402
 from benchmarks.bench_attention import time_ms  # noqa: E402
+from benchmarks.kernel_knobs import parse_variant  # noqa: E402
 
 VARIANTS = (
     "default", "forward_queries=128", "forward_keys=128", "forward_keys=32", "forward_queries=32",
@@ -65,12 +66,6 @@ def launch_times_us(step, iters: int) -> list[float]:
         sum(event.time_range.elapsed_us() for event in kernels[role :: len(LAUNCHES)]) / iters
         for role in range(len(LAUNCHES))
     ]
-
-
-def parse_variant(text: str) -> dict[str, int]:
-    if text == "default":
-        return {}
-    return {key: int(value) for key, value in (item.split("=") for item in text.split(","))}
 
 
 def main(argv: list[str]) -> int:

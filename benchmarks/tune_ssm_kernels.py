@@ -21,7 +21,6 @@ Needs CUDA; on a CPU it says so and exits.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -30,12 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apps.attamba import gated_norm_triton, ssd_triton_conv, ssd_triton_window  # noqa: E402
+from apps.attamba import gated_norm_triton  # noqa: E402
 from apps.attamba.ssd_torch import ssd_segmented  # noqa: E402
 from apps.attamba.ssd_reference import split_scan_inputs  # noqa: E402
 from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton  # noqa: E402
 from benchmarks.bench_ssm import MODEL_LAYER, conv_inputs, packed_scan_case, uniform_segment_starts  # noqa: E402
-from benchmarks.tune_attention_triton import parse_variant  # noqa: E402
+from benchmarks.kernel_knobs import variant_applied  # noqa: E402
 
 VARIANTS = (
     "default",
@@ -75,24 +74,8 @@ VARIANTS = (
     "norm.SPAN=128",
     "default",  # the two default rows' spread is the noise
 )
-MODULES = {"window": ssd_triton_window, "conv": ssd_triton_conv, "norm": gated_norm_triton}
 KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_dx_kernel",
            "_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel")
-
-
-@contextlib.contextmanager
-def variant_applied(text: str):
-    """Sets the module knobs a variant names ("conv.BLOCK_N=32,window.BF16_DOTS=0"; "default": none),
-    each in its knob's type, and puts the previous values back on exit."""
-    targets = {name: (MODULES[name.split(".")[0]], name.split(".")[1]) for name in parse_variant(text)}
-    previous = {name: getattr(module, knob) for name, (module, knob) in targets.items()}
-    try:
-        for name, value in parse_variant(text).items():
-            setattr(*targets[name], type(previous[name])(value))
-        yield
-    finally:
-        for name, value in previous.items():
-            setattr(*targets[name], value)
 
 
 def scan_error(window, reference_grads, inputs, segment_start, grad_out) -> float:
