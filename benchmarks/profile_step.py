@@ -22,7 +22,7 @@ KV-SSM share of issue 3); ``--by-kind`` the GPU time and launches by kind of ker
 (:mod:`benchmarks.kernel_kinds`: matmuls, attention, KV-SSM kernels, ...), to set two models side
 by side. ``--knobs conv.FORWARD_TILES=2`` runs the step with other KV-SSM kernel settings
 (:mod:`benchmarks.kernel_knobs`, as ``benchmarks/tune_ssm_kernels.py``'s variants): kernels timed
-alone there, with the same input in L2 every repeat, can rank otherwise than inside the step
+alone there, reading the same input every repeat, can rank otherwise than inside the step
 (docs/benchmarks.md, twenty-first session).
 
 Needs CUDA.
