@@ -37,8 +37,8 @@ FORWARD_BLOCK_N = 64
 FORWARD_TILES = 1
 """The forward's tiles of tokens (its channels are BLOCK_C), and how many of them one program walks.
 Isolated (benchmarks/tune_ssm_kernels.py, the same input every repeat), 32-token tiles two a program
-took 41.3 µs at a 60M layer against 49.3, but inside the training step (its input fresh from the
-in_proj) 505 µs a step against 461 (H200, twenty-first session, docs/benchmarks.md)."""
+took 41.3 µs at a 60M layer against 49.3, but inside the training step 505 µs a step against 461
+(H200, twenty-first session, docs/benchmarks.md; ``profile_step.py --knobs`` times a step so)."""
 SPLIT_BACKWARD = True
 """Run the backward (for convs of at most 4 taps) as two kernels: dx as a stencil like the
 forward's (:func:`_conv_dx_kernel`), and the weight and bias gradients with each program summing
