@@ -144,7 +144,7 @@ def make_training_step(overrides: list[str], seq_len: int, batch: int, mean_doc:
         loss.backward()
         mark("backward done")
         # The training loop's update, and its host waiting only for the previous step's statistics.
-        update(model, optimizer, check, 0, loss.detach(), args.optim.clip)
+        update(optimizer, check, 0, loss.detach(), args.optim.clip)
         check.finished()
         mark("optimizer done")
 

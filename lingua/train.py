@@ -119,13 +119,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=-100)
 
 
-def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, check: DeferredStepCheck, step: int,
-           loss: torch.Tensor, clip: float) -> None:
-    """The optimizer's part of a training step: clip the gradients' norm to ``clip`` (0: no
-    clipping, the norm still measured), arm the non-finite check with it and ``loss`` (the update
-    is skipped on the device where either is not finite; the host reads them later, see
-    :mod:`lingua.step_check`), update and clear the gradients."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+def update(optimizer: torch.optim.Optimizer, check: DeferredStepCheck, step: int, loss: torch.Tensor,
+           clip: float) -> None:
+    """The optimizer's part of a training step: clip the norm of its parameters' gradients to
+    ``clip`` (0: no clipping, the norm still measured), arm the non-finite check with it and
+    ``loss`` (the update is skipped on the device where either is not finite; the host reads them
+    later, see :mod:`lingua.step_check`), update and clear the gradients."""
+    # The optimizer's own lists: model.parameters() walks the module tree every step (0.14 ms of
+    # host time for the 60M Attamba's 150 modules on this project's CPU machine, 0.002 ms so).
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
     check.arm(step, loss, grad_norm)
@@ -234,7 +237,7 @@ def train(args: TrainArgs) -> dict:
                 loss.backward()
                 loss_sum += loss.detach()
                 throughput.add(tokens.numel())
-            update(model, optimizer, check, step + 1, distributed.all_reduce_mean(loss_sum, env), args.optim.clip)
+            update(optimizer, check, step + 1, distributed.all_reduce_mean(loss_sum, env), args.optim.clip)
             scheduler.step()
             step += 1
             profiler.step(step)

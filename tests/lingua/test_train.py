@@ -283,3 +283,23 @@ def test_missing_evaluation_inputs_stop_the_run_before_training_with_a_config_er
         train_module.main(argv)
     assert str(stop.value.code).startswith("config error: WikiText-2 file not found")
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+def test_update_clips_and_measures_the_gradients_of_every_parameter_group():
+    from lingua.step_check import DeferredStepCheck
+    from lingua.train import update
+
+    weight, bias = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(3))
+    # Two groups, as build_optimizer makes them (decayed weights, exempt biases).
+    optimizer = torch.optim.AdamW([{"params": [weight]}, {"params": [bias], "weight_decay": 0.0}], lr=0.1, fused=True)
+    check = DeferredStepCheck(optimizer, torch.device("cpu"))
+    weight.grad, bias.grad = torch.full((3, 4), 3.0), torch.full((3,), 4.0)
+    norm = (12 * 9.0 + 3 * 16.0) ** 0.5
+    clipped = {}
+    optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: clipped.update(norm=torch.cat([weight.grad.flatten(), bias.grad]).norm().item()))
+    update(optimizer, check, 1, torch.tensor(2.0), clip=1.0)
+    assert clipped["norm"] == pytest.approx(1.0, rel=1e-4)  # both groups scaled together
+    (stats,) = check.finished(wait_for_all=True)
+    assert stats.grad_norm == pytest.approx(norm) and stats.loss == 2.0
+    assert weight.grad is None and bias.grad is None
