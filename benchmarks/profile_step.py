@@ -105,7 +105,8 @@ class TrainingStep:
 
     run: Callable[..., None]
     """``run(mark=None)``: one step; ``mark(name)``, if given, is called at the loss, after the
-    backward and after the optimizer (:class:`benchmarks.step_timeline.StepTimeline.mark`)."""
+    backward, within the optimizer's part (:func:`lingua.train.update`) and after it
+    (:class:`benchmarks.step_timeline.StepTimeline.mark`)."""
     args: object
     """The model's training args (``lingua.train.TrainArgs``)."""
     model: torch.nn.Module
@@ -144,9 +145,9 @@ def make_training_step(overrides: list[str], seq_len: int, batch: int, mean_doc:
         loss.backward()
         mark("backward done")
         # The training loop's update, and its host waiting only for the previous step's statistics.
-        update(optimizer, check, 0, loss.detach(), args.optim.clip)
+        update(optimizer, check, 0, loss.detach(), args.optim.clip, mark)
         check.finished()
-        mark("optimizer done")
+        mark("statistics read")  # the step before this one's, waited for if need be
 
     return TrainingStep(run, args, model)
 

@@ -17,7 +17,8 @@ def test_a_step_passes_every_block_forward_then_backward_in_order(compile):
     rows = timeline.rows()
     assert [name for name, _, _ in rows] == [
         "step begins", "forward of block 0", "forward of block 1", "loss",
-        "backward of block 1", "backward of block 0", "backward done", "optimizer done", "step ends",
+        "backward of block 1", "backward of block 0", "backward done", "gradients clipped", "check armed",
+        "parameters updated", "statistics read", "step ends",
     ]
     hosts = [host for _, host, _ in rows]
     assert hosts[0] == 0 and hosts == sorted(hosts)
