@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_gaps import gap_report, is_device_work  # noqa: E402
 from benchmarks.kernel_kinds import format_kinds, format_top_kernels, time_by_kind  # noqa: E402
-from benchmarks.step_timeline import StepTimeline  # noqa: E402
 from benchmarks.kernel_knobs import variant_applied  # noqa: E402
+from benchmarks.step_timeline import StepTimeline  # noqa: E402
 from lingua import distributed  # noqa: E402
 from lingua.args import read_raw  # noqa: E402
 from lingua.optim import build_optimizer, no_weight_decay_names  # noqa: E402
@@ -209,7 +209,7 @@ def main() -> None:
                         help="with --by-kind, also list each kind's N longest kernels")
     parser.add_argument("--timeline", type=int, default=0, metavar="STEPS",
                         help="also time STEPS more steps unprofiled, recording when host and GPU reach each block's "
-                             "forward and backward, the loss and the optimizer (benchmarks/step_timeline.py)")
+                             "forward and backward, the loss and the optimizer's parts (benchmarks/step_timeline.py)")
     parser.add_argument("--knobs", default="default", metavar="MODULE.KNOB=V[,...]",
                         help="KV-SSM kernel settings to run the step with, as tune_ssm_kernels.py's variants "
                              "(e.g. conv.FORWARD_BLOCK_N=32,conv.FORWARD_TILES=2): that script times kernels alone, "
