@@ -20,7 +20,6 @@ after the options apply to both. Needs CUDA (``--device cpu --no-compile`` smoke
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.compare_attention_kernels import round_order  # noqa: E402
-from benchmarks.profile_step import make_training_step, time_steps  # noqa: E402
+from benchmarks.profile_step import automatic_gc_off, make_training_step, time_steps  # noqa: E402
 
 
 def ratio_summary(rounds: list[tuple[float, float]]) -> str:
@@ -71,13 +70,8 @@ def main(argv: list[str]) -> int:
         time_steps(step.run, options.warmup, device)
         models[label] = step
         print(f"{label}: {step.args.model_type} ({own}) warmed up over {options.warmup} steps", flush=True)
-    # As the training loop runs: automatic garbage collection off (profile_step.py does the same),
-    # and back on afterwards for whoever called.
-    collecting = gc.isenabled()
-    gc.collect()
-    gc.disable()
     rounds = []
-    try:
+    with automatic_gc_off():
         for round_index in range(options.rounds):
             ms = {}
             for label, step in round_order(list(models.items()), round_index):
@@ -85,9 +79,6 @@ def main(argv: list[str]) -> int:
             rounds.append((ms["A"], ms["B"]))
             print(f"round {round_index + 1}: A {ms['A']:.2f} ms, B {ms['B']:.2f} ms, "
                   f"A/B tokens/s {ms['B'] / ms['A']:.3f}", flush=True)
-    finally:
-        if collecting:
-            gc.enable()
     print(f"n={options.seq_len} batch={options.batch} mean_doc={options.mean_doc}, {options.steps} steps a round")
     print(ratio_summary(rounds))
     return 0

@@ -31,6 +31,7 @@ Needs CUDA.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import sys
@@ -152,6 +153,21 @@ def make_training_step(overrides: list[str], seq_len: int, batch: int, mean_doc:
     return TrainingStep(run, args, model)
 
 
+@contextlib.contextmanager
+def automatic_gc_off():
+    """Python's automatic garbage collection off (after one collection) as the training loop runs
+    (lingua.train), and back as it was on exit. Left on, its collections land in some steps and not
+    others, and cost more the more Python objects a model's forward makes (Attamba's layer plans)."""
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> list[float]:
     """Milliseconds between the ends of consecutive calls of ``step`` (the first: from the start),
     run back to back as the training loop runs them: the host waits only where the step itself
@@ -218,7 +234,8 @@ def main() -> None:
     options, overrides = parser.parse_known_args()
     if options.device == "cuda" and not torch.cuda.is_available():
         sys.exit("profile_step.py needs CUDA")
-    with variant_applied(options.knobs):  # set before the first launch: compiled graphs capture them
+    # The knobs set before the first launch: compiled graphs capture them.
+    with variant_applied(options.knobs), automatic_gc_off():
         profile_training_step(options, overrides, torch.device(options.device))
 
 
@@ -226,11 +243,6 @@ def profile_training_step(options: argparse.Namespace, overrides: list[str], dev
     training = make_training_step(overrides, options.seq_len, options.batch, options.mean_doc, device,
                                   compile=not options.no_compile, eager_loss=options.eager_loss)
     args, step, batch, n = training.args, training.run, options.batch, options.seq_len
-    # As the training loop runs (lingua.train): automatic garbage collection off. Left on, its
-    # collections land in some steps and not others, and cost more the more Python objects a
-    # model's forward makes (Attamba's layer plans).
-    gc.collect()
-    gc.disable()
     times = time_steps(step, options.steps, device)
     print(f"first step (compiles and autotunes): {times[0] / 1e3:.1f} s")
     steady = times[len(times) // 2:]

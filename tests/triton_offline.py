@@ -143,8 +143,7 @@ def compile_ssm_kernels() -> list[str]:
                          CHANNELS_FASTEST=conv.FORWARD_CHANNELS_FASTEST)
     # Each conv kernel at the settings its launch uses: the dx kernel its own channel tile, the
     # weight gradients SPLIT_* with the SiLU and PLAIN_SPLIT_* without.
-    dx_tiles = dict(K=4, BLOCK_N=conv.DX_BLOCK_N, BLOCK_C=conv.DX_BLOCK_C, CHANNELS_FASTEST=conv.DX_CHANNELS_FASTEST,
-                    TILES=conv.DX_TILES)
+    dx_tiles = dict(K=4, BLOCK_N=conv.DX_BLOCK_N, BLOCK_C=conv.DX_BLOCK_C, CHANNELS_FASTEST=conv.DX_CHANNELS_FASTEST)
     dw_tiles = dict(K=4, BLOCK_N=conv.SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.SPLIT_TOKENS,
                     CHANNELS_FASTEST=conv.DW_CHANNELS_FASTEST)
     plain_dw_tiles = dict(K=4, BLOCK_N=conv.PLAIN_SPLIT_BLOCK_N, BLOCK_C=conv.BLOCK_C, SPAN=conv.PLAIN_SPLIT_TOKENS,

@@ -58,11 +58,10 @@ other spans 93.5–100.9; H100, seventeenth session). benchmarks/tune_ssm_kernel
 DX_BLOCK_N = 64
 DX_BLOCK_C = 32
 DX_WARPS = 2
-DX_TILES = 1
-"""Tokens and channels of a tile, warps, and tiles a program of the split backward's dx kernel:
-45.4 µs a 60M layer against 50.2–50.4 with 64 channels on 4 warps (H100, seventeenth session; 32 on
-1 warp 48.4, 64 on 2 warps 48.1). Several tiles a program, as the forward walks, were slower:
-32-token tiles four a program 46.9 µs against 36.4 (H200, twenty-first session)."""
+"""Tokens and channels of a tile, and warps, of the split backward's dx kernel: 45.4 µs a 60M
+layer against 50.2–50.4 with 64 channels on 4 warps (H100, seventeenth session; 32 on 1 warp 48.4,
+64 on 2 warps 48.1). Several tiles a program, as the forward can walk, were slower: 32-token tiles
+four a program 46.9 µs against 36.4 (H200, twenty-first session; that loop was then removed)."""
 
 PLAIN_SPLIT_TOKENS = 1024
 PLAIN_SPLIT_BLOCK_N = 32
@@ -224,20 +223,18 @@ def _conv_dx_kernel(
     w_ptr, dist_ptr, dout_ptr, dx_ptr,
     n, c, stride_d_b, stride_d_n,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_FASTEST: tl.constexpr,
-    TILES: tl.constexpr,
 ):
     """dx of the split backward (SPLIT_BACKWARD): the forward's stencil run on later tokens."""
     bi, block_n, block_c = _program_position(CHANNELS_FASTEST)
+    t = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ch = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
     in_ch = ch < c
-    for tile in range(TILES):
-        t = (block_n * TILES + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-        dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-        for i in tl.static_range(K):
-            tap = _tap(w_ptr, ch, in_ch, i, K)
-            dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
-        dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
-        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=(t < n)[:, None] & in_ch[None, :])
+    dx = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for i in tl.static_range(K):
+        tap = _tap(w_ptr, ch, in_ch, i, K)
+        dx += _later_grad(dout_ptr, dist_ptr, bi, t, ch, in_ch, i, n, stride_d_b, stride_d_n) * tap[None, :]
+    dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
+    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=(t < n)[:, None] & in_ch[None, :])
 
 
 @triton.jit
@@ -384,10 +381,9 @@ def _conv_backward(
             K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_N=block_n, BLOCK_C=BLOCK_C, SPAN=span,
             CHANNELS_FASTEST=DW_CHANNELS_FASTEST, num_warps=warps,
         )
-        _conv_dx_kernel[_grid(b, triton.cdiv(n, DX_BLOCK_N * DX_TILES), triton.cdiv(c, DX_BLOCK_C), DX_CHANNELS_FASTEST)](
+        _conv_dx_kernel[_grid(b, triton.cdiv(n, DX_BLOCK_N), triton.cdiv(c, DX_BLOCK_C), DX_CHANNELS_FASTEST)](
             weight, dist, dpre, dx, n, c, dpre.stride(0), dpre.stride(1),
-            K=k, BLOCK_N=DX_BLOCK_N, BLOCK_C=DX_BLOCK_C, CHANNELS_FASTEST=DX_CHANNELS_FASTEST, TILES=DX_TILES,
-            num_warps=DX_WARPS,
+            K=k, BLOCK_N=DX_BLOCK_N, BLOCK_C=DX_BLOCK_C, CHANNELS_FASTEST=DX_CHANNELS_FASTEST, num_warps=DX_WARPS,
         )
     else:
         if silu:  # the one-kernel backward takes the gradient w.r.t. the output itself

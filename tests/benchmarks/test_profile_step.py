@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import pytest
@@ -15,15 +16,16 @@ def test_knobs_hold_for_the_whole_step_and_are_restored(monkeypatch):
 
     def record(options, overrides, device):
         seen.update(tiles=ssd_triton_conv.FORWARD_TILES, order=ssd_triton_conv.DX_CHANNELS_FASTEST,
-                    overrides=overrides, device=device.type)
+                    overrides=overrides, device=device.type, collecting=gc.isenabled())
 
     monkeypatch.setattr(profile_step, "profile_training_step", record)
     before = (ssd_triton_conv.FORWARD_TILES, ssd_triton_conv.DX_CHANNELS_FASTEST)
     monkeypatch.setattr(sys, "argv", ["profile_step.py", "--device", "cpu", "--knobs",
                                       "conv.FORWARD_TILES=3,conv.DX_CHANNELS_FASTEST=0", "model.dim=64"])
     profile_step.main()
-    assert seen == {"tiles": 3, "order": False, "overrides": ["model.dim=64"], "device": "cpu"}
+    assert seen == {"tiles": 3, "order": False, "overrides": ["model.dim=64"], "device": "cpu", "collecting": False}
     assert (ssd_triton_conv.FORWARD_TILES, ssd_triton_conv.DX_CHANNELS_FASTEST) == before
+    assert gc.isenabled(), "automatic garbage collection is back on"
 
 
 @pytest.mark.parametrize("knobs, message", [

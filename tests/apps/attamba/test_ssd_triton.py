@@ -338,13 +338,12 @@ def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens
 @pytest.mark.parametrize("tiles", [1, 3])
 @pytest.mark.parametrize("channels_fastest", [False, True])
 def test_conv_launch_layouts_match_reference(monkeypatch, tiles, channels_fastest):
-    # Either grid order in every kernel, programs walking several token tiles (n = 70: one
-    # program, a partial tile).
+    # Either grid order in every kernel, the forward's programs walking several token tiles
+    # (n = 70: one program, a partial tile).
     from apps.attamba import ssd_triton_conv
 
     monkeypatch.setattr(ssd_triton_conv, "FORWARD_BLOCK_N", 32)
-    for kernel in ("FORWARD", "DX"):
-        monkeypatch.setattr(ssd_triton_conv, f"{kernel}_TILES", tiles)
+    monkeypatch.setattr(ssd_triton_conv, "FORWARD_TILES", tiles)
     for kernel in ("FORWARD", "DX", "DW"):
         monkeypatch.setattr(ssd_triton_conv, f"{kernel}_CHANNELS_FASTEST", channels_fastest)
     b, n, c = 3, 70, 80  # two channel blocks
