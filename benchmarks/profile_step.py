@@ -187,9 +187,11 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> li
 
 def record_timeline(training: TrainingStep, steps: int, device: torch.device) -> StepTimeline:
     """``steps`` steps with the host's and the GPU's arrival at each point recorded (hooks on the
-    model's blocks, removed afterwards)."""
+    model's blocks, removed afterwards; none when the whole model is one compiled graph
+    (``distributed.compile_scope=model``), which a hook on a block would break in pieces)."""
     timeline = StepTimeline(device)
-    handles = timeline.attach(training.model.layers)
+    whole = training.args.distributed.compile and training.args.distributed.compile_scope == "model"
+    handles = [] if whole else timeline.attach(training.model.layers)
     try:
         for _ in range(steps):
             timeline.begin_step()

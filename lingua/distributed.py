@@ -20,6 +20,7 @@ from torch import nn
 
 PARALLELISMS = ("auto", "none", "ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("block", "model")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -30,7 +31,14 @@ class DistributedArgs:
     model_dtype: str = "fp32"
     """Compute dtype: 'fp32' or 'bf16' (mixed precision: parameters and optimizer stay fp32)."""
     compile: bool = False
-    """torch.compile each block (CUDA)."""
+    """torch.compile the blocks (CUDA); ``compile_scope`` says whether one by one or all together."""
+    compile_scope: str = "block"
+    """'block': compile each block on its own (FSDP shards block by block; activation
+    checkpointing wraps blocks). 'model': compile the whole forward as one graph, so that with
+    'reduce-overhead' one CUDA graph replays a forward and one a backward instead of one per
+    block: the host launches a step in a few calls rather than per block, for models whose host
+    falls behind the GPU (the 60M Attamba on an H200). Not with FSDP, whose per-block hooks would
+    cut the graph."""
     compile_mode: str = "default"
     """torch.compile mode of the blocks: 'default', 'reduce-overhead' (CUDA graphs: replays each
     compiled block's kernels without the host launching them one by one; for host-bound steps),
@@ -55,6 +63,8 @@ class DistributedArgs:
             raise ValueError(f"distributed.model_dtype must be one of {tuple(DTYPES)}, got '{self.model_dtype}'")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"distributed.compile_mode must be one of {COMPILE_MODES}, got '{self.compile_mode}'")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"distributed.compile_scope must be one of {COMPILE_SCOPES}, got '{self.compile_scope}'")
         if self.activation_checkpointing not in ("none", "full", "selective"):
             raise ValueError(
                 "distributed.activation_checkpointing must be 'none', 'full' or 'selective', "
@@ -180,6 +190,7 @@ def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> 
     """Checkpointing, compile and sharding per block of ``model.layers``; returns the model to train."""
     if args.activation_checkpointing != "none":
         _apply_activation_checkpointing(model, args.activation_checkpointing)
+    parallelism = resolve_parallelism(args, env)
     if args.compile:
         # Static by default: blocks share one code object, so a per-layer int (Attamba's chunk
         # offset) would otherwise turn symbolic after the second layer (compile_dynamic), which
@@ -187,10 +198,17 @@ def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> 
         # higher limit.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         dynamic = None if args.compile_dynamic else False
-        for index, block in enumerate(model.layers):
-            mode = None if args.compile_mode == "default" else args.compile_mode
-            model.layers[index] = torch.compile(block, dynamic=dynamic, mode=mode)
-    parallelism = resolve_parallelism(args, env)
+        mode = None if args.compile_mode == "default" else args.compile_mode
+        if args.compile_scope == "model":
+            if parallelism == "fsdp":
+                raise ValueError(
+                    "distributed.compile_scope=model compiles the whole forward as one graph, which FSDP's "
+                    "per-block hooks would cut: use compile_scope=block with fsdp, or parallelism=ddp"
+                )
+            model.compile(dynamic=dynamic, mode=mode)  # in place: parameter names stay as they are
+        else:
+            for index, block in enumerate(model.layers):
+                model.layers[index] = torch.compile(block, dynamic=dynamic, mode=mode)
     if parallelism == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -74,7 +74,7 @@ class LayerBoundaries:
         if self.period is None:
             starts = segment_starts(self.is_boundary)
         else:
-            starts = _periodic_tables(self.is_boundary.shape[1], *self.period, self.is_boundary.device)[1]
+            starts = _periodic_table(self.is_boundary.shape[1], *self.period, self.is_boundary.device)[1]
         return starts if doc_starts is None else starts | doc_starts
 
 
@@ -107,7 +107,15 @@ def periodic_slots(n: int, chunk_size: int, offset: int) -> tuple[int, int]:
 def periodic_boundaries(n: int, chunk_size: int, offset: int, device=None) -> LayerBoundaries:
     """Static boundaries, shared by every row: Bool [1, n]. The tensor is cached (the same for
     every call with these arguments): callers must not write into it."""
-    return LayerBoundaries(_periodic_tables(n, chunk_size, offset, torch.device(device or "cpu"))[0], period=(chunk_size, offset))
+    return LayerBoundaries(_periodic_table(n, chunk_size, offset, torch.device(device or "cpu"))[0], period=(chunk_size, offset))
+
+
+def _periodic_table(n: int, chunk_size: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Traced whole (distributed.compile_scope=model), the tables become a few fused ops of the
+    # graph; dynamo would trace through the cache anyway, with a warning.
+    if torch.compiler.is_compiling():
+        return _periodic_tables.__wrapped__(n, chunk_size, offset, device)
+    return _periodic_tables(n, chunk_size, offset, device)
 
 
 @functools.lru_cache(maxsize=256)

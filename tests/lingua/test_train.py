@@ -212,8 +212,24 @@ def test_cuda_graph_compile_mode_reaches_the_blocks_and_marks_every_micro_step(t
                      "distributed.compile_dynamic=true")
     train_module.train(args)
     assert dynamics == [None] * args.model.n_layers + [False], "blocks dynamic; the loss stays static"
+    modes.clear()
+    args = tiny_args(tmp_path / "whole", corpus, "steps=1", "checkpoint.every=0", "distributed.compile=true",
+                     "distributed.compile_scope=model", "distributed.compile_mode=reduce-overhead")
+    train_module.train(args)
+    assert modes == ["reduce-overhead", None], "one compile of the whole model, then the loss"
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         tiny_args(tmp_path / "bad", corpus, "distributed.compile_mode=fast")
+    with pytest.raises(ValueError, match="compile_scope must be one of"):
+        tiny_args(tmp_path / "bad", corpus, "distributed.compile_scope=layer")
+
+
+def test_a_whole_model_compile_is_refused_with_fsdp():
+    from lingua import distributed
+
+    args = distributed.DistributedArgs(parallelism="fsdp", compile=True, compile_scope="model")
+    env = distributed.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="compile_scope=block with fsdp"):
+        distributed.parallelize_model(torch.nn.Linear(2, 2), args, env)
 
 
 def test_the_compiled_loss_matches_the_eager_one_with_its_gradient():

@@ -6,6 +6,8 @@ CUDA the same tests run compiled, and the ``gpu`` tests add model-sized shapes a
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -504,6 +506,38 @@ def test_attamba_blocks_compile_whole_with_cyclic_offsets(doc_ids, dynamic):
     offsets = len(set(model.layer_boundary_offsets(24)))
     assert offsets == 3
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (offsets if dynamic is False else 2)
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    for grad, grad_ref in zip((p.grad for p in model.parameters()), grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_attamba_compiles_as_one_graph_with_cyclic_offsets():
+    # distributed.compile_scope=model: the whole forward, every layer's chunk tables and document
+    # bounds included, in one graph (fullgraph: no break), equal to the eager model with gradients.
+    from apps.attamba.args import AttambaArgs
+    from apps.attamba.model import AttambaLM
+    from lingua.args import build_config
+
+    torch.manual_seed(0)
+    settings = dict(dim=32, n_layers=3, n_heads=2, state_dim=16, ssm_heads=2, vocab_size=40, max_seqlen=64,
+                    token_chunk=4, leading_tokens=3, chunk_strategy="cyclic", ssm_impl="triton", attn_impl="triton")
+    model = AttambaLM(build_config(AttambaArgs, settings)).to(DEVICE)
+    model.init_weights()
+    tokens = torch.randint(0, 40, (2, 24), device=DEVICE)
+    docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 24], device=DEVICE)
+    logits_ref = model(tokens, docs)
+    logits_ref.square().mean().backward()
+    grads_ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile(backend="aot_eager", dynamic=False, fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. dynamo tracing through a cache
+        logits = model(tokens, docs)
+    logits.square().mean().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
     for grad, grad_ref in zip((p.grad for p in model.parameters()), grads_ref):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
