@@ -34,11 +34,11 @@ class DistributedArgs:
     """torch.compile the blocks (CUDA); ``compile_scope`` says whether one by one or all together."""
     compile_scope: str = "block"
     """'block': compile each block on its own (FSDP shards block by block; activation
-    checkpointing wraps blocks). 'model': compile the whole forward as one graph, so that with
-    'reduce-overhead' one CUDA graph replays a forward and one a backward instead of one per
-    block: the host launches a step in a few calls rather than per block, for models whose host
-    falls behind the GPU (the 60M Attamba on an H200). Not with FSDP, whose per-block hooks would
-    cut the graph."""
+    checkpointing wraps blocks). 'model': compile the whole model but its output head as one
+    graph, so that with 'reduce-overhead' one CUDA graph replays a forward and one a backward
+    instead of one per block: the host launches a step in a few calls rather than per block, for
+    models whose host falls behind the GPU (the 60M Attamba on an H200). Not with FSDP, whose
+    per-block hooks would cut the graph."""
     compile_mode: str = "default"
     """torch.compile mode of the blocks: 'default', 'reduce-overhead' (CUDA graphs: replays each
     compiled block's kernels without the host launching them one by one; for host-bound steps),
@@ -205,7 +205,7 @@ def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> 
                     "distributed.compile_scope=model compiles the whole forward as one graph, which FSDP's "
                     "per-block hooks would cut: use compile_scope=block with fsdp, or parallelism=ddp"
                 )
-            model.compile(dynamic=dynamic, mode=mode)  # in place: parameter names stay as they are
+            compile_whole(model, dynamic=dynamic, mode=mode)
         else:
             for index, block in enumerate(model.layers):
                 model.layers[index] = torch.compile(block, dynamic=dynamic, mode=mode)
@@ -223,6 +223,13 @@ def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> 
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return model
+
+
+def compile_whole(model: nn.Module, **compile_options) -> None:
+    """``distributed.compile_scope=model``: compile the model's ``hidden_states`` (all of it but the
+    output head, see ``lingua.transformer.LanguageModelBase``) as one graph, in place, so that
+    parameter names stay as they are. ``compile_options`` go to ``torch.compile``."""
+    model.hidden_states = torch.compile(model.hidden_states, **compile_options)
 
 
 def autocast_context(args: DistributedArgs, env: DistEnv, parallelism: str):

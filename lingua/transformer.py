@@ -248,7 +248,8 @@ class TransformerBlock(nn.Module):
 class LanguageModelBase(nn.Module):
     """Embedding, a stack of blocks, final norm and output head (tied to the embedding or not):
     the shell every model family of the framework shares. Subclasses make the blocks and write
-    ``forward``; a block provides ``reset_parameters(init_std, out_std)``.
+    ``hidden_states`` (everything before the output head); a block provides
+    ``reset_parameters(init_std, out_std)``.
 
     ``args`` needs dim, n_layers, vocab_size, norm_eps, init_std and tie_embeddings.
     """
@@ -262,6 +263,17 @@ class LanguageModelBase(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, n] (doc_ids [B, n] numbers packed documents) -> logits [B, n, V]."""
+        return self.output(self.hidden_states(tokens, doc_ids))
+
+    def hidden_states(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, n] -> the final norm's output [B, n, E], what the output head reads. Apart from
+        ``forward`` so that ``distributed.compile_scope=model`` can compile the model without its
+        head: the logits' gradient, 1 GiB for 16k tokens over 32k ids, would otherwise be copied
+        into a CUDA graph's input buffer every step."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -295,7 +307,7 @@ class TransformerLMBase(LanguageModelBase):
     def rotary(self, n: int, device: torch.device, offset: int = 0):
         return self.rope(torch.arange(offset, offset + n, device=device))
 
-    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, n = tokens.shape
         x = self.tok_embeddings(tokens)
         cos, sin = self.rotary(n, tokens.device)
@@ -303,4 +315,4 @@ class TransformerLMBase(LanguageModelBase):
         mask = attention_mask(doc_ids, batch, n, args.sliding_window, args.attn_impl, tokens.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
-        return self.output(self.norm(x))
+        return self.norm(x)

@@ -254,8 +254,8 @@ class AttambaLM(TransformerLMBase):
 
     # -- forward ----------------------------------------------------------------------------------
 
-    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens [B, n] (doc_ids [B, n] numbers packed documents) -> logits [B, n, V]."""
+    def hidden_states(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, n] (doc_ids [B, n] numbers packed documents) -> final normed states [B, n, E]."""
         batch, n = tokens.shape
         x = self.tok_embeddings(tokens)
         cos, sin = self.rotary(n, tokens.device)
@@ -266,7 +266,7 @@ class AttambaLM(TransformerLMBase):
             for layer_id, layer in enumerate(self.layers):
                 boundaries = self.layer_boundaries(layer_id, n, batch, tokens.device)
                 x = layer(x, cos, sin, doc_ids, self._plan(boundaries, documents, batch))
-        return self.output(self.norm(x))
+        return self.norm(x)
 
     def _forward_attention_chosen(self, x, cos, sin, documents: "_Documents") -> torch.Tensor:
         """fattn / fssm: layer 0 picks the boundaries of every later layer from its attention."""

@@ -82,14 +82,14 @@ class MambaLM(LanguageModelBase):
     def __init__(self, args: MambaArgs):
         super().__init__(args, [MambaBlock(args) for _ in range(args.n_layers)])
 
-    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens [B, n] (doc_ids [B, n] numbers packed documents) -> logits [B, n, V]."""
+    def hidden_states(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, n] (doc_ids [B, n] numbers packed documents) -> final normed states [B, n, E]."""
         batch, n = tokens.shape
         segment_start = document_starts(doc_ids, batch, n, tokens.device)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, segment_start)
-        return self.output(self.norm(x))
+        return self.norm(x)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per weight, plus the scan: per state entry (hidden × D_S

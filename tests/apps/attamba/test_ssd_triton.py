@@ -512,11 +512,13 @@ def test_attamba_blocks_compile_whole_with_cyclic_offsets(doc_ids, dynamic):
 
 
 def test_attamba_compiles_as_one_graph_with_cyclic_offsets():
-    # distributed.compile_scope=model: the whole forward, every layer's chunk tables and document
-    # bounds included, in one graph (fullgraph: no break), equal to the eager model with gradients.
+    # distributed.compile_scope=model: the whole model but its head, every layer's chunk tables and
+    # document bounds included, in one graph (fullgraph: no break), equal to the eager model with
+    # gradients.
     from apps.attamba.args import AttambaArgs
     from apps.attamba.model import AttambaLM
     from lingua.args import build_config
+    from lingua.distributed import compile_whole
 
     torch.manual_seed(0)
     settings = dict(dim=32, n_layers=3, n_heads=2, state_dim=16, ssm_heads=2, vocab_size=40, max_seqlen=64,
@@ -532,7 +534,7 @@ def test_attamba_compiles_as_one_graph_with_cyclic_offsets():
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model.compile(backend="aot_eager", dynamic=False, fullgraph=True)
+    compile_whole(model, backend="aot_eager", dynamic=False, fullgraph=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # e.g. dynamo tracing through a cache
         logits = model(tokens, docs)
