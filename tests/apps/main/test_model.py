@@ -65,3 +65,18 @@ def test_token_major_rotary_equals_the_head_major_one(per_row):
     rotated = apply_rotary_token_major(x, cos, sin)
     assert rotated.is_contiguous()
     torch.testing.assert_close(rotated.transpose(1, 2), apply_rotary(x.transpose(1, 2), cos, sin), rtol=0, atol=0)
+
+
+def test_rotary_table_spans_equal_the_computed_angles_and_are_not_saved():
+    """A model's rotary tables (positions below max_seqlen) give what computing the angles gives,
+    bit for bit; spans past the table are computed; the tables stay out of checkpoints."""
+    from lingua.transformer import RotaryEmbedding
+
+    rope = RotaryEmbedding(8, 500.0, table_positions=16)
+    for start, n in ((0, 16), (5, 7), (10, 9), (40, 3)):
+        expected = rope(torch.arange(start, start + n))
+        for got, want in zip(rope.span(start, n, torch.device("cpu")), expected):
+            assert torch.equal(got, want), (start, n)
+    model = TransformerLM(TransformerArgs(dim=16, n_layers=1, n_heads=2, vocab_size=11, max_seqlen=12))
+    assert model.rope.table_cos.shape == (12, 4)
+    assert not any("table" in name for name in model.state_dict())
