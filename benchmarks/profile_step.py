@@ -1,7 +1,7 @@
 """Where a training step's time goes: one model's forward+backward+AdamW, timed and profiled.
 
-Builds the model of a training config (any app, with dotted overrides), compiles each block and
-runs bf16 autocast as the training loop does, on random tokens with packed documents of random
+Builds the model of a training config (any app, with dotted overrides), compiles it as the training
+loop does (each block, or the whole model with ``distributed.compile_scope=model``) and runs bf16 autocast as the training loop does, on random tokens with packed documents of random
 length (``--mean-doc`` tokens on average; 0: no documents), with Python's automatic garbage
 collection off, gradient clipping and the non-finite check of the training loop: steps run back to
 back, the host waiting only for the previous step's statistics (since the twentieth session; before
@@ -115,8 +115,9 @@ class TrainingStep:
 
 def make_training_step(overrides: list[str], seq_len: int, batch: int, mean_doc: int, device: torch.device,
                        compile: bool = True, eager_loss: bool = False) -> TrainingStep:
-    """Build a training config's model (``overrides``: ``config=...`` and dotted settings) with each
-    block compiled as ``distributed.parallelize_model`` does, and return its step."""
+    """Build a training config's model (``overrides``: ``config=...`` and dotted settings) compiled
+    as ``distributed.parallelize_model`` compiles it (each block, or the whole model with
+    ``distributed.compile_scope=model``), and return its step."""
     model_type = read_raw(overrides).get("model_type", "attamba")
     args = load_train_args(
         [*overrides, f"model.max_seqlen={seq_len}", "distributed.model_dtype=bf16", f"distributed.compile={compile}"],
