@@ -2,6 +2,7 @@
 global batch, each rank taking its share of the rows; rank 0 writes the mean losses as JSON.
 
     torchrun --nproc_per_node 2 tests/lingua/dist_worker.py OUT.json fsdp
+    torchrun --nproc_per_node 2 tests/lingua/dist_worker.py OUT.json ddp model   # compiled whole
 """
 
 import json
@@ -15,12 +16,13 @@ from lingua import distributed
 from lingua.optim import OptimArgs, build_optimizer
 
 
-def main(out_path: str, parallelism: str) -> None:
-    env = distributed.init_distributed(distributed.DistributedArgs(parallelism=parallelism), "cpu")
+def main(out_path: str, parallelism: str, compile_scope: str = "") -> None:
+    args = distributed.DistributedArgs(parallelism=parallelism, compile=bool(compile_scope), compile_scope=compile_scope or "block")
+    env = distributed.init_distributed(args, "cpu")
     distributed.seed_everything(0)
     model = TransformerLM(TransformerArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, max_seqlen=16))
     model.init_weights()
-    model = distributed.parallelize_model(model, distributed.DistributedArgs(parallelism=parallelism), env)
+    model = distributed.parallelize_model(model, args, env)
     optimizer, scheduler = build_optimizer(model, OptimArgs(lr=1e-2, warmup=0, scheduler="constant"), 10)
     generator = torch.Generator().manual_seed(1)
     global_batch = torch.randint(0, 64, (4, 17), generator=generator)
@@ -43,4 +45,4 @@ def main(out_path: str, parallelism: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -472,14 +472,9 @@ def test_conv_matches_reference_on_gpu(dtype, split, conv, monkeypatch, record_p
     assert max(errors) < tolerance, errors
 
 
-@pytest.mark.parametrize("dynamic", [False, None])
-@pytest.mark.parametrize("doc_ids", [False, True])
-def test_attamba_blocks_compile_whole_with_cyclic_offsets(doc_ids, dynamic):
-    # What distributed.parallelize_model does on GPU: each block compiled, with static shapes, or
-    # (distributed.compile_dynamic) letting what changes between calls turn symbolic. fullgraph
-    # makes any graph break (an SSM backend, the attention masks) an error. Static, each layer's
-    # cyclic offset specialises its own graph; dynamic, the second layer's compile makes the offset
-    # symbolic and serves every later layer.
+def _cyclic_attamba_with_reference(doc_ids: bool):
+    """A 3-layer cyclic Attamba on the Triton backends, a batch, and its eager logits and gradients
+    (cleared from the model), for the compile tests."""
     from apps.attamba.args import AttambaArgs
     from apps.attamba.model import AttambaLM
     from lingua.args import build_config
@@ -495,54 +490,51 @@ def test_attamba_blocks_compile_whole_with_cyclic_offsets(doc_ids, dynamic):
     logits_ref.square().mean().backward()
     grads_ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    eager_layers = list(model.layers)
-    for index, block in enumerate(eager_layers):
+    return model, (tokens, docs), (logits_ref, grads_ref)
+
+
+def _assert_same_logits_and_gradients(model, logits: torch.Tensor, reference) -> None:
+    logits_ref, grads_ref = reference
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    for grad, grad_ref in zip((p.grad for p in model.parameters()), grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [False, None])
+@pytest.mark.parametrize("doc_ids", [False, True])
+def test_attamba_blocks_compile_whole_with_cyclic_offsets(doc_ids, dynamic):
+    # What distributed.parallelize_model does on GPU: each block compiled, with static shapes, or
+    # (distributed.compile_dynamic) letting what changes between calls turn symbolic. fullgraph
+    # makes any graph break (an SSM backend, the attention masks) an error. Static, each layer's
+    # cyclic offset specialises its own graph; dynamic, the second layer's compile makes the offset
+    # symbolic and serves every later layer.
+    model, inputs, reference = _cyclic_attamba_with_reference(doc_ids)
+    for index, block in enumerate(list(model.layers)):
         model.layers[index] = torch.compile(block, backend="aot_eager", dynamic=dynamic, fullgraph=True)
-    logits = model(tokens, docs)
+    logits = model(*inputs)
     logits.square().mean().backward()
     offsets = len(set(model.layer_boundary_offsets(24)))
     assert offsets == 3
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (offsets if dynamic is False else 2)
-    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
-    for grad, grad_ref in zip((p.grad for p in model.parameters()), grads_ref):
-        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+    _assert_same_logits_and_gradients(model, logits, reference)
 
 
 def test_attamba_compiles_as_one_graph_with_cyclic_offsets():
     # distributed.compile_scope=model: the whole model but its head, every layer's chunk tables and
     # document bounds included, in one graph (fullgraph: no break), equal to the eager model with
     # gradients.
-    from apps.attamba.args import AttambaArgs
-    from apps.attamba.model import AttambaLM
-    from lingua.args import build_config
     from lingua.distributed import compile_whole
 
-    torch.manual_seed(0)
-    settings = dict(dim=32, n_layers=3, n_heads=2, state_dim=16, ssm_heads=2, vocab_size=40, max_seqlen=64,
-                    token_chunk=4, leading_tokens=3, chunk_strategy="cyclic", ssm_impl="triton", attn_impl="triton")
-    model = AttambaLM(build_config(AttambaArgs, settings)).to(DEVICE)
-    model.init_weights()
-    tokens = torch.randint(0, 40, (2, 24), device=DEVICE)
-    docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 24], device=DEVICE)
-    logits_ref = model(tokens, docs)
-    logits_ref.square().mean().backward()
-    grads_ref = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    model, inputs, reference = _cyclic_attamba_with_reference(doc_ids=True)
     compile_whole(model, backend="aot_eager", dynamic=False, fullgraph=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # e.g. dynamo tracing through a cache
-        logits = model(tokens, docs)
+        logits = model(*inputs)
     logits.square().mean().backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
-    for grad, grad_ref in zip((p.grad for p in model.parameters()), grads_ref):
-        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+    _assert_same_logits_and_gradients(model, logits, reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
