@@ -40,8 +40,8 @@ class DistributedArgs:
     models whose host falls behind the GPU (the 60M Attamba on an H200). Not with FSDP, whose
     per-block hooks would cut the graph."""
     compile_mode: str = "default"
-    """torch.compile mode of the blocks: 'default', 'reduce-overhead' (CUDA graphs: replays each
-    compiled block's kernels without the host launching them one by one; for host-bound steps),
+    """torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs: replays each compiled block's,
+    or the whole model's, kernels without the host launching them one by one; for host-bound steps),
     'max-autotune' or 'max-autotune-no-cudagraphs'."""
     compile_dynamic: bool = False
     """Compile a block once more with symbolic values for whatever changed between its calls
@@ -187,7 +187,8 @@ def compile_loss(loss: Callable, args: DistributedArgs) -> Callable:
 
 
 def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> nn.Module:
-    """Checkpointing, compile and sharding per block of ``model.layers``; returns the model to train."""
+    """Checkpointing and sharding per block of ``model.layers``, compiling per block or the whole
+    model (``args.compile_scope``); returns the model to train."""
     if args.activation_checkpointing != "none":
         _apply_activation_checkpointing(model, args.activation_checkpointing)
     parallelism = resolve_parallelism(args, env)
