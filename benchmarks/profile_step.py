@@ -3,12 +3,13 @@
 Builds the model of a training config (any app, with dotted overrides), compiles it as the training
 loop does (each block, or the whole model with ``distributed.compile_scope=model``) and runs bf16
 autocast as the training loop does, on random tokens with packed documents of random length
-(``--mean-doc`` tokens on average; 0: no documents), with Python's automatic garbage collection off, gradient clipping and the non-finite check of the training loop: steps run back to
-back, the host waiting only for the previous step's statistics (since the twentieth session; before
-it, every step waited for the GPU, as the loop then did). Prints the median step time and
-tokens/s, then the kernels that took the most GPU time over ``--profile-steps`` steps and the operators
-that took the most host (CPU) time: a step far longer than its GPU time is host-bound, and the
-second table says where the host spends it.
+(``--mean-doc`` tokens on average; 0: no documents), with Python's automatic garbage collection off,
+gradient clipping and the non-finite check of the training loop: steps run back to back, the host
+waiting only for the previous step's statistics (since the twentieth session; before it, every step
+waited for the GPU, as the loop then did). Prints the median step time and tokens/s, then the
+kernels that took the most GPU time over ``--profile-steps`` steps and the operators that took the
+most host (CPU) time: a step far longer than its GPU time is host-bound, and the second table says
+where the host spends it.
 
     python benchmarks/profile_step.py config=apps/attamba/configs/attamba_60m.yaml \
         [--seq-len 1024] [--batch 16] [--mean-doc 512] [--rows 25] [--gaps] [model.ssm_impl=torch ...]
