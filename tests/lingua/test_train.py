@@ -319,3 +319,29 @@ def test_update_clips_and_measures_the_gradients_of_every_parameter_group():
     (stats,) = check.finished(wait_for_all=True)
     assert stats.grad_norm == pytest.approx(norm) and stats.loss == 2.0
     assert weight.grad is None and bias.grad is None
+
+
+def test_a_model_compiled_whole_with_checkpointed_blocks_equals_the_eager_one():
+    """compile_scope=model over blocks wrapped for activation checkpointing: one graph (fullgraph:
+    no break), the same logits and gradients as the eager model."""
+    from apps.main.model import TransformerArgs, TransformerLM
+    from lingua import distributed
+
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerArgs(dim=32, n_layers=2, n_heads=2, vocab_size=64, max_seqlen=16))
+    model.init_weights()
+    tokens = torch.randint(0, 64, (2, 16))
+    expected = model(tokens)
+    expected.square().mean().backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    distributed._apply_activation_checkpointing(model, "full")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    distributed.compile_whole(model, backend="aot_eager", fullgraph=True)
+    logits = model(tokens)
+    logits.square().mean().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(logits, expected)
+    for parameter, grad in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(parameter.grad, grad)
