@@ -3,11 +3,12 @@
 Separate ``profile_step.py`` runs of Attamba and the transformer on one H200 gave Attamba 22.2 to
 25.2 ms a step from call to call while the transformer held 17.8–18.6 (docs/benchmarks.md,
 nineteenth session): Attamba's step leans on the host, whose speed drifts within a process and
-differs between machines. Here both models are built (compiled as the training loop compiles
-them; ``distributed.compile_scope=model`` in one model's overrides compiles it whole), warmed up,
-then timed in turn, ``--steps`` steps each a round, every other round in the opposite order, so drift shows as spread across rounds rather than as a difference between
-the models. Per round: each model's median ms a step and A's tokens/s over B's; at the end, the
-medians over rounds and the range of the ratio.
+differs between machines. Here both models are built (compiled as the training loop compiles them;
+``distributed.compile_scope=model`` in one model's overrides compiles it whole), warmed up, then
+timed in turn, ``--steps`` steps each a round, every other round in the opposite order, so drift
+shows as spread across rounds rather than as a difference between the models. Per round: each
+model's median ms a step and A's tokens/s over B's; at the end, the medians over rounds and the
+range of the ratio.
 
     python benchmarks/compare_steps.py --a config=apps/attamba/configs/attamba_60m.yaml \\
         --b config=apps/main/configs/transformer_60m.yaml [--rounds 6] [--steps 20] [--warmup 30] \\

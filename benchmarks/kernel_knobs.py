@@ -41,10 +41,11 @@ def _knob(name: str) -> tuple[object, str]:
 def variant_applied(text: str):
     """Sets the module knobs a variant names ("conv.BLOCK_N=32,window.BF16_DOTS=0"; "default": none),
     each in its knob's type, and puts the previous values back on exit."""
-    targets = {name: _knob(name) for name in parse_variant(text)}
+    values = parse_variant(text)
+    targets = {name: _knob(name) for name in values}
     previous = {name: getattr(module, knob) for name, (module, knob) in targets.items()}
     try:
-        for name, value in parse_variant(text).items():
+        for name, value in values.items():
             setattr(*targets[name], type(previous[name])(value))
         yield
     finally:
