@@ -4,7 +4,7 @@ At a 60M layer's paired K/V SSM shape (``bench_ssm.MODEL_LAYER``: b=16, n=1024, 
 2 B/C groups, state 128, P=8, 1536 conv channels, bf16), each variant sets module knobs of
 :mod:`apps.attamba.ssd_triton_window` (``ALIGNED_BLOCKS``, ``MIN_BLOCK_Q``, ``FORWARD_WARPS``,
 ``BACKWARD_WARPS``, ``NUM_STAGES``, ``TILE_S``, ``FORWARD_TILE_P``, ``BACKWARD_TILE_P``, ``BF16_DOTS``) or :mod:`apps.attamba.ssd_triton_conv` (``BLOCK_N``,
-``BLOCK_C``, ``NUM_WARPS``, ``FUSED_*``, ``SPLIT_*``, ``DX_*``, ``FORWARD_*``, ``*_CHANNELS_FASTEST``) or :mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``,
+``BLOCK_C``, ``NUM_WARPS``, ``SPLIT_*``, ``DX_*``, ``FORWARD_*``, ``*_CHANNELS_FASTEST``) or :mod:`apps.attamba.gated_norm_triton` (``norm.BLOCK_M``,
 ``norm.NUM_WARPS``, ``norm.SPAN``), then runs the scan, the conv and the output gates forward and
 backward under the profiler. Reported: each kernel's mean GPU µs (kernels
 only, no host time) and the scan's relative error (‖triton − ref‖ / ‖ref‖ over y and every input
@@ -58,17 +58,7 @@ VARIANTS = (
     "conv.NUM_WARPS=8",
     "conv.BLOCK_N=32",
     "conv.BLOCK_N=128,conv.NUM_WARPS=8",
-    "conv.FUSED_SILU_BACKWARD=0",  # the split kernels (before the twenty-third session)
-    "conv.FUSED_BLOCK_N=16",
-    "conv.FUSED_BLOCK_N=4",
-    "conv.FUSED_BLOCK_N=16,conv.FUSED_WARPS=4",
-    "conv.FUSED_WARPS=1",
-    "conv.FUSED_WARPS=4",
-    "conv.FUSED_TOKENS=64",
-    "conv.FUSED_TOKENS=256",
-    "conv.FUSED_TOKENS=1024,conv.FUSED_BLOCK_N=32,conv.FUSED_WARPS=4",
-    "conv.DW_CHANNELS_FASTEST=1,conv.FUSED_BLOCK_N=16",
-    "conv.FUSED_SILU_BACKWARD=0,conv.SPLIT_BACKWARD=0",
+    "conv.SPLIT_BACKWARD=0",
     "conv.SPLIT_TOKENS=256",
     "conv.SPLIT_BLOCK_N=16",  # the default before the seventeenth session
     "conv.SPLIT_BLOCK_N=4",
@@ -84,8 +74,8 @@ VARIANTS = (
     "norm.SPAN=128",
     "default",  # the two default rows' spread is the noise
 )
-KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_silu_bwd_kernel", "_conv_bwd_kernel",
-           "_conv_dx_kernel", "_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel")
+KERNELS = ("_window_fwd_kernel", "_window_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel", "_conv_dx_kernel",
+           "_conv_dw_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel")
 
 
 def scan_error(window, reference_grads, inputs, segment_start, grad_out) -> float:

@@ -55,17 +55,6 @@ the 1024-token spans of 32-token tiles on 4 warps that were fastest without it (
 fourteenth session). 8-token tiles: 88.9–89.2 µs against 101.8–102.1 with 16 (4-token tiles 92.6,
 other spans 93.5–100.9; H100, seventeenth session). benchmarks/tune_ssm_kernels.py, docs/benchmarks.md."""
 
-FUSED_SILU_BACKWARD = True
-"""With the SiLU (the model's conv, at most 4 taps), run the backward as one kernel that reads x and
-dout once and writes only dx (:func:`_conv_silu_bwd_kernel`): the gradient w.r.t. the conv's
-pre-activation at t..t+k-1, which dx at t needs, is recomputed in registers from the x tiles the
-weight gradients read anyway, instead of written by the weight-gradient kernel and read back by
-the dx kernel (SPLIT_BACKWARD's two kernels)."""
-FUSED_TOKENS = 128
-FUSED_BLOCK_N = 8
-FUSED_WARPS = 2
-"""Each fused program's span of tokens, its tiles and warps (SPLIT_*'s settings to start from)."""
-
 DX_BLOCK_N = 64
 DX_BLOCK_C = 32
 DX_WARPS = 2
@@ -315,114 +304,6 @@ def _conv_dw_kernel(
         _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 4, tl.sum(acc_3, axis=0), K)
 
 
-@triton.jit
-def _shifted_input(x_ptr, bi, t, d, ch, in_ch, n, stride_x_b, stride_x_n):
-    """x_{t+d} [N, C] in fp32, zero outside the sequence (segments are the caller's to mask)."""
-    u = t + d
-    inside = (u >= 0) & (u < n)
-    x = tl.load(x_ptr + bi * stride_x_b + u.to(tl.int64)[:, None] * stride_x_n + ch[None, :],
-                mask=inside[:, None] & in_ch[None, :], other=0.0)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _masked_product(x, dist, i, w):
-    """Tap i's term w_i · x_{u-i} [N, C] at tokens u that are i or more into their segment."""
-    return tl.where(dist[:, None] >= i, x, 0.0) * w[None, :]
-
-
-@triton.jit
-def _grad_before_silu(dout_ptr, dist_ptr, bias, w_0, w_1, w_2, w_3, x_0, x_1, x_2, x_3,
-                      bi, u, ch, in_ch, n, stride_d_b, stride_d_n, K: tl.constexpr):
-    """At tokens u [N]: (the gradient w.r.t. the conv's pre-activation [N, C], the tokens'
-    distances to their segment starts [N]), given x_{u-i} as x_i (only those of i < K are read)."""
-    live = u < n
-    dist = tl.load(dist_ptr + bi * n + u, mask=live, other=0)
-    pre = bias[None, :] + x_0 * w_0[None, :]
-    if K > 1:
-        pre += _masked_product(x_1, dist, 1, w_1)
-    if K > 2:
-        pre += _masked_product(x_2, dist, 2, w_2)
-    if K > 3:
-        pre += _masked_product(x_3, dist, 3, w_3)
-    dout = tl.load(dout_ptr + bi * stride_d_b + u.to(tl.int64)[:, None] * stride_d_n + ch[None, :],
-                   mask=live[:, None] & in_ch[None, :], other=0.0).to(tl.float32)
-    return _silu_grad(dout, pre), dist
-
-
-@triton.jit
-def _conv_silu_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, dist_ptr, dout_ptr, dx_ptr, dw_part_ptr,
-    n, c, stride_x_b, stride_x_n, stride_d_b, stride_d_n,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPAN: tl.constexpr, CHANNELS_FASTEST: tl.constexpr,
-):
-    """The whole backward of SiLU(conv) (FUSED_SILU_BACKWARD) over SPAN tokens of one (row,
-    channel block), dout being the gradient w.r.t. SiLU(out).
-
-    dx_t = Σ_i w_i · g_{t+i} over the taps i for which t+i is i or more into its segment, g being
-    the gradient w.r.t. the pre-activation, g_u = dout_u · SiLU'(pre_u). Each tile loads x at
-    t-(K-1) .. t+(K-1) once and recomputes pre and g at t .. t+K-1 from them; g_t also makes the
-    weight and bias gradients, summed elementwise over the span and reduced once at the end (as
-    :func:`_conv_dw_kernel` does). At most 4 taps."""
-    bi, span, block_c = _program_position(CHANNELS_FASTEST)
-    ch = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_ch = ch < c
-    bias = _bias(bias_ptr, ch, in_ch, HAS_BIAS)
-    # Taps past K are never read (every use below is behind a K > i); they alias tap 0.
-    w_0 = _tap(w_ptr, ch, in_ch, 0, K)
-    w_1 = _tap(w_ptr, ch, in_ch, 1, K) if K > 1 else w_0
-    w_2 = _tap(w_ptr, ch, in_ch, 2, K) if K > 2 else w_0
-    w_3 = _tap(w_ptr, ch, in_ch, 3, K) if K > 3 else w_0
-    acc_bias = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    acc_0 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    acc_1 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    acc_2 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    acc_3 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for first in range(span * SPAN, tl.minimum(span * SPAN + SPAN, n), BLOCK_N):
-        t = first + tl.arange(0, BLOCK_N)
-        # x_{t+d} as x_m<d> (d < 0) and x_p<d> (d > 0); x_0 is x_t. Unread ones alias x_t.
-        x_0 = _shifted_input(x_ptr, bi, t, 0, ch, in_ch, n, stride_x_b, stride_x_n)
-        x_m1 = _shifted_input(x_ptr, bi, t, -1, ch, in_ch, n, stride_x_b, stride_x_n) if K > 1 else x_0
-        x_p1 = _shifted_input(x_ptr, bi, t, 1, ch, in_ch, n, stride_x_b, stride_x_n) if K > 1 else x_0
-        x_m2 = _shifted_input(x_ptr, bi, t, -2, ch, in_ch, n, stride_x_b, stride_x_n) if K > 2 else x_0
-        x_p2 = _shifted_input(x_ptr, bi, t, 2, ch, in_ch, n, stride_x_b, stride_x_n) if K > 2 else x_0
-        x_m3 = _shifted_input(x_ptr, bi, t, -3, ch, in_ch, n, stride_x_b, stride_x_n) if K > 3 else x_0
-        x_p3 = _shifted_input(x_ptr, bi, t, 3, ch, in_ch, n, stride_x_b, stride_x_n) if K > 3 else x_0
-        # g at t+s reads x_{t+s-i} for tap i.
-        g_0, dist_0 = _grad_before_silu(dout_ptr, dist_ptr, bias, w_0, w_1, w_2, w_3, x_0, x_m1, x_m2, x_m3,
-                                        bi, t, ch, in_ch, n, stride_d_b, stride_d_n, K)
-        dx = g_0 * w_0[None, :]
-        acc_bias += g_0
-        acc_0 += g_0 * x_0
-        if K > 1:
-            acc_1 += g_0 * tl.where(dist_0[:, None] >= 1, x_m1, 0.0)
-            g_1, dist_1 = _grad_before_silu(dout_ptr, dist_ptr, bias, w_0, w_1, w_2, w_3, x_p1, x_0, x_m1, x_m2,
-                                            bi, t + 1, ch, in_ch, n, stride_d_b, stride_d_n, K)
-            dx += _masked_product(g_1, dist_1, 1, w_1)
-        if K > 2:
-            acc_2 += g_0 * tl.where(dist_0[:, None] >= 2, x_m2, 0.0)
-            g_2, dist_2 = _grad_before_silu(dout_ptr, dist_ptr, bias, w_0, w_1, w_2, w_3, x_p2, x_p1, x_0, x_m1,
-                                            bi, t + 2, ch, in_ch, n, stride_d_b, stride_d_n, K)
-            dx += _masked_product(g_2, dist_2, 2, w_2)
-        if K > 3:
-            acc_3 += g_0 * tl.where(dist_0[:, None] >= 3, x_m3, 0.0)
-            g_3, dist_3 = _grad_before_silu(dout_ptr, dist_ptr, bias, w_0, w_1, w_2, w_3, x_p3, x_p2, x_p1, x_0,
-                                            bi, t + 3, ch, in_ch, n, stride_d_b, stride_d_n, K)
-            dx += _masked_product(g_3, dist_3, 3, w_3)
-        dx_offs = (bi * n + t.to(tl.int64)[:, None]) * c + ch[None, :]
-        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=(t < n)[:, None] & in_ch[None, :])
-    part = bi * tl.num_programs(1) + span
-    _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K, tl.sum(acc_bias, axis=0), K)
-    _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 1, tl.sum(acc_0, axis=0), K)
-    if K > 1:
-        _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 2, tl.sum(acc_1, axis=0), K)
-    if K > 2:
-        _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 3, tl.sum(acc_2, axis=0), K)
-    if K > 3:
-        _store_weight_grad(dw_part_ptr, part, c, ch, in_ch, K - 4, tl.sum(acc_3, axis=0), K)
-
-
 def _distance_to_segment_start(segment_start: torch.Tensor, cap: int) -> torch.Tensor:
     """[b, n] int32: t minus the position of the segment start at or before t, capped at ``cap``
     (a conv of k taps only asks whether that distance reaches i < k, so k - 1 is enough). Made of
@@ -483,18 +364,7 @@ def _conv_backward(
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
     channel_blocks = triton.cdiv(c, BLOCK_C)
-    if silu and FUSED_SILU_BACKWARD and k <= 4:
-        if FUSED_TOKENS % FUSED_BLOCK_N:
-            raise ValueError(f"FUSED_TOKENS ({FUSED_TOKENS}) must be a multiple of FUSED_BLOCK_N ({FUSED_BLOCK_N})")
-        spans = triton.cdiv(n, FUSED_TOKENS)
-        dw_part = torch.empty((b * spans, c, k + 1), device=x.device, dtype=torch.float32)
-        _conv_silu_bwd_kernel[_grid(b, spans, channel_blocks, DW_CHANNELS_FASTEST)](
-            x, weight, bias if bias is not None else weight, dist, dout, dx, dw_part,
-            n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            K=k, HAS_BIAS=bias is not None, BLOCK_N=FUSED_BLOCK_N, BLOCK_C=BLOCK_C, SPAN=FUSED_TOKENS,
-            CHANNELS_FASTEST=DW_CHANNELS_FASTEST, num_warps=FUSED_WARPS,
-        )
-    elif SPLIT_BACKWARD and k <= 4:
+    if SPLIT_BACKWARD and k <= 4:
         span, block_n, warps = ((SPLIT_TOKENS, SPLIT_BLOCK_N, SPLIT_WARPS) if silu
                                 else (PLAIN_SPLIT_TOKENS, PLAIN_SPLIT_BLOCK_N, PLAIN_SPLIT_WARPS))
         if span % block_n:

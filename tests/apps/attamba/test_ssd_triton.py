@@ -7,7 +7,6 @@ CUDA the same tests run compiled, and the ``gpu`` tests add model-sized shapes a
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import pytest
 import torch
@@ -312,28 +311,16 @@ def test_conv_matches_reference(with_bias, width, conv):
             assert relative_error(grad, grad_ref) < 1e-6
 
 
-CONV_BACKWARDS = ("fused", "split", "one_kernel")
-
-
-def select_conv_backward(monkeypatch, backward: str, tokens: Optional[int] = None, tile: Optional[int] = None) -> None:
-    """The conv backward's kernels: fused (the SiLU conv's one kernel; the plain conv then takes the
-    split ones), split (weight gradients and dx apart) or one_kernel; with ``tokens`` and ``tile``,
-    the spans and tiles of the first two (else their defaults)."""
+@pytest.mark.parametrize("conv", sorted(CONVS))
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one_kernel"])
+@pytest.mark.parametrize("width, tokens, tile", [(4, 32, 8), (3, 48, 16), (1, 16, 16), (2, 128, 32), (5, 32, 16)])
+def test_conv_backward_kernels_match_reference(monkeypatch, split, width, tokens, tile, conv):
+    # n = 70 leaves a partial span and a partial tile; width 5 takes the one-kernel backward either way.
     from apps.attamba import ssd_triton_conv
 
-    monkeypatch.setattr(ssd_triton_conv, "FUSED_SILU_BACKWARD", backward == "fused")
-    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", backward != "one_kernel")
-    for knob in ("SPLIT", "FUSED") if tokens is not None else ():
-        monkeypatch.setattr(ssd_triton_conv, f"{knob}_TOKENS", tokens)
-        monkeypatch.setattr(ssd_triton_conv, f"{knob}_BLOCK_N", tile)
-
-
-@pytest.mark.parametrize("conv", sorted(CONVS))
-@pytest.mark.parametrize("backward", CONV_BACKWARDS)
-@pytest.mark.parametrize("width, tokens, tile", [(4, 32, 8), (3, 48, 16), (1, 16, 16), (2, 128, 32), (5, 32, 16)])
-def test_conv_backward_kernels_match_reference(monkeypatch, backward, width, tokens, tile, conv):
-    # n = 70 leaves a partial span and a partial tile; width 5 takes the one-kernel backward either way.
-    select_conv_backward(monkeypatch, backward, tokens, tile)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", split)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_TOKENS", tokens)
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BLOCK_N", tile)
     b, n, c = 2, 70, 20
     generator = torch.Generator().manual_seed(width)
     x = torch.randn(b, n, 2 * c, generator=generator)[..., :c].to(DEVICE)
@@ -376,15 +363,14 @@ def test_conv_launch_layouts_match_reference(monkeypatch, tiles, channels_fastes
         assert relative_error(grad, grad_ref) < 1e-6, name
 
 
-@pytest.mark.parametrize("silu, fused", [(True, True), (True, False), (False, False)])
-def test_conv_backward_spans_need_whole_tiles(monkeypatch, silu, fused):
-    # The span settings: FUSED_* for the SiLU conv's one kernel (the model's conv), SPLIT_* for
-    # its split kernels, PLAIN_SPLIT_* for the plain conv's.
+@pytest.mark.parametrize("silu", [True, False])
+def test_split_conv_backward_needs_whole_tiles(monkeypatch, silu):
+    # The weight gradients' settings: SPLIT_* with the SiLU (the model's conv), PLAIN_SPLIT_*
+    # without it (the plain conv).
     from apps.attamba import ssd_triton_conv
 
-    knobs = "FUSED_" if fused else "SPLIT_" if silu else "PLAIN_SPLIT_"
+    knobs = "SPLIT_" if silu else "PLAIN_SPLIT_"
     monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", True)
-    monkeypatch.setattr(ssd_triton_conv, "FUSED_SILU_BACKWARD", fused)
     monkeypatch.setattr(ssd_triton_conv, knobs + "TOKENS", 40)
     monkeypatch.setattr(ssd_triton_conv, knobs + "BLOCK_N", 16)
     x = torch.randn(1, 8, 4, device=DEVICE, requires_grad=True)
@@ -462,10 +448,12 @@ def test_ssd_kernel_configs_on_gpu(monkeypatch, config, dtype, record_property):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backward", CONV_BACKWARDS)
+@pytest.mark.parametrize("split", [False, True], ids=["one_kernel", "split"])
 @pytest.mark.parametrize("conv", sorted(CONVS))
-def test_conv_matches_reference_on_gpu(dtype, backward, conv, monkeypatch, record_property):
-    select_conv_backward(monkeypatch, backward)
+def test_conv_matches_reference_on_gpu(dtype, split, conv, monkeypatch, record_property):
+    from apps.attamba import ssd_triton_conv
+
+    monkeypatch.setattr(ssd_triton_conv, "SPLIT_BACKWARD", split)
     b, n, c, width = 2, 300, 320, 4
     generator = torch.Generator().manual_seed(10)
     x = torch.randn(b, n, c, generator=generator).to(DEVICE, dtype)
