@@ -47,7 +47,7 @@ from apps.attamba.chunking import (
     split_top_chunks,
     top_key_boundaries,
 )
-from apps.attamba.ssm import KVSSM, paired_forward
+from apps.attamba.ssm import KVSSM, load_backend, paired_forward
 from lingua.transformer import TransformerBlock, TransformerLMBase, apply_rotary_token_major
 
 
@@ -140,13 +140,24 @@ class AttambaAttention(nn.Module):
         """Attention output [B, H, n, d] -> [B, n, E]."""
         return self.wo(attended.transpose(1, 2).flatten(2))
 
-    def forward(self, x, cos, sin, doc_ids, plan: LayerPlan, need_key_mass: bool = False):
-        """-> (output [B, n, E], key mass [B, n] from layer-wide attention, or None)."""
-        q = self.queries(x, cos, sin)
+    def queries_keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, n, E] -> rotated queries, rotated keys, values [B, H, n, d] (token-major), with
+        the SSM backend's fused rotation where it has one and the SSMs read x itself."""
         # Periodic boundaries' (P, offset): the SSMs reset at every chunk start, so the windowed
         # scan can start its blocks there.
-        k, v = self.keys_values(x, plan.segment_start, plan.max_segment_len, plan.boundaries.period)
-        k, v = self.rotated_heads(k, cos, sin), self.split_heads(v)
+        segments = (plan.segment_start, plan.max_segment_len, plan.boundaries.period)
+        rotate_qkv = load_backend(self.ssm_k.impl, x.device).rotate_qkv
+        if rotate_qkv is None or self.wk is not None or x.dtype == torch.float64 or cos.dim() != 2:
+            k, v = self.keys_values(x, *segments)
+            return self.queries(x, cos, sin), self.rotated_heads(k, cos, sin), self.split_heads(v)
+        kv_out = paired_forward(self.ssm_k, self.ssm_v, x, x, *segments, stacked=True)
+        q, k, v = rotate_qkv(self.wq(x), kv_out, x if self.residual_ssm else None, cos, sin)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+    def forward(self, x, cos, sin, doc_ids, plan: LayerPlan, need_key_mass: bool = False):
+        """-> (output [B, n, E], key mass [B, n] from layer-wide attention, or None)."""
+        q, k, v = self.queries_keys_values(x, cos, sin, plan)
         attended = attend_prepared(q, k, v, plan.attention)
         key_mass = None
         if need_key_mass:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +170,9 @@ class Backend(NamedTuple):
     """The output gates RMSNorm(y * SiLU(z)) of several SSMs side by side in one kernel each way
     (signature of :func:`apps.attamba.gated_norm_triton.gated_rms_norm_triton`), where the backend
     has it."""
+    rotate_qkv: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+    """An Attamba layer's query rotation, the SSMs' residual and the key rotation in one kernel each
+    way (signature of :func:`apps.attamba.rotary_triton.rotate_qkv_triton`), where the backend has it."""
 
     def conv_and_scan(self, conv_in: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
                       sizes: "_ScanSizes", dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
@@ -224,8 +227,10 @@ def load_backend(impl: str, device: torch.device) -> Backend:
         from apps.attamba.gated_norm_triton import gated_rms_norm_triton
         from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton
 
+        from apps.attamba.rotary_triton import rotate_qkv_triton
+
         return Backend(module.ssd_segmented_triton, module.causal_conv_segmented_triton, causal_conv_silu_segmented_triton,
-                       gated_norm=gated_rms_norm_triton)
+                       gated_norm=gated_rms_norm_triton, rotate_qkv=rotate_qkv_triton)
     if impl == "triton_window":
         chunked = load_backend("triton", device)
         import apps.attamba.ssd_triton_window as window
@@ -448,8 +453,10 @@ def paired_forward(
     segment_start: Optional[torch.Tensor],
     max_segment_len: Optional[int] = None,
     segment_period: Optional[tuple[int, int]] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(first(x_first, ...), second(x_second, ...))`` through one conv and one scan call.
+    stacked: bool = False,
+) -> Union[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(first(x_first, ...), second(x_second, ...))`` through one conv and one scan call; with
+    ``stacked``, the two as one [2, ...] tensor (as the batched out_proj writes them, uncopied).
 
     An Attamba layer's K and V SSMs have the same shapes and reset at the same segment starts, so
     their conv channels and scan heads can run side by side: the conv over [u₁, u₂, B₁, B₂, C₁, C₂]
@@ -474,12 +481,13 @@ def paired_forward(
     y = y.flatten(-2)  # [b, n, 2·hidden]: the first SSM's heads, then the second's
     if backend.gated_norm is None:
         y_1, y_2 = y.chunk(2, dim=-1)
-        return first._output(y_1, pair.z[0]), second._output(y_2, pair.z[1])
+        outputs = first._output(y_1, pair.z[0]), second._output(y_2, pair.z[1])
+        return torch.stack(outputs) if stacked else outputs
     # Both gates in one kernel each way, then both out_proj as one batched matmul each way.
     z = pair.z_side_by_side if pair.z_side_by_side is not None else torch.cat(pair.z, dim=-1)
     gated = backend.gated_norm(y, z, torch.stack([first.norm.weight, second.norm.weight]), first.norm.eps)
     out = _PairedLinear.apply(gated, first.out_proj.weight, second.out_proj.weight)
-    return out[0], out[1]
+    return out if stacked else (out[0], out[1])
 
 
 class _PairedLinear(torch.autograd.Function):
