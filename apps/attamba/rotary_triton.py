@@ -5,8 +5,8 @@ its attention: rotate the queries, add the SSMs' residual, rotate the keys.
 
 with q, residual [B, n, E] and kv [2, B, n, E] (both SSMs' outputs as their batched out_proj
 writes them). The same as ``lingua.transformer.apply_rotary_token_major`` on ``combine``'s sums,
-rounding where they round (the sums to the storage dtype, then the rotation in fp32), so outputs
-are equal bit for bit.
+rounding where the unfused path rounds (the sums in their promoted dtype, the rotation in fp32),
+then cast to the queries' dtype as the attention would.
 
 Why a kernel: left to torch.compile in the whole-model graph, the keys' rotation took two kernels
 a layer (the real and imaginary halves written apart, then interleaved), the residual's RMSNorm was
@@ -88,22 +88,27 @@ def _angles(cos_ptr, sin_ptr, rows, n_rows, n, pairs, e, stride_cos, HALF_D: tl.
 def _rotate_qkv_fwd_kernel(
     q_ptr, kv_ptr, res_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr,
     n_rows, n, e, stride_cos,
-    HALF_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    HALF_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
+    """ROUND_SUM: the sums residual + kv are rounded to kv's dtype (the unfused sum's dtype when
+    residual and kv share one below fp32; under autocast the residual is fp32, and so is the sum)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs, mask, pairs = _tile(rows, n_rows, e, tl.program_id(1), BLOCK_E)
     cos, sin = _angles(cos_ptr, sin_ptr, rows, n_rows, n, pairs, e, stride_cos, HALF_D)
     dtype = q_out_ptr.dtype.element_ty
     q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(q_out_ptr + offs, _rotated(q, cos, sin, BLOCK_T, BLOCK_E).to(dtype), mask=mask)
-    k = tl.load(kv_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(kv_ptr + n_rows.to(tl.int64) * e + offs, mask=mask, other=0.0)
+    k = tl.load(kv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(kv_ptr + n_rows.to(tl.int64) * e + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        # Rounded to the storage dtype as the unfused sum is, before the rotation reads it.
         residual = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        k = (k.to(tl.float32) + residual).to(dtype)
-        v = (v.to(tl.float32) + residual).to(dtype)
-    tl.store(k_out_ptr + offs, _rotated(k.to(tl.float32), cos, sin, BLOCK_T, BLOCK_E).to(dtype), mask=mask)
+        k += residual
+        v += residual
+        if ROUND_SUM:
+            k = k.to(kv_ptr.dtype.element_ty).to(tl.float32)
+            v = v.to(kv_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(k_out_ptr + offs, _rotated(k, cos, sin, BLOCK_T, BLOCK_E).to(dtype), mask=mask)
     tl.store(v_out_ptr + offs, v.to(dtype), mask=mask)
 
 
@@ -111,25 +116,35 @@ def _rotate_qkv_fwd_kernel(
 def _rotate_qkv_bwd_kernel(
     dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dq_in_ptr, dkv_ptr, dres_ptr,
     n_rows, n, e, stride_cos,
-    HALF_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    HALF_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
+    """The gradients as the unfused path rounds them: the keys' (w.r.t. the sum) in the sum's
+    dtype (ROUND_SUM as in the forward), then summed with the values' for the residual."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs, mask, pairs = _tile(rows, n_rows, e, tl.program_id(1), BLOCK_E)
     cos, sin = _angles(cos_ptr, sin_ptr, rows, n_rows, n, pairs, e, stride_cos, HALF_D)
-    dtype = dq_in_ptr.dtype.element_ty
     dq = tl.load(dq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dq_in_ptr + offs, _rotated_back(dq, cos, sin, BLOCK_T, BLOCK_E).to(dtype), mask=mask)
+    tl.store(dq_in_ptr + offs, _rotated_back(dq, cos, sin, BLOCK_T, BLOCK_E).to(dq_in_ptr.dtype.element_ty), mask=mask)
     dk = tl.load(dk_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dk = _rotated_back(dk, cos, sin, BLOCK_T, BLOCK_E).to(dtype)
-    dv = tl.load(dv_ptr + offs, mask=mask, other=0.0)
-    tl.store(dkv_ptr + offs, dk, mask=mask)
-    tl.store(dkv_ptr + n_rows.to(tl.int64) * e + offs, dv.to(dtype), mask=mask)
+    dk = _rotated_back(dk, cos, sin, BLOCK_T, BLOCK_E)
+    dv = tl.load(dv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    kv_dtype = dkv_ptr.dtype.element_ty
+    tl.store(dkv_ptr + offs, dk.to(kv_dtype), mask=mask)
+    tl.store(dkv_ptr + n_rows.to(tl.int64) * e + offs, dv.to(kv_dtype), mask=mask)
     if HAS_RESIDUAL:
-        tl.store(dres_ptr + offs, (dk.to(tl.float32) + dv.to(tl.float32)).to(dtype), mask=mask)
+        if ROUND_SUM:
+            dk = dk.to(kv_dtype).to(tl.float32)
+        tl.store(dres_ptr + offs, (dk + dv).to(dres_ptr.dtype.element_ty), mask=mask)
 
 
 def _grid(n_rows: int, e: int) -> tuple[int, int]:
     return triton.cdiv(n_rows, BLOCK_T), triton.cdiv(e, BLOCK_E)
+
+
+def _round_sum(kv_dtype: torch.dtype, residual_dtype: Optional[torch.dtype]) -> bool:
+    """Whether residual + kv is rounded below fp32 (see the kernels): its promoted dtype is."""
+    return residual_dtype is not None and torch.promote_types(kv_dtype, residual_dtype) in (torch.bfloat16, torch.float16)
 
 
 @torch.library.custom_op("attamba::rotate_qkv_fwd", mutates_args=())
@@ -144,52 +159,57 @@ def _rotate_qkv_forward(
     _rotate_qkv_fwd_kernel[_grid(b * n, e)](
         q, kv, residual if residual is not None else q, cos, sin, q_out, k_out, v_out,
         b * n, n, e, cos.stride(0),
-        HALF_D=cos.shape[1], HAS_RESIDUAL=residual is not None, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS,
+        HALF_D=cos.shape[1], HAS_RESIDUAL=residual is not None,
+        ROUND_SUM=_round_sum(kv.dtype, None if residual is None else residual.dtype),
+        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS,
     )
     return q_out, k_out, v_out
 
 
 @_rotate_qkv_forward.register_fake
 def _rotate_qkv_forward_fake(q, kv, residual, cos, sin):
-    return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+    return tuple(q.new_empty(q.shape) for _ in range(3))
 
 
 @torch.library.custom_op("attamba::rotate_qkv_bwd", mutates_args=())
 def _rotate_qkv_backward(
-    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, has_residual: bool
+    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    kv_dtype: torch.dtype, residual_dtype: Optional[torch.dtype],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> gradients of q [B, n, E], of kv [2, B, n, E], and of the residual [B, n, E] (empty
-    without one)."""
+    """-> gradients of q [B, n, E] (dq's dtype), of kv [2, B, n, E] and of the residual [B, n, E]
+    in their dtypes (the residual's empty without one)."""
     b, n, e = dq.shape
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
     dq_in = torch.empty_like(dq)
-    dkv = dq.new_empty((2, b, n, e))
-    dres = torch.empty_like(dq) if has_residual else dq.new_empty(0)
+    dkv = dq.new_empty((2, b, n, e), dtype=kv_dtype)
+    has_residual = residual_dtype is not None
+    dres = dq.new_empty((b, n, e), dtype=residual_dtype) if has_residual else dq.new_empty(0)
     _rotate_qkv_bwd_kernel[_grid(b * n, e)](
         dq, dk, dv, cos, sin, dq_in, dkv, dres if has_residual else dq_in,
         b * n, n, e, cos.stride(0),
-        HALF_D=cos.shape[1], HAS_RESIDUAL=has_residual, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS,
+        HALF_D=cos.shape[1], HAS_RESIDUAL=has_residual, ROUND_SUM=_round_sum(kv_dtype, residual_dtype),
+        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS,
     )
     return dq_in, dkv, dres
 
 
 @_rotate_qkv_backward.register_fake
-def _rotate_qkv_backward_fake(dq, dk, dv, cos, sin, has_residual):
+def _rotate_qkv_backward_fake(dq, dk, dv, cos, sin, kv_dtype, residual_dtype):
     b, n, e = dq.shape
-    dres = dq.new_empty((b, n, e)) if has_residual else dq.new_empty(0)
-    return dq.new_empty((b, n, e)), dq.new_empty((2, b, n, e)), dres
+    dres = dq.new_empty((b, n, e), dtype=residual_dtype) if residual_dtype is not None else dq.new_empty(0)
+    return dq.new_empty((b, n, e)), dq.new_empty((2, b, n, e), dtype=kv_dtype), dres
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _, _, residual, cos, sin = inputs
+    _, kv, residual, cos, sin = inputs
     ctx.save_for_backward(cos, sin)
-    ctx.has_residual = residual is not None
+    ctx.dtypes = kv.dtype, None if residual is None else residual.dtype
 
 
 def _autograd(ctx, dq, dk, dv):
     cos, sin = ctx.saved_tensors
-    dq_in, dkv, dres = _rotate_qkv_backward(dq, dk, dv, cos, sin, ctx.has_residual)
-    return dq_in, dkv, dres if ctx.has_residual else None, None, None
+    dq_in, dkv, dres = _rotate_qkv_backward(dq, dk, dv, cos, sin, *ctx.dtypes)
+    return dq_in, dkv, dres if ctx.dtypes[1] is not None else None, None, None
 
 
 torch.library.register_autograd("attamba::rotate_qkv_fwd", _autograd, setup_context=_setup_context)
@@ -200,15 +220,19 @@ def rotate_qkv_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(RoPE(q), RoPE(residual + kv[0]), residual + kv[1]) for q, residual [B, n, E] and kv [2, B,
     n, E], angles cos, sin [n, d/2] of positions 0..n-1 (d the head dim, E a multiple of it); no
-    residual when it is None. Returns three dense [B, n, E] tensors in q's dtype."""
+    residual when it is None. Returns three dense [B, n, E] tensors in q's dtype: the dtype the
+    attention computes in, which casts keys and values to it (under autocast the residual is
+    fp32, and so are the unfused keys and values until then)."""
     if q.dim() != 3 or kv.shape != (2, *q.shape) or (residual is not None and residual.shape != q.shape):
         shapes = f"q {tuple(q.shape)}, kv {tuple(kv.shape)}, residual {None if residual is None else tuple(residual.shape)}"
         raise ValueError(f"expected q and residual [B, n, E] and kv [2, B, n, E]; got {shapes}")
     n, e = q.shape[1], q.shape[2]
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != n or e % (2 * cos.shape[1]):
         raise ValueError(f"cos and sin must be [n, d/2] with n={n} and E={e} a multiple of d; got {tuple(cos.shape)}, {tuple(sin.shape)}")
-    if not (kv.dtype == q.dtype and (residual is None or residual.dtype == q.dtype)):
-        raise ValueError(f"q, kv and residual must share a dtype; got {q.dtype}, {kv.dtype}, {None if residual is None else residual.dtype}")
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    if q.dtype not in dtypes or kv.dtype not in dtypes or (residual is not None and residual.dtype not in dtypes):
+        raise ValueError(f"q, kv and residual must be float32, bfloat16 or float16; got {q.dtype}, {kv.dtype}, "
+                         f"{None if residual is None else residual.dtype}")
     if q.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError("rotate_qkv_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
     if cos.stride(1) != 1 or sin.stride() != cos.stride():
