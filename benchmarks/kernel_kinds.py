@@ -19,6 +19,9 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
                               "_conv_dx_kernel", "_conv_dw_kernel", "_block_exit_kernel", "_state_pass_kernel",
                               "_block_output_kernel", "_block_entry_grad_kernel", "_block_grad_kernel")),
     ("KV-SSM output gates", ("_gated_norm_",)),
+    # Attamba's rotation of queries and keys with the SSMs' residual (the transformer's rotation is
+    # fused by Inductor).
+    ("q/k rotation and residual", ("_rotate_qkv_",)),
     ("attention", ("_query_kernel", "_dkv_kernel", "_add_slot_grads", "flash", "fmha", "attention", "cudnn")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_")),
     ("optimizer", ("multi_tensor_apply", "foreach", "adam")),

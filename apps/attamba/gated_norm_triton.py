@@ -138,7 +138,9 @@ def _gated_norm_forward_fake(y, z, weight, eps):
 def _gated_norm_backward(
     dout: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dy, dz (dense, shaped and typed like y and z), dweight [G, H] in weight's dtype."""
+    """-> dy, dz (dense, shaped and typed like y and z), and dweight's float32 partial sums
+    [spans, G, H] (one per SPAN rows), which the autograd formula sums and casts to the weight's
+    dtype (compiled, in one fused reduction)."""
     G, H = weight.shape
     M = y.shape[0]
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
@@ -153,12 +155,13 @@ def _gated_norm_backward(
         M, H, y.stride(0), z.stride(0), dout.stride(0), dout.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_H=triton.next_power_of_2(H), SPAN=SPAN, num_warps=NUM_WARPS,
     )
-    return dy, dz, dw_part.sum(0).to(weight.dtype)
+    return dy, dz, dw_part
 
 
 @_gated_norm_backward.register_fake
 def _gated_norm_backward_fake(dout, y, z, weight, rstd):
-    return y.new_empty(y.shape), z.new_empty(z.shape), weight.new_empty(weight.shape)
+    spans = (y.shape[0] + SPAN - 1) // SPAN
+    return y.new_empty(y.shape), z.new_empty(z.shape), weight.new_empty((spans, *weight.shape), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -168,7 +171,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _autograd(ctx, dout, _drstd):
     y, z, weight, rstd = ctx.saved_tensors
-    return (*_gated_norm_backward(dout, y, z, weight, rstd), None)
+    dy, dz, dw_part = _gated_norm_backward(dout, y, z, weight, rstd)
+    return dy, dz, dw_part.sum(0).to(weight.dtype), None
 
 
 torch.library.register_autograd("attamba::gated_rms_norm_fwd", _autograd, setup_context=_setup_context)

@@ -350,14 +350,23 @@ def _conv_forward_fake(x, weight, bias, dist, silu):
     return x.new_empty(x.shape)
 
 
+def _weight_grad_span(k: int, silu: bool) -> int:
+    """Tokens whose weight gradients one partial sum of the backward covers (its kernels' choice)."""
+    if SPLIT_BACKWARD and k <= 4:
+        return SPLIT_TOKENS if silu else PLAIN_SPLIT_TOKENS
+    return BLOCK_N
+
+
 @torch.library.custom_op("attamba::causal_conv_segmented_bwd", mutates_args=())
 def _conv_backward(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dist: torch.Tensor,
     silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> dx, and the weight's and bias's gradients as one float32 [c, k + 1] (the bias's in the
-    last column, computed with or without a bias). With ``silu``, dout is the gradient w.r.t. the
-    SiLU of the output (the bias then enters the recomputed output)."""
+    """-> dx, and the weight's and bias's gradients as float32 partial sums [parts, c, k + 1] (the
+    bias's in the last column, computed with or without a bias; one part per batch row and span of
+    :func:`_weight_grad_span` tokens), which the autograd formula sums: compiled, that reduction
+    fuses with the split and casts that follow. With ``silu``, dout is the gradient w.r.t. the SiLU
+    of the output (the bias then enters the recomputed output)."""
     b, n, c = x.shape
     k = weight.shape[1]
     x, weight = _dense_inputs(x, weight)
@@ -395,14 +404,15 @@ def _conv_backward(
             x, weight, dist, dout, dx, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
             K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, CHANNELS_FASTEST=False, num_warps=NUM_WARPS,
         )
-    # The weight's and bias's gradients in one reduction; the autograd formula splits them.
-    return dx, dw_part.sum(0)
+    return dx, dw_part
 
 
 @_conv_backward.register_fake
 def _conv_backward_fake(dout, x, weight, bias, dist, silu):
+    b, n, _ = x.shape
     c, k = weight.shape
-    return x.new_empty(x.shape), x.new_empty((c, k + 1), dtype=torch.float32)
+    parts = b * ((n + _weight_grad_span(k, silu) - 1) // _weight_grad_span(k, silu))
+    return x.new_empty(x.shape), x.new_empty((parts, c, k + 1), dtype=torch.float32)
 
 
 def _conv_setup_context(ctx, inputs, output) -> None:
@@ -414,6 +424,7 @@ def _conv_setup_context(ctx, inputs, output) -> None:
 def _conv_autograd(ctx, dout):
     x, weight, bias, dist = ctx.saved_tensors
     dx, dweight_bias = _conv_backward(dout, x, weight, bias, dist, ctx.silu)
+    dweight_bias = dweight_bias.sum(0)  # the weight's and bias's gradients in one reduction
     k = weight.shape[1]
     dbias = dweight_bias[:, k].to(bias.dtype) if bias is not None else None
     return dx, dweight_bias[:, :k].to(weight.dtype), dbias, None, None

@@ -434,8 +434,9 @@ def _window_backward(
     dy: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor, starts: torch.Tensor,
     groups: int, state_dim: int, block_q: int, block_shift: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx (like x: du, dB, dC side by side), ddt, and dA, dD as the rows of one float32 [2, h]
-    (one reduction; the autograd formula splits them)."""
+    """-> dx (like x: du, dB, dC side by side), ddt, and dA's and dD's partial sums as one float32
+    [2, b, blocks, h], which the autograd formula sums (compiled, with the split and casts that
+    follow, in one fused reduction)."""
     x = _last_dim_contiguous(x)
     u, B, C = split_scan_inputs(x, A.shape[0], groups, state_dim)
     b, n, h, p = u.shape
@@ -456,12 +457,14 @@ def _window_backward(
         dx.stride(0), dx.stride(1), dx.stride(0), dx.stride(1), max(block_shift, 0),
         **_launch_meta(block_q, block_shift, p, state_dim, x.dtype, backward=True),
     )
-    return dx, ddt.to(dt.dtype), parts.sum((1, 2))
+    return dx, ddt.to(dt.dtype), parts
 
 
 @_window_backward.register_fake
 def _window_backward_fake(dy, x, dt, A, D, starts, groups, state_dim, block_q, block_shift):
-    return x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty((2, A.shape[0]), dtype=torch.float32)
+    b, n = x.shape[:2]
+    blocks = _grid(groups, n, b, block_q, block_shift)[1]
+    return x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty((2, b, blocks, A.shape[0]), dtype=torch.float32)
 
 
 def _window_setup_context(ctx, inputs, output) -> None:
@@ -472,7 +475,8 @@ def _window_setup_context(ctx, inputs, output) -> None:
 
 def _window_autograd(ctx, dy):
     x, dt, A, D, starts = ctx.saved_tensors
-    dx, ddt, dA_dD = _window_backward(dy, x, dt, A, D, starts, *ctx.sizes)
+    dx, ddt, parts = _window_backward(dy, x, dt, A, D, starts, *ctx.sizes)
+    dA_dD = parts.sum((1, 2))
     return dx, ddt, dA_dD[0].to(A.dtype), dA_dD[1].to(D.dtype), None, None, None, None, None
 
 
