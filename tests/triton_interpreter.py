@@ -3,6 +3,13 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the kernel tests run: compiled on CUDA, else interpreted on CPU tensors."""
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need CUDA")
+
 
 def allow_one_element_index_in_interpreter() -> None:
     """Triton 3.6's interpreter turns loop bounds into Python ints with ``int(array)``, which

@@ -63,25 +63,21 @@ def _rotated_back(g, cos, sin, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _tile(rows, n_rows, e, block_e, BLOCK_E: tl.constexpr):
-    """Offsets of a [T, E] tile (block ``block_e`` of the channels) in a dense [n_rows, e] tensor,
-    its mask, and the indices of its column pairs."""
-    cols = block_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    pairs = block_e * (BLOCK_E // 2) + tl.arange(0, BLOCK_E // 2)
+def _program_tile(cos_ptr, sin_ptr, n_rows, n, e, stride_cos, HALF_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_E: tl.constexpr):
+    """This program's [T, E] tile of a dense [n_rows, e] tensor (token block, channel block):
+    its offsets and mask, and its angles cos, sin [T, E/2] in fp32 from the [n, d/2] tables (row
+    r is position r mod n; column pair j takes angle j mod d/2, every head rotating alike)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    pairs = tl.program_id(1) * (BLOCK_E // 2) + tl.arange(0, BLOCK_E // 2)
     offs = rows.to(tl.int64)[:, None] * e + cols[None, :]
     mask = (rows < n_rows)[:, None] & (cols < e)[None, :]
-    return offs, mask, pairs
-
-
-@triton.jit
-def _angles(cos_ptr, sin_ptr, rows, n_rows, n, pairs, e, stride_cos, HALF_D: tl.constexpr):
-    """cos, sin [T, E/2] (fp32) of the tile's rows and column pairs, from [n, d/2] tables: row r
-    is position r mod n, and pair j is angle j mod d/2 (every head rotates alike)."""
-    offs = (rows % n)[:, None] * stride_cos + (pairs % HALF_D)[None, :]
-    mask = (rows < n_rows)[:, None] & (pairs < e // 2)[None, :]
-    cos = tl.load(cos_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return cos, sin
+    angle_offs = (rows % n)[:, None] * stride_cos + (pairs % HALF_D)[None, :]
+    angle_mask = (rows < n_rows)[:, None] & (pairs < e // 2)[None, :]
+    cos = tl.load(cos_ptr + angle_offs, mask=angle_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + angle_offs, mask=angle_mask, other=0.0).to(tl.float32)
+    return offs, mask, cos, sin
 
 
 @triton.jit
@@ -93,9 +89,7 @@ def _rotate_qkv_fwd_kernel(
 ):
     """ROUND_SUM: the sums residual + kv are rounded to kv's dtype (the unfused sum's dtype when
     residual and kv share one below fp32; under autocast the residual is fp32, and so is the sum)."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs, mask, pairs = _tile(rows, n_rows, e, tl.program_id(1), BLOCK_E)
-    cos, sin = _angles(cos_ptr, sin_ptr, rows, n_rows, n, pairs, e, stride_cos, HALF_D)
+    offs, mask, cos, sin = _program_tile(cos_ptr, sin_ptr, n_rows, n, e, stride_cos, HALF_D, BLOCK_T, BLOCK_E)
     dtype = q_out_ptr.dtype.element_ty
     q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(q_out_ptr + offs, _rotated(q, cos, sin, BLOCK_T, BLOCK_E).to(dtype), mask=mask)
@@ -121,9 +115,7 @@ def _rotate_qkv_bwd_kernel(
 ):
     """The gradients as the unfused path rounds them: the keys' (w.r.t. the sum) in the sum's
     dtype (ROUND_SUM as in the forward), then summed with the values' for the residual."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs, mask, pairs = _tile(rows, n_rows, e, tl.program_id(1), BLOCK_E)
-    cos, sin = _angles(cos_ptr, sin_ptr, rows, n_rows, n, pairs, e, stride_cos, HALF_D)
+    offs, mask, cos, sin = _program_tile(cos_ptr, sin_ptr, n_rows, n, e, stride_cos, HALF_D, BLOCK_T, BLOCK_E)
     dq = tl.load(dq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(dq_in_ptr + offs, _rotated_back(dq, cos, sin, BLOCK_T, BLOCK_E).to(dq_in_ptr.dtype.element_ty), mask=mask)
     dk = tl.load(dk_ptr + offs, mask=mask, other=0.0).to(tl.float32)

@@ -9,16 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.triton_interpreter import allow_one_element_index_in_interpreter
+from tests.triton_interpreter import DEVICE, allow_one_element_index_in_interpreter, requires_cuda
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 from apps.attamba import gated_norm_triton  # noqa: E402
 from apps.attamba.gated_norm_triton import gated_rms_norm_triton  # noqa: E402
 from lingua.transformer import rms_norm  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need CUDA")
 
 if gated_norm_triton._INTERPRETED:
     allow_one_element_index_in_interpreter()

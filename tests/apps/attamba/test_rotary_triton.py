@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.triton_interpreter import allow_one_element_index_in_interpreter
+from tests.triton_interpreter import DEVICE, allow_one_element_index_in_interpreter, requires_cuda
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
@@ -18,9 +18,6 @@ from apps.attamba import model as attamba_model  # noqa: E402
 from apps.attamba import rotary_triton  # noqa: E402
 from apps.attamba.rotary_triton import rotate_qkv_triton  # noqa: E402
 from lingua.transformer import RotaryEmbedding, apply_rotary_token_major  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need CUDA")
 
 if rotary_triton._INTERPRETED:
     allow_one_element_index_in_interpreter()
