@@ -21,7 +21,7 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("KV-SSM output gates", ("_gated_norm_",)),
     # Attamba's rotation of queries and keys with the SSMs' residual (the transformer's rotation is
     # fused by Inductor).
-    ("q/k rotation and residual", ("_rotate_qkv_",)),
+    ("q/k rotation and residual", ("_rotate_qkv_fwd_kernel", "_rotate_qkv_bwd_kernel")),
     ("attention", ("_query_kernel", "_dkv_kernel", "_add_slot_grads", "flash", "fmha", "attention", "cudnn")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_")),
     ("optimizer", ("multi_tensor_apply", "foreach", "adam")),
