@@ -456,7 +456,7 @@ def paired_forward(
     stacked: bool = False,
 ) -> Union[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``(first(x_first, ...), second(x_second, ...))`` through one conv and one scan call; with
-    ``stacked``, the two as one [2, ...] tensor (as the batched out_proj writes them, uncopied).
+    ``stacked``, the two as one [2, ...] tensor (uncopied where the batched out_proj writes them so).
 
     An Attamba layer's K and V SSMs have the same shapes and reset at the same segment starts, so
     their conv channels and scan heads can run side by side: the conv over [u₁, u₂, B₁, B₂, C₁, C₂]
