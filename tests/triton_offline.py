@@ -129,7 +129,8 @@ def compile_ssm_kernels() -> list[str]:
     """The KV-SSM's windowed SSD kernels (forward, backward; head dim 64, state 128, blocks of 16,
     32 and 64 tokens, TF32 and bf16 dots, blocks aligned to the segments or not) and its segmented conv (forward with and without a bias
     or the SiLU, backward, and the split backward's two kernels, the weights' with and without the
-    SiLU), and the output gates' norm (forward, backward), in bf16."""
+    SiLU), the output gates' norm (forward, backward), in bf16, and the queries' and keys' rotation
+    with the residual (forward, backward) as autocast runs it."""
     from apps.attamba import ssd_triton_conv as conv
     from apps.attamba import ssd_triton_window as window
 
@@ -174,11 +175,20 @@ def compile_ssm_kernels() -> list[str]:
     ]
     pointers.update({f"{name}_ptr": "bf16" for name in ("z", "dz")})
     pointers.update({f"{name}_ptr": "fp32" for name in ("rstd",)})
+    from apps.attamba import rotary_triton as rotary
+
+    # Under autocast, as training runs: q and kv bf16, the residual fp32; heads of 64.
+    rotary_tiles = dict(HALF_D=32, HAS_RESIDUAL=True, ROUND_SUM=False, BLOCK_T=rotary.BLOCK_T, BLOCK_E=rotary.BLOCK_E)
+    variants += [(kernel, rotary_tiles, rotary.NUM_WARPS, 3)
+                 for kernel in (rotary._rotate_qkv_fwd_kernel, rotary._rotate_qkv_bwd_kernel)]
+    rotated = ("q", "kv", "q_out", "k_out", "v_out", "dq", "dk", "dv", "dq_in", "dkv")
+    pointers.update({f"{name}_ptr": "bf16" for name in rotated})
+    pointers.update({f"{name}_ptr": "fp32" for name in ("res", "dres", "cos", "sin")})
     done = []
     for kernel, constexprs, warps, stages in variants:
         used = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
         # A 60M layer's token, channel and row counts are multiples of 16, which a launch marks.
-        sizes = frozenset({"n", "c", "M", "H"}) & set(kernel.arg_names)
+        sizes = frozenset({"n", "c", "M", "H", "e", "n_rows"}) & set(kernel.arg_names)
         compiled = compile_for_hopper(kernel, used, {"eps"} & set(kernel.arg_names), constexprs, warps, stages,
                                       divisible=sizes)
         switches = " ".join(f"{key}={value}" for key, value in constexprs.items() if key in ("BLOCK_Q", "HAS_BIAS", "PRECISION", "SILU", "ALIGNED"))
