@@ -12,10 +12,10 @@ Why a kernel: left to torch.compile in the whole-model graph, the keys' rotation
 a layer (the real and imaginary halves written apart, then interleaved), the residual's RMSNorm was
 recomputed in each of them, and the backward's gradient of kv (the stack that the batched
 out_proj's backward reads) loaded both halves' inputs for every element: ~150 µs a layer of
-pointwise kernels around a 60M layer's attention, against ~55 µs of memory traffic
-(docs/benchmarks.md, twenty-third session). Here one kernel each way reads every input once and
-writes every output once; the backward writes the gradient of kv already stacked and the
-residual's (the keys' and values' gradients summed) beside it.
+pointwise kernels around a 60M layer's attention. Here one kernel each way reads every input once
+and writes every output once (~35 µs a layer each way on an H200, near its memory bandwidth;
+docs/benchmarks.md, twenty-third session); the backward writes the gradient of kv already stacked
+and the residual's (the keys' and values' gradients summed) beside it.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
