@@ -297,7 +297,7 @@ def test_state_rows_index_and_assign():
 
 
 def test_auto_uses_torch_on_cpu():
-    assert load_backend("auto", torch.device("cpu")) == (ssd_segmented, causal_conv_segmented, None, None, None)
+    assert load_backend("auto", torch.device("cpu")) == (ssd_segmented, causal_conv_segmented, None, None, None, None)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
@@ -306,11 +306,12 @@ def test_auto_uses_the_windowed_kernels_on_cuda():
     # the chunked kernels by itself where no segment bound is given.
     from apps.attamba.ssd_triton import causal_conv_segmented_triton
     from apps.attamba.gated_norm_triton import gated_rms_norm_triton
+    from apps.attamba.rotary_triton import rotate_qkv_triton
     from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton
     from apps.attamba.ssd_triton_window import ssd_segmented_window, ssd_segmented_window_packed
 
     expected = (ssd_segmented_window, causal_conv_segmented_triton, causal_conv_silu_segmented_triton,
-                ssd_segmented_window_packed, gated_rms_norm_triton)
+                ssd_segmented_window_packed, gated_rms_norm_triton, rotate_qkv_triton)
     assert load_backend("auto", torch.device("cuda")) == expected
 
 
