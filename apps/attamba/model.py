@@ -148,7 +148,8 @@ class AttambaAttention(nn.Module):
         # scan can start its blocks there.
         segments = (plan.segment_start, plan.max_segment_len, plan.boundaries.period)
         rotate_qkv = load_backend(self.ssm_k.impl, x.device).rotate_qkv
-        if rotate_qkv is None or self.wk is not None or x.dtype == torch.float64 or cos.dim() != 2:
+        # The kernels take one input for both SSMs (no kv_proj) and fp32 at most.
+        if rotate_qkv is None or self.wk is not None or x.dtype == torch.float64:
             k, v = self.keys_values(x, *segments)
             return self.queries(x, cos, sin), self.rotated_heads(k, cos, sin), self.split_heads(v)
         kv_out = paired_forward(self.ssm_k, self.ssm_v, x, x, *segments, stacked=True)

@@ -351,7 +351,8 @@ def _conv_forward_fake(x, weight, bias, dist, silu):
 
 
 def _weight_grad_span(k: int, silu: bool) -> int:
-    """Tokens whose weight gradients one partial sum of the backward covers (its kernels' choice)."""
+    """Tokens whose weight gradients one partial sum of the backward covers: a span of the split
+    backward's weight-gradient kernel, or a token block of the one-kernel backward."""
     if SPLIT_BACKWARD and k <= 4:
         return SPLIT_TOKENS if silu else PLAIN_SPLIT_TOKENS
     return BLOCK_N
@@ -373,14 +374,14 @@ def _conv_backward(
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
     channel_blocks = triton.cdiv(c, BLOCK_C)
+    span = _weight_grad_span(k, silu)
+    spans = triton.cdiv(n, span)
+    dw_part = torch.empty((b * spans, c, k + 1), device=x.device, dtype=torch.float32)
     if SPLIT_BACKWARD and k <= 4:
-        span, block_n, warps = ((SPLIT_TOKENS, SPLIT_BLOCK_N, SPLIT_WARPS) if silu
-                                else (PLAIN_SPLIT_TOKENS, PLAIN_SPLIT_BLOCK_N, PLAIN_SPLIT_WARPS))
+        block_n, warps = (SPLIT_BLOCK_N, SPLIT_WARPS) if silu else (PLAIN_SPLIT_BLOCK_N, PLAIN_SPLIT_WARPS)
         if span % block_n:
             knobs = "" if silu else "PLAIN_"
             raise ValueError(f"{knobs}SPLIT_TOKENS ({span}) must be a multiple of {knobs}SPLIT_BLOCK_N ({block_n})")
-        spans = triton.cdiv(n, span)
-        dw_part = torch.empty((b * spans, c, k + 1), device=x.device, dtype=torch.float32)
         # With the SiLU, this kernel turns dout into the gradient w.r.t. the conv's output, which
         # the dx kernel then reads.
         dpre = torch.empty((b, n, c), device=x.device, dtype=x.dtype) if silu else dout
@@ -398,9 +399,7 @@ def _conv_backward(
         if silu:  # the one-kernel backward takes the gradient w.r.t. the output itself
             pre = _launch_forward(x, weight, bias, dist, silu=False).float()
             dout = torch.ops.aten.silu_backward(dout.float(), pre).to(x.dtype)
-        token_blocks = triton.cdiv(n, BLOCK_N)
-        dw_part = torch.empty((b * token_blocks, c, k + 1), device=x.device, dtype=torch.float32)
-        _conv_bwd_kernel[_grid(b, token_blocks, channel_blocks, False)](
+        _conv_bwd_kernel[_grid(b, spans, channel_blocks, False)](  # spans of BLOCK_N tokens
             x, weight, dist, dout, dx, dw_part, n, c, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
             K=k, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, CHANNELS_FASTEST=False, num_warps=NUM_WARPS,
         )
@@ -411,8 +410,8 @@ def _conv_backward(
 def _conv_backward_fake(dout, x, weight, bias, dist, silu):
     b, n, _ = x.shape
     c, k = weight.shape
-    parts = b * ((n + _weight_grad_span(k, silu) - 1) // _weight_grad_span(k, silu))
-    return x.new_empty(x.shape), x.new_empty((parts, c, k + 1), dtype=torch.float32)
+    span = _weight_grad_span(k, silu)
+    return x.new_empty(x.shape), x.new_empty((b * ((n + span - 1) // span), c, k + 1), dtype=torch.float32)
 
 
 def _conv_setup_context(ctx, inputs, output) -> None:

@@ -225,9 +225,8 @@ def load_backend(impl: str, device: torch.device) -> Backend:
                 "set ssm impl to 'torch' to run without them"
             ) from error
         from apps.attamba.gated_norm_triton import gated_rms_norm_triton
-        from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton
-
         from apps.attamba.rotary_triton import rotate_qkv_triton
+        from apps.attamba.ssd_triton_conv import causal_conv_silu_segmented_triton
 
         return Backend(module.ssd_segmented_triton, module.causal_conv_segmented_triton, causal_conv_silu_segmented_triton,
                        gated_norm=gated_rms_norm_triton, rotate_qkv=rotate_qkv_triton)

@@ -49,7 +49,7 @@ def fused_and_unfused(b, n, heads, head_dim, dtype, residual, residual_dtype=Non
     generator = torch.Generator().manual_seed(5)
     grads = [torch.randn(q.shape, generator=generator).to(DEVICE, dtype) for _ in range(3)]
     results = []
-    for rotate in (lambda *a: rotate_qkv_triton(*a), lambda *a: rotate_qkv_unfused(*a, head_dim)):
+    for rotate in (rotate_qkv_triton, lambda *a: rotate_qkv_unfused(*a, head_dim)):
         leaves = [t.detach().requires_grad_() if t is not None else None for t in (q, kv, res)]
         outs = rotate(*leaves, cos, sin)
         torch.autograd.backward(outs, grads)
