@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -50,6 +50,10 @@ class DistributedArgs:
     graph per layer; with this, layers 1 to L-1 share one graph with the offset symbolic. Shapes
     that change between calls (evaluation lengths) turn symbolic too, and FlexAttention's lowering
     rejects a symbolic offset: off for ``attn_impl: flex``."""
+    inductor_options: dict[str, Any] = field(default_factory=dict)
+    """Inductor settings for this run's compiles, by their ``torch._inductor.config`` names (nested
+    keys join with dots: ``distributed.inductor_options.triton.unique_kernel_names=true``), on top of
+    what ``compile_mode`` sets; the loss's compile takes them too, without CUDA graphs."""
     activation_checkpointing: str = "none"
     """'none', 'full' (recompute each block) or 'selective' (every other block)."""
     allow_tf32: bool = True
@@ -65,11 +69,47 @@ class DistributedArgs:
             raise ValueError(f"distributed.compile_mode must be one of {COMPILE_MODES}, got '{self.compile_mode}'")
         if self.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"distributed.compile_scope must be one of {COMPILE_SCOPES}, got '{self.compile_scope}'")
+        unknown = sorted(set(inductor_settings(self)) - set(_inductor_config_names()))
+        if unknown:
+            raise ValueError(f"distributed.inductor_options: not settings of torch._inductor.config: {unknown}")
         if self.activation_checkpointing not in ("none", "full", "selective"):
             raise ValueError(
                 "distributed.activation_checkpointing must be 'none', 'full' or 'selective', "
                 f"got '{self.activation_checkpointing}'"
             )
+
+
+def _inductor_config_names() -> list[str]:
+    from torch._inductor import config
+
+    return list(config.get_config_copy())
+
+
+def inductor_settings(args: DistributedArgs) -> dict[str, Any]:
+    """``inductor_options`` flattened to dotted names ({"triton": {"x": 1}} -> {"triton.x": 1})."""
+
+    def flatten(options: dict, prefix: str) -> dict[str, Any]:
+        flat = {}
+        for key, value in options.items():
+            if isinstance(value, dict):
+                flat.update(flatten(value, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value
+        return flat
+
+    return flatten(args.inductor_options, "")
+
+
+def compile_settings(args: DistributedArgs) -> dict[str, Any]:
+    """The blocks' (or the whole model's) ``torch.compile`` ``mode``, or with ``inductor_options``
+    its ``options``: torch.compile takes one or the other, so the mode goes in as the settings it
+    stands for."""
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    if not args.inductor_options:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options
+
+    return {"options": {**list_mode_options(mode), **inductor_settings(args)}}
 
 
 def mark_step_begin(args: DistributedArgs) -> None:
@@ -182,8 +222,11 @@ def compile_loss(loss: Callable, args: DistributedArgs) -> Callable:
     Compiled, it reads the bf16 logits in one fused reduction and writes their gradient in one
     pass. No CUDA graphs here whatever ``compile_mode`` says: the loss is a few kernels, and a
     graph's output buffer would be overwritten by the next micro-step while the loop still sums
-    the last one."""
-    return torch.compile(loss, dynamic=False) if args.compile else loss
+    the last one. ``inductor_options`` apply."""
+    if not args.compile:
+        return loss
+    options = {"options": inductor_settings(args)} if args.inductor_options else {}
+    return torch.compile(loss, dynamic=False, **options)
 
 
 def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> nn.Module:
@@ -199,17 +242,17 @@ def parallelize_model(model: nn.Module, args: DistributedArgs, env: DistEnv) -> 
         # higher limit.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         dynamic = None if args.compile_dynamic else False
-        mode = None if args.compile_mode == "default" else args.compile_mode
+        settings = compile_settings(args)
         if args.compile_scope == "model":
             if parallelism == "fsdp":
                 raise ValueError(
                     "distributed.compile_scope=model compiles the whole forward as one graph, which FSDP's "
                     "per-block hooks would cut: use compile_scope=block with fsdp, or parallelism=ddp"
                 )
-            compile_whole(model, dynamic=dynamic, mode=mode)
+            compile_whole(model, dynamic=dynamic, **settings)
         else:
             for index, block in enumerate(model.layers):
-                model.layers[index] = torch.compile(block, dynamic=dynamic, mode=mode)
+                model.layers[index] = torch.compile(block, dynamic=dynamic, **settings)
     if parallelism == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

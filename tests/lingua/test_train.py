@@ -192,9 +192,12 @@ def test_cuda_graph_compile_mode_reaches_the_blocks_and_marks_every_micro_step(t
 
     modes, marks, dynamics = [], [], []
 
+    options = []
+
     def fake_compile(block, **kwargs):  # records what the loop asks for; runs the block eagerly
         modes.append(kwargs.get("mode"))
         dynamics.append(kwargs.get("dynamic"))
+        options.append(kwargs.get("options"))
         return block
 
     monkeypatch.setattr(distributed.torch, "compile", fake_compile)
@@ -217,6 +220,20 @@ def test_cuda_graph_compile_mode_reaches_the_blocks_and_marks_every_micro_step(t
                      "distributed.compile_scope=model", "distributed.compile_mode=reduce-overhead")
     train_module.train(args)
     assert modes == ["reduce-overhead", None], "one compile of the whole model, then the loss"
+    # Inductor options: torch.compile takes a mode or options, so the mode comes in as its options.
+    modes.clear()
+    options.clear()
+    args = tiny_args(tmp_path / "options", corpus, "steps=1", "checkpoint.every=0", "distributed.compile=true",
+                     "distributed.compile_scope=model", "distributed.compile_mode=reduce-overhead",
+                     "distributed.inductor_options.combo_kernels=true", "distributed.inductor_options.triton.unique_kernel_names=true")
+    train_module.train(args)
+    assert modes == [None, None]
+    assert options == [
+        {"triton.cudagraphs": True, "combo_kernels": True, "triton.unique_kernel_names": True},
+        {"combo_kernels": True, "triton.unique_kernel_names": True},
+    ], "the model's with the mode's CUDA graphs, the loss's without"
+    with pytest.raises(ValueError, match=r"not settings of torch._inductor.config: \['combo_kernel'\]"):
+        tiny_args(tmp_path / "bad", corpus, "distributed.inductor_options.combo_kernel=true")
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         tiny_args(tmp_path / "bad", corpus, "distributed.compile_mode=fast")
     with pytest.raises(ValueError, match="compile_scope must be one of"):
@@ -253,6 +270,11 @@ def test_the_compiled_loss_matches_the_eager_one_with_its_gradient():
     torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-5)
     assert not grad[:, :5].any(), "ignored positions get no gradient"
     assert distributed.compile_loss(train_module.cross_entropy, distributed.DistributedArgs()) is train_module.cross_entropy
+    # Inductor really takes the options (an unknown one would fail the compile).
+    with_options = distributed.DistributedArgs(compile=True, inductor_options={"realize_reads_threshold": 8})
+    torch._dynamo.reset()
+    loss = distributed.compile_loss(train_module.cross_entropy, with_options)(logits, labels)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("when", ["periodic", "final"])

@@ -537,6 +537,23 @@ def test_attamba_compiles_as_one_graph_with_cyclic_offsets():
     _assert_same_logits_and_gradients(model, logits, reference)
 
 
+@pytest.mark.gpu
+@requires_cuda
+def test_attamba_compiled_whole_by_inductor_with_the_speed_options_on_gpu():
+    # The one-GPU setting of docs/benchmarks.md (twenty-fourth session): Inductor itself (not
+    # aot_eager) with combo kernels and a higher realize_reads_threshold, through the training
+    # loop's compile settings, equal to the eager model with gradients.
+    from lingua.distributed import DistributedArgs, compile_settings, compile_whole
+
+    model, inputs, reference = _cyclic_attamba_with_reference(doc_ids=True)
+    args = DistributedArgs(compile=True, inductor_options={"combo_kernels": True, "realize_reads_threshold": 8})
+    compile_whole(model, dynamic=False, fullgraph=True, **compile_settings(args))
+    logits = model(*inputs)
+    logits.square().mean().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    _assert_same_logits_and_gradients(model, logits, reference)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_custom_ops_fakes_match_their_kernels(dtype):
     # torch.compile plans memory from the fake (meta) kernels; a wrong stride there failed the
