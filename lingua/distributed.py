@@ -109,7 +109,8 @@ def compile_settings(args: DistributedArgs) -> dict[str, Any]:
         return {"mode": mode}
     from torch._inductor import list_mode_options
 
-    return {"options": {**list_mode_options(mode), **inductor_settings(args)}}
+    mode_settings = list_mode_options(mode) if mode else {}  # (None would list every mode's)
+    return {"options": {**mode_settings, **inductor_settings(args)}}
 
 
 def mark_step_begin(args: DistributedArgs) -> None:

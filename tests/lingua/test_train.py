@@ -232,6 +232,9 @@ def test_cuda_graph_compile_mode_reaches_the_blocks_and_marks_every_micro_step(t
         {"triton.cudagraphs": True, "combo_kernels": True, "triton.unique_kernel_names": True},
         {"combo_kernels": True, "triton.unique_kernel_names": True},
     ], "the model's with the mode's CUDA graphs, the loss's without"
+    default_mode = distributed.DistributedArgs(inductor_options={"combo_kernels": True})
+    assert distributed.compile_settings(default_mode) == {"options": {"combo_kernels": True}}
+    assert distributed.compile_settings(distributed.DistributedArgs()) == {"mode": None}
     with pytest.raises(ValueError, match=r"not settings of torch._inductor.config: \['combo_kernel'\]"):
         tiny_args(tmp_path / "bad", corpus, "distributed.inductor_options.combo_kernel=true")
     with pytest.raises(ValueError, match="compile_mode must be one of"):
