@@ -130,6 +130,28 @@ def test_on_cuda_one_non_finite_step_is_skipped_and_training_goes_on(tmp_path, c
     assert math.isfinite(summary["loss"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Triton KV-SSMs and attention, CUDA graphs")
+def test_on_cuda_attamba_trains_compiled_whole_with_inductor_options(tmp_path, corpus):
+    # The one-GPU setting of the 60M configs' comments: the whole model in one CUDA graph, Inductor's
+    # combo kernels and realize_reads_threshold, bf16 autocast; its losses follow the eager run's.
+    def run(name, *overrides):
+        summary = train_module.train(tiny_args(
+            tmp_path / name, corpus, "device=cuda", "steps=6", "logging.freq=1", "distributed.model_dtype=bf16",
+            "model.state_dim=16", "model.token_chunk=4", "model.leading_tokens=4", *overrides, model_type="attamba"))
+        assert summary["step"] == 6 and summary["nan_steps"] == 0
+        return read_losses(tmp_path / name)
+
+    eager = run("eager", "distributed.compile=false")
+    compiled = run("compiled", "distributed.compile=true", "distributed.compile_scope=model",
+                   "distributed.compile_mode=reduce-overhead", "distributed.inductor_options.combo_kernels=true",
+                   "distributed.inductor_options.realize_reads_threshold=8")
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-2)
+    for step in range(2, 7):
+        assert compiled[step] == pytest.approx(eager[step], rel=5e-2), step
+    assert compiled[6] < compiled[1]
+
+
 def test_export_loads_for_inference_and_matches(tmp_path, corpus):
     run = tmp_path / "run"
     train_module.train(tiny_args(run, corpus, "steps=2", "export_at_end=true", "grad_acc_steps=2"))
