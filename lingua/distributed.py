@@ -69,7 +69,7 @@ class DistributedArgs:
             raise ValueError(f"distributed.compile_mode must be one of {COMPILE_MODES}, got '{self.compile_mode}'")
         if self.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"distributed.compile_scope must be one of {COMPILE_SCOPES}, got '{self.compile_scope}'")
-        unknown = sorted(set(inductor_settings(self)) - set(_inductor_config_names()))
+        unknown = sorted(set(inductor_settings(self)) - set(_inductor_config_names())) if self.inductor_options else []
         if unknown:
             raise ValueError(f"distributed.inductor_options: not settings of torch._inductor.config: {unknown}")
         if self.activation_checkpointing not in ("none", "full", "selective"):

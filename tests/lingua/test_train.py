@@ -212,9 +212,7 @@ def test_periodic_evaluation_runs_compiled_blocks_eagerly(tmp_path, corpus, mode
 def test_cuda_graph_compile_mode_reaches_the_blocks_and_marks_every_micro_step(tmp_path, corpus, monkeypatch):
     from lingua import distributed
 
-    modes, marks, dynamics = [], [], []
-
-    options = []
+    modes, marks, dynamics, options = [], [], [], []
 
     def fake_compile(block, **kwargs):  # records what the loop asks for; runs the block eagerly
         modes.append(kwargs.get("mode"))
