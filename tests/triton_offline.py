@@ -3,8 +3,8 @@
 The Triton interpreter (what the CPU tests run) accepts code that the compiler refuses — a global
 that is not a constexpr, a loop-carried value that changes type — and such errors would otherwise
 first show on the device. Triton's wheel ships ``ptxas``, so the whole pipeline down to a cubin
-runs on CPU given an explicit target. Run as ``python -m tests.triton_offline`` (without
-``TRITON_INTERPRET``, which turns kernels into interpreted functions); it prints one line per
+runs on CPU given an explicit target. Run as ``python -m tests.triton_offline [attention] [ssm]``
+(without ``TRITON_INTERPRET``, which turns kernels into interpreted functions); it prints one line per
 kernel variant (with its registers per thread: Attamba's attention kernels and its
 KV-SSM's windowed SSD and conv kernels) and exits non-zero on the first failure.
 """
@@ -196,15 +196,24 @@ def compile_ssm_kernels() -> list[str]:
     return done
 
 
-def main() -> int:
+GROUPS = {"attention": compile_attention_kernels, "ssm": compile_ssm_kernels}
+
+
+def main(groups: list[str]) -> int:
+    """Compile the named groups of kernels (all without names)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    for line in compile_attention_kernels() + compile_ssm_kernels():
-        print("compiled for sm_90:", line)
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        print(f"unknown kernel groups {unknown}; the groups are {sorted(GROUPS)}", file=sys.stderr)
+        return 2
+    for group in groups or GROUPS:
+        for line in GROUPS[group]():
+            print("compiled for sm_90:", line)
     return 0
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

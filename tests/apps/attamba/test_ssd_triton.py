@@ -6,6 +6,7 @@ CUDA the same tests run compiled, and the ``gpu`` tests add model-sized shapes a
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -475,24 +476,38 @@ def test_conv_matches_reference_on_gpu(dtype, split, conv, monkeypatch, record_p
 def _cyclic_attamba_with_reference(doc_ids: bool):
     """A 3-layer cyclic Attamba on the Triton backends, a batch, and its eager logits and gradients
     (cleared from the model), for the compile tests."""
+    model = _cyclic_attamba()
+    state, inputs, reference = _cyclic_attamba_reference(doc_ids)
+    model.load_state_dict(state)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return model, inputs, reference
+
+
+def _cyclic_attamba():
     from apps.attamba.args import AttambaArgs
     from apps.attamba.model import AttambaLM
     from lingua.args import build_config
 
-    torch.manual_seed(0)
     settings = dict(dim=32, n_layers=3, n_heads=2, state_dim=16, ssm_heads=2, vocab_size=40, max_seqlen=64,
                     token_chunk=4, leading_tokens=3, chunk_strategy="cyclic", ssm_impl="triton", attn_impl="triton")
-    model = AttambaLM(build_config(AttambaArgs, settings)).to(DEVICE)
+    return AttambaLM(build_config(AttambaArgs, settings)).to(DEVICE)
+
+
+@functools.lru_cache(maxsize=None)
+def _cyclic_attamba_reference(doc_ids: bool):
+    """The eager run the compile tests compare with, once per ``doc_ids`` (under the interpreter a
+    forward and backward of the model take ~15 s): weights, inputs, logits and gradients."""
+    torch.manual_seed(0)
+    model = _cyclic_attamba()
     model.init_weights()
     tokens = torch.randint(0, 40, (2, 24), device=DEVICE)
     docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 24], device=DEVICE) if doc_ids else None
     logits_ref = model(tokens, docs)
     logits_ref.square().mean().backward()
     grads_ref = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    return model, (tokens, docs), (logits_ref, grads_ref)
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return state, (tokens, docs), (logits_ref.detach(), grads_ref)
 
 
 def _assert_same_logits_and_gradients(model, logits: torch.Tensor, reference) -> None:
