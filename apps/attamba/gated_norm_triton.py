@@ -160,7 +160,7 @@ def _gated_norm_backward(
 
 @_gated_norm_backward.register_fake
 def _gated_norm_backward_fake(dout, y, z, weight, rstd):
-    spans = (y.shape[0] + SPAN - 1) // SPAN
+    spans = triton.cdiv(y.shape[0], SPAN)
     return y.new_empty(y.shape), z.new_empty(z.shape), weight.new_empty((spans, *weight.shape), dtype=torch.float32)
 
 

@@ -410,8 +410,8 @@ def _conv_backward(
 def _conv_backward_fake(dout, x, weight, bias, dist, silu):
     b, n, _ = x.shape
     c, k = weight.shape
-    span = _weight_grad_span(k, silu)
-    return x.new_empty(x.shape), x.new_empty((b * ((n + span - 1) // span), c, k + 1), dtype=torch.float32)
+    spans = triton.cdiv(n, _weight_grad_span(k, silu))
+    return x.new_empty(x.shape), x.new_empty((b * spans, c, k + 1), dtype=torch.float32)
 
 
 def _conv_setup_context(ctx, inputs, output) -> None:

@@ -137,7 +137,7 @@ def test_on_cuda_attamba_trains_compiled_whole_with_inductor_options(tmp_path, c
     # combo kernels and realize_reads_threshold, bf16 autocast; its losses follow the eager run's.
     def run(name, *overrides):
         summary = train_module.train(tiny_args(
-            tmp_path / name, corpus, "device=cuda", "steps=6", "logging.freq=1", "distributed.model_dtype=bf16",
+            tmp_path / name, corpus, "device=cuda", "steps=6", "distributed.model_dtype=bf16",
             "model.state_dim=16", "model.token_chunk=4", "model.leading_tokens=4", *overrides, model_type="attamba"))
         assert summary["step"] == 6 and summary["nan_steps"] == 0
         return read_losses(tmp_path / name)

@@ -474,8 +474,8 @@ def test_conv_matches_reference_on_gpu(dtype, split, conv, monkeypatch, record_p
 
 
 def _cyclic_attamba_with_reference(doc_ids: bool):
-    """A 3-layer cyclic Attamba on the Triton backends, a batch, and its eager logits and gradients
-    (cleared from the model), for the compile tests."""
+    """A 3-layer cyclic Attamba on the Triton backends (without gradients, dynamo reset), a batch,
+    and the eager logits and gradients of that model on it, for the compile tests."""
     model = _cyclic_attamba()
     state, inputs, reference = _cyclic_attamba_reference(doc_ids)
     model.load_state_dict(state)
